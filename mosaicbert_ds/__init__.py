@@ -1,0 +1,27 @@
+"""mosaicbert_ds: MosaicBERT pretraining on DeepSpeed.
+
+Importing the package registers the model with transformers' Auto classes, so that
+`AutoModelForMaskedLM.from_pretrained(dir)` loads a saved MosaicBERT without trust_remote_code.
+"""
+
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM,
+                          AutoModelForSequenceClassification)
+
+from .attention import alibi_slopes, flash_attn_varlen_func, varlen_attention_reference
+from .config import PRESETS, MosaicBertConfig
+from .model import (MosaicBertForMaskedLM, MosaicBertForSequenceClassification, MosaicBertModel,
+                    MosaicBertPreTrainedModel)
+from .padding import pad_output, unpad_input
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MosaicBertConfig.model_type, MosaicBertConfig, exist_ok=True)
+AutoModel.register(MosaicBertConfig, MosaicBertModel, exist_ok=True)
+AutoModelForMaskedLM.register(MosaicBertConfig, MosaicBertForMaskedLM, exist_ok=True)
+AutoModelForSequenceClassification.register(MosaicBertConfig, MosaicBertForSequenceClassification, exist_ok=True)
+
+__all__ = [
+    "MosaicBertConfig", "PRESETS", "MosaicBertModel", "MosaicBertForMaskedLM",
+    "MosaicBertForSequenceClassification", "MosaicBertPreTrainedModel", "alibi_slopes",
+    "flash_attn_varlen_func", "varlen_attention_reference", "unpad_input", "pad_output",
+]

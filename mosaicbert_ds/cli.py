@@ -1,0 +1,60 @@
+"""`mosaicbert-ds`: one console script, one subcommand per job.
+
+Each subcommand lives in its own module, imported only when it runs, and exposes
+`add_arguments(parser)` and `main(args) -> int`. Errors that are the user's (bad files, bad
+configs, missing data) are raised as `UserError` and printed as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("mosaicbert_ds.data.tokenizer", "train a WordPiece tokenizer on a text corpus"),
+    "convert": ("mosaicbert_ds.data.convert", "tokenize text into MDS shards for pretraining"),
+    "pretrain": ("mosaicbert_ds.train.pretrain", "pretrain with DeepSpeed (one CPU, one GPU or many nodes)"),
+    "export": ("mosaicbert_ds.train.export", "turn a training checkpoint into a transformers folder"),
+    "finetune-glue": ("mosaicbert_ds.glue.finetune", "finetune a checkpoint on GLUE and report the average"),
+    "pareto": ("mosaicbert_ds.glue.pareto", "GLUE average vs pretraining hours for several checkpoints"),
+    "bench": ("benchmarks.cli", "throughput, MFU, ablation and scaling reports"),
+    "quickstart": ("mosaicbert_ds.quickstart", "convert the bundled corpus, pretrain, export, summarise"),
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mosaicbert-ds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and not argv[0].startswith("-"):
+            parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"mosaicbert-ds {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except UserError as err:
+        print(f"mosaicbert-ds {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

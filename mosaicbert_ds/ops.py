@@ -1,0 +1,68 @@
+"""Elementwise pieces of a layer, with a fused Triton path on CUDA and PyTorch elsewhere.
+
+geglu(h):                          h (..., 2*ff) -> GELU(h[..., :ff]) * h[..., ff:]
+dropout_add_layer_norm(x, r, ln):  LayerNorm(Dropout(x) + r)
+
+The PyTorch versions are the definition; the fused kernels (mosaicbert_ds.kernels.fused) must
+match them and are chosen only when `fused` is True and the tensors live on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _gelu_approximate(act: str) -> str:
+    return "tanh" if act == "gelu_tanh" else "none"
+
+
+def _fused_kernels():
+    try:
+        from mosaicbert_ds.kernels import fused
+    except ImportError:
+        return None
+    return fused
+
+
+def geglu(h: torch.Tensor, act: str = "gelu", fused: bool = False) -> torch.Tensor:
+    """Gated GELU on the concatenated (gate, up) halves of the last dimension."""
+    if fused and h.is_cuda and (k := _fused_kernels()) is not None:
+        return k.geglu(h, approximate=_gelu_approximate(act))
+    gate, up = h.chunk(2, dim=-1)
+    return F.gelu(gate, approximate=_gelu_approximate(act)) * up
+
+
+def gelu(h: torch.Tensor, act: str = "gelu") -> torch.Tensor:
+    return F.gelu(h, approximate=_gelu_approximate(act))
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that, when `low_precision` is set, stays in the autocast dtype (bf16/fp16).
+
+    Autocast normally upcasts LayerNorm to fp32; the paper's low-precision LayerNorm skips that
+    round trip through memory, which matters because LayerNorm is bandwidth-bound.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, low_precision: bool = False) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.low_precision = low_precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if self.low_precision and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
+                                    self.bias.to(dtype), self.eps)
+        return super().forward(x)
+
+
+def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: LayerNorm, p: float,
+                           training: bool, fused: bool = False) -> torch.Tensor:
+    """LayerNorm(Dropout(x) + residual): the end of each post-LN sublayer."""
+    if fused and x.is_cuda and (k := _fused_kernels()) is not None:
+        return k.dropout_add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps, p if training else 0.0,
+                                        low_precision=ln.low_precision)
+    return ln(F.dropout(x, p=p, training=training) + residual)
