@@ -57,7 +57,7 @@ def varlen_attention_reference(
 
     Sequences of equal length are stacked and attended together, so the number of
     calls is the number of distinct lengths, not the number of sequences. Math is done in
-    the inputs' dtype with fp32 softmax; pass float64 inputs for an oracle.
+    the inputs' dtype with a softmax in fp32 (or fp64); pass float64 inputs for an oracle.
     """
     if not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise NotImplementedError("the reference supports self-attention only (cu_seqlens_q == cu_seqlens_k)")
@@ -65,6 +65,7 @@ def varlen_attention_reference(
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     cu = cu_seqlens_q.long()
     seqlens = cu[1:] - cu[:-1]
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax, fp64 for an oracle
     out = torch.empty_like(q)
     for length in torch.unique(seqlens).tolist():
         if length == 0:
@@ -73,9 +74,9 @@ def varlen_attention_reference(
         idx = (starts[:, None] + torch.arange(length, device=q.device)[None, :]).reshape(-1)
         # (n, L, H, D) -> (n, H, L, D)
         qs, ks, vs = (t[idx].view(-1, length, n_heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        scores = torch.matmul(qs, ks.transpose(-1, -2)).float() * scale
+        scores = torch.matmul(qs, ks.transpose(-1, -2)).to(acc_dtype) * scale
         if alibi_slopes is not None:
-            scores = scores + alibi_bias(alibi_slopes.to(scores.device, torch.float32), length)
+            scores = scores + alibi_bias(alibi_slopes.to(scores.device, acc_dtype), length)
         if causal:
             mask = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(mask, float("-inf"))
