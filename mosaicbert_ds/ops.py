@@ -39,10 +39,12 @@ def gelu(h: torch.Tensor, act: str = "gelu") -> torch.Tensor:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm that, when `low_precision` is set, stays in the autocast dtype (bf16/fp16).
+    """LayerNorm computed in bf16/fp16 (`low_precision`) or in fp32.
 
-    Autocast normally upcasts LayerNorm to fp32; the paper's low-precision LayerNorm skips that
-    round trip through memory, which matters because LayerNorm is bandwidth-bound.
+    Under autocast, LayerNorm is normally upcast to fp32; the paper's low-precision LayerNorm
+    stays in the autocast dtype, which matters because LayerNorm is bandwidth-bound. In a model
+    whose weights are bf16 (DeepSpeed's bf16 mode, no autocast), low_precision=False computes in
+    fp32 and casts the result back, so the ablation means the same in both precision modes.
     """
 
     def __init__(self, hidden_size: int, eps: float, low_precision: bool = False) -> None:
@@ -51,11 +53,17 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
-        if self.low_precision and torch.is_autocast_enabled(device_type):
+        if torch.is_autocast_enabled(device_type):
+            if not self.low_precision:
+                return super().forward(x)  # autocast runs it in fp32
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
                 return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
                                     self.bias.to(dtype), self.eps)
+        if x.dtype in (torch.bfloat16, torch.float16) and not self.low_precision:
+            # A model held in bf16 (DeepSpeed's bf16 mode): fp32 LayerNorm means computing in fp32.
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                                self.eps).to(x.dtype)
         return super().forward(x)
 
 

@@ -1,0 +1,259 @@
+"""A pretraining run as one YAML/JSON file, mirrored by dataclasses, with key=value overrides.
+
+    mosaicbert-ds pretrain mosaicbert-base.yaml data.path=/data/c4 duration.steps=1000
+
+A run file names a bundled recipe (`mosaicbert-base`, see mosaicbert_ds/recipes/) or a path.
+Sections and keys are checked: an unknown key, a wrong type or an inconsistent value is a
+UserError with one sentence, raised before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ..cli import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class ModelSection:
+    preset: str = "base"
+    """Name of a MosaicBertConfig preset: tiny, base, large, bert-base, bert-large."""
+    overrides: dict = field(default_factory=dict)
+    """MosaicBertConfig keys that change the preset (the ablation switches, dropout, ...)."""
+
+
+@dataclass
+class DataSection:
+    path: str = ""
+    """A dataset written by `mosaicbert-ds convert`: local folder or remote URL (s3://, gs://, ...)."""
+    train_split: str = "train"
+    eval_split: str = "val"
+    mlm_probability: float = 0.3
+    """Masking rate for training (0.30 MosaicBERT, 0.15 the BERT baseline)."""
+    eval_mlm_probability: float = 0.15
+    padded: bool = False
+    """Feed padded batches (the BERT baseline) instead of the packed stream."""
+    num_workers: int = 2
+    remote_cache: str | None = None
+    """Local cache folder for a remote dataset."""
+    num_canonical_nodes: int | None = None
+    """Fix this to resume on a different number of nodes with the same sample order."""
+
+
+@dataclass
+class BatchSection:
+    global_batch: int = 4096
+    """Sequences per optimizer step over all ranks (train_batch_size)."""
+    micro_batch: int = 128
+    """Sequences per rank per forward/backward; accumulation = global / (micro * ranks)."""
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "adamw"
+    """adamw (torch fused AdamW through DeepSpeed) or lamb (DeepSpeed FusedLamb, GPU only)."""
+    lr: float = 5e-4
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 1e-5
+    """Decoupled weight decay as in the paper: the decay per step at peak lr."""
+    gradient_clipping: float = 1.0
+    zero_stage: int = 1
+
+
+@dataclass
+class ScheduleSection:
+    warmup_fraction: float = 0.06
+    final_lr_ratio: float = 0.02
+    """The linear decay ends at this fraction of the peak learning rate."""
+
+
+@dataclass
+class DurationSection:
+    steps: int | None = None
+    samples: int | None = None
+    """Alternative to steps: the step count is samples / global batch, rounded up."""
+
+
+@dataclass
+class EvalSection:
+    interval: int = 2000
+    """Evaluate every this many optimizer steps (and at the end); 0 turns evaluation off."""
+    batches: int = 100
+    """Micro batches per rank per evaluation; 0 means the whole held-out split."""
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 3500
+    """Save every this many optimizer steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 0
+    """Delete older checkpoints beyond this many (0 keeps all)."""
+    resume: str = "auto"
+    """auto (latest checkpoint in output_dir, if any), none, or a checkpoint folder."""
+
+
+@dataclass
+class LogSection:
+    interval: int = 50
+    """Log every this many optimizer steps: the only points where the host waits for the GPU."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    duration: DurationSection = field(default_factory=DurationSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    output_dir: str = "runs/mosaicbert"
+    seed: int = 17
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    deepspeed_config: str | None = None
+    """A ds_configs/*.json file; its batch, optimizer, ZeRO and clipping keys replace the sections above."""
+    peak_flops: float | None = None
+    """Peak FLOP/s per GPU for MFU; default from the table in mosaicbert_ds.flops by GPU name."""
+    compile: bool = False
+    """torch.compile the model's layers."""
+
+    def validate(self) -> None:
+        def need(cond: bool, message: str) -> None:
+            if not cond:
+                raise UserError(message)
+
+        need(bool(self.data.path), "data.path is not set: point it at a dataset written by `mosaicbert-ds convert`")
+        need(0.0 < self.data.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {self.data.mlm_probability}")
+        need(0.0 < self.data.eval_mlm_probability < 1.0, "data.eval_mlm_probability must be in (0, 1)")
+        need(self.batch.global_batch > 0 and self.batch.micro_batch > 0, "batch sizes must be positive")
+        need(self.batch.global_batch % self.batch.micro_batch == 0,
+             f"batch.global_batch ({self.batch.global_batch}) is not a multiple of batch.micro_batch "
+             f"({self.batch.micro_batch})")
+        need(self.optimizer.name in ("adamw", "lamb"), f"optimizer.name must be adamw or lamb, got {self.optimizer.name!r}")
+        need(self.optimizer.lr > 0, "optimizer.lr must be positive")
+        need(len(self.optimizer.betas) == 2, "optimizer.betas must be two numbers")
+        need(self.optimizer.zero_stage in (0, 1, 2), "optimizer.zero_stage must be 0, 1 or 2")
+        need(0.0 <= self.schedule.warmup_fraction < 1.0, "schedule.warmup_fraction must be in [0, 1)")
+        need(0.0 <= self.schedule.final_lr_ratio <= 1.0, "schedule.final_lr_ratio must be in [0, 1]")
+        need((self.duration.steps is None) != (self.duration.samples is None),
+             "set exactly one of duration.steps and duration.samples")
+        need((self.duration.steps or self.duration.samples or 0) > 0, "the duration must be positive")
+        need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for name in ("eval.interval", "eval.batches", "checkpoint.interval", "checkpoint.keep_last"):
+            section, key = name.split(".")
+            need(getattr(getattr(self, section), key) >= 0, f"{name} must be >= 0")
+        need(self.log.interval > 0, "log.interval must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a field's type (bool, int, float, str, tuple, dict, or X | None)."""
+    args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise UserError(f"{where} may not be empty")
+    base = next(a for a in args if a is not type(None))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and number and float(value).is_integer():
+        return int(value)
+    if base is float and number:
+        return float(value)
+    if base is str and isinstance(value, str):
+        return value
+    if base is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return tuple(float(v) for v in value)
+    if base is dict and isinstance(value, dict):
+        return value
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            tuple: "a list of numbers", dict: "a mapping"}[base]
+    raise UserError(f"{where} must be {kind}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'the run file'} must be a mapping of keys to values")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(where + k for k in unknown)} "
+                        f"(known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, where + name)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value, read as YAML so that 3, 3e-4, true, null and [0.9, 0.98] work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def resolve_run_file(name_or_path: str) -> Path:
+    """A path, or the name of a bundled recipe (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    if bundled.is_file():
+        return bundled
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise UserError(f"run file {name_or_path!r} not found (bundled recipes: {known})")
+
+
+def load_run_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run file, apply key=value overrides, check everything."""
+    path = resolve_run_file(name_or_path)
+    try:
+        text = path.read_text()
+        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read run file {path}: {str(err).splitlines()[0]}") from None
+    tree = tree or {}
+    if not isinstance(tree, dict):
+        raise UserError(f"run file {path} must hold a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_value(value))
+    cfg = _from_dict(RunConfig, tree)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,34 @@
+"""The paper's learning-rate schedule: linear warmup, then linear decay to a floor."""
+
+from __future__ import annotations
+
+import torch
+
+
+class WarmupLinearDecay:
+    """Multiplier of the peak lr for optimizer step t (0-based), for torch's LambdaLR.
+
+    Warmup rises linearly over the first `warmup_fraction` of the steps, reaching the peak at the
+    end of warmup; then the multiplier falls linearly to `final_ratio` at the last step.
+    """
+
+    def __init__(self, total_steps: int, warmup_fraction: float, final_ratio: float) -> None:
+        self.total_steps = total_steps
+        self.warmup_steps = round(total_steps * warmup_fraction)
+        self.final_ratio = final_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.total_steps - 1 - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return 1.0 - (1.0 - self.final_ratio) * progress
+
+
+def make_scheduler(total_steps: int, warmup_fraction: float, final_ratio: float):
+    """A callable DeepSpeed gives the optimizer to, returning a LambdaLR (checkpointed by DeepSpeed)."""
+
+    def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(total_steps, warmup_fraction, final_ratio))
+
+    return build
