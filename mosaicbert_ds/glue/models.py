@@ -1,0 +1,97 @@
+"""What finetuning starts from: a transformers folder (MosaicBERT or plain BERT) or a trainer checkpoint.
+
+A trainer (DeepSpeed) checkpoint folder is recognised by its `latest` file and exported once
+with mosaicbert_ds.train.export.export_checkpoint into the output folder; the export is then
+loaded like any transformers folder. The tokenizer comes from the model's folder unless
+--tokenizer names another, and must match the model's vocabulary.
+
+Each task gets `AutoModelForSequenceClassification` with its number of labels; a head whose
+shape differs from the saved one (the MNLI head when RTE starts from MNLI) is re-initialised.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+import mosaicbert_ds  # noqa: F401  (registers MosaicBERT with the Auto classes)
+from mosaicbert_ds.model import MosaicBertPreTrainedModel
+
+from ..cli import UserError
+from . import atomic
+from .tasks import Task
+
+EXPORT_DIR = "pretrained"
+
+
+def is_trainer_checkpoint(path: Path) -> bool:
+    return (Path(path) / "latest").is_file()
+
+
+def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
+    """The transformers folder to load: `path` itself, or its export (made once, atomically)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model {path} does not exist")
+    if not is_trainer_checkpoint(path):
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is neither a transformers folder (config.json) nor a trainer "
+                            f"checkpoint (latest)")
+        return path
+    target = Path(out_dir) / EXPORT_DIR
+    if is_main and not (target / "config.json").is_file():
+        try:
+            from mosaicbert_ds.train.export import export_checkpoint
+        except ImportError as err:
+            raise UserError(f"{path} is a trainer checkpoint but the exporter is unavailable ({err})") from None
+        tmp = atomic.tmp_dir_for(target)
+        tmp.rmdir()  # the exporter creates its own folder
+        try:
+            atomic.replace_dir(Path(export_checkpoint(path, tmp)), target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(path: Path) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise UserError(f"could not load a tokenizer from {path} ({type(err).__name__}); "
+                        f"pass --tokenizer DIR") from None
+
+
+def check_vocab(model_dir: Path, tokenizer: Any) -> None:
+    """The model's embedding rows must be the tokenizer's vocabulary, rounded up to the model's
+    pad_vocab_size_multiple (64 for MosaicBERT, 1 for BERT): else they are different vocabularies."""
+    config = AutoConfig.from_pretrained(str(model_dir))
+    n_tok, n_model = len(tokenizer), int(config.vocab_size)
+    multiple = max(1, int(getattr(config, "pad_vocab_size_multiple", 1) or 1))
+    if not n_tok <= n_model < n_tok + multiple:
+        raise UserError(f"vocabulary mismatch: the model in {model_dir} has {n_model} token embeddings "
+                        f"but its tokenizer has {len(tokenizer)} tokens")
+
+
+def load_for_task(model_dir: Path, task: Task) -> torch.nn.Module:
+    """An fp32 sequence classifier for `task`; MSE loss when num_labels is 1, cross-entropy otherwise."""
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if config.num_labels != task.num_labels:
+        config.num_labels = task.num_labels  # also resets id2label/label2id
+    config.problem_type = "regression" if task.regression else "single_label_classification"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new or re-initialised head is expected, not news
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), config=config, ignore_mismatched_sizes=True, dtype=torch.float32).float()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def uses_packed_batches(model: torch.nn.Module) -> bool:
+    """MosaicBERT takes the unpadded (cu_seqlens) form; anything else gets padded batches."""
+    return isinstance(model, MosaicBertPreTrainedModel)

@@ -1,0 +1,238 @@
+"""Finetune one GLUE task with one seed: train, evaluate on dev, resume after an interruption.
+
+The loop: the batch of step s is a fixed function of (seed, epoch, position), so a resumed
+run sees the same batches an uninterrupted one would; every `save_every` steps (and once
+training is done) the state -- model, optimizer, scheduler, step and every rank's RNG -- is
+written to <seed dir>/state.pt atomically. Re-running with the same folder continues from
+it. `result.json`, written last and atomically, marks the seed as finished; the state is then
+deleted. For MNLI the finetuned model (and tokenizer) is also saved to <seed dir>/model,
+before the result, since RTE, MRPC and STS-B start from it.
+
+Optimizer: torch AdamW, betas (0.9, 0.98), eps 1e-6, weight decay decoupled from the learning
+rate as in the paper (see tasks.Hparams.weight_decay), on every parameter. Schedule: linear
+warmup over 6% of the steps, then linear decay to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..cli import UserError
+from . import atomic
+from .data import Tokenized
+from .metrics import predictions, task_metrics
+from .models import load_for_task, uses_packed_batches
+from .runtime import Runtime
+from .tasks import Hparams, Task
+
+STATE_FILE = "state.pt"
+RESULT_FILE = "result.json"
+MODEL_DIR = "model"
+
+
+@dataclass
+class Hooks:
+    """Test and tooling hooks; none is needed for a normal run."""
+
+    on_model_loaded: Callable[[Task, int, torch.nn.Module], None] | None = None
+    """Called with the model as loaded for (task, seed), before any saved state is applied."""
+    on_step: Callable[[Task, int, int], None] | None = None
+    """Called with (task, seed, step) after each optimizer step and any state save."""
+
+
+@dataclass
+class SeedRun:
+    """Everything that defines one finetuning run; its signature guards resumption."""
+
+    task: Task
+    seed: int
+    hparams: Hparams
+    init_dir: Path
+    out_dir: Path
+
+    def signature(self, train_examples: int) -> dict[str, Any]:
+        return {"task": self.task.name, "seed": self.seed, "hparams": dataclasses.asdict(self.hparams),
+                "init": str(self.init_dir), "train_examples": train_examples}
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak LR for the update at `step` (0-based): rises linearly over the first
+    `warmup` updates, then falls linearly to reach 0 after the last one."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def schedule(train_examples: int, hp: Hparams, world_size: int) -> tuple[int, int]:
+    """(steps per epoch, total steps). A last partial batch is kept unless it cannot give every
+    data-parallel rank an example."""
+    if hp.batch_size < world_size:
+        raise UserError(f"batch size {hp.batch_size} is smaller than the {world_size} processes")
+    full, rest = divmod(train_examples, hp.batch_size)
+    per_epoch = full + (1 if rest >= world_size else 0)
+    if per_epoch == 0:
+        raise UserError(f"{train_examples} training examples cannot fill a batch over {world_size} processes")
+    return per_epoch, max(1, round(hp.epochs * per_epoch))
+
+
+def batch_indices(step: int, per_epoch: int, seed: int, n: int, batch_size: int) -> np.ndarray:
+    """The global batch of `step`: a slice of epoch's permutation, drawn from (seed, epoch) alone."""
+    epoch, pos = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[pos * batch_size:(pos + 1) * batch_size]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Tokenized, rt: Runtime, batch_size: int, pad_id: int
+             ) -> tuple[np.ndarray, float]:
+    """(logits (N, C) float32, mean loss) over a dev split; ranks share it in contiguous shards."""
+    was_training = model.training
+    model.eval()
+    packed = uses_packed_batches(model)
+    n = len(data)
+    lo, hi = n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size
+    logits, loss_sum = [], 0.0
+    for start in range(lo, hi, batch_size):
+        idx = np.arange(start, min(start + batch_size, hi))
+        with rt.autocast():
+            out = model(**_to_device(data.batch(idx, packed, pad_id), rt.device))
+        logits.append(out.logits.float().cpu().numpy())
+        loss_sum += float(out.loss) * len(idx)
+    model.train(was_training)
+    shards = rt.all_gather((np.concatenate(logits) if logits else None, loss_sum))
+    all_logits = np.concatenate([s for s, _ in shards if s is not None])
+    return all_logits, sum(l for _, l in shards) / n
+
+
+def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tuple[str, Tokenized]],
+             rt: Runtime, *, save_every: int = 2000, eval_batch_size: int = 128, save_model: bool = False,
+             hooks: Hooks | None = None, progress: Any = None) -> dict[str, Any]:
+    """Train and evaluate one (task, seed) into run.out_dir, resuming from its state if there is one.
+
+    evals maps each metric suffix to (split name, tokenized dev split). Returns the result dict
+    that is also written to result.json.
+    """
+    hooks = hooks or Hooks()
+    task, hp = run.task, run.hparams
+    started = time.perf_counter()
+    signature = run.signature(len(train))
+    per_epoch, total = schedule(len(train), hp, rt.world_size)
+    warmup = round(hp.warmup_fraction * total)
+
+    torch.manual_seed(run.seed)  # a re-initialised head is the same on every rank and every resume
+    model = load_for_task(run.init_dir, task)
+    if hooks.on_model_loaded is not None:
+        hooks.on_model_loaded(task, run.seed, model)
+    model.to(rt.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                                  weight_decay=hp.weight_decay / hp.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    torch.manual_seed(run.seed * 1000 + rt.rank)  # dropout differs across ranks
+
+    state_path = run.out_dir / STATE_FILE
+    step, resumed_from = 0, None
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["signature"] != signature:
+            raise UserError(f"{state_path} was saved by a run with other settings; delete it or use "
+                            f"another --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = resumed_from = int(state["step"])
+        rng = state["rng"]
+        if len(rng) == rt.world_size:
+            _set_rng_state(rng[rt.rank])
+        del state
+
+    def save_state() -> None:
+        rngs = rt.all_gather(_rng_state())
+        if rt.is_main:
+            atomic.torch_save({"signature": signature, "step": step, "model": model.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "rng": rngs}, state_path)
+        rt.barrier()
+
+    packed = uses_packed_batches(model)
+    pad_id = tokenizer.pad_token_id or 0
+    net = (DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+           if rt.distributed else model)
+    if progress is not None:
+        progress.update(step)
+    recent: list[torch.Tensor] = []
+    net.train()
+    while step < total:
+        idx = batch_indices(step, per_epoch, run.seed, len(train), hp.batch_size)[rt.rank::rt.world_size]
+        with rt.autocast():
+            loss = net(**_to_device(train.batch(idx, packed, pad_id), rt.device)).loss
+        loss.backward()
+        if hp.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        recent = (recent + [loss.detach()])[-50:]
+        if progress is not None:
+            progress.update(1)
+            if step % 20 == 0 or step == total:
+                progress.set_postfix(loss=f"{loss.detach().item():.4f}", refresh=False)
+        if step == total or (save_every > 0 and step % save_every == 0):
+            save_state()
+        if hooks.on_step is not None:
+            hooks.on_step(task, run.seed, step)
+
+    metrics: dict[str, float] = {}
+    eval_loss: dict[str, float] = {}
+    eval_examples: dict[str, int] = {}
+    for suffix, (split, data) in evals.items():
+        logits, loss_mean = evaluate(model, data, rt, eval_batch_size, pad_id)
+        metrics.update(task_metrics(task, suffix, predictions(task, logits), data.labels))
+        eval_loss[split], eval_examples[split] = loss_mean, len(data)
+
+    if save_model and rt.is_main:
+        target = run.out_dir / MODEL_DIR
+        tmp = atomic.tmp_dir_for(target)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        atomic.replace_dir(tmp, target)
+    result = {
+        "task": task.name, "seed": run.seed, "metrics": metrics, "eval_loss": eval_loss,
+        "eval_examples": eval_examples, "train_examples": len(train), "steps": total,
+        "resumed_from_step": resumed_from,
+        "train_loss_recent": float(torch.stack(recent).float().mean()) if recent else None,
+        "seconds": time.perf_counter() - started, "hparams": dataclasses.asdict(hp), "init": str(run.init_dir),
+    }
+    if rt.is_main:
+        atomic.write_json(run.out_dir / RESULT_FILE, result)
+        state_path.unlink(missing_ok=True)
+    rt.barrier()
+    return result
