@@ -1,0 +1,158 @@
+"""Find this process's place in the job, export it the way torch expects, start the process group.
+
+Launchers and what they tell a rank:
+
+    deepspeed launcher (pdsh or --no_ssh)  RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE CROSS_RANK MASTER_*
+    torchrun                                RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_*
+    mpirun (Open MPI, MPICH)                nothing torch reads: ranks come from mpi4py
+    srun (one task per GPU)                 SLURM_PROCID SLURM_STEP_NUM_TASKS SLURM_LOCALID SLURM_NODEID
+    plain `python -m ...`                   nothing: world size 1
+
+`init_distributed` turns each into RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (mosaicml-
+streaming reads it), NODE_RANK, MASTER_ADDR and MASTER_PORT, selects the GPU, and calls
+`deepspeed.init_distributed` with MPI discovery off (DeepSpeed's own discovery guesses the master
+address with `hostname -I` and the local rank from processor names).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+from mosaicbert_ds.cli import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    """Global rank, 0 .. world_size-1."""
+    world_size: int
+    """Number of processes (one per GPU)."""
+    local_rank: int
+    """Rank on this node; also the CUDA device index."""
+    local_world_size: int
+    """Processes on this node."""
+    node_rank: int
+    """Index of this node, 0 .. number of nodes - 1."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
+
+
+def _int(env: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        if env.get(name, "") != "":
+            try:
+                return int(env[name])
+            except ValueError:
+                raise UserError(f"environment variable {name}={env[name]!r} is not an integer") from None
+    return None
+
+
+def _expand_slurm_counts(spec: str) -> list[int]:
+    """'4(x2),2' -> [4, 4, 2] (SLURM_STEP_TASKS_PER_NODE's format)."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def discover(env: MutableMapping[str, str] | None = None) -> DistInfo:
+    """Work out this process's place from the launcher's variables and export the torch ones.
+
+    Writes RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR and MASTER_PORT
+    into `env` (os.environ by default); values the launcher already set are kept.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:  # deepspeed launcher or torchrun
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank = _int(env, "LOCAL_RANK")
+        if local_rank is None:
+            raise UserError("RANK and WORLD_SIZE are set but LOCAL_RANK is not: launch with the deepspeed "
+                            "launcher, torchrun, mpirun or srun (see launch/README.md)")
+        local_world = _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
+        node_rank = _int(env, "NODE_RANK", "GROUP_RANK", "CROSS_RANK")
+        if node_rank is None:
+            node_rank = rank // local_world  # homogeneous nodes
+    elif any(marker in env for marker in _MPI_MARKERS):
+        rank, world, local_rank, local_world, node_rank = _from_mpi(env)
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # inside an srun step
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS")
+        local_rank, node_rank = _int(env, "SLURM_LOCALID") or 0, _int(env, "SLURM_NODEID") or 0
+        per_node = _expand_slurm_counts(env.get("SLURM_STEP_TASKS_PER_NODE", str(world)))
+        local_world = per_node[node_rank] if node_rank < len(per_node) else per_node[0]
+        if "MASTER_ADDR" not in env:
+            if _int(env, "SLURM_STEP_NUM_NODES") not in (None, 1):
+                raise UserError("under srun on several nodes set MASTER_ADDR to the first node "
+                                "(launch/slurm.sbatch does: scontrol show hostnames)")
+            env["MASTER_ADDR"] = "127.0.0.1"
+    else:  # a plain process
+        rank, world, local_rank, local_world, node_rank = 0, 1, 0, 1, 0
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+
+    if not (0 <= rank < world and 0 <= local_rank < local_world):
+        raise UserError(f"inconsistent launcher variables: rank {rank} of {world}, local rank {local_rank} "
+                        f"of {local_world}")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+               LOCAL_WORLD_SIZE=str(local_world), NODE_RANK=str(node_rank))
+    return DistInfo(rank, world, local_rank, local_world, node_rank)
+
+
+def _from_mpi(env: MutableMapping[str, str]) -> tuple[int, int, int, int, int]:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks that share this node's memory
+    local_rank, local_world = node.Get_rank(), node.Get_size()
+    # Nodes are numbered by the global rank of their first process.
+    leader = node.bcast(rank, root=0)
+    node_rank = sorted(set(comm.allgather(leader))).index(leader)
+    node.Free()
+    # Rank 0 names itself (its hostname, which the other nodes must resolve; set MASTER_ADDR to an
+    # address to override) and picks a free port on its own host, where the TCP store will listen.
+    master = (env.get("MASTER_ADDR") or socket.gethostname(), env.get("MASTER_PORT") or str(_free_port()))
+    env["MASTER_ADDR"], env["MASTER_PORT"] = comm.bcast(master if rank == 0 else None, root=0)
+    return rank, world, local_rank, local_world, node_rank
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Discover the job (see `discover`), pick the CUDA device and start the process group.
+
+    backend: "nccl" on CUDA and "gloo" on CPU when None.
+    """
+    import torch
+
+    info = discover()
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        # One visible GPU per task (srun --gpus-per-task) means device 0 whatever the local rank.
+        device = 0 if count == 1 else info.local_rank
+        if device >= count:
+            raise UserError(f"local rank {info.local_rank} but only {count} GPUs are visible on this node")
+        torch.cuda.set_device(device)
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return info
