@@ -1,0 +1,185 @@
+"""Streaming pretraining data: converted MDS shards -> masked, unpadded MLM batches.
+
+    loader = build_mlm_dataloader("/data/c4-128", split="train", batch_size=128,
+                                  mlm_probability=0.30, seed=17, num_canonical_nodes=64)
+    for epoch in range(...):
+        for batch in loader: ...          # each new `for` is the next epoch
+    state = loader.state_dict()           # rank 0 saves it with the checkpoint
+    loader.load_state_dict(state)         # every rank, on a fresh loader, before iterating
+
+Distribution. streaming.StreamingDataset reads RANK, WORLD_SIZE, LOCAL_RANK and
+LOCAL_WORLD_SIZE (set LOCAL_WORLD_SIZE from DeepSpeed's LOCAL_SIZE here when it is missing)
+and gives each rank its own part. The global order of an epoch depends only on the dataset,
+the seed and num_canonical_nodes (NCN); ranks deal it out round robin, so global step k (each
+rank's k-th micro batch of b samples) is always the block [k*b*W, (k+1)*b*W) of that order.
+Hence, for the same seed and NCN, the samples of one optimizer step are the same set for
+world size 4 x micro batch b, world size 2 x b x 2 accumulation micro steps, and world size 1
+x b x 4 micro steps: whatever the layout, a global batch of G samples is the next G samples of
+the one global order. This holds while NCN is a multiple of the number of nodes (streaming
+rejects NCN and node counts where neither divides the other; with more nodes than NCN the
+order is padded differently). Only the end of an epoch differs: the last incomplete global
+batch is dropped, and streaming repeats up to world-size-1 samples so every rank gets as many.
+
+The rule for NCN: pass the same value to every run of an experiment (the trainer should keep
+it in its config) and make it a multiple of every node count you will use (64 covers 1, 2,
+4, ..., 64 nodes). If you leave it None, a value is derived from the dataset size alone (never
+from the world), so it is still the same across world sizes.
+
+Resume. `state_dict()` records (epoch, samples seen by all ranks, seed, NCN). A new loader
+that loads it continues with exactly the samples not yet seen, also on a different world size
+or micro batch, as long as the global batch size is the same (so the sample count is on a
+global-batch boundary). Resuming exactly at the end of an epoch gives one empty epoch first.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+from torch.utils.data import DataLoader
+
+from ..cli import UserError
+from .collator import MLMCollator
+from .info import default_cache_dir, is_remote, read_dataset_info
+
+MAX_DEFAULT_CANONICAL_NODES = 64
+SAMPLES_PER_DEFAULT_CANONICAL_NODE = 4096
+
+
+class TokenSampleDataset(StreamingDataset):
+    """StreamingDataset of converted samples: {"input_ids": token ids, "index": global sample
+    index, "epoch": epoch}; index and epoch are what seed the per-sample MLM mask."""
+
+    _epoch = 0
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        # Every process that iterates (main or worker) passes here at the start of an epoch;
+        # remember the epoch for get_item. (streaming is pinned, so this hook is stable.)
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._epoch = epoch
+        return epoch, sample_in_epoch
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        sample = super().get_item(sample_id, retry)
+        return {"input_ids": sample["input_ids"], "index": int(sample_id), "epoch": int(self._epoch)}
+
+
+class MLMDataLoader(StreamingDataLoader):
+    """StreamingDataLoader that hands out whole optimizer steps and counts samples, not tokens.
+
+    With `accumulation_steps` A > 1, micro batches are released in groups of A and an epoch's
+    last incomplete group is dropped, so every layout (world size x accumulation) ends the epoch
+    on the same global-batch boundary. A loader resumed exactly at the end of an epoch goes on
+    to the next epoch instead of yielding an empty one.
+    """
+
+    def __init__(self, *args: Any, accumulation_steps: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.accumulation_steps = accumulation_steps
+        self._resumed = False
+
+    def _get_batch_size(self, batch: Any) -> int:
+        if isinstance(batch, dict) and "cu_seqlens" in batch:
+            return len(batch["cu_seqlens"]) - 1
+        return super()._get_batch_size(batch)
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        super().load_state_dict(obj)
+        self._resumed = True
+
+    def __iter__(self) -> Iterator[Any]:
+        resumed, self._resumed = self._resumed, False
+        for attempt in range(2 if resumed else 1):
+            self.num_samples_yielded = 0
+            group: list[Any] = []
+            for batch in DataLoader.__iter__(self):   # counting happens here, per delivered batch
+                group.append(batch)
+                if len(group) == self.accumulation_steps:
+                    for micro in group:
+                        self.num_samples_yielded += self._get_batch_size(micro)
+                        yield micro
+                    group = []
+            if self.num_samples_yielded:
+                return
+
+
+def default_num_canonical_nodes(num_samples: int) -> int:
+    """A power of two with at least 4096 samples per canonical node, at most 64.
+
+    It depends on the dataset only (so every world size gets the same order). Streaming repeats
+    up to NCN-1 samples per epoch to even out the canonical nodes; keeping several thousand
+    samples per node keeps that negligible on small datasets.
+    """
+    ncn = 1
+    while ncn * 2 <= MAX_DEFAULT_CANONICAL_NODES and num_samples >= ncn * 2 * SAMPLES_PER_DEFAULT_CANONICAL_NODE:
+        ncn *= 2
+    return ncn
+
+
+def _ensure_local_world_size() -> None:
+    # The DeepSpeed launcher exports LOCAL_SIZE; streaming reads LOCAL_WORLD_SIZE and would
+    # otherwise take every rank for a node of its own.
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+
+
+def build_mlm_dataset(path: str, *, split: str | None, batch_size: int, seed: int, shuffle: bool = True,
+                      remote_cache: str | None = None, num_canonical_nodes: int | None = None
+                      ) -> tuple[TokenSampleDataset, dict[str, Any]]:
+    """The streaming dataset of one split and the dataset's index."""
+    _ensure_local_world_size()
+    info = read_dataset_info(path, remote_cache)
+    split = split or "train"
+    if split not in info["splits"]:
+        raise UserError(f"{path} has no {split!r} split (it has: {', '.join(info['splits'])})")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    ncn = num_canonical_nodes or default_num_canonical_nodes(info["splits"][split]["samples"])
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    nodes = max(world_size // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    if ncn % nodes and nodes % ncn:
+        raise UserError(f"num_canonical_nodes={ncn} and {nodes} nodes: one must divide the other "
+                        "(use a multiple of every node count you will run on, e.g. 64)")
+    if remote_cache is None and not is_remote(path):
+        location = {"local": str(path), "remote": None}
+    else:   # a URL, or a local folder read like one: shards are copied into the cache
+        location = {"local": remote_cache or default_cache_dir(path), "remote": str(path)}
+    dataset = TokenSampleDataset(**location, split=split, shuffle=shuffle, shuffle_seed=seed,
+                                 batch_size=batch_size, num_canonical_nodes=ncn)
+    return dataset, info
+
+
+def build_mlm_dataloader(path: str, *, split: str | None, batch_size: int, mlm_probability: float, seed: int,
+                         shuffle: bool = True, padded: bool = False, num_workers: int = 0,
+                         remote_cache: str | None = None, num_canonical_nodes: int | None = None,
+                         drop_last: bool = True, pad_to: int | None = None, accumulation_steps: int = 1
+                         ) -> MLMDataLoader:
+    """A resumable loader of masked batches for this rank (batch_size is the per-rank micro batch).
+
+    `path` is a converted dataset folder or URL; it is read in place when local and
+    `remote_cache` is None, otherwise its shards are cached in `remote_cache`. `seed` seeds both
+    the shuffle and the masks. `pad_to` fixes the padded width; `accumulation_steps` makes the
+    loader yield only complete optimizer steps. See the module docstring for world sizes and
+    resumption.
+    """
+    dataset, info = build_mlm_dataset(path, split=split, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                                      remote_cache=remote_cache, num_canonical_nodes=num_canonical_nodes)
+    collator = MLMCollator.from_dataset_info(info, mlm_probability=mlm_probability, seed=seed,
+                                             padded=padded, pad_to=pad_to)
+    return MLMDataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
+                         drop_last=drop_last, persistent_workers=num_workers > 0,
+                         pin_memory=torch.cuda.is_available(), accumulation_steps=accumulation_steps)
+
+
+def sample_tokens(batch: dict[str, Any]) -> list[np.ndarray]:
+    """The original (unmasked) token ids of each sample of a batch, for tests and debugging."""
+    labels, inputs = batch["labels"], batch["input_ids"]
+    original = torch.where(labels != -100, labels, inputs)
+    if "cu_seqlens" in batch:
+        cu = batch["cu_seqlens"].tolist()
+        return [original[a:b].numpy() for a, b in zip(cu[:-1], cu[1:])]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    return [row[:n].numpy() for row, n in zip(original, lengths)]

@@ -1,0 +1,108 @@
+"""Where a converted dataset lives and what its index says.
+
+A finished dataset is a folder (local, or remote as streaming understands it: s3://, gs://, ...)
+
+    mosaicbert_index.json   our index: tokenizer, max_seq_len, counts, splits (written last)
+    tokenizer/              the tokenizer, saved with save_pretrained (no network needed later)
+    train/ val/             streaming MDS sub-datasets, one sample per [CLS] ... [SEP] sequence
+
+A conversion in progress writes to `<out>.partial/` with a marker file and only renames it to
+`<out>` at the end, so a stopped conversion never looks finished; `read_dataset_info` refuses
+folders without the index or with the marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..cli import UserError
+
+INDEX_NAME = "mosaicbert_index.json"
+PARTIAL_MARKER = ".mosaicbert_partial"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "mosaicbert_ds.mds/1"
+
+
+def is_remote(path: str) -> bool:
+    """True for URLs (s3://, gs://, oci://, ...) that streaming downloads from."""
+    return "://" in str(path)
+
+
+def default_cache_dir(remote: str) -> str:
+    """A per-URL cache folder under the temp dir, the same on every rank of a node."""
+    digest = hashlib.sha1(str(remote).rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "mosaicbert_ds_cache", digest)
+
+
+def _fetch(remote_file: str, local_file: str) -> None:
+    """Download one file, replacing any cached copy (an index may have been rewritten)."""
+    from streaming.base.storage import CloudDownloader
+
+    if os.path.exists(local_file):
+        os.remove(local_file)
+    CloudDownloader.direct_download(remote_file, local_file)
+
+
+def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, Any]:
+    """Read the index of a finished dataset, so loaders and the trainer never guess its layout.
+
+    `path` is a local folder or a remote URL; for URLs the index and tokenizer are fetched into
+    `remote_cache` (default: a per-URL folder under the temp dir). Besides the stored index
+    (see convert.py) the dict has `tokenizer_dir`, a local folder holding the tokenizer.
+    Raises UserError if there is no finished dataset at `path`.
+    """
+    path = str(path)
+    if is_remote(path):
+        cache = remote_cache or default_cache_dir(path)
+        local_index = os.path.join(cache, INDEX_NAME)
+        try:
+            _fetch(path.rstrip("/") + "/" + INDEX_NAME, local_index)
+        except Exception as err:  # any storage backend error means "not a finished dataset"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{path} holds no finished mosaicbert_ds dataset "
+                            f"(could not fetch {INDEX_NAME}: {first})") from None
+    else:
+        root = Path(path)
+        if not root.is_dir():
+            raise UserError(f"{path} is not a folder; convert a corpus there with `mosaicbert-ds convert`")
+        if (root / PARTIAL_MARKER).exists():
+            raise UserError(f"{path} holds an unfinished conversion; re-run `mosaicbert-ds convert`")
+        local_index = str(root / INDEX_NAME)
+        if not os.path.exists(local_index):
+            raise UserError(f"{path} holds no finished mosaicbert_ds dataset (no {INDEX_NAME}); "
+                            "convert a corpus there with `mosaicbert-ds convert`")
+    try:
+        with open(local_index, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{local_index} is not a readable dataset index ({err})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise UserError(f"{local_index} is not a {FORMAT} index")
+    if is_remote(path):
+        folder = os.path.join(cache, TOKENIZER_DIR)
+        for name in info["tokenizer"]["files"]:
+            _fetch(f"{path.rstrip('/')}/{TOKENIZER_DIR}/{name}", os.path.join(folder, name))
+    else:
+        folder = os.path.join(os.path.abspath(path), TOKENIZER_DIR)
+    info["tokenizer_dir"] = folder      # a local folder in both cases, for AutoTokenizer and export
+    return info
+
+
+def load_tokenizer(path: str, remote_cache: str | None = None):
+    """The tokenizer saved with a dataset, loaded offline (fetched into the cache for URLs)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(read_dataset_info(path, remote_cache)["tokenizer_dir"])
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned numpy dtype that holds every token id (uint16 for BERT's 30522)."""
+    for name, limit in (("uint8", 1 << 8), ("uint16", 1 << 16), ("uint32", 1 << 32)):
+        if vocab_size <= limit:
+            return name
+    raise ValueError(f"vocabulary of {vocab_size} tokens is too large")

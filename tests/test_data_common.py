@@ -1,0 +1,78 @@
+"""Shared helpers for the data tests: real text, a trained tokenizer, converted datasets.
+
+Everything is made from the bundled Jargon File or written by the tests themselves; nothing
+touches the network. Expensive artefacts (the tokenizer, the loader dataset) are built once per
+session and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mosaicbert_ds import cli
+from mosaicbert_ds.data import ConvertConfig, SourceConfig, bundled_corpus_path, convert_corpus, train_tokenizer
+
+_cache: dict[str, Any] = {}
+
+
+def jargon_docs(n: int = 4000) -> list[str]:
+    """Distinct cleaned paragraphs of the bundled corpus (distinct so a sample identifies its document)."""
+    if "docs" not in _cache:
+        from mosaicbert_ds.data.sources import DocumentSource
+
+        source = SourceConfig(paths=[str(bundled_corpus_path())], text_unit="paragraph", clean=True, min_words=4)
+        _cache["docs"] = list(dict.fromkeys(DocumentSource(source)))
+    return _cache["docs"][:n]
+
+
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 2048-token WordPiece tokenizer trained on the corpus (once per session)."""
+    if "tokenizer" not in _cache:
+        _cache["tokenizer"] = train_tokenizer(jargon_docs(), tmp_path_factory.mktemp("tokenizer"), vocab_size=2000)
+    return _cache["tokenizer"]
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({field: doc, "id": len(doc)}) + "\n")
+    return path
+
+
+def convert_docs(tmp_path: Path, docs: list[str], name: str = "ds", **options: Any) -> Path:
+    """Convert `docs` (as JSONL) with the session tokenizer; options go to ConvertConfig."""
+    src = write_jsonl(tmp_path / f"{name}.jsonl", docs)
+    out = tmp_path / name
+    options.setdefault("workers", 1)
+    options.setdefault("progress", False)
+    convert_corpus(ConvertConfig(source=SourceConfig(paths=[str(src)]), out=str(out),
+                          tokenizer=str(_cache["tokenizer"]), **options))
+    return out
+
+
+def loader_dataset(tmp_path_factory) -> Path:
+    """600 documents (64 held out), several shards: the dataset the loader tests share."""
+    if "loader_ds" not in _cache:
+        tokenizer_dir(tmp_path_factory)
+        _cache["loader_ds"] = convert_docs(tmp_path_factory.mktemp("loader"), jargon_docs(600),
+                                           val_docs=64, shard_size="24kb")
+    return _cache["loader_ds"]
+
+
+def read_split(path: Path, split: str) -> list[np.ndarray]:
+    """Every stored sample of a split, in storage order, through streaming's own reader."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(path), split=split, batch_size=1)
+    return [ds[i]["input_ids"] for i in range(ds.num_samples)]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `mosaicbert-ds ARGV` in-process, as the console script does; (exit code, stdout, stderr)."""
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
