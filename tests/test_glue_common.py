@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -52,3 +53,19 @@ def make_bert_model(folder: Path, seed: int = 0) -> Path:
                         intermediate_size=64, max_position_embeddings=300)
     BertForMaskedLM(config).save_pretrained(str(folder))
     return folder
+
+
+def make_trainer_checkpoint(run_dir: Path, step: int, train_seconds: float, seed: int = 0) -> Path:
+    """A run's checkpoints/ folder in the trainer's layout (ZeRO stage 0, one rank): what
+    `mosaicbert_ds.train.export.export_checkpoint` reads."""
+    root = run_dir / "checkpoints"
+    tag = f"step_{step:07d}"
+    (root / tag).mkdir(parents=True)
+    tok = make_tokenizer(root / "tokenizer")
+    torch.manual_seed(seed)
+    config = MosaicBertConfig.from_name("tiny", vocab_size=len(tok), attention_impl="torch", fused_ops=False)
+    config.to_json_file(str(root / "model_config.json"))
+    torch.save({"module": MosaicBertForMaskedLM(config).state_dict()}, root / tag / "mp_rank_00_model_states.pt")
+    (root / tag / "trainer_state.json").write_text(json.dumps({"step": step, "train_seconds": train_seconds}))
+    (root / "latest").write_text(tag)
+    return root

@@ -1,7 +1,8 @@
 """What finetuning starts from: a transformers folder (MosaicBERT or plain BERT) or a trainer checkpoint.
 
-A trainer (DeepSpeed) checkpoint folder is recognised by its `latest` file and exported once
-with mosaicbert_ds.train.export.export_checkpoint into the output folder; the export is then
+A trainer (DeepSpeed) checkpoint -- the run folder, its checkpoints/ folder with DeepSpeed's
+`latest` file, or one tag folder such as checkpoints/step_0003500 -- is exported once with
+mosaicbert_ds.train.export.export_checkpoint into the output folder; the export is then
 loaded like any transformers folder. The tokenizer comes from the model's folder unless
 --tokenizer names another, and must match the model's vocabulary.
 
@@ -27,10 +28,24 @@ from . import atomic
 from .tasks import Task
 
 EXPORT_DIR = "pretrained"
+TRAINER_STATE = "trainer_state.json"
+
+
+def trainer_checkpoint(path: Path) -> tuple[Path, str | None] | None:
+    """(checkpoints root, tag or None for DeepSpeed's latest) when `path` is a trainer checkpoint:
+    a run folder, its checkpoints/ folder (with `latest`), or one tag folder inside it."""
+    path = Path(path)
+    if (path / "checkpoints" / "latest").is_file():
+        return path / "checkpoints", None
+    if (path / "latest").is_file():
+        return path, None
+    if (path / TRAINER_STATE).is_file() and (path.parent / "latest").is_file():
+        return path.parent, path.name
+    return None
 
 
 def is_trainer_checkpoint(path: Path) -> bool:
-    return (Path(path) / "latest").is_file()
+    return trainer_checkpoint(path) is not None
 
 
 def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
@@ -38,7 +53,8 @@ def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"model {path} does not exist")
-    if not is_trainer_checkpoint(path):
+    found = trainer_checkpoint(path)
+    if found is None:
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is neither a transformers folder (config.json) nor a trainer "
                             f"checkpoint (latest)")
@@ -49,10 +65,12 @@ def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
             from mosaicbert_ds.train.export import export_checkpoint
         except ImportError as err:
             raise UserError(f"{path} is a trainer checkpoint but the exporter is unavailable ({err})") from None
+        root, tag = found
         tmp = atomic.tmp_dir_for(target)
         tmp.rmdir()  # the exporter creates its own folder
         try:
-            atomic.replace_dir(Path(export_checkpoint(path, tmp)), target)
+            exported = export_checkpoint(root, tmp, tag=tag) if tag else export_checkpoint(root, tmp)
+            atomic.replace_dir(Path(exported), target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target

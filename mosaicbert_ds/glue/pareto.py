@@ -6,11 +6,12 @@
 
 The listing is JSON (a list of objects, or {"checkpoints": [...]}) or CSV with a header row,
 one checkpoint per entry, paths relative to the listing's folder:
-    path     transformers folder or trainer checkpoint (optional when `results` is given)
-    hours    pretraining wall-clock hours at the checkpoint, or instead
-    step     its step, with hours read from --metrics (a JSONL log whose records carry a step
-             and a clock; see HOURS_KEYS/SECONDS_KEYS); a trainer checkpoint's step is read
-             from its `latest` tag when neither is given
+    path     transformers folder, or trainer checkpoint: a run's checkpoints/ folder (its latest
+             tag) or one tag folder, e.g. run/checkpoints/step_0003500 (optional with `results`)
+    hours    pretraining wall-clock hours at the checkpoint; when absent, a trainer checkpoint's
+             own trainer_state.json (train_seconds) gives them, or else
+    step     its step, with hours read from --metrics (the trainer's metrics.jsonl, or any JSONL
+             whose records carry a step and a clock; see HOURS_KEYS/SECONDS_KEYS)
     label    the point's name and its folder under OUT (default: the checkpoint folder's name)
     run      the curve it belongs to, e.g. "MosaicBERT-Base" vs "BERT-Base" (default: one curve)
     results  an existing results.json of `finetune-glue` to use instead of finetuning
@@ -34,11 +35,11 @@ from typing import Any
 from ..cli import UserError
 from . import atomic
 from .finetune import add_finetune_options, finetune_glue, finetune_options
-from .models import is_trainer_checkpoint
+from .models import TRAINER_STATE, trainer_checkpoint
 
 STEP_KEYS = ("step", "global_step", "trainer/step", "train/step")
-HOURS_KEYS = ("hours", "wall_clock_hours", "time/hours", "time/wall_clock_hours", "time/elapsed_hours")
-SECONDS_KEYS = ("elapsed_s", "wall_clock_s", "time/elapsed_s", "time/wall_clock_s", "time/total_s", "seconds")
+HOURS_KEYS = ("progress/train_hours", "hours", "wall_clock_hours", "time/hours", "time/wall_clock_hours", "time/elapsed_hours")
+SECONDS_KEYS = ("train_seconds", "elapsed_s", "wall_clock_s", "time/elapsed_s", "time/wall_clock_s", "time/total_s", "seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,11 +97,17 @@ def _clock_records(path: Path) -> list[tuple[int, float]]:
     return sorted(records)
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    if not is_trainer_checkpoint(path):
-        return None
-    digits = re.findall(r"\d+", (path / "latest").read_text(encoding="utf-8"))
-    return int(digits[-1]) if digits else None
+def _trainer_state(path: Path | None) -> dict[str, Any]:
+    """The trainer's own record of a checkpoint (step, train_seconds), or {} for other folders."""
+    found = trainer_checkpoint(path) if path is not None else None
+    if found is None:
+        return {}
+    root, tag = found
+    tag = tag or (root / "latest").read_text(encoding="utf-8").strip()
+    try:
+        return json.loads((root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _number(value: Any, what: str, where: str) -> float:
@@ -125,13 +132,15 @@ def resolve_entries(listing: Path, metrics: Path | None) -> list[dict[str, Any]]
             raise UserError(f"{where}: results {results} does not exist")
         if results is None and not path.exists():
             raise UserError(f"{where}: checkpoint {path} does not exist")
+        state = _trainer_state(path)
         if row.get("hours") is not None:
             hours = _number(row["hours"], "hours", where)
+        elif isinstance(state.get("train_seconds"), (int, float)) and row.get("step") is None:
+            hours = state["train_seconds"] / 3600.0
         else:
-            step = _number(row["step"], "step", where) if row.get("step") is not None else (
-                _checkpoint_step(path) if path is not None else None)
+            step = _number(row["step"], "step", where) if row.get("step") is not None else state.get("step")
             if step is None or clock is None:
-                raise UserError(f"{where}: give 'hours', or a 'step' (or trainer checkpoint) with --metrics")
+                raise UserError(f"{where}: give 'hours', or a 'step' with --metrics")
             before = [h for s, h in clock if s <= step]
             if not before:
                 raise UserError(f"{where}: --metrics has no clock at or before step {int(step)}")

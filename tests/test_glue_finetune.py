@@ -1,0 +1,241 @@
+"""finetune-glue on the tiny fixtures: learning, the staged MNLI start, heads, resume, inputs, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from mosaicbert_ds import cli
+from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.glue.data import load_split, tokenize
+from mosaicbert_ds.glue.finetune import finetune_glue
+from mosaicbert_ds.glue.models import load_for_task, uses_packed_batches
+from mosaicbert_ds.glue.tasks import TASKS
+from mosaicbert_ds.glue.trainer import Hooks, lr_factor
+from test_glue_common import TSV, make_bert_model, make_mosaic_model, make_trainer_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run faster on one thread, and results do not depend on the machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mosaic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mosaic_model(tmp_path_factory.mktemp("mosaic"))
+
+
+def ft(model: Path, out: Path, **kwargs) -> dict:
+    kwargs.setdefault("data_dir", TSV)
+    return finetune_glue(model, out, progress=False, device="cpu", **kwargs)["summary"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    factors = [lr_factor(s, 6, 100) for s in range(100)]
+    assert factors[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
+    assert factors[6] == pytest.approx(94 / 94) and factors[-1] == pytest.approx(1 / 94)
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:]))
+    assert lr_factor(100, 6, 100) == 0.0
+
+
+def test_tiny_model_learns_the_keyword_rule(mosaic_dir: Path, tmp_path: Path) -> None:
+    summary = ft(mosaic_dir, tmp_path / "o", tasks="sst2", seeds="1",
+                 hparams=["lr=1e-3", "weight_decay=0", "epochs=15"])
+    assert summary["tasks"]["sst2"]["score"]["mean"] >= 85.0  # chance is 50
+
+
+def test_staged_tasks_start_from_the_mnli_model(mosaic_dir: Path, tmp_path: Path) -> None:
+    loaded: dict[str, tuple[dict, object]] = {}
+
+    def on_loaded(task, seed, model) -> None:
+        loaded[task.name] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, model.config)
+
+    out = tmp_path / "o"
+    summary = ft(mosaic_dir, out, tasks="rte,stsb", seeds="1", hparams=["epochs=2", "lr=1e-3"],
+                 hooks=Hooks(on_model_loaded=on_loaded))
+    assert list(summary["tasks"]) == ["mnli", "rte", "stsb"]  # MNLI added and run first
+    pretrained = load_file(str(mosaic_dir / "model.safetensors"))
+    mnli = load_file(str(out / "mnli" / "seed42" / "model" / "model.safetensors"))
+    shared = [k for k in pretrained if k.startswith("bert.") and k in mnli]
+    assert len(shared) > 10
+    for k in shared:  # MNLI itself starts from the pretrained encoder
+        assert torch.equal(loaded["mnli"][0][k], pretrained[k]), k
+    for name in ("rte", "stsb"):
+        state = loaded[name][0]
+        encoder = [k for k in state if k.startswith("bert.")]
+        assert "bert.pooler.weight" in encoder
+        for k in encoder:
+            assert torch.equal(state[k], mnli[k]), (name, k)
+        assert any(not torch.equal(mnli[k], pretrained[k]) for k in shared)  # MNLI did train
+    # the head is re-initialised where the label count differs
+    assert loaded["mnli"][0]["classifier.weight"].shape == (3, 64)
+    assert loaded["rte"][0]["classifier.weight"].shape == (2, 64)
+    assert loaded["stsb"][0]["classifier.weight"].shape == (1, 64)
+    assert loaded["stsb"][1].problem_type == "regression"
+    assert loaded["rte"][1].problem_type == "single_label_classification"
+
+
+def test_without_mnli_start_staged_tasks_use_the_pretrained_model(mosaic_dir: Path, tmp_path: Path) -> None:
+    loaded = {}
+    hooks = Hooks(on_model_loaded=lambda task, seed, model: loaded.update(
+        {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    summary = ft(mosaic_dir, tmp_path / "o", tasks="mrpc", seeds="1", mnli_start=False,
+                 hparams=["epochs=1"], hooks=hooks)
+    assert list(summary["tasks"]) == ["mrpc"]
+    pretrained = load_file(str(mosaic_dir / "model.safetensors"))
+    assert torch.equal(loaded["bert.embeddings.word_embeddings.weight"], pretrained["bert.embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("name", ["stsb", "rte", "mnli"])
+def test_regression_and_classification_heads(mosaic_dir: Path, name: str) -> None:
+    task = TASKS[name]
+    model = load_for_task(mosaic_dir, task).eval()
+    tok = AutoTokenizer.from_pretrained(str(mosaic_dir))
+    batch = tokenize(tok, load_split(task, "train", TSV), 256).batch(np.arange(8), packed=True)
+    out = model(**batch)
+    assert out.logits.shape == (8, task.num_labels)
+    if task.regression:
+        expected = F.mse_loss(out.logits.squeeze(-1), batch["labels"])
+        assert batch["labels"].dtype == torch.float32
+    else:
+        expected = F.cross_entropy(out.logits, batch["labels"])
+    torch.testing.assert_close(out.loss, expected)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_task_resumes_where_it_stopped(mosaic_dir: Path, tmp_path: Path) -> None:
+    kw = dict(tasks="sst2", seeds="1", hparams=["epochs=2", "lr=1e-3"], save_every=2)  # 3 steps an epoch
+    ft(mosaic_dir, tmp_path / "ref", **kw)
+
+    def stop(task, seed, step) -> None:
+        if step == 3:
+            raise Interrupt
+
+    out = tmp_path / "run"
+    seed_dir = out / "sst2" / "seed42"
+    with pytest.raises(Interrupt):
+        ft(mosaic_dir, out, hooks=Hooks(on_step=stop), **kw)
+    assert not (seed_dir / "result.json").exists() and not (out / "results.json").exists()
+    assert torch.load(seed_dir / "state.pt", weights_only=False)["step"] == 2
+
+    steps: list[int] = []
+    record = Hooks(on_step=lambda task, seed, step: steps.append(step))
+    ft(mosaic_dir, out, hooks=record, **kw)
+    assert steps == [3, 4, 5, 6]  # continued after the saved step 2, did not restart
+    result = json.loads((seed_dir / "result.json").read_text())
+    reference = json.loads((tmp_path / "ref" / "sst2" / "seed42" / "result.json").read_text())
+    assert result["resumed_from_step"] == 2 and reference["resumed_from_step"] is None
+    assert not (seed_dir / "state.pt").exists()
+    # same weights, optimizer moments, schedule and dropout RNG as the uninterrupted run
+    assert result["eval_loss"]["validation"] == pytest.approx(reference["eval_loss"]["validation"], rel=1e-5)
+    assert result["metrics"] == pytest.approx(reference["metrics"])
+
+    steps.clear()
+    ft(mosaic_dir, out, hooks=record, **kw)
+    assert steps == []  # finished seeds are skipped
+    with pytest.raises(UserError, match="limit_train"):
+        ft(mosaic_dir, out, limit_train=10, **kw)  # the folder belongs to another setup
+
+
+def test_plain_hf_bert_trains_on_padded_batches(tmp_path: Path) -> None:
+    seen = {}
+    hooks = Hooks(on_model_loaded=lambda t, s, m: seen.update(cls=type(m).__name__, packed=uses_packed_batches(m)))
+    model = make_bert_model(tmp_path / "bert")
+    summary = ft(model, tmp_path / "o", tasks="sst2", seeds="1", hparams=["epochs=1"], hooks=hooks)
+    assert seen == {"cls": "BertForSequenceClassification", "packed": False}
+    assert summary["tasks"]["sst2"]["score"]["n"] == 1
+
+
+def test_trainer_checkpoint_is_exported_then_finetuned(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    make_trainer_checkpoint(tmp_path / "run", step=4, train_seconds=1800.0)
+    out = tmp_path / "o"
+    ft(tmp_path / "run", out, tasks="sst2", seeds="1", hparams=["epochs=1"])
+    assert (out / "pretrained" / "config.json").is_file()
+    result = json.loads((out / "sst2" / "seed42" / "result.json").read_text())
+    assert result["init"] == str((out / "pretrained").resolve())
+
+
+def test_cli_end_to_end_writes_markdown_and_json(mosaic_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o"
+    rc = cli.main(["finetune-glue", str(mosaic_dir), "--out", str(out), "--data-dir", str(TSV),
+                   "--seeds", "1,rte=2", "--hparam", "epochs=1", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    table = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    assert list(table["tasks"]) == list(TASKS)
+    avg = table["glue_average"]
+    assert avg["complete"]
+    assert avg["mean"] == pytest.approx(np.mean([t["score"]["mean"] for t in table["tasks"].values()]))
+    for task in TASKS.values():
+        assert f"| {task.display} |" in md
+    assert "**GLUE average**" in md and f"**{avg['mean']:.2f}**" in md
+    assert md in capsys.readouterr().out
+    rte = table["tasks"]["rte"]
+    assert rte["seeds"] == [42, 43] and rte["score"]["std"] is not None and rte["score"]["n"] == 2
+    assert set(table["tasks"]["mnli"]["metrics"]) == {"accuracy_m", "accuracy_mm"}
+    # both RTE seeds start from the one MNLI seed
+    for seed in (42, 43):
+        result = json.loads((out / "rte" / f"seed{seed}" / "result.json").read_text())
+        assert result["init"] == str((out / "mnli" / "seed42" / "model").resolve())
+
+
+def _bad_label_data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(TSV / "SST-2", data / "SST-2")
+    path = data / "SST-2" / "train.tsv"
+    path.write_text(path.read_text().replace("\t1\n", "\t3\n", 1))
+    return data
+
+
+def _missing_split_data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(TSV / "RTE", data / "RTE")
+    (data / "RTE" / "dev.tsv").unlink()
+    return data
+
+
+@pytest.mark.parametrize("case,args,expected", [
+    ("task", ["--tasks", "rte,wnli"], "unknown GLUE task 'wnli'"),
+    ("split", ["--tasks", "rte", "--no-mnli-start"], "missing RTE validation split"),
+    ("label", ["--tasks", "sst2"], "label '3' outside SST-2's classes 0..1"),
+    ("vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
+    ("model", ["--tasks", "sst2"], "does not exist"),
+    ("hparam", ["--hparam", "lr=-1"], "lr=-1.0 is out of range"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, args: list[str], expected: str,
+                                                         mosaic_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    data, model = TSV, mosaic_dir
+    if case == "split":
+        data = _missing_split_data(tmp_path)
+    elif case == "label":
+        data = _bad_label_data(tmp_path)
+    elif case == "vocab":
+        model = make_mosaic_model(tmp_path / "big", vocab_size=1024)  # its tokenizer has ~100 tokens
+    elif case == "model":
+        model = tmp_path / "no-such-model"
+    out = tmp_path / "out"
+    rc = cli.main(["finetune-glue", str(model), "--out", str(out), "--data-dir", str(data), "--seeds", "1",
+                   "--no-progress", "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("mosaicbert-ds finetune-glue: error: "), err
+    assert expected in err[0]
+    assert not out.exists()
