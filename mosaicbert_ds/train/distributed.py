@@ -156,3 +156,42 @@ def init_distributed(backend: str | None = None) -> DistInfo:
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return info
+
+
+# Variables a launch must hand to every rank (launch/env.sh sets them); the check reports them.
+LAUNCH_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "NCCL_SOCKET_IFNAME",
+              "NCCL_IB_HCA", "NCCL_DEBUG", "DEEPSPEED_TIMEOUT", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Launch check: `MBDS_MODULE=mosaicbert_ds.train.distributed launch/<mode>.sh RUN ...`.
+
+    Starts the process group the way training does, all-reduces rank+1 and writes one JSON line
+    per rank (place, sum, launch variables, arguments) prefixed "mbds-launch-check". The
+    arguments (`pretrain RUN ...` from the launch scripts) are only echoed.
+    """
+    import json
+    import sys
+    from dataclasses import asdict
+
+    import torch
+    import torch.distributed as dist
+
+    argv = sys.argv[1:] if argv is None else argv
+    info = init_distributed()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    total = torch.tensor([float(info.rank + 1)], device=device)
+    dist.all_reduce(total)
+    expected = info.world_size * (info.world_size + 1) / 2
+    record = {**asdict(info), "sum": total.item(), "ok": total.item() == expected, "argv": argv,
+              "env": {name: os.environ.get(name) for name in
+                      ("MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "NODE_RANK", *LAUNCH_ENV)}}
+    sys.stdout.write(f"mbds-launch-check {json.dumps(record)}\n")  # one write: ranks share the pipe
+    sys.stdout.flush()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if record["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

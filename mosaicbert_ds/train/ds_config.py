@@ -84,10 +84,14 @@ KNOWN_KEYS: frozenset[str] = frozenset({
 OPTIMIZERS = ("adamw", "lamb")
 
 
+class DsConfigError(UserError, ValueError):
+    """A run setting DeepSpeed cannot use: a ValueError to library callers, one line from the CLI."""
+
+
 def torch_weight_decay(decoupled_weight_decay: float, lr_peak: float) -> float:
     """The torch-AdamW weight decay that reproduces Composer's decoupled decay (see module doc)."""
     if lr_peak <= 0:
-        raise ValueError(f"lr must be positive, got {lr_peak}")
+        raise DsConfigError(f"lr must be positive, got {lr_peak}")
     return float(f"{decoupled_weight_decay / lr_peak:.12g}")  # 1e-5/5e-4 -> 0.02, not 0.0199..
 
 
@@ -133,19 +137,19 @@ def build_ds_config(
     for name, value in (("global_batch", global_batch), ("micro_batch", micro_batch),
                         ("world_size", world_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise DsConfigError(f"{name} must be a positive integer, got {value!r}")
     if global_batch % (micro_batch * world_size):
-        raise ValueError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
-                         f"world size {world_size} = {micro_batch * world_size}")
+        raise DsConfigError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
+                            f"world size {world_size} = {micro_batch * world_size}")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        raise DsConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if zero_stage is None:
         zero_stage = 0 if optimizer == "lamb" else 1
     if optimizer == "lamb" and zero_stage != 0:
-        raise ValueError("LAMB runs at ZeRO stage 0: ZeRO-1/2 shard flattened parameters, which turns "
-                         "LAMB's per-layer trust ratio into a per-shard one")
+        raise DsConfigError(f"LAMB runs at ZeRO stage 0 (set zero_stage 0, not {zero_stage}): ZeRO-1/2 shard "
+                            f"flattened parameters, which turns LAMB's per-layer trust ratio into a per-shard one")
     if optimizer == "adamw" and zero_stage not in (1, 2):
-        raise ValueError(f"zero_stage must be 1 or 2 for AdamW, got {zero_stage}")
+        raise DsConfigError(f"zero_stage must be 1 or 2 for AdamW, got {zero_stage}")
 
     params: dict[str, Any] = {
         "lr": lr,

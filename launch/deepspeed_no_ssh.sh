@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One invocation per node (Kubernetes, or any scheduler that starts one process per node); each
+# starts DeepSpeed's per-node launcher for its own GPUs, no ssh:
+#   NODE_RANK=0 MASTER_ADDR=node0 NUM_NODES=2 GPUS_PER_NODE=8 launch/deepspeed_no_ssh.sh RUN [key=value ...]
+#   NODE_RANK=1 MASTER_ADDR=node0 NUM_NODES=2 GPUS_PER_NODE=8 launch/deepspeed_no_ssh.sh RUN [key=value ...]
+# HOSTFILE=FILE may replace NUM_NODES/GPUS_PER_NODE (only the order and slots of its lines matter).
+# MASTER_PORT defaults to 29500. Every node must use the same values except NODE_RANK.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+mbds_usage "$@"
+run_file="$1"; shift
+: "${NODE_RANK:?set NODE_RANK (0 on the master node)}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
+
+hostfile="${HOSTFILE:-}"
+if [ -z "$hostfile" ]; then
+  : "${NUM_NODES:?set NUM_NODES and GPUS_PER_NODE, or HOSTFILE}" "${GPUS_PER_NODE:?set GPUS_PER_NODE}"
+  hostfile="$(mktemp "${TMPDIR:-/tmp}/mbds-hostfile.XXXXXX")"
+  trap 'rm -f "$hostfile"' EXIT
+  for ((i = 0; i < NUM_NODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$hostfile"
+fi
+mbds_check_hostfile "$hostfile"
+
+# Under --no_ssh DeepSpeed neither writes nor reads .deepspeed_env: the ranks inherit this
+# shell's environment, so everything env.sh exported reaches them as it is.
+args=(--no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}"
+      --hostfile "$hostfile")
+if [ -n "${HOSTFILE:-}" ] && [ -n "${GPUS_PER_NODE:-}" ]; then args+=(--num_gpus "$GPUS_PER_NODE"); fi
+deepspeed "${args[@]}" --no_local_rank --module "$MBDS_MODULE" pretrain "$run_file" "$@"
