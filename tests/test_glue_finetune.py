@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +242,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, args: list[s
     assert len(err) == 1 and err[0].startswith("mosaicbert-ds finetune-glue: error: "), err
     assert expected in err[0]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_ddp(mosaic_dir: Path, tmp_path: Path) -> None:
+    """torchrun with two CPU processes (gloo): ranks split each batch, rank 0 writes the results."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mosaicbert_ds.cli", "finetune-glue", str(mosaic_dir), "--out", str(out), "--data-dir", str(TSV),
+           "--tasks", "rte", "--seeds", "1,rte=2", "--hparam", "epochs=2", "--save-every", "2", "--no-progress",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = json.loads((out / "results.json").read_text())
+    assert list(table["tasks"]) == ["mnli", "rte"] and table["tasks"]["rte"]["seeds"] == [42, 43]
+    for path in out.glob("*/seed*/result.json"):
+        assert json.loads(path.read_text())["world_size"] == 2
+    assert (out / "mnli" / "seed42" / "model" / "model.safetensors").is_file()
+    assert not list(out.glob("*/seed*/state.pt"))

@@ -5,8 +5,9 @@ run sees the same batches an uninterrupted one would; every `save_every` steps (
 training is done) the state -- model, optimizer, scheduler, step and every rank's RNG -- is
 written to <seed dir>/state.pt atomically. Re-running with the same folder continues from
 it. `result.json`, written last and atomically, marks the seed as finished; the state is then
-deleted. For MNLI the finetuned model (and tokenizer) is also saved to <seed dir>/model,
-before the result, since RTE, MRPC and STS-B start from it.
+deleted. The dev splits are evaluated once, after the last step. For MNLI the finetuned model
+(and tokenizer) is also saved to <seed dir>/model, before the result, since RTE, MRPC and
+STS-B start from it.
 
 Optimizer: torch AdamW, betas (0.9, 0.98), eps 1e-6, weight decay decoupled from the learning
 rate as in the paper (see tasks.Hparams.weight_decay), on every parameter. Schedule: linear
@@ -227,7 +228,7 @@ def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tu
     result = {
         "task": task.name, "seed": run.seed, "metrics": metrics, "eval_loss": eval_loss,
         "eval_examples": eval_examples, "train_examples": len(train), "steps": total,
-        "resumed_from_step": resumed_from,
+        "resumed_from_step": resumed_from, "world_size": rt.world_size,
         "train_loss_recent": float(torch.stack(recent).float().mean()) if recent else None,
         "seconds": time.perf_counter() - started, "hparams": dataclasses.asdict(hp), "init": str(run.init_dir),
     }
