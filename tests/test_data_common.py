@@ -43,14 +43,15 @@ def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
     return path
 
 
-def convert_docs(tmp_path: Path, docs: list[str], name: str = "ds", **options: Any) -> Path:
-    """Convert `docs` (as JSONL) with the session tokenizer; options go to ConvertConfig."""
+def convert_docs(tmp_path: Path, docs: list[str], name: str = "ds", tokenizer: Path | None = None,
+                 **options: Any) -> Path:
+    """Convert `docs` (as JSONL) with the session tokenizer (or `tokenizer`); options go to ConvertConfig."""
     src = write_jsonl(tmp_path / f"{name}.jsonl", docs)
     out = tmp_path / name
     options.setdefault("workers", 1)
     options.setdefault("progress", False)
     convert_corpus(ConvertConfig(source=SourceConfig(paths=[str(src)]), out=str(out),
-                          tokenizer=str(_cache["tokenizer"]), **options))
+                          tokenizer=str(tokenizer or _cache["tokenizer"]), **options))
     return out
 
 

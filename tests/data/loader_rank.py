@@ -1,0 +1,35 @@
+"""One data-parallel rank of a loader test, run as its own process (RANK/WORLD_SIZE from the env).
+
+    python loader_rank.py '{"path": ..., "batch_size": 4, "seed": 3, "ncn": 4, "steps": 3,
+                            "out": "rank0.json", "state_in": null}'
+
+Takes `steps` micro batches and writes the original token ids of each sample of each batch, and
+the loader's state_dict after them, to `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from mosaicbert_ds.data import build_mlm_dataloader, sample_tokens
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    loader = build_mlm_dataloader(cfg["path"], split="train", batch_size=cfg["batch_size"], mlm_probability=0.3,
+                                  seed=cfg["seed"], num_canonical_nodes=cfg["ncn"])
+    if cfg.get("state_in"):
+        with open(cfg["state_in"]) as f:
+            loader.load_state_dict(json.load(f))
+    batches = []
+    for batch in loader:
+        batches.append([s.tolist() for s in sample_tokens(batch)])
+        if len(batches) == cfg["steps"]:
+            break
+    with open(cfg["out"], "w") as f:
+        json.dump({"batches": batches, "state": loader.state_dict()}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The streaming loader: epochs, shuffling, exact resume, and world-size independence.
+
+A sample is identified by its original tokens (every document of the test corpus is distinct),
+so these tests observe only what the trainer observes: the batches.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streaming.base.batching import generate_work
+from streaming.base.world import World
+
+from mosaicbert_ds.data import build_mlm_dataloader, build_mlm_dataset, default_num_canonical_nodes, sample_tokens
+from test_data_common import loader_dataset, read_split
+
+RANK_SCRIPT = Path(__file__).resolve().parent / "data" / "loader_rank.py"
+SEED, NCN = 3, 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return loader_dataset(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def index_of(data) -> dict[tuple, int]:
+    samples = read_split(data, "train")
+    table = {tuple(s.tolist()): i for i, s in enumerate(samples)}
+    assert len(table) == len(samples) == 536
+    return table
+
+
+def loader(data, **kwargs):
+    kwargs = {"split": "train", "batch_size": 8, "mlm_probability": 0.3, "seed": SEED, "num_canonical_nodes": NCN,
+              **kwargs}
+    return build_mlm_dataloader(str(data), **kwargs)
+
+
+def ids_of(batch, index_of) -> list[int]:
+    return [index_of[tuple(s.tolist())] for s in sample_tokens(batch)]
+
+
+def take(it, n: int) -> list:
+    return [next(it) for _ in range(n)]
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+        and torch.equal(x["cu_seqlens"], y["cu_seqlens"]) for x, y in zip(a, b))
+
+
+def test_epochs_cover_the_split_and_reshuffle(data, index_of):
+    ld = loader(data)
+    epochs = [[ids_of(b, index_of) for b in ld] for _ in range(2)]
+    for batches in epochs:
+        flat = [i for b in batches for i in b]
+        assert all(len(b) == 8 for b in batches) and len(batches) == 536 // 8
+        assert len(set(flat)) == len(flat) == 536 // 8 * 8        # drop_last drops the partial batch only
+    assert epochs[0] != epochs[1]
+    assert epochs[0][0] != sorted(epochs[0][0])                    # shuffled
+    del ld
+    gc.collect()
+    again = loader(data)
+    assert [ids_of(b, index_of) for b in again] == epochs[0]       # same seed, same order
+    other = loader(data, seed=SEED + 1)
+    assert [ids_of(b, index_of) for b in other] != epochs[0]
+
+
+def test_eval_loader_reads_the_val_split_in_order(data):
+    val = read_split(data, "val")
+    ld = build_mlm_dataloader(str(data), split="val", batch_size=10, mlm_probability=0.15, seed=0, shuffle=False,
+                              drop_last=False)
+    got = [s.tolist() for b in ld for s in sample_tokens(b)]
+    assert got == [s.tolist() for s in val]
+
+
+def test_resume_continues_exactly(data):
+    full_loader = loader(data)
+    uninterrupted = list(full_loader) + take(iter(full_loader), 20)   # epoch 0, then 20 batches of epoch 1
+    del full_loader
+    gc.collect()
+
+    first = loader(data)
+    seen = take(iter(first), 25)
+    state = first.state_dict()
+    assert state["sample_in_epoch"] == 25 * 8 and state["epoch"] == 0
+    del first
+    gc.collect()
+    second = loader(data, num_workers=2)          # another worker count must not matter
+    second.load_state_dict(json.loads(json.dumps(state)))   # as stored in a checkpoint
+    rest = list(second) + take(iter(second), 20)
+    assert same_batches(seen + rest, uninterrupted)
+
+
+def test_resume_at_the_end_of_an_epoch_starts_the_next(data):
+    ld = loader(data)
+    epoch0 = list(ld)
+    state = ld.state_dict()
+    epoch1 = list(ld)
+    del ld
+    gc.collect()
+    resumed = loader(data)
+    resumed.load_state_dict(state)
+    assert same_batches(list(resumed), epoch1)
+    assert len(epoch0) == len(epoch1)
+
+
+def test_accumulation_steps_drop_the_last_incomplete_step(data):
+    ld = loader(data, accumulation_steps=4)
+    batches = list(ld)
+    assert len(batches) == (536 // 8) // 4 * 4
+    assert same_batches(batches, list(loader(data))[:len(batches)])
+
+
+def global_steps(ids: np.ndarray, micro: int, accum: int) -> list[set[int]]:
+    """Samples of each optimizer step from streaming's (nodes, ranks, workers, batches, batch) plan.
+
+    The DataLoader visits workers round robin; -1 marks padding, and drop_last drops a batch
+    that has any (the epoch's last, partial one)."""
+    nodes, ranks, workers = ids.shape[:3]
+    per_rank = [ids[n, r].transpose(1, 0, 2).reshape(-1, micro) for n in range(nodes) for r in range(ranks)]
+    per_rank = [p[(p >= 0).all(axis=1)] for p in per_rank]
+    steps = min(len(p) for p in per_rank) // accum
+    return [{int(i) for p in per_rank for i in p[k * accum:(k + 1) * accum].ravel()} for k in range(steps)]
+
+
+@pytest.mark.parametrize("ncn", [4, 8])
+def test_global_step_is_the_same_set_for_every_layout(data, ncn):
+    """World 4 x b, world 2 x b x 2 micro steps, world 1 x b x 4, two nodes, with workers:
+    streaming's own partitioning (the plan every rank computes) gives the same step sets."""
+    dataset, _ = build_mlm_dataset(str(data), split="train", batch_size=4, seed=SEED, num_canonical_nodes=ncn)
+    dataset._set_shuffle_block_size(World(1, 1, 1, 0))
+    b = 4
+    layouts = {  # (nodes, ranks per node, workers per rank): gradient accumulation for global batch 16
+        (1, 4, 1): 1, (1, 2, 1): 2, (1, 1, 1): 4, (2, 2, 1): 1, (1, 1, 2): 4, (2, 1, 2): 2}
+    for resume_at in (0, 5 * 4 * b):
+        reference = None
+        for (nodes, ranks, workers), accum in layouts.items():
+            dataset.batch_size = b
+            plan = generate_work("random", dataset, World(nodes, ranks, workers, 0), 0, resume_at)
+            steps = global_steps(plan, b, accum)
+            reference = reference or steps
+            assert steps == reference, (nodes, ranks, workers)
+        assert len(reference) >= 20 and all(len(s) == 16 for s in reference)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, cfg: dict, tmp_path: Path) -> list[dict]:
+    """Run `world` real ranks (gloo, one process each) of tests/data/loader_rank.py."""
+    port = free_port()
+    procs, outs = [], []
+    for rank in range(world):
+        out = tmp_path / f"rank{rank}.json"
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(RANK_SCRIPT), json.dumps({**cfg, "out": str(out)})],
+                                      env=env, stderr=subprocess.PIPE, text=True))
+        outs.append(out)
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def test_two_real_ranks_match_accumulation_and_resume_on_one(data, index_of, tmp_path):
+    """World 2 x micro 4 for 3 steps, then resumed on world 1 x micro 8: the samples of every
+    global step are those of world 1 x micro 4 x 2 accumulation steps, and the resumed run
+    continues with exactly the uninterrupted run's batches (masks included)."""
+    ranks = run_ranks(2, {"path": str(data), "batch_size": 4, "seed": SEED, "ncn": NCN, "steps": 3}, tmp_path)
+    single = list(loader(data, batch_size=4))
+    single_ids = [ids_of(b, index_of) for b in single]
+    for k in range(3):
+        step = {index_of[tuple(s)] for r in ranks for s in r["batches"][k]}
+        assert step == set(single_ids[2 * k]) | set(single_ids[2 * k + 1])
+    state = ranks[0]["state"]
+    assert state == ranks[1]["state"] and state["sample_in_epoch"] == 3 * 2 * 4
+
+    resumed = loader(data, batch_size=8)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert rest, "the resumed epoch is not empty"
+    for k, batch in enumerate(rest):
+        a, b = single[6 + 2 * k], single[7 + 2 * k]
+        assert ids_of(batch, index_of) == ids_of(a, index_of) + ids_of(b, index_of)
+        assert torch.equal(batch["input_ids"], torch.cat([a["input_ids"], b["input_ids"]]))
+        assert torch.equal(batch["labels"], torch.cat([a["labels"], b["labels"]]))
+
+
+def test_remote_style_read_through_a_cache(data, index_of, tmp_path):
+    local = [ids_of(b, index_of) for b in loader(data)]
+    cached = loader(data, remote_cache=str(tmp_path / "cache"))
+    assert [ids_of(b, index_of) for b in cached] == local
+    assert list((tmp_path / "cache" / "train").glob("shard.*"))
+
+
+def test_default_canonical_nodes_depend_on_size_only():
+    assert default_num_canonical_nodes(536) == 1
+    assert default_num_canonical_nodes(4096 * 8) == 8
+    assert default_num_canonical_nodes(365_000_000) == 64
+
+
+def test_wrong_split_and_node_count_are_user_errors(data, monkeypatch):
+    from mosaicbert_ds.cli import UserError
+
+    with pytest.raises(UserError, match="no 'test' split"):
+        loader(data, split="test")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(UserError, match="num_canonical_nodes=4 and 3 nodes"):
+        loader(data)
