@@ -24,15 +24,7 @@ from mosaicbert_ds.glue.models import load_for_task, uses_packed_batches
 from mosaicbert_ds.glue.tasks import TASKS
 from mosaicbert_ds.glue.trainer import Hooks, lr_factor
 from test_glue_common import TSV, make_bert_model, make_mosaic_model, make_trainer_checkpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run faster on one thread, and results do not depend on the machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_glue_common import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from mosaicbert_ds import cli
 from mosaicbert_ds.cli import UserError
 from mosaicbert_ds.glue.pareto import resolve_entries
 from test_glue_common import TSV, make_mosaic_model, make_trainer_checkpoint
+from test_glue_common import one_thread  # noqa: F401  (autouse fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_pareto_finetunes_each_checkpoint_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -17,7 +17,6 @@ warmup over 6% of the steps, then linear decay to 0.
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..cli import UserError
+from ..train.checkpoint import rng_state, set_rng_state
 from . import atomic
 from .data import Tokenized
 from .metrics import predictions, task_metrics
@@ -90,21 +90,6 @@ def batch_indices(step: int, per_epoch: int, seed: int, n: int, batch_size: int)
     epoch, pos = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[pos * batch_size:(pos + 1) * batch_size]
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -171,11 +156,11 @@ def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tu
         step = resumed_from = int(state["step"])
         rng = state["rng"]
         if len(rng) == rt.world_size:
-            _set_rng_state(rng[rt.rank])
+            set_rng_state(rng[rt.rank])
         del state
 
     def save_state() -> None:
-        rngs = rt.all_gather(_rng_state())
+        rngs = rt.all_gather(rng_state())
         if rt.is_main:
             atomic.torch_save({"signature": signature, "step": step, "model": model.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
