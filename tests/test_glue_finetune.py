@@ -211,6 +211,7 @@ def _missing_split_data(tmp_path: Path) -> Path:
     ("split", ["--tasks", "rte", "--no-mnli-start"], "missing RTE validation split"),
     ("label", ["--tasks", "sst2"], "label '3' outside SST-2's classes 0..1"),
     ("vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
+    ("checkpoint-vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
     ("model", ["--tasks", "sst2"], "does not exist"),
     ("hparam", ["--hparam", "lr=-1"], "lr=-1.0 is out of range"),
 ])
@@ -224,6 +225,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, args: list[s
         data = _bad_label_data(tmp_path)
     elif case == "vocab":
         model = make_mosaic_model(tmp_path / "big", vocab_size=1024)  # its tokenizer has ~100 tokens
+    elif case == "checkpoint-vocab":  # the same, as a trainer checkpoint exported on the way
+        pytest.importorskip("deepspeed")
+        model = make_trainer_checkpoint(tmp_path / "run", step=2, train_seconds=60.0, vocab_size=1024).parent
     elif case == "model":
         model = tmp_path / "no-such-model"
     out = tmp_path / "out"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,9 @@ def finetune_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = finetune_glue(args.model, args.out, **finetune_options(args))
-    if summary["rank"] == 0:
-        print(to_markdown(summary["summary"]))
+    done = finetune_glue(args.model, args.out, **finetune_options(args))
+    if done["rank"] == 0:
+        print(to_markdown(done["summary"]))
         print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}", file=sys.stderr)
     return 0
 
@@ -149,11 +150,13 @@ def finetune_glue(model: Path, out: Path, *, tasks: str | list[str] = "all", dat
                   seeds: str | int | None = None, first_seed: int = 42, hparams: list[str] | None = None,
                   tokenizer: Path | None = None, mnli_start: bool = True, save_every: int = 2000,
                   eval_batch_size: int = 128, limit_train: int | None = None, limit_eval: int | None = None,
-                  device: str = "auto", hooks: Hooks | None = None, progress: bool = True) -> dict[str, Any]:
+                  device: str = "auto", hooks: Hooks | None = None, progress: bool = True,
+                  runtime: Runtime | None = None) -> dict[str, Any]:
     """Finetune `model` on the tasks into `out`; returns {"summary": results.json's content, "rank": r}.
 
     Every user error (task names, options, data files, labels, model, vocabulary) is found
-    before anything is written to `out`.
+    before anything is written to `out`. `runtime` lets a caller that finetunes several
+    checkpoints (pareto) keep one process group; by default this call sets one up and closes it.
     """
     model, out = Path(model).resolve(), Path(out).resolve()
     task_list = parse_tasks(tasks)
@@ -193,18 +196,9 @@ def finetune_glue(model: Path, out: Path, *, tasks: str | list[str] = "all", dat
             for _, split in plan.task.eval_splits:
                 splits[name][split] = load_split(plan.task, split, data_dir, limit_eval)
 
-    rt = setup_runtime(device)
+    rt = runtime or setup_runtime(device)
     try:
-        tok_source = Path(tokenizer) if tokenizer else None
-        if is_trainer_checkpoint(model):
-            if rt.is_main:
-                model_dir = resolve_model_dir(model, out, is_main=True)
-            rt.barrier()
-            model_dir = resolve_model_dir(model, out, is_main=False)
-        else:
-            model_dir = resolve_model_dir(model, out)
-        tok = load_tokenizer(tok_source or model_dir)
-        check_vocab(model_dir, tok)
+        model_dir, tok = _prepare_model(model, out, Path(tokenizer) if tokenizer else None, rt)
         if rt.is_main:
             atomic.write_json(out / RUN_FILE, meta)
 
@@ -219,7 +213,27 @@ def finetune_glue(model: Path, out: Path, *, tasks: str | list[str] = "all", dat
         summary = _write_reports(out, results, meta, rt)
         return {"summary": summary, "rank": rt.rank}
     finally:
-        rt.close()
+        if runtime is None:
+            rt.close()
+
+
+def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) -> tuple[Path, Any]:
+    """(transformers folder, tokenizer), vocabulary checked. A trainer checkpoint is exported into
+    `out` first; when that export turns out unusable, a folder this call created is removed again."""
+    created = not out.exists()
+    try:
+        if is_trainer_checkpoint(model):
+            if rt.is_main:
+                resolve_model_dir(model, out, is_main=True)
+            rt.barrier()
+        model_dir = resolve_model_dir(model, out, is_main=False)
+        tok = load_tokenizer(tokenizer or model_dir)
+        check_vocab(model_dir, tok)
+        return model_dir, tok
+    except UserError:
+        if created and rt.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _run_task(plan: _Plan, plans: dict[str, _Plan], splits: dict[str, Examples] | None, tok: Any,

@@ -32,10 +32,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..cli import UserError
 from . import atomic
 from .finetune import add_finetune_options, finetune_glue, finetune_options
 from .models import TRAINER_STATE, trainer_checkpoint
+from .runtime import Runtime, setup_runtime
 
 STEP_KEYS = ("step", "global_step", "trainer/step", "train/step")
 HOURS_KEYS = ("progress/train_hours", "hours", "wall_clock_hours", "time/hours", "time/wall_clock_hours", "time/elapsed_hours")
@@ -202,21 +205,13 @@ def to_markdown(points: list[dict[str, Any]]) -> str:
 def main(args: argparse.Namespace) -> int:
     entries = resolve_entries(args.listing, args.metrics)
     out = Path(args.out)
-    points, rank = [], 0
-    for entry in entries:
-        folder = out / entry["label"]
-        if entry["results"]:
-            summary = json.loads(Path(entry["results"]).read_text(encoding="utf-8"))
-        elif not args.finetune:
-            if not (folder / "results.json").is_file():
-                raise UserError(f"{entry['label']}: no {folder / 'results.json'} (run without --no-finetune)")
-            summary = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-        else:
-            print(f"== {entry['label']} ({entry['hours']:.3g} h): {entry['path']}", file=sys.stderr)
-            done = finetune_glue(Path(entry["path"]), folder, **finetune_options(args))
-            summary, rank = done["summary"], done["rank"]
-        points.append(_point(entry, summary))
-    if rank == 0:
+    needs_training = args.finetune and any(not e["results"] for e in entries)
+    rt = setup_runtime(args.device) if needs_training else Runtime(torch.device("cpu"))
+    try:
+        points = [_point(e, _summary(e, out / e["label"], args, rt)) for e in entries]
+    finally:
+        rt.close()
+    if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         plot(points, out / "pareto.png", args.title)
         atomic.write_json(out / "pareto.json", {"points": points})
@@ -224,3 +219,17 @@ def main(args: argparse.Namespace) -> int:
         print(to_markdown(points))
         print(f"wrote {out / 'pareto.png'}, pareto.json and pareto.md", file=sys.stderr)
     return 0
+
+
+def _summary(entry: dict[str, Any], folder: Path, args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
+    """The entry's results.json content: given, already in `folder`, or made by finetuning now."""
+    if entry["results"]:
+        return json.loads(Path(entry["results"]).read_text(encoding="utf-8"))
+    if not args.finetune:
+        if not (folder / "results.json").is_file():
+            raise UserError(f"{entry['label']}: no {folder / 'results.json'} (run without --no-finetune)")
+        return json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    if rt.is_main:
+        print(f"== {entry['label']} ({entry['hours']:.3g} h): {entry['path']}", file=sys.stderr)
+    return finetune_glue(Path(entry["path"]), folder, runtime=rt, **finetune_options(args))["summary"]
+
