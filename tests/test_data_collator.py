@@ -128,6 +128,8 @@ def test_masks_depend_only_on_seed_epoch_and_sample():
     assert not torch.equal(full["labels"], other_seed["labels"])
     next_epoch = collator(seed=7)([{**s, "epoch": 1} for s in samples])
     assert not torch.equal(full["labels"], next_epoch["labels"])
+    fixed = collator(seed=7, remask_each_epoch=False)([{**s, "epoch": 1} for s in samples])
+    assert torch.equal(full["labels"], fixed["labels"]) and torch.equal(full["input_ids"], fixed["input_ids"])
 
 
 def test_every_batch_with_maskable_tokens_gets_a_masked_token():

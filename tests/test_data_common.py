@@ -68,8 +68,11 @@ def read_split(path: Path, split: str) -> list[np.ndarray]:
     """Every stored sample of a split, in storage order, through streaming's own reader."""
     from streaming import StreamingDataset
 
+    dtype = json.loads((Path(path) / "mosaicbert_index.json").read_text())["token_dtype"]
     ds = StreamingDataset(local=str(path), split=split, batch_size=1)
-    return [ds[i]["input_ids"] for i in range(ds.num_samples)]
+    samples = [np.frombuffer(ds[i]["input_ids"], dtype=np.dtype(dtype).newbyteorder("<")) for i in range(ds.num_samples)]
+    assert [len(s) for s in samples] == [ds[i]["length"] for i in range(ds.num_samples)]
+    return samples
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -77,12 +77,15 @@ def test_epochs_cover_the_split_and_reshuffle(data, index_of):
     assert [ids_of(b, index_of) for b in other] != epochs[0]
 
 
-def test_eval_loader_reads_the_val_split_in_order(data):
+def test_eval_loader_reads_the_val_split_in_order_with_the_same_masks(data):
     val = read_split(data, "val")
     ld = build_mlm_dataloader(str(data), split="val", batch_size=10, mlm_probability=0.15, seed=0, shuffle=False,
                               drop_last=False)
-    got = [s.tolist() for b in ld for s in sample_tokens(b)]
-    assert got == [s.tolist() for s in val]
+    first = list(ld)
+    assert [s.tolist() for b in first for s in sample_tokens(b)] == [s.tolist() for s in val]
+    assert len(first[-1]["cu_seqlens"]) - 1 == 64 % 10            # the partial batch is kept
+    partial = [next(iter(ld))]                                     # an evaluation capped at one batch
+    assert same_batches(list(ld), first) and same_batches(partial, first[:1])
 
 
 def test_resume_continues_exactly(data):

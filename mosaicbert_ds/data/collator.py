@@ -16,7 +16,9 @@ the time, a random real-vocabulary token 10%, and stays itself 10%. [CLS], [SEP]
 special token) are never chosen. Every random number is a hash of (seed, epoch, sample index,
 position) (see hashing.py), so the masks do not depend on world size, worker count or which
 other samples share the batch: a resumed run sees exactly the masks of an uninterrupted one,
-and each epoch re-masks (dynamic masking, as in RoBERTa). If a whole batch would have no chosen
+and each epoch re-masks (dynamic masking, as in RoBERTa; `remask_each_epoch=False` keeps one
+mask per sample, which the evaluation loader uses so that every evaluation scores the same
+masked tokens). If a whole batch would have no chosen
 token although it has maskable ones, one token of its first maskable sample is chosen (the one
 with the smallest hash), so the MLM loss is never NaN; only then does a batch's make-up matter.
 """
@@ -34,11 +36,15 @@ IGNORE_INDEX = -100
 
 
 class MLMCollator:
-    """Mask and batch samples of {"input_ids": np.ndarray, "index": int, "epoch": int}."""
+    """Mask and batch samples of {"input_ids": np.ndarray, "index": int, "epoch": int}.
+
+    `replacement_ids` are the ids a chosen token may be swapped for (the 10% random case);
+    `pad_to` fixes the padded width (padded=True only).
+    """
 
     def __init__(self, *, mask_token_id: int, pad_token_id: int, special_token_ids: Sequence[int],
                  replacement_ids: np.ndarray, mlm_probability: float = 0.30, seed: int = 0,
-                 padded: bool = False, pad_to: int | None = None) -> None:
+                 padded: bool = False, pad_to: int | None = None, remask_each_epoch: bool = True) -> None:
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         if len(replacement_ids) == 0:
@@ -53,6 +59,7 @@ class MLMCollator:
         self.seed = int(seed)
         self.padded = padded
         self.pad_to = pad_to
+        self.remask_each_epoch = remask_each_epoch
 
     @classmethod
     def from_dataset_info(cls, info: dict[str, Any], **kwargs: Any) -> "MLMCollator":
@@ -74,7 +81,7 @@ class MLMCollator:
         flat = np.concatenate(ids)
         sample_of = np.repeat(np.arange(len(samples)), lengths)
         positions = np.arange(len(flat)) - (np.cumsum(lengths) - lengths)[sample_of]
-        epochs = np.array([s.get("epoch", 0) for s in samples], dtype=np.uint64)
+        epochs = np.array([s.get("epoch", 0) if self.remask_each_epoch else 0 for s in samples], dtype=np.uint64)
         indices = np.array([s["index"] for s in samples], dtype=np.uint64)
         key = combine(combine(np.full(len(samples), self.seed, np.uint64), epochs), indices)[sample_of]
         # one independent hash per (token, stream): 0 choose, 1 action, 2 replacement, 3 fallback

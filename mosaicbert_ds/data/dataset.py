@@ -1,34 +1,40 @@
 """Streaming pretraining data: converted MDS shards -> masked, unpadded MLM batches.
 
     loader = build_mlm_dataloader("/data/c4-128", split="train", batch_size=128,
-                                  mlm_probability=0.30, seed=17, num_canonical_nodes=64)
+                                  mlm_probability=0.30, seed=17, num_canonical_nodes=64,
+                                  accumulation_steps=4)
     for epoch in range(...):
         for batch in loader: ...          # each new `for` is the next epoch
     state = loader.state_dict()           # rank 0 saves it with the checkpoint
     loader.load_state_dict(state)         # every rank, on a fresh loader, before iterating
 
 Distribution. streaming.StreamingDataset reads RANK, WORLD_SIZE, LOCAL_RANK and
-LOCAL_WORLD_SIZE (set LOCAL_WORLD_SIZE from DeepSpeed's LOCAL_SIZE here when it is missing)
-and gives each rank its own part. The global order of an epoch depends only on the dataset,
-the seed and num_canonical_nodes (NCN); ranks deal it out round robin, so global step k (each
-rank's k-th micro batch of b samples) is always the block [k*b*W, (k+1)*b*W) of that order.
-Hence, for the same seed and NCN, the samples of one optimizer step are the same set for
-world size 4 x micro batch b, world size 2 x b x 2 accumulation micro steps, and world size 1
-x b x 4 micro steps: whatever the layout, a global batch of G samples is the next G samples of
-the one global order. This holds while NCN is a multiple of the number of nodes (streaming
-rejects NCN and node counts where neither divides the other; with more nodes than NCN the
-order is padded differently). Only the end of an epoch differs: the last incomplete global
-batch is dropped, and streaming repeats up to world-size-1 samples so every rank gets as many.
+LOCAL_WORLD_SIZE (set here from DeepSpeed's LOCAL_SIZE when missing) and gives each rank its
+own part. The order of an epoch depends only on the dataset, the seed, the epoch and
+num_canonical_nodes (NCN); it is dealt out to ranks round robin and to each rank's DataLoader
+workers batch by batch, so global micro step k (every rank's k-th micro batch of b samples) is
+always the block [k*b*W, (k+1)*b*W) of that one order. Hence, for the same seed and NCN, one
+optimizer step of G samples is the same set for world size 4 x micro batch b, world size 2 x
+b x 2 accumulation micro steps and world size 1 x b x 4 micro steps, on any number of nodes
+and workers: it is always the next G samples of the order. Conditions: NCN is a multiple of
+the number of nodes (with more nodes than NCN streaming pads the order differently; where
+neither divides the other it refuses, and so do we, with a UserError), and the trainer groups
+micro batches into steps as the loader delivers them. At the end of an epoch, pass
+`accumulation_steps` so the last incomplete step is dropped in every layout; a layout with
+more ranks can still take one more step there, because streaming repeats up to W-1 samples so
+that every rank gets as many.
 
-The rule for NCN: pass the same value to every run of an experiment (the trainer should keep
-it in its config) and make it a multiple of every node count you will use (64 covers 1, 2,
-4, ..., 64 nodes). If you leave it None, a value is derived from the dataset size alone (never
-from the world), so it is still the same across world sizes.
+The rule for NCN: pass the same value to every run of an experiment (keep it in the run
+config) and make it a multiple of every node count you will use (64 covers 1, 2, 4, ..., 64
+nodes). Left None, it is derived from the dataset size alone (never from the world), so it is
+still the same for every world size; a checkpoint's state_dict carries it, so resumed runs
+keep theirs whatever is passed.
 
-Resume. `state_dict()` records (epoch, samples seen by all ranks, seed, NCN). A new loader
-that loads it continues with exactly the samples not yet seen, also on a different world size
-or micro batch, as long as the global batch size is the same (so the sample count is on a
-global-batch boundary). Resuming exactly at the end of an epoch gives one empty epoch first.
+Resume. `state_dict()` records (epoch, samples seen by all ranks together, seed, NCN). A new
+loader that loads it continues with exactly the samples not yet seen, with the same masks, also
+on a different world size, micro batch or worker count, as long as the global batch size is
+the same (so the position is on a global-batch boundary). Resumed exactly at the end of an
+epoch, the loader goes straight on to the next epoch.
 """
 
 from __future__ import annotations
@@ -51,9 +57,16 @@ SAMPLES_PER_DEFAULT_CANONICAL_NODE = 4096
 
 class TokenSampleDataset(StreamingDataset):
     """StreamingDataset of converted samples: {"input_ids": token ids, "index": global sample
-    index, "epoch": epoch}; index and epoch are what seed the per-sample MLM mask."""
+    index, "epoch": epoch}; index and epoch are what seed the per-sample MLM mask.
+
+    `token_dtype` is the index's token_dtype (shards hold the ids as little-endian raw bytes).
+    """
 
     _epoch = 0
+
+    def __init__(self, *, token_dtype: str, **kwargs: Any) -> None:
+        self.token_dtype = np.dtype(token_dtype).newbyteorder("<")
+        super().__init__(**kwargs)
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         # Every process that iterates (main or worker) passes here at the start of an epoch;
@@ -64,7 +77,8 @@ class TokenSampleDataset(StreamingDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         sample = super().get_item(sample_id, retry)
-        return {"input_ids": sample["input_ids"], "index": int(sample_id), "epoch": int(self._epoch)}
+        ids = np.frombuffer(sample["input_ids"], dtype=self.token_dtype)
+        return {"input_ids": ids, "index": int(sample_id), "epoch": int(self._epoch)}
 
 
 class MLMDataLoader(StreamingDataLoader):
@@ -92,7 +106,7 @@ class MLMDataLoader(StreamingDataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         resumed, self._resumed = self._resumed, False
-        for attempt in range(2 if resumed else 1):
+        for _ in range(2 if resumed else 1):
             self.num_samples_yielded = 0
             group: list[Any] = []
             for batch in DataLoader.__iter__(self):   # counting happens here, per delivered batch
@@ -148,7 +162,7 @@ def build_mlm_dataset(path: str, *, split: str | None, batch_size: int, seed: in
     else:   # a URL, or a local folder read like one: shards are copied into the cache
         location = {"local": remote_cache or default_cache_dir(path), "remote": str(path)}
     dataset = TokenSampleDataset(**location, split=split, shuffle=shuffle, shuffle_seed=seed,
-                                 batch_size=batch_size, num_canonical_nodes=ncn)
+                                 batch_size=batch_size, num_canonical_nodes=ncn, token_dtype=info["token_dtype"])
     return dataset, info
 
 
@@ -161,14 +175,19 @@ def build_mlm_dataloader(path: str, *, split: str | None, batch_size: int, mlm_p
 
     `path` is a converted dataset folder or URL; it is read in place when local and
     `remote_cache` is None, otherwise its shards are cached in `remote_cache`. `seed` seeds both
-    the shuffle and the masks. `pad_to` fixes the padded width; `accumulation_steps` makes the
-    loader yield only complete optimizer steps. See the module docstring for world sizes and
-    resumption.
+    the shuffle and the masks; with shuffle=True (training) samples are re-masked every epoch,
+    with shuffle=False (evaluation) every pass sees the same order and the same masks.
+    `pad_to` fixes the padded width; `accumulation_steps` makes the loader yield only complete
+    optimizer steps. See the module docstring for world sizes and resumption.
     """
+    if not 0.0 < mlm_probability < 1.0:
+        raise UserError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+    if accumulation_steps < 1:
+        raise UserError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
     dataset, info = build_mlm_dataset(path, split=split, batch_size=batch_size, seed=seed, shuffle=shuffle,
                                       remote_cache=remote_cache, num_canonical_nodes=num_canonical_nodes)
-    collator = MLMCollator.from_dataset_info(info, mlm_probability=mlm_probability, seed=seed,
-                                             padded=padded, pad_to=pad_to)
+    collator = MLMCollator.from_dataset_info(info, mlm_probability=mlm_probability, seed=seed, padded=padded,
+                                             pad_to=pad_to, remask_each_epoch=shuffle)
     return MLMDataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
                          drop_last=drop_last, persistent_workers=num_workers > 0,
                          pin_memory=torch.cuda.is_available(), accumulation_steps=accumulation_steps)
