@@ -36,9 +36,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..cli import UserError
-from .hashing import splitmix64, to_unit
 from .encode import SampleSpec, encode_documents, encode_in_worker, init_worker, load_backend_tokenizer
-from .info import FORMAT, INDEX_NAME, PARTIAL_MARKER, TOKENIZER_DIR, token_dtype
+from .hashing import splitmix64, to_unit
+from .info import FORMAT, INDEX_NAME, PARTIAL_MARKER, TOKENIZER_DIR, first_line, token_dtype
 from .sources import DocumentSource, SourceConfig
 
 
@@ -180,8 +180,7 @@ def _load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # hub, file and config errors all mean "cannot load it"
-        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot load tokenizer {name!r}: {message}") from None
+        raise UserError(f"cannot load tokenizer {name!r}: {first_line(err)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"tokenizer {name!r} has no fast (Rust) version; convert needs one")
     missing = [t for t in ("cls", "sep", "pad", "mask") if getattr(tokenizer, f"{t}_token_id") is None]
@@ -238,6 +237,12 @@ def _val_mask(doc_numbers: np.ndarray, config: ConvertConfig) -> np.ndarray:
     return to_unit(splitmix64(doc_numbers)) < config.val_fraction
 
 
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
     while chunk := list(islice(docs, size)):
         yield chunk
@@ -245,7 +250,7 @@ def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
 
 def _encoded_chunks(config: ConvertConfig, reader: DocumentSource, spec: SampleSpec, tokenizer_json: str):
     """(texts, EncodedChunk) in input order, tokenized by a process pool when there are cores."""
-    workers = config.workers or len(os.sched_getaffinity(0))
+    workers = config.workers or _usable_cores()
     chunks = _chunks(iter(reader), config.chunk_docs)
     if workers == 1:
         tok = load_backend_tokenizer(tokenizer_json)

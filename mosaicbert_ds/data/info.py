@@ -42,12 +42,21 @@ def default_cache_dir(remote: str) -> str:
 
 
 def _fetch(remote_file: str, local_file: str) -> None:
-    """Download one file, replacing any cached copy (an index may have been rewritten)."""
+    """Download one file over any cached copy (the remote may have been re-converted).
+
+    Every rank of a node may fetch at once: each downloads to its own temporary name and renames
+    it into place, so no reader ever sees a half-written file.
+    """
     from streaming.base.storage import CloudDownloader
 
-    if os.path.exists(local_file):
-        os.remove(local_file)
-    CloudDownloader.direct_download(remote_file, local_file)
+    tmp = f"{local_file}.{os.getpid()}.tmp"
+    CloudDownloader.direct_download(remote_file, tmp)
+    os.replace(tmp, local_file)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one line, for UserError messages that wrap library errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, Any]:
@@ -65,9 +74,8 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
         try:
             _fetch(path.rstrip("/") + "/" + INDEX_NAME, local_index)
         except Exception as err:  # any storage backend error means "not a finished dataset"
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"{path} holds no finished mosaicbert_ds dataset "
-                            f"(could not fetch {INDEX_NAME}: {first})") from None
+                            f"(could not fetch {INDEX_NAME}: {first_line(err)})") from None
     else:
         root = Path(path)
         if not root.is_dir():
@@ -88,7 +96,10 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
     if is_remote(path):
         folder = os.path.join(cache, TOKENIZER_DIR)
         for name in info["tokenizer"]["files"]:
-            _fetch(f"{path.rstrip('/')}/{TOKENIZER_DIR}/{name}", os.path.join(folder, name))
+            try:
+                _fetch(f"{path.rstrip('/')}/{TOKENIZER_DIR}/{name}", os.path.join(folder, name))
+            except Exception as err:  # as above: the dataset is incomplete or unreachable
+                raise UserError(f"{path}: could not fetch {TOKENIZER_DIR}/{name} ({first_line(err)})") from None
     else:
         folder = os.path.join(os.path.abspath(path), TOKENIZER_DIR)
     info["tokenizer_dir"] = folder      # a local folder in both cases, for AutoTokenizer and export

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from ..cli import UserError
+from .info import first_line
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 _SUFFIX_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl",
@@ -225,7 +226,7 @@ class DocumentSource:
         try:
             names = pq.ParquetFile(path).schema_arrow.names
         except Exception as err:  # pyarrow raises several types for unreadable files
-            raise UserError(f"{path} is not a readable Parquet file ({err})") from None
+            raise UserError(f"{path} is not a readable Parquet file ({first_line(err)})") from None
         if self.config.text_field not in names:
             raise UserError(f"{path} has no column {self.config.text_field!r} "
                             f"(columns: {', '.join(names)}); pass --text-field")
@@ -252,9 +253,8 @@ class DocumentSource:
             rows = iter(stream)
             first = next(rows, None)
         except Exception as err:  # the Hub and builders raise many types; all mean "cannot open"
-            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(f"cannot read Hugging Face dataset {cfg.hf_dataset!r} "
-                            f"(config {cfg.hf_config!r}, split {cfg.hf_split!r}): {message}") from None
+                            f"(config {cfg.hf_config!r}, split {cfg.hf_split!r}): {first_line(err)}") from None
         if first is None:
             return
         if cfg.text_field not in first:
