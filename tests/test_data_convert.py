@@ -156,3 +156,21 @@ def test_default_corpus_is_quick_and_idempotent(tmp_path):
     assert (path / INDEX_NAME).stat().st_mtime_ns == stamp
     index = json.loads((path / INDEX_NAME).read_text())
     assert index["tokenizer"]["name_or_path"].startswith("WordPiece 8192")
+
+
+def test_special_token_text_inside_a_document_stays_text(tmp_path, hf_tok):
+    out = convert_docs(tmp_path, ["a page that says [SEP] and [MASK] and [CLS] literally"], val_fraction=0.0)
+    (sample,) = read_split(out, "train")
+    assert sample[0] == hf_tok.cls_token_id and sample[-1] == hf_tok.sep_token_id
+    assert not set(sample[1:-1].tolist()) & set(hf_tok.all_special_ids)
+    assert "[ sep ]" in hf_tok.decode(sample[1:-1].tolist())
+
+
+def test_fetch_replaces_a_cached_copy_atomically(tmp_path):
+    from mosaicbert_ds.data.info import _fetch
+
+    (tmp_path / "remote.json").write_text("new")
+    (tmp_path / "cache.json").write_text("stale")
+    _fetch(str(tmp_path / "remote.json"), str(tmp_path / "cache.json"))
+    assert (tmp_path / "cache.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json", "remote.json"]
