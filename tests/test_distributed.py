@@ -1,0 +1,84 @@
+"""init_distributed: what each launcher's variables turn into, and a real 2-process mpirun."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+
+from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.train.distributed import DistInfo, _expand_slurm_counts, discover
+
+from test_launch import LAUNCH, assert_every_rank_ok, checks, launch_env
+
+
+def test_deepspeed_launcher_variables():
+    # what deepspeed.launcher.launch gives rank 5 of 2 nodes x 4
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
+           "CROSS_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    assert discover(env) == DistInfo(rank=5, world_size=8, local_rank=1, local_world_size=4, node_rank=1)
+    assert env["LOCAL_WORLD_SIZE"] == "4" and env["NODE_RANK"] == "1"  # exported for mosaicml-streaming
+    assert env["MASTER_ADDR"] == "10.0.0.1"
+
+
+def test_torchrun_variables():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+           "MASTER_ADDR": "h0", "MASTER_PORT": "1234"}
+    assert discover(env) == DistInfo(3, 4, 1, 2, 1)
+
+
+def test_srun_variables():
+    env = {"SLURM_PROCID": "6", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NUM_NODES": "2", "MASTER_ADDR": "gpu-001",
+           "MASTER_PORT": "23456"}
+    assert discover(env) == DistInfo(6, 8, 2, 4, 1)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("6", "8", "2")
+
+
+def test_srun_on_several_nodes_needs_master_addr():
+    env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+           "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_STEP_NUM_NODES": "2"}
+    with pytest.raises(UserError, match="set MASTER_ADDR"):
+        discover(env)
+
+
+def test_sbatch_script_itself_is_one_process():
+    # The batch step has SLURM_PROCID/SLURM_NTASKS but is one process: not an srun step.
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "7"}
+    assert discover(env) == DistInfo(0, 1, 0, 1, 0)
+
+
+def test_plain_process():
+    env: dict[str, str] = {}
+    assert discover(env) == DistInfo(0, 1, 0, 1, 0)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_WORLD_SIZE"] == "1"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "inconsistent launcher variables"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "LOCAL_RANK is not"),
+    ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='x' is not an integer"),
+])
+def test_bad_variables(env, message):
+    with pytest.raises(UserError, match=message):
+        discover(env)
+
+
+def test_expand_slurm_counts():
+    assert _expand_slurm_counts("4(x2),2") == [4, 4, 2]
+    assert _expand_slurm_counts("8") == [8]
+
+
+@pytest.mark.slow
+def test_mpirun_two_processes(tmp_path):
+    """A real `mpirun -n 2` (MPICH from the venv) through launch/mpirun.sh: ranks, local ranks and
+    the master address come from mpi4py, then a gloo all-reduce."""
+    proc = subprocess.run([str(LAUNCH / "mpirun.sh"), "run.yaml", "k=v"], env=launch_env(tmp_path, NP="2"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = checks(proc.stdout)
+    assert_every_rank_ok(records, 2, ["pretrain", "run.yaml", "k=v"], per_node=2)
+    assert {r["env"]["MASTER_ADDR"] for r in records} == {socket.gethostname()}  # broadcast from rank 0
+    assert len({r["env"]["MASTER_PORT"] for r in records}) == 1
