@@ -86,7 +86,7 @@ def discover(env: MutableMapping[str, str] | None = None) -> DistInfo:
             raise UserError("RANK and WORLD_SIZE are set but LOCAL_RANK is not: launch with the deepspeed "
                             "launcher, torchrun, mpirun or srun (see launch/README.md)")
         local_world = _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
-        node_rank = _int(env, "NODE_RANK", "GROUP_RANK", "CROSS_RANK")
+        node_rank = _int(env, "GROUP_RANK", "CROSS_RANK", "NODE_RANK")  # launcher-set first
         if node_rank is None:
             node_rank = rank // local_world  # homogeneous nodes
     elif any(marker in env for marker in _MPI_MARKERS):
