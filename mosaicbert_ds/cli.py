@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from mosaicbert_ds.errors import UserError  # absolute: cli may run as __main__
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("mosaicbert_ds.data.tokenizer", "train a WordPiece tokenizer on a text corpus"),
@@ -22,10 +24,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("benchmarks.cli", "throughput, MFU, ablation and scaling reports"),
     "quickstart": ("mosaicbert_ds.quickstart", "convert the bundled corpus, pretrain, export, summarise"),
 }
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

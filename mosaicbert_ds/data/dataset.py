@@ -190,7 +190,10 @@ def build_mlm_dataloader(path: str, *, split: str | None, batch_size: int, mlm_p
                                              pad_to=pad_to, remask_each_epoch=shuffle)
     return MLMDataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
                          drop_last=drop_last, persistent_workers=num_workers > 0,
-                         pin_memory=torch.cuda.is_available(), accumulation_steps=accumulation_steps)
+                         pin_memory=torch.cuda.is_available(), accumulation_steps=accumulation_steps,
+                         # its own generator: starting an epoch must not draw from the global RNG,
+                         # which drives dropout and is restored exactly on resume
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def sample_tokens(batch: dict[str, Any]) -> list[np.ndarray]:

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from ..cli import UserError
 from ..config import MosaicBertConfig
 from ..flops import mfu, paper_flops_per_token, peak_flops, training_flops
 from ..model import MosaicBertForMaskedLM
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run file (YAML/JSON) or bundled recipe name, e.g. mosaicbert-base")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. duration.steps=100")
     parser.add_argument("--dry-run", action="store_true", help="check the run file, data and ds_config, then exit")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="train at most N more steps, save a checkpoint and exit (for job time limits); "
+                             "running the same command again resumes")
 
 
 @dataclass
@@ -176,7 +180,7 @@ def forever(loader: Any) -> Iterator[dict[str, Any]]:
             raise RuntimeError("the training split yielded no batch: it has fewer samples than one global batch")
 
 
-def train(cfg: RunConfig, dry_run: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the final summary on rank 0."""
     import deepspeed
 
@@ -190,7 +194,7 @@ def train(cfg: RunConfig, dry_run: bool = False) -> dict[str, Any]:
     model_config = MosaicBertConfig.from_name(cfg.model.preset, **{"vocab_size": info["vocab_size"],
                                                                    **cfg.model.overrides})
     if model_config.vocab_size < info["vocab_size"]:
-        raise ckpt.UserError(f"model vocab_size {model_config.vocab_size} is smaller than the dataset's "
+        raise UserError(f"model vocab_size {model_config.vocab_size} is smaller than the dataset's "
                              f"tokenizer ({info['vocab_size']})")
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -240,7 +244,8 @@ def train(cfg: RunConfig, dry_run: bool = False) -> dict[str, Any]:
                                         mlm_probability=cfg.data.mlm_probability, seed=cfg.seed, shuffle=True,
                                         padded=cfg.data.padded, num_workers=cfg.data.num_workers,
                                         remote_cache=cfg.data.remote_cache,
-                                        num_canonical_nodes=cfg.data.num_canonical_nodes)
+                                        num_canonical_nodes=cfg.data.num_canonical_nodes,
+                                        accumulation_steps=accum)
     eval_loader = None
     if cfg.eval.interval:
         eval_loader = build_mlm_dataloader(cfg.data.path, split=cfg.data.eval_split, batch_size=micro,
@@ -276,10 +281,11 @@ def train(cfg: RunConfig, dry_run: bool = False) -> dict[str, Any]:
     batches = forever(train_loader)
     window = Window(engine.device)
     last: dict[str, float] = {}
-    while state.step < total_steps:
+    stop_step = total_steps if stop_after is None else min(total_steps, state.step + stop_after)
+    while state.step < stop_step:
         train_step(engine, batches, accum, window, model_config)
         state.step += 1
-        finished = state.step == total_steps
+        finished = state.step == stop_step
         if state.step % cfg.log.interval == 0 or finished:
             metrics, totals = interval_metrics(engine, window, world, n_params, peak)
             state.samples += int(totals["samples"])
@@ -296,7 +302,7 @@ def train(cfg: RunConfig, dry_run: bool = False) -> dict[str, Any]:
         if bar is not None:
             bar.update(1)
         paused = time.perf_counter()  # eval and checkpoint time stay out of the throughput window
-        if eval_loader is not None and (state.step % cfg.eval.interval == 0 or finished):
+        if eval_loader is not None and (state.step % cfg.eval.interval == 0 or state.step == total_steps):
             metrics = evaluate(engine, eval_loader, cfg.eval.batches)
             last.update(metrics)
             logger.log(state.step, metrics)
@@ -314,7 +320,7 @@ def train(cfg: RunConfig, dry_run: bool = False) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.run, args.overrides)
-    summary = train(cfg, dry_run=args.dry_run)
+    summary = train(cfg, dry_run=args.dry_run, stop_after=args.stop_after)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     print(json.dumps({k: summary[k] for k in summary if k != "ds_config"}, indent=1) if not args.dry_run

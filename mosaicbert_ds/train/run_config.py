@@ -211,9 +211,15 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 def _parse_value(text: str) -> Any:
     """A command-line value, read as YAML so that 3, 3e-4, true, null and [0.9, 0.98] work."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

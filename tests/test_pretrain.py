@@ -1,0 +1,124 @@
+"""The trainer end to end on the CPU: real DeepSpeed engine, real MDS data, real TensorBoard files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pretrain(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})})
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/train"] for r in rows if "loss/train" in r}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from mosaicbert_ds.data import prepare_default_corpus
+
+    return prepare_default_corpus(tmp_path_factory.mktemp("data") / "jargon")
+
+
+def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
+    run = tmp_path / "run"
+    res = pretrain("tiny-cpu", f"data.path={dataset}", f"output_dir={run}", "duration.steps=12", "log.interval=2",
+                   "eval.interval=6", "checkpoint.interval=6", "optimizer.lr=3e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    curve = losses(run)
+    assert sorted(curve) == [2, 4, 6, 8, 10, 12]
+    assert curve[12] < curve[2] - 0.3, curve  # it learns
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("loss/train", "accuracy/train", "optim/lr", "optim/grad_norm", "throughput/tokens_per_sec",
+                "throughput/samples_per_sec", "throughput/tokens_per_sec_per_gpu", "throughput/step_time_sec",
+                "loss/eval", "accuracy/eval"):
+        assert tag in tags, f"{tag} missing from TensorBoard: {sorted(tags)}"
+    assert events.Scalars("throughput/tokens_per_sec")[-1].value > 0
+
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_0000012"
+    assert (ckpt / "step_0000006" / "trainer_state.json").is_file()
+
+    out = tmp_path / "hf"
+    res = subprocess.run([sys.executable, "-m", "mosaicbert_ds.cli", "export", str(ckpt), str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import mosaicbert_ds  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    enc = tok(["the hacker wrote a [MASK] program"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+    # The export holds the fp32 master weights of the last step, not the initial ones.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight,
+                               master["bert.embeddings.word_embeddings.weight"])
+
+
+def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(dataset, tmp_path):
+    common = ["tiny-cpu", f"data.path={dataset}", "duration.steps=8", "log.interval=1", "eval.interval=0",
+              "checkpoint.interval=0"]
+    full = pretrain(*common, f"output_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = pretrain(*common, f"output_dir={tmp_path / 'split'}", "--stop-after", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    second = pretrain(*common, f"output_dir={tmp_path / 'split'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in range(1, 9):  # dropout is on: the RNG state is restored as well as data and weights
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-6), (step, a, b)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tiny-cpu", "data.path={data}", "optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
+    (["tiny-cpu", "data.path={data}", "duration.steps=ten"], "duration.steps must be an integer"),
+    (["tiny-cpu", "data.path={data}", "batch.global_batch=30"], "not a multiple of batch.micro_batch"),
+    (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
+    (["no-such-recipe"], "not found"),
+    (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
+])
+def test_bad_input_fails_with_one_clear_line(dataset, tmp_path, args, message):
+    (tmp_path / "bad.json").write_text(json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8,
+                                                   "gradient_accumulation_steps": 1}))
+    args = [a.format(data=dataset, tmp=tmp_path) for a in args]
+    res = pretrain(*args, f"output_dir={tmp_path / 'run'}", "--dry-run")
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    last = res.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_shape(dataset, tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    from mosaicbert_ds import MosaicBertConfig
+
+    MosaicBertConfig.from_name("tiny", vocab_size=8192, hidden_size=128).to_json_file(ckpt / "model_config.json")
+    (ckpt / "latest").write_text("step_0000004")
+    (ckpt / "step_0000004").mkdir()
+    (ckpt / "step_0000004" / "trainer_state.json").write_text("{}")
+    res = pretrain("tiny-cpu", f"data.path={dataset}", f"output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2
+    assert "another model shape" in res.stderr and "hidden_size" in res.stderr
