@@ -1,0 +1,96 @@
+"""`mosaicbert-ds quickstart [OUT] [key=value ...]`: the main job on the bundled corpus, no download.
+
+1. train a WordPiece tokenizer on the bundled Jargon File and convert it to MDS shards;
+2. pretrain for a few minutes on whatever is here: the CPU (recipe quickstart-cpu), one GPU, or
+   all GPUs through the deepspeed launcher (recipe quickstart-gpu);
+3. write TensorBoard logs, metrics.jsonl and a checkpoint; export it as a transformers folder;
+4. load the export with AutoModelForMaskedLM, fill a masked word, print a short summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", nargs="?", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart recipe")
+    parser.add_argument("--keep", action="store_true", help="resume an earlier quickstart run instead of restarting")
+
+
+def _pretrain(recipe: str, overrides: list[str], n_gpus: int) -> dict:
+    if n_gpus > 1:  # every GPU here: one rank per GPU through DeepSpeed's launcher
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n_gpus), "--no_local_rank",
+               "--module", "mosaicbert_ds.cli", "pretrain", recipe, *overrides]
+        subprocess.run(cmd, check=True)
+        return {}
+    from .train.pretrain import train
+    from .train.run_config import load_run_config
+
+    return train(load_run_config(recipe, overrides))
+
+
+def _fill_mask(model_dir: Path, text: str) -> str:
+    import mosaicbert_ds  # noqa: F401  (Auto class registration)
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    enc = tok([text], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0]
+    pos = (enc["input_ids"][0] == tok.mask_token_id).nonzero()[0, 0]
+    top = logits[pos].topk(5).indices.tolist()
+    return ", ".join(tok.convert_ids_to_tokens(top))
+
+
+def main(args: argparse.Namespace) -> int:
+    from .data import prepare_default_corpus
+
+    out = Path(args.out)
+    n_gpus = torch.cuda.device_count()
+    where = f"{n_gpus} GPU(s): {torch.cuda.get_device_name()}" if n_gpus else f"CPU ({os.cpu_count()} cores)"
+    print(f"[1/4] tokenizer + MDS shards from the bundled Jargon File -> {out / 'data'}")
+    data = prepare_default_corpus(out / "data", progress=True)
+    run_dir = out / "pretrain"
+    if run_dir.exists() and not args.keep:
+        shutil.rmtree(run_dir)
+    recipe = "quickstart-gpu" if n_gpus else "quickstart-cpu"
+    print(f"[2/4] pretraining ({recipe}) on {where} -> {run_dir}")
+    summary = _pretrain(recipe, [f"data.path={data}", f"output_dir={run_dir}", *args.overrides], n_gpus)
+    if not summary:  # launched in other processes: read what rank 0 logged
+        summary = {}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            summary.update(json.loads(line))
+    print(f"[3/4] export -> {out / 'model'}")
+    from .train.export import export_checkpoint
+
+    model_dir = export_checkpoint(run_dir / "checkpoints", out / "model")
+    print("[4/4] AutoModelForMaskedLM.from_pretrained on the export")
+    prompt = "a hacker is a person who enjoys exploring the details of programmable [MASK]."
+    guesses = _fill_mask(model_dir, prompt)
+
+    def fmt(key: str, spec: str) -> str:
+        value = summary.get(key)
+        return format(value, spec) if value is not None else "n/a (no GPU peak known)"
+
+    print("\nsummary")
+    print(f"  hardware           {where}")
+    print(f"  steps              {summary.get('step')}")
+    print(f"  train loss         {fmt('loss/train', '.3f')}   (MLM accuracy {fmt('accuracy/train', '.3f')})")
+    print(f"  eval loss          {fmt('loss/eval', '.3f')}   (MLM accuracy {fmt('accuracy/eval', '.3f')}, 15% masking)")
+    print(f"  real tokens/s      {fmt('throughput/tokens_per_sec', ',.0f')}")
+    print(f"  MFU (paper, App. H) {fmt('throughput/mfu', '.1%')}")
+    print(f"  fill-mask          '{prompt}' -> {guesses}")
+    print(f"  TensorBoard        tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"  checkpoint         {run_dir / 'checkpoints'}  (run again with --keep to resume)")
+    print(f"  transformers model {model_dir}")
+    return 0
