@@ -232,6 +232,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+_ALTERNATIVES = {"duration.steps": "samples", "duration.samples": "steps"}
+
+
 def resolve_run_file(name_or_path: str) -> Path:
     """A path, or the name of a bundled recipe (with or without .yaml)."""
     path = Path(name_or_path)
@@ -259,7 +262,10 @@ def load_run_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
         if "=" not in item:
             raise UserError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        _set_dotted(tree, key.strip(), _parse_value(value))
+        key = key.strip()
+        _set_dotted(tree, key, _parse_value(value))
+        if key in _ALTERNATIVES:  # duration.steps on the command line replaces the file's samples
+            tree.get("duration", {}).pop(_ALTERNATIVES[key], None)
     cfg = _from_dict(RunConfig, tree)
     cfg.validate()
     return cfg

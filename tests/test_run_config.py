@@ -1,0 +1,89 @@
+"""Run files, overrides, the learning-rate schedule and the FLOP counts."""
+
+import pytest
+import torch
+
+from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
+from mosaicbert_ds.errors import UserError
+from mosaicbert_ds.flops import mfu, paper_flops_per_token, training_flops
+from mosaicbert_ds.train.run_config import RECIPES_DIR, load_run_config
+from mosaicbert_ds.train.schedule import WarmupLinearDecay
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_bundled_recipe_loads(recipe):
+    cfg = load_run_config(recipe, ["data.path=/data/x"])
+    MosaicBertConfig.from_name(cfg.model.preset, **cfg.model.overrides)
+    assert cfg.batch.global_batch % cfg.batch.micro_batch == 0
+
+
+def test_paper_recipe_values():
+    cfg = load_run_config("mosaicbert-base", ["data.path=/d"])
+    assert (cfg.batch.global_batch, cfg.batch.micro_batch) == (4096, 128)
+    assert cfg.optimizer.lr == 5e-4 and cfg.optimizer.betas == (0.9, 0.98) and cfg.optimizer.eps == 1e-6
+    assert cfg.optimizer.weight_decay == 1e-5 and cfg.data.mlm_probability == 0.3
+    assert cfg.schedule.warmup_fraction == 0.06 and cfg.schedule.final_lr_ratio == 0.02
+    assert cfg.duration.samples == 70_000 * 4096
+    assert (cfg.eval.interval, cfg.checkpoint.interval) == (2000, 3500)
+    bert = load_run_config("bert-base", ["data.path=/d"])
+    assert bert.data.mlm_probability == 0.15 and bert.data.padded and bert.model.preset == "bert-base"
+
+
+def test_overrides_are_typed_and_replace_alternatives():
+    cfg = load_run_config("tiny-cpu", ["data.path=/d", "optimizer.lr=3e-4", "optimizer.betas=[0.8, 0.9]",
+                                       "log.tensorboard=false", "model.overrides.num_hidden_layers=3",
+                                       "duration.samples=1000"])
+    assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.betas == (0.8, 0.9)
+    assert cfg.log.tensorboard is False and cfg.model.overrides == {"num_hidden_layers": 3}
+    assert cfg.duration.samples == 1000 and cfg.duration.steps is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
+    (["optimizer.lr=fast"], "optimizer.lr must be a number"),
+    (["batch.micro_batch=5"], "not a multiple"),
+    (["data.mlm_probability=1.5"], "mlm_probability"),
+    (["precision=fp8"], "precision"),
+    (["eval.interval=-1"], "eval.interval"),
+    (["seed"], "key=value"),
+])
+def test_bad_run_configs(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_run_config("tiny-cpu", ["data.path=/d", *overrides])
+
+
+def test_missing_data_path_and_bad_file(tmp_path):
+    with pytest.raises(UserError, match="data.path is not set"):
+        load_run_config("tiny-cpu")
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(UserError, match="cannot read run file"):
+        load_run_config(str(bad))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    s = WarmupLinearDecay(total_steps=1000, warmup_fraction=0.06, final_ratio=0.02)
+    assert s(0) == pytest.approx(1 / 60) and s(59) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(1.0) and s(999) == pytest.approx(0.02)
+    values = [s(t) for t in range(60, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    assert s(529) == pytest.approx(1 - 0.98 * 469 / 939)
+
+
+def test_appendix_h_formula_against_a_hand_count_for_the_tiny_model():
+    cfg = MosaicBertConfig.from_name("tiny")  # 2 layers, d=64, 2 heads, GLU ff=128, vocab 1024
+    d, ff, v, layers = 64, 128, 1024, 2
+    per_layer = (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * 2 * ff) + (ff * d + d) + 2 * d
+    embeddings = v * d + 2 * d + 2 * d
+    head = (d * d + d) + 2 * d + v
+    n = embeddings + layers * per_layer + head
+    with torch.device("meta"):
+        assert sum(p.numel() for p in MosaicBertForMaskedLM(cfg).parameters()) == n
+    assert paper_flops_per_token(n) == 6 * n
+    # Exact matmul count: 2 sequences of 10 and 3 tokens, 4 masked tokens.
+    matmul = 2 * (d * 3 * d + d * d + d * 2 * ff + ff * d)
+    attention = 4 * (10 ** 2 + 3 ** 2) * d
+    head_flops = 4 * 2 * (d * d + d * v)
+    expected = 3 * (layers * (13 * matmul + attention) + head_flops)
+    assert training_flops(cfg, [10, 3], 4) == expected
+    assert mfu(1e12, 2, 1e12) == 0.5 and mfu(1e12, 1, None) is None
