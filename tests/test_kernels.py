@@ -1,0 +1,463 @@
+"""The Triton kernels (mosaicbert_ds.kernels) against float64 references.
+
+On a machine without CUDA every test here runs through Triton's interpreter (TRITON_INTERPRET=1,
+set below before the kernels are imported) on small odd shapes, with forced small block sizes so
+the multi-block paths run. On a GPU the same tests run compiled at full size and carry the `gpu`
+marker (`pytest -m gpu tests/test_kernels.py`), and the GPU-only tests check every block
+configuration the tuner may pick.
+
+Errors are relative Frobenius norms against float64 PyTorch on the same inputs; the kernel must
+be within about twice the error of PyTorch in the kernel's own dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ON_GPU = torch.cuda.is_available()
+# Triton reads TRITON_INTERPRET when it is imported (its own tl.sum & co. are @jit functions) and
+# when a kernel is decorated. Imported alone, this module sets it first; in a whole-suite run
+# pytest has already imported triton (transformers -> torch._dynamo), so the interpreted tests
+# then run in a fresh process (test_in_fresh_interpreter).
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    # every candidate configuration is tested on its own below; elsewhere take the default
+    os.environ.setdefault("MOSAICBERT_FLASH_TUNE", "0")
+
+from mosaicbert_ds.attention import alibi_slopes, varlen_attention_reference  # noqa: E402
+from mosaicbert_ds.ops import LayerNorm  # noqa: E402
+from mosaicbert_ds.padding import cu_seqlens_from_lengths  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def _interpreter_bf16_like_gpu() -> None:
+    """Make Triton's interpreter (3.6 to 3.8) treat bf16 as the GPU does: it hands bf16 tl.dot
+    operands to numpy as raw uint16 bits (widen them to fp32 first, exactly), and it truncates
+    fp32 -> bf16 casts where the GPU rounds to nearest even (which doubles the rounding error)."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "bf16_like_gpu", False):
+        return
+    create_dot, cast_impl = builder.create_dot, builder.cast_impl
+
+    def widen(x):
+        if x.dtype == tl.bfloat16 and x.data.dtype == np.uint16:
+            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return x
+
+    def dot(self, a, b, *args, **kwargs):
+        return create_dot(self, widen(a), widen(b), *args, **kwargs)
+
+    def cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16 and src.data.dtype == np.float32:
+            bits = src.data.view(np.uint32).astype(np.uint64)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
+            return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl, builder.bf16_like_gpu = dot, cast, True
+
+
+def _interpreter_works_here() -> bool:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, BLOCK: tl.constexpr):
+        x = tl.load(x_ptr + tl.arange(0, BLOCK))
+        tl.store(x_ptr + tl.arange(0, BLOCK), x + tl.sum(x, 0))
+
+    try:
+        x = torch.ones(4)
+        probe[(1,)](x, BLOCK=4)
+        return bool((x == 5).all())
+    except Exception:
+        return False
+
+
+def _load_kernels():
+    import mosaicbert_ds.kernels as package
+    from mosaicbert_ds.kernels import flash_attn, fused
+
+    if IN_PROCESS and not ON_GPU:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(flash_attn._fwd_kernel, InterpretedFunction):  # imported earlier, compiled
+            flash_attn, fused = importlib.reload(flash_attn), importlib.reload(fused)
+            importlib.reload(package)
+        _interpreter_bf16_like_gpu()
+    return flash_attn, fused
+
+
+IN_PROCESS = ON_GPU or _interpreter_works_here()
+if not IN_PROCESS:  # leave the environment of the rest of the suite as it was
+    if _INTERPRET_BEFORE is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+fa, fused = _load_kernels()
+# GPU: every test here runs compiled and is marked for `pytest -m gpu`. CPU: every test runs in the
+# interpreter, in this process when possible, else all of them in a new one.
+pytestmark = [pytest.mark.gpu] if ON_GPU else []
+
+
+@pytest.fixture(autouse=True)
+def _interpreted_here(request):
+    if not IN_PROCESS and request.node.originalname != "test_in_fresh_interpreter":
+        pytest.skip("the interpreter needs a fresh process here: test_in_fresh_interpreter runs this")
+
+
+@pytest.mark.skipif(ON_GPU or IN_PROCESS, reason="the interpreter works in this process")
+def test_in_fresh_interpreter():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def make_qkv(lengths: list[int], heads: int, head_dim: int, dtype: torch.dtype, seed: int):
+    """Packed (T, 3, H, D) qkv with O(1) scores, cu_seqlens, max_seqlen and an output gradient."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    total = sum(lengths)
+    qkv = torch.randn(total, 3, heads, head_dim, device=DEVICE, generator=g).to(dtype)
+    dout = torch.randn(total, heads, head_dim, device=DEVICE, generator=g).to(dtype)
+    cu = cu_seqlens_from_lengths(torch.tensor(lengths)).to(DEVICE)
+    return qkv, cu, max(lengths), dout
+
+
+def reference(qkv: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dout: torch.Tensor, causal: bool,
+              slopes: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and d(qkv) of the PyTorch reference run in `dtype` (float64 for the oracle)."""
+    x = qkv.detach().to(dtype).requires_grad_(True)
+    q, k, v = x.unbind(1)
+    out = varlen_attention_reference(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal, alibi_slopes=slopes)
+    out.backward(dout.to(dtype))
+    return out.detach(), x.grad
+
+
+def kernel_poisoned(qkv: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dout: torch.Tensor, causal: bool,
+                    slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launchers on NaN-filled output buffers: any element left unwritten shows up as NaN."""
+    q, k, v = qkv.unbind(1)  # token stride 3*H*D: the model's layout, read in place
+    scale = q.shape[-1] ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("nan"), dtype=torch.float32, device=q.device)
+    fa.flash_attn_varlen_fwd(q, k, v, cu, max_seqlen, scale, causal, slopes, out=out, lse=lse)
+    assert not lse.isnan().any(), "logsumexp left unwritten"
+    dqkv = torch.full(qkv.shape, float("nan"), dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = dqkv.unbind(1)
+    fa.flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu, max_seqlen, scale, causal, slopes, dq, dk, dv)
+    return out, dqkv
+
+
+def check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, causal, slopes, label: str) -> dict[str, float]:
+    ref_out, ref_d = reference(qkv, cu, max_seqlen, dout, causal, slopes, torch.float64)
+    same_out, same_d = reference(qkv, cu, max_seqlen, dout, causal, slopes, qkv.dtype)
+    cap = 2e-2 if qkv.dtype == torch.bfloat16 else 3e-3
+    errors = {}
+    for name, x, ref, same in [("out", out, ref_out, same_out)] + [
+            (n, dqkv[:, i], ref_d[:, i], same_d[:, i]) for i, n in enumerate(("dq", "dk", "dv"))]:
+        assert not x.isnan().any(), f"{label}: {name} has NaN (unwritten or 0/0)"
+        err, torch_err = rel_err(x, ref), rel_err(same, ref)
+        errors[name] = err
+        errors[name + '_torch'] = torch_err
+        worst = (x.double() - ref).abs().flatten().argmax().item()
+        assert err <= max(2 * torch_err, 1e-3) and err <= cap, (
+            f"{label}: {name} error {err:.2e} vs PyTorch {qkv.dtype} {torch_err:.2e} (cap {cap:.0e}); "
+            f"worst at flat index {worst}: {x.flatten()[worst].item():.4g} vs {ref.flatten()[worst].item():.4g}")
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------
+# attention: shapes and configurations
+# ----------------------------------------------------------------------------------------------
+
+if ON_GPU:
+    _g = torch.Generator().manual_seed(1234)
+    LENGTHS = [1, 2, 7, 33, 97, 127, 128, 129, 255, 511, 513, 1000, 1025, 2047, 2048, 1] + \
+        torch.randint(1, 2049, (16,), generator=_g).tolist()
+    HEADS = 12
+    SMALL = [1, 7, 33, 97, 300, 64, 1]
+else:
+    LENGTHS = [1, 7, 33, 97]
+    HEADS = 2
+    SMALL = [1, 7, 33]
+
+F_, B_ = fa.FwdConfig, fa.BwdConfig
+# (dtype, head_dim, causal, alibi, interpreter-only forced configs): small blocks make 97 tokens
+# span several blocks, so the masked tails, the atomic dQ and the separate dQ kernel all run.
+CASES = [  # id, dtype, head_dim, causal, alibi, forced configs in the interpreter, run on GPU too
+    ("bf16-d64-alibi", torch.bfloat16, 64, False, True, (F_(32, 32, 4, 1), B_(32, 32, 4, 1, "atomic")), True),
+    ("bf16-d32-alibi-store", torch.bfloat16, 32, False, True, (F_(16, 64, 4, 1), B_(16, 128, 4, 1, "store")), False),
+    ("bf16-d32-alibi", torch.bfloat16, 32, False, True, (F_(32, 16, 4, 1), B_(16, 32, 4, 1, "kernel", 32, 16)), True),
+    ("fp16-d64-alibi-causal", torch.float16, 64, True, True, (F_(32, 32, 4, 1), B_(16, 32, 4, 1, "atomic")), True),
+    ("bf16-d64-alibi-causal-store", torch.bfloat16, 64, True, True, (F_(32, 16, 4, 1), B_(32, 128, 4, 1, "store")),
+     False),
+    ("bf16-d32-causal", torch.bfloat16, 32, True, False, (F_(16, 32, 4, 1), B_(32, 16, 4, 1, "kernel", 16, 32)), True),
+    ("fp16-d128-alibi", torch.float16, 128, False, True, None, True),
+]
+if ON_GPU:  # compiled, the forced small configs add nothing: every real candidate is tested below
+    CASES = [c for c in CASES if c[-1]]
+
+
+@pytest.fixture
+def forced():
+    def force(configs):
+        if configs is not None and not ON_GPU:
+            fa.force_config(*configs)
+    yield force
+    fa.force_config()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_attention_matches_float64(case, forced):
+    name, dtype, head_dim, causal, alibi, configs, _ = case
+    forced(configs)
+    lengths = LENGTHS if head_dim != 128 else SMALL
+    qkv, cu, max_seqlen, dout = make_qkv(lengths, HEADS, head_dim, dtype, seed=zlib.crc32(name.encode()) % 1000)
+    slopes = alibi_slopes(HEADS).to(DEVICE) if alibi else None
+    out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, causal, slopes)
+    errors = check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, causal, slopes, name)
+    print(name, {k: f"{v:.2e}" for k, v in errors.items()})
+
+
+def test_autograd_paths_agree_with_launchers(forced):
+    """flash_attn_varlen_func on unbind views, on contiguous copies, the qkv-packed function and the
+    package dispatch (impl="triton") all give the launchers' results."""
+    forced((F_(32, 32, 4, 1), B_(32, 32, 4, 1, "atomic")))
+    from mosaicbert_ds.attention import flash_attn_varlen_func as dispatch
+
+    qkv, cu, max_seqlen, dout = make_qkv(SMALL, HEADS, 32, torch.bfloat16, seed=7)
+    slopes = alibi_slopes(HEADS).to(DEVICE)
+    out_ref, d_ref = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+
+    def views(x):
+        return x.unbind(1)
+
+    def copies(x):
+        return [t.contiguous() for t in x.unbind(1)]
+
+    for label, split in [("views", views), ("copies", copies)]:
+        x = qkv.clone().requires_grad_(True)
+        q, k, v = split(x)
+        out = fa.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, alibi_slopes=slopes)
+        out.backward(dout)
+        assert rel_err(out, out_ref) < 1e-6, label
+        assert rel_err(x.grad, d_ref) < 1e-3, label  # atomic dQ: summation order may differ
+    x = qkv.clone().requires_grad_(True)
+    out = fa.flash_attn_varlen_qkvpacked_func(x, cu, max_seqlen, alibi_slopes=slopes)
+    out.backward(dout)
+    assert rel_err(out, out_ref) < 1e-6 and rel_err(x.grad, d_ref) < 1e-3
+    x = qkv.clone().requires_grad_(True)
+    q, k, v = x.unbind(1)
+    out = dispatch(q, k, v, cu, cu, max_seqlen, max_seqlen, alibi_slopes=slopes, impl="triton")
+    out.backward(dout)
+    assert rel_err(out, out_ref) < 1e-6 and rel_err(x.grad, d_ref) < 1e-3
+
+
+def test_length_one_sequences_only():
+    """Every query sees only itself: out = v exactly, dv = dout, dq = dk = 0 (up to the rounding of
+    p = exp2(s - lse) and dp - delta, both computed twice), no NaN."""
+    qkv, cu, max_seqlen, dout = make_qkv([1] * 5, HEADS, 64, torch.bfloat16, seed=3)
+    out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, alibi_slopes(HEADS).to(DEVICE))
+    assert torch.equal(out, qkv[:, 2])
+    torch.testing.assert_close(dqkv[:, 2], dout, rtol=1e-2, atol=1e-5)
+    assert dqkv[:, :2].abs().max() < 1e-4
+
+
+def test_rejections():
+    qkv, cu, max_seqlen, _ = make_qkv([3, 5], HEADS, 32, torch.bfloat16, seed=0)
+    q, k, v = qkv.unbind(1)
+    with pytest.raises(ValueError, match="dropout"):
+        fa.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.1)
+    other = cu_seqlens_from_lengths(torch.tensor([4, 4])).to(DEVICE)
+    with pytest.raises(NotImplementedError, match="self-attention"):
+        fa.flash_attn_varlen_func(q, k, v, cu, other, max_seqlen, max_seqlen)
+    with pytest.raises(AssertionError, match="head_dim"):
+        x = torch.randn(8, 2, 48, device=DEVICE, dtype=torch.bfloat16)
+        fa.flash_attn_varlen_func(x, x, x, cu, cu, max_seqlen, max_seqlen)
+
+
+def test_buckets_and_candidates_are_consistent():
+    assert [fa._bucket(n) for n in (1, 16, 17, 100, 128, 129, 2048, 4096)] == [16, 16, 32, 128, 128, 256, 2048, 4096]
+    for bucket in (16, 64, 128, 256, 4096):
+        for head_dim in (32, 64, 128):
+            for c in fa.bwd_candidates(bucket, head_dim):
+                assert c.dq_mode != "store" or c.block_n >= bucket, (bucket, head_dim, c)
+                assert c.dq_mode != "kernel" or (c.dq_block_m and c.dq_block_n), c
+
+
+# the regimes of benchmarks/attention.py with 8192 tokens: same kernel specialisations, small oracle
+CANDIDATE_CASES = [(bucket, i) for bucket, n in ((64, 32), (128, 128), (512, 512), (2048, 2048))
+                   for i in range(max(len(fa.fwd_candidates(bucket, 64)), len(fa.bwd_candidates(bucket, 64))))]
+
+
+@pytest.mark.parametrize("bucket,index", CANDIDATE_CASES, ids=[f"{b}-{i}" for b, i in CANDIDATE_CASES])
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_every_candidate_configuration(bucket, index, forced):
+    from benchmarks.attention import Regime, regime_lengths
+
+    fwd_c, bwd_c = fa.fwd_candidates(bucket, 64), fa.bwd_candidates(bucket, 64)
+    fa.force_config(fwd_c[index % len(fwd_c)], bwd_c[index % len(bwd_c)])
+    lengths = regime_lengths(Regime(str(bucket), bucket, 0.6), total_tokens=8192, seed=index)
+    qkv, cu, max_seqlen, dout = make_qkv(lengths, 12, 64, torch.bfloat16, seed=index)
+    slopes = alibi_slopes(12).to(DEVICE)
+    out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    errors = check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, False, slopes, f"{bucket}-{index}")
+    print(bucket, fwd_c[index % len(fwd_c)], bwd_c[index % len(bwd_c)], {k: f"{v:.2e}" for k, v in errors.items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_tuner_picks_a_candidate_and_stays_correct(monkeypatch):
+    monkeypatch.setenv("MOSAICBERT_FLASH_TUNE", "1")
+    monkeypatch.setattr(fa, "_chosen", {})  # earlier tests cached untuned defaults
+    qkv, cu, max_seqlen, dout = make_qkv([128] * 40 + [50, 3], 12, 64, torch.bfloat16, seed=11)
+    slopes = alibi_slopes(12).to(DEVICE)
+    out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, False, slopes, "tuned")
+    picked = {k[0]: v for k, v in fa.chosen_configs().items() if k[1] == 128 and k[2] == 64}
+    assert picked["fwd"] in fa.fwd_candidates(128, 64) and picked["bwd"] in fa.bwd_candidates(128, 64)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused elementwise kernels
+# ----------------------------------------------------------------------------------------------
+
+ROWS, HIDDEN, FF = (4096, 768, 3072) if ON_GPU else (7, 96, 100)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_geglu_matches_definition(approximate, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    h = (2 * torch.randn(3, ROWS, 2 * FF, device=DEVICE, generator=g)).to(dtype)
+    dout = torch.randn(3, ROWS, FF, device=DEVICE, generator=g).to(dtype)
+
+    def definition(x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=approximate) * up
+
+    results = {}
+    for label, fn, t in [("kernel", lambda x: fused.geglu(x, approximate), h), ("torch", definition, h),
+                         ("fp64", definition, h.double())]:
+        x = t.detach().clone().requires_grad_(True)
+        out = fn(x)
+        out.backward(dout.to(out.dtype))
+        results[label] = (out.detach(), x.grad)
+    assert results["kernel"][0].dtype == dtype and results["kernel"][0].shape == (3, ROWS, FF)
+    for i, what in enumerate(("out", "grad")):
+        err = rel_err(results["kernel"][i], results["fp64"][i])
+        torch_err = rel_err(results["torch"][i], results["fp64"][i])
+        assert err <= max(2 * torch_err, 1e-6), f"geglu {what}: {err:.2e} vs torch {torch_err:.2e}"
+
+
+def _ln_case(dtype_x, dtype_r, seed):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(ROWS, HIDDEN, device=DEVICE, generator=g).to(dtype_x)
+    r = (3 + 2 * torch.randn(ROWS, HIDDEN, device=DEVICE, generator=g)).to(dtype_r)
+    ln = LayerNorm(HIDDEN, eps=1e-12).to(DEVICE)
+    with torch.no_grad():
+        ln.weight.normal_(1.0, 0.1, generator=g)
+        ln.bias.normal_(0.0, 0.1, generator=g)
+    dout = torch.randn(ROWS, HIDDEN, device=DEVICE, generator=g)
+    return x, r, ln, dout
+
+
+# (autocast, low_precision, x dtype, residual dtype): the model's two settings under bf16 autocast
+# (residual fp32 after an fp32 LayerNorm, bf16 after a low-precision one) and plain fp32
+LN_CASES = [(True, False, torch.bfloat16, torch.float32), (True, True, torch.bfloat16, torch.bfloat16),
+            (False, False, torch.float32, torch.float32)]
+
+
+@pytest.mark.parametrize("autocast,low_precision,dtype_x,dtype_r", LN_CASES,
+                         ids=["autocast-fp32ln", "autocast-bf16ln", "fp32"])
+def test_dropout_add_layer_norm_matches_definition(autocast, low_precision, dtype_x, dtype_r):
+    x, r, ln, dout = _ln_case(dtype_x, dtype_r, seed=1)
+    ln.low_precision = low_precision
+    results = {}
+    for label in ("kernel", "torch"):
+        xs, rs = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        ln.zero_grad()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            if label == "kernel":
+                out = fused.dropout_add_layer_norm(xs, rs, ln.weight, ln.bias, ln.eps, 0.0, low_precision)
+            else:
+                out = ln(F.dropout(xs, p=0.0) + rs)
+        out.backward(dout.to(out.dtype))
+        results[label] = (out.detach(), xs.grad, rs.grad, ln.weight.grad.clone(), ln.bias.grad.clone())
+    ts = [t.detach().double().requires_grad_(True) for t in (x, r, ln.weight, ln.bias)]
+    ref = F.layer_norm(ts[0] + ts[1], (HIDDEN,), ts[2], ts[3], ln.eps)
+    ref.backward(dout.double())
+    oracle = (ref.detach(),) + tuple(t.grad for t in ts)
+    k_out, t_out = results["kernel"][0], results["torch"][0]
+    assert k_out.dtype == t_out.dtype, f"output dtype {k_out.dtype}, the definition gives {t_out.dtype}"
+    for i, what in enumerate(("out", "dx", "dresidual", "dweight", "dbias")):
+        k, t = results["kernel"][i], results["torch"][i]
+        assert k.dtype == t.dtype, f"{what}: dtype {k.dtype} vs {t.dtype}"
+        err, torch_err = rel_err(k, oracle[i]), rel_err(t, oracle[i])
+        assert err <= max(2 * torch_err, 1e-5), f"{what}: {err:.2e} vs torch {torch_err:.2e}"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_add_layer_norm_dropout(p):
+    """Kept fraction within 5 sigma of 1 - p; kept inputs scaled by 1/(1-p); the forward and the
+    backward use the same mask; two calls draw different masks."""
+    x, r, ln, dout = _ln_case(torch.float32, torch.float32, seed=2)
+    xs, rs = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    out = fused.dropout_add_layer_norm(xs, rs, ln.weight, ln.bias, ln.eps, p)
+    out.backward(dout)
+    keep = xs.grad != 0
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    # d out / d x = keep / (1 - p) * d out / d residual
+    torch.testing.assert_close(xs.grad, rs.grad * keep / (1 - p), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        expected = F.layer_norm(x * keep / (1 - p) + r, (HIDDEN,), ln.weight, ln.bias, ln.eps)
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-4)
+    xs2 = x.clone().requires_grad_(True)
+    fused.dropout_add_layer_norm(xs2, r, ln.weight, ln.bias, ln.eps, p).backward(dout)
+    assert not torch.equal(xs2.grad != 0, keep)
+
+
+def test_ops_hooks_take_the_fused_path():
+    """mosaicbert_ds.ops calls the fused kernels with the arguments they expect (CUDA only there)."""
+    from mosaicbert_ds import ops
+
+    if not ON_GPU:
+        pytest.skip("ops.py takes the fused path only for CUDA tensors")
+    h = torch.randn(64, 2 * FF, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(ops.geglu(h, "gelu", fused=True), ops.geglu(h, "gelu", fused=False))
+    x, r, ln, _ = _ln_case(torch.bfloat16, torch.bfloat16, seed=4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = ops.dropout_add_layer_norm(x, r, ln, 0.1, training=False, fused=True)
+        b = ops.dropout_add_layer_norm(x, r, ln, 0.1, training=False, fused=False)
+    assert a.dtype == b.dtype
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
