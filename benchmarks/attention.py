@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     print(table(results))
+    for row in results["regimes"]:  # what the tuner saw, for choosing the candidate lists
+        for key, timings in row["triton_tuning_ms"].items():
+            print(row["regime"]["name"], key, " ".join(f"{c}={t:.3f}" for c, t in timings))
 
 
 if __name__ == "__main__":

@@ -355,10 +355,10 @@ def fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
     if bucket <= 64:
         return [FwdConfig(64, 64, 8, 2), FwdConfig(64, 32, 4, 2)]
     if bucket <= 128:
-        return [FwdConfig(128, 64, 8, 2), FwdConfig(64, 64, 8, 2), FwdConfig(64, 128, 8, 1),
-                FwdConfig(128, 128, 8, 1)]
+        return [FwdConfig(128, 64, 8, 2), FwdConfig(64, 64, 8, 2), FwdConfig(64, 32, 4, 2),
+                FwdConfig(128, 32, 4, 2), FwdConfig(64, 128, 8, 1), FwdConfig(128, 128, 8, 1)]
     return [FwdConfig(128, 64, 8, 3), FwdConfig(128, 64, 8, 2), FwdConfig(64, 64, 8, 3),
-            FwdConfig(128, 128, 8, 2)]
+            FwdConfig(128, 128, 8, 2), FwdConfig(128, 32, 4, 3)]
 
 
 def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
@@ -371,10 +371,11 @@ def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
         return [BwdConfig(16, 64, 8, 2, "store"), BwdConfig(32, 64, 8, 2, "store")]
     if bucket <= 128:
         return [BwdConfig(32, 128, 8, 2, "store"), BwdConfig(16, 128, 8, 2, "store"),
-                BwdConfig(64, 128, 8, 2, "store"), BwdConfig(32, 64, 8, 2, "atomic")]
+                BwdConfig(64, 128, 8, 2, "store"), BwdConfig(32, 64, 8, 2, "atomic"),
+                BwdConfig(16, 64, 4, 2, "atomic")]
     return [BwdConfig(32, 128, 8, 2, "atomic"), BwdConfig(16, 128, 8, 2, "atomic"),
             BwdConfig(32, 64, 8, 2, "atomic"), BwdConfig(32, 128, 8, 2, "kernel", 64, 64, 8, 2),
-            BwdConfig(64, 128, 8, 2, "kernel", 128, 32, 8, 2)]
+            BwdConfig(64, 128, 8, 2, "kernel", 128, 32, 8, 2), BwdConfig(32, 64, 4, 2, "atomic")]
 
 
 _chosen: dict[tuple, object] = {}
