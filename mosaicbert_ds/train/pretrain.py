@@ -89,24 +89,34 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def forward_backward(engine: Any, batch: dict[str, Any], window: Window) -> None:
+def forward_backward(engine: Any, batch: dict[str, Any], n_masked: int, weight: torch.Tensor,
+                     window: Window) -> None:
+    """One micro batch. The model's loss is the mean over this micro batch's masked tokens;
+    `weight` rescales it so the step's gradient is that of the mean over every masked token of
+    the global batch, whatever the split into ranks and micro batches."""
     out = engine(**batch)
-    engine.backward(out.loss)
-    window.loss += out.loss.detach().double()
+    engine.backward(out.loss * (n_masked * weight))
+    window.loss += out.loss.detach().double() * n_masked
     window.correct += (out.logits.detach().argmax(-1) == out.masked_labels).sum().double()
 
 
-def train_step(engine: Any, batches: Iterator[dict[str, Any]], accum: int, window: Window,
+def train_step(engine: Any, batches: Iterator[dict[str, Any]], accum: int, world: int, window: Window,
                config: MosaicBertConfig) -> None:
-    for _ in range(accum):
-        batch = next(batches)
-        n_seq, n_tok, n_masked, lens = batch_stats(batch)
+    group = [next(batches) for _ in range(accum)]  # CPU batches: their sizes are known without a sync
+    stats = [batch_stats(batch) for batch in group]
+    # DeepSpeed averages gradients over ranks and accumulation steps; undo that and divide by the
+    # global masked-token count instead. The count is summed on the device: no host sync.
+    masked = torch.tensor(float(sum(s[2] for s in stats)), device=engine.device)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(masked)
+    weight = (world * accum) / masked
+    for batch, (n_seq, n_tok, n_masked, lens) in zip(group, stats):
         window.samples += n_seq
         window.tokens += n_tok
         window.masked += n_masked
         window.micro += 1
         window.flops += training_flops(config, lens, n_masked)
-        forward_backward(engine, to_device(batch, engine.device), window)
+        forward_backward(engine, to_device(batch, engine.device), n_masked, weight, window)
         engine.step()
 
 
@@ -132,7 +142,7 @@ def interval_metrics(engine: Any, window: Window, world: int, n_params: int, pea
     steps = micro / (world * engine.gradient_accumulation_steps())
     grad_norm = engine.get_global_grad_norm()
     metrics = {
-        "loss/train": loss / micro,
+        "loss/train": loss / max(masked, 1),  # mean over every masked token of the interval
         "accuracy/train": correct / max(masked, 1),
         "optim/lr": engine.get_lr()[0],
         "optim/grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -283,7 +293,7 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
     last: dict[str, float] = {}
     stop_step = total_steps if stop_after is None else min(total_steps, state.step + stop_after)
     while state.step < stop_step:
-        train_step(engine, batches, accum, window, model_config)
+        train_step(engine, batches, accum, world, window, model_config)
         state.step += 1
         finished = state.step == stop_step
         if state.step % cfg.log.interval == 0 or finished:

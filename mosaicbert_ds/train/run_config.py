@@ -67,7 +67,8 @@ class OptimizerSection:
     weight_decay: float = 1e-5
     """Decoupled weight decay as in the paper: the decay per step at peak lr."""
     gradient_clipping: float = 1.0
-    zero_stage: int = 1
+    zero_stage: int | None = None
+    """ZeRO stage: default 1 for AdamW (DeepSpeed's BF16_Optimizer with bf16), 0 for LAMB."""
 
 
 @dataclass
@@ -147,7 +148,7 @@ class RunConfig:
         need(self.optimizer.name in ("adamw", "lamb"), f"optimizer.name must be adamw or lamb, got {self.optimizer.name!r}")
         need(self.optimizer.lr > 0, "optimizer.lr must be positive")
         need(len(self.optimizer.betas) == 2, "optimizer.betas must be two numbers")
-        need(self.optimizer.zero_stage in (0, 1, 2), "optimizer.zero_stage must be 0, 1 or 2")
+        need(self.optimizer.zero_stage in (None, 0, 1, 2), "optimizer.zero_stage must be 0, 1 or 2")
         need(0.0 <= self.schedule.warmup_fraction < 1.0, "schedule.warmup_fraction must be in [0, 1)")
         need(0.0 <= self.schedule.final_lr_ratio <= 1.0, "schedule.final_lr_ratio must be in [0, 1]")
         need((self.duration.steps is None) != (self.duration.samples is None),
