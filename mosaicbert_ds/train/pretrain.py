@@ -190,15 +190,30 @@ def forever(loader: Any) -> Iterator[dict[str, Any]]:
             raise RuntimeError("the training split yielded no batch: it has fewer samples than one global batch")
 
 
-def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) -> dict[str, Any]:
-    """Run (or resume) the whole job; returns the final summary on rank 0."""
+def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], total_steps: int,
+                 warmup_fraction: float, final_lr_ratio: float, seed: int = 17,
+                 compile_layers: bool = False) -> tuple[Any, int]:
+    """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count."""
     import deepspeed
 
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = MosaicBertForMaskedLM(model_config)
+    n_params = sum(p.numel() for p in model.parameters())
+    if compile_layers:
+        for layer in model.bert.layers:
+            layer.compile(dynamic=True)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                      lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio))
+    return engine, n_params
+
+
+def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole job; returns the final summary on rank 0."""
     from ..data import build_mlm_dataloader, read_dataset_info
     from .distributed import init_distributed
     from .ds_config import build_ds_config, load_ds_config
 
-    info = read_dataset_info(cfg.data.path)
+    info = read_dataset_info(cfg.data.path, cfg.data.remote_cache)
     use_cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
     model_config = MosaicBertConfig.from_name(cfg.model.preset, **{"vocab_size": info["vocab_size"],
@@ -239,15 +254,8 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
             resume = (resume[0], f"{resume[1]}_universal")
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = MosaicBertForMaskedLM(model_config)
-    n_params = sum(p.numel() for p in model.parameters())
-    if cfg.compile:
-        for layer in model.bert.layers:
-            layer.compile(dynamic=True)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                      lr_scheduler=make_scheduler(total_steps, cfg.schedule.warmup_fraction,
-                                                                  cfg.schedule.final_lr_ratio))
+    engine, n_params = build_engine(model_config, ds_config, total_steps, cfg.schedule.warmup_fraction,
+                                    cfg.schedule.final_lr_ratio, seed=cfg.seed, compile_layers=cfg.compile)
     torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
 
     train_loader = build_mlm_dataloader(cfg.data.path, split=cfg.data.train_split, batch_size=micro,

@@ -1,0 +1,152 @@
+"""Throughput of the real trainer (DeepSpeed engine, `train_step`) on one GPU, and the Figure-4 ablations.
+
+    python -m benchmarks.throughput --out throughput.json              # models x micro batches
+    python -m benchmarks.throughput --ablations --out ablations.json  # BERT-Base -> MosaicBERT
+
+Each configuration gets a fresh engine (bf16, ZeRO-1, fused AdamW: what `pretrain` runs) and is fed
+synthetic batches with the C4-like length mix (benchmarks.synthetic) through the trainer's own
+`train_step`. After warm-up (Triton autotuning, allocator), N optimizer steps are timed between two
+device synchronisations. Real tokens/s counts non-pad tokens; MFU is the paper's Appendix H
+formula, `mfu_exact` uses the exact matmul count (attention and the masked-only head included).
+The bare-step row times the same model without DeepSpeed (autocast, fused AdamW; benchmarks.step)
+on the same batches, for the trainer-overhead ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from itertools import cycle
+from typing import Any
+
+import torch
+
+from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
+from mosaicbert_ds.flops import mfu, paper_flops_per_token, peak_flops
+from mosaicbert_ds.train.ds_config import build_ds_config
+from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
+
+from .step import time_steps
+from .synthetic import PRETRAIN, make_batch, to_device
+
+# Figure 4 of the paper: each row adds one MosaicBERT change to BERT-Base.
+ABLATIONS: list[tuple[str, dict[str, Any]]] = [
+    ("BERT-Base", {}),
+    ("+ attention dropout 0", dict(attention_probs_dropout_prob=0.0)),
+    ("+ GLU", dict(attention_probs_dropout_prob=0.0, mlp_type="glu")),
+    ("+ low-precision LayerNorm", dict(attention_probs_dropout_prob=0.0, mlp_type="glu", low_precision_layernorm=True)),
+    ("+ unpadding", dict(attention_probs_dropout_prob=0.0, mlp_type="glu", low_precision_layernorm=True, unpad=True)),
+    ("+ ALiBi / flash", dict(attention_probs_dropout_prob=0.0, mlp_type="glu", low_precision_layernorm=True, unpad=True,
+                             position_embedding_type="alibi")),
+    ("MosaicBERT-Base (+ vocab 30528)", dict(attention_probs_dropout_prob=0.0, mlp_type="glu",
+                                             low_precision_layernorm=True, unpad=True,
+                                             position_embedding_type="alibi", pad_vocab_size_multiple=64)),
+]
+
+
+def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
+            baseline: str | None = None, n_batches: int = 6) -> dict[str, Any]:
+    """Optimizer steps through the DeepSpeed trainer on one GPU; returns one result row."""
+    ds_config = build_ds_config(global_batch=micro * accum, micro_batch=micro, world_size=1, lr=5e-4)
+    engine, n_params = build_engine(config, ds_config, total_steps=10**6, warmup_fraction=0.06, final_lr_ratio=0.02)
+    layout = "packed"  # unpad=False models pad the packed batch themselves, once, like a padded batch
+    data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i)[layout] for i in range(n_batches)]
+    batches = cycle([{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in data])
+    window = Window(engine.device)
+    for _ in range(warmup):
+        train_step(engine, batches, accum, 1, window, config)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    window.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(engine, batches, accum, 1, window, config)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = peak_flops()
+    row = {"name": name, "micro_batch": micro, "accumulation": accum, "world_size": 1, "params": n_params,
+           "real_tokens_per_sec": window.tokens / seconds, "samples_per_sec": window.samples / seconds,
+           "step_time_sec": seconds / steps, "mfu": mfu(paper_flops_per_token(n_params) * window.tokens / seconds, 1, peak),
+           "mfu_exact": mfu(window.flops / seconds, 1, peak), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "baseline": baseline}
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def bare_step(config: MosaicBertConfig, micro: int, warmup: int, steps: int) -> dict[str, Any]:
+    """The same model and batches without DeepSpeed: autocast bf16 + torch fused AdamW."""
+    model = MosaicBertForMaskedLM(config)
+    data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i) for i in range(6)]
+    seconds, mem = time_steps(model, [to_device(d["packed"], torch.device("cuda")) for d in data], warmup, steps)
+    tokens = sum(d["tokens"] for d in data) / len(data)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return {"name": "bare step (no DeepSpeed)", "micro_batch": micro, "params": n_params,
+            "real_tokens_per_sec": tokens / seconds, "step_time_sec": seconds, "peak_mem_gib": mem,
+            "mfu": mfu(paper_flops_per_token(n_params) * tokens / seconds, 1, peak_flops())}
+
+
+def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    print(f"{'configuration':<36}{'micro':>6}{'real tok/s':>13}{'samples/s':>11}{'step ms':>9}{'MFU':>7}"
+          f"{'MFU exact':>10}{'mem GiB':>9}{'vs base':>9}")
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        base = by_name.get(r.get("baseline") or "")
+        ratio = f"{r['real_tokens_per_sec'] / base['real_tokens_per_sec']:.2f}x" if base else "-"
+        exact = f"{r['mfu_exact']:.1%}" if r.get("mfu_exact") else "-"
+        print(f"{r['name']:<36}{r['micro_batch']:>6}{r['real_tokens_per_sec']:>13,.0f}"
+              f"{r.get('samples_per_sec', 0):>11,.0f}{r['step_time_sec'] * 1e3:>9.1f}{r['mfu']:>7.1%}{exact:>10}"
+              f"{r['peak_mem_gib']:>9.1f}{ratio:>9}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ablations", action="store_true", help="the Figure-4 ablation table instead")
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--micro", type=int, nargs="*", default=None, help="micro batch sizes (default per model)")
+    parser.add_argument("--out", default="throughput.json")
+    args = parser.parse_args()
+    from mosaicbert_ds.train.distributed import init_distributed
+
+    init_distributed()
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    rows = result["rows"]
+    if args.ablations:
+        for name, overrides in ABLATIONS:
+            config = MosaicBertConfig.from_name("bert-base", **overrides)
+            rows.append(measure(name, config, 128, args.warmup, args.steps, baseline="BERT-Base"))
+            rows[-1]["model"] = "ablation"
+            print_rows("ablations so far", rows[-1:])
+        print_rows("Figure 4 ablations (bf16, DeepSpeed ZeRO-1, micro 128, C4-like lengths at 128)", rows)
+    else:
+        plan = [("base", "mosaicbert-base", [128, 256]), ("bert-base", "bert-base", [128, 256]),
+                ("large", "mosaicbert-large", [64, 128]), ("bert-large", "bert-large", [64])]
+        for preset, label, micros in plan:
+            for micro in args.micro or micros:
+                baseline = None if preset.startswith("bert") else f"{label.replace('mosaicbert', 'bert')} @{micro}"
+                row = measure(f"{label} @{micro}", MosaicBertConfig.from_name(preset), micro, args.warmup,
+                              args.steps, baseline=baseline)
+                row["model"] = preset
+                rows.append(row)
+                print_rows("so far", rows[-1:])
+        bare = bare_step(MosaicBertConfig.from_name("base"), 256, args.warmup, args.steps)
+        bare["baseline"] = None
+        rows.append(bare)
+        trainer = next(r for r in rows if r["name"] == "mosaicbert-base @256")
+        result["trainer_vs_bare_step"] = trainer["real_tokens_per_sec"] / bare["real_tokens_per_sec"]
+        print_rows("trainer throughput (bf16, DeepSpeed ZeRO-1 BF16_Optimizer, fused AdamW, C4-like lengths at 128)",
+                   rows)
+        print(f"\nDeepSpeed trainer / bare step (MosaicBERT-Base @256): {result['trainer_vs_bare_step']:.3f}")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
