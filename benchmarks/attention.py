@@ -12,7 +12,9 @@ Each method runs forward and forward+backward on the same data, laid out as it w
   sdpa_flash  SDPA's flash path on the re-padded batch, no bias at all (not the same function:
               a speed reference only)
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs) after a
-warm-up that compiles and autotunes. TFLOP/s counts attention FLOPs over real token pairs only:
+warm-up that compiles and autotunes, launched eagerly from Python as in training ("eager"), and
+of do_bench_cudagraph ("graph": replays of a captured graph, so the GPU time alone: at 128
+tokens the eager figures of every method are bound by the host's launch overhead). TFLOP/s counts attention FLOPs over real token pairs only:
 4 * sum(L_i^2) * H * D forward, 2.5 times that backward.
 """
 
@@ -63,6 +65,17 @@ def _bench(fn: Callable[[], object], grads: list[torch.Tensor] | None = None) ->
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median"))
+
+
+def _bench_graph(fn: Callable[[], object], grads: list[torch.Tensor] | None = None) -> float | None:
+    """Median ms of fn replayed from a CUDA graph: GPU time without the host's launch gaps."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return float(do_bench_cudagraph(fn, rep=20, grad_to_none=grads, return_mode="median"))
+    except Exception as exc:  # a method that cannot be captured gets no graph figure
+        print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return None
 
 
 def _copy_bandwidth() -> float:
@@ -207,11 +220,12 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool) -> dict:
             fwd_bwd()  # warm-up: compile, tune
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
-            t_fwd = _bench(fwd)
-            t_fb = _bench(fwd_bwd, grads)
+            t_fwd, t_fb = _bench(fwd), _bench(fwd_bwd, grads)
+            g_fwd, g_fb = _bench_graph(fwd), _bench_graph(fwd_bwd, grads)
             row["methods"][name] = {"fwd_ms": t_fwd, "fwd_bwd_ms": t_fb,
                                     "fwd_tflops": fwd_flops / t_fwd / 1e9,
-                                    "fwd_bwd_tflops": 3.5 * fwd_flops / t_fb / 1e9}
+                                    "fwd_bwd_tflops": 3.5 * fwd_flops / t_fb / 1e9,
+                                    "graph_fwd_ms": g_fwd, "graph_fwd_bwd_ms": g_fb}
         if baselines:
             row["rel_err_vs_sdpa_bias"] = m.agreement()
         row["triton_configs"] = {str(k): str(v) for k, v in flash_attn.chosen_configs().items()
@@ -227,18 +241,27 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool) -> dict:
 
 
 def table(results: dict) -> str:
+    def ms(x: float | None) -> str:
+        return f"{x:8.3f}" if x is not None else f"{'-':>8}"
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:6.2f}" if a is not None and b is not None else f"{'-':>6}"
+
     lines = [f"{results['device']}, torch {results['torch']}, copy {results['copy_bandwidth_TBps']:.2f} TB/s; "
-             f"bf16, {N_HEADS} heads x {HEAD_DIM}; median ms; TFLOP/s over real pairs; x = baseline / triton",
-             f"{'regime':>6} {'method':>10} {'fwd ms':>8} {'fwd TF/s':>8} {'f+b ms':>8} {'f+b TF/s':>8} "
-             f"{'x fwd':>6} {'x f+b':>6}"]
+             f"bf16, {N_HEADS} heads x {HEAD_DIM}; median ms (eager: launched from Python as in training; "
+             "graph: CUDA-graph replay, GPU time only); TFLOP/s over real pairs, eager; x = method / triton",
+             f"{'regime':>6} {'method':>10} {'fwd':>8} {'f+b':>8} {'fwd TF/s':>8} {'f+b TF/s':>8} "
+             f"{'g fwd':>8} {'g f+b':>8} {'x fwd':>6} {'x f+b':>6} {'xg f+b':>6}"]
     for row in results["regimes"]:
         ours = row["methods"]["triton"]
         for name, r in row["methods"].items():
-            lines.append(f"{row['regime']['name']:>6} {name:>10} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.1f} "
-                         f"{r['fwd_bwd_ms']:8.3f} {r['fwd_bwd_tflops']:8.1f} {r['fwd_ms'] / ours['fwd_ms']:6.2f} "
-                         f"{r['fwd_bwd_ms'] / ours['fwd_bwd_ms']:6.2f}")
-        lines.append(f"{row['regime']['name']:>6} {'floor':>10} {row['floor_fwd_ms']:8.3f} {'':>8} "
-                     f"{row['floor_fwd_bwd_ms']:8.3f}   (memory: each tensor read or written once)")
+            lines.append(f"{row['regime']['name']:>6} {name:>10} {ms(r['fwd_ms'])} {ms(r['fwd_bwd_ms'])} "
+                         f"{r['fwd_tflops']:8.1f} {r['fwd_bwd_tflops']:8.1f} {ms(r['graph_fwd_ms'])} "
+                         f"{ms(r['graph_fwd_bwd_ms'])} {ratio(r['fwd_ms'], ours['fwd_ms'])} "
+                         f"{ratio(r['fwd_bwd_ms'], ours['fwd_bwd_ms'])} "
+                         f"{ratio(r['graph_fwd_bwd_ms'], ours['graph_fwd_bwd_ms'])}")
+        lines.append(f"{row['regime']['name']:>6} {'floor':>10} {ms(row['floor_fwd_ms'])} {ms(row['floor_fwd_bwd_ms'])}"
+                     "   (memory: each tensor read or written once)")
     return "\n".join(lines)
 
 
