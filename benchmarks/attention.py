@@ -14,8 +14,9 @@ Each method runs forward and forward+backward on the same data, laid out as it w
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs) after a
 warm-up that compiles and autotunes, launched eagerly from Python as in training ("eager"), and
 of do_bench_cudagraph ("graph": replays of a captured graph, so the GPU time alone: at 128
-tokens the eager figures of every method are bound by the host's launch overhead). TFLOP/s counts attention FLOPs over real token pairs only:
-4 * sum(L_i^2) * H * D forward, 2.5 times that backward.
+tokens the eager figures of every method are bound by the host's launch overhead).
+TFLOP/s counts attention FLOPs over real token pairs only: 4 * sum(L_i^2) * H * D forward,
+2.5 times that backward.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def make_flex(total: int, slopes: torch.Tensor) -> tuple[Callable, Callable[[lis
     return call, set_lengths
 
 
-def run(total_tokens: int, regimes: list[Regime], baselines: bool) -> dict:
+def run(total_tokens: int, regimes: list[Regime], baselines: bool, profile_host: bool = False) -> dict:
     from mosaicbert_ds.attention import alibi_slopes
     from mosaicbert_ds.kernels import flash_attn
 
@@ -228,6 +229,17 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool) -> dict:
                                     "graph_fwd_ms": g_fwd, "graph_fwd_bwd_ms": g_fb}
         if baselines:
             row["rel_err_vs_sdpa_bias"] = m.agreement()
+        if profile_host:  # where the host time of one eager forward+backward goes
+            import cProfile
+            import pstats
+
+            fwd_bwd = pairs["triton"][1]
+            with cProfile.Profile() as prof:
+                for _ in range(50):
+                    fwd_bwd()
+                torch.cuda.synchronize()
+            print(f"host profile, 50 x triton fwd+bwd at {regime.name}:")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
         row["triton_configs"] = {str(k): str(v) for k, v in flash_attn.chosen_configs().items()
                                  if k[1] == flash_attn._bucket(regime.max_seqlen)}
         row["triton_tuning_ms"] = {str(k): [(str(c), round(t, 4)) for c, t in v]
@@ -271,11 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=32768, help="real tokens per call")
     parser.add_argument("--regimes", default="128,512,2048", help="comma-separated subset of 128,512,2048")
     parser.add_argument("--no-baselines", action="store_true", help="time the Triton kernel only")
+    parser.add_argument("--profile-host", action="store_true", help="cProfile the eager Triton calls")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.attention needs a CUDA GPU")
     names = args.regimes.split(",")
-    results = run(args.tokens, [r for r in REGIMES if r.name in names], not args.no_baselines)
+    results = run(args.tokens, [r for r in REGIMES if r.name in names], not args.no_baselines, args.profile_host)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

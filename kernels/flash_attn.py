@@ -580,6 +580,24 @@ def _same_sequences(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: i
         raise NotImplementedError("self-attention only: cu_seqlens_q must equal cu_seqlens_k")
 
 
+def _packed_base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """The (T, 3, H, D) tensor that q, k, v are exactly the three slices of (the model's
+    qkv.unbind(1) of its QKV projection), or None. Differentiating through it directly hands
+    autograd one dqkv instead of three gradients that UnbindBackward would stack (a full copy)."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+        return None
+    total, n_heads, head_dim = q.shape
+    hd, size = n_heads * head_dim, q.element_size()
+    if base.numel() != 3 * total * hd or base.data_ptr() != q.data_ptr():
+        return None
+    strides = (3 * hd, head_dim, 1)
+    if (k.data_ptr() != q.data_ptr() + hd * size or v.data_ptr() != q.data_ptr() + 2 * hd * size
+            or not q.stride() == k.stride() == v.stride() == strides):
+        return None
+    return base.view(total, 3, n_heads, head_dim)
+
+
 def _grad_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -638,6 +656,10 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError("the Triton flash kernel has no attention dropout: dropout_p must be 0")
     _same_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    qkv = _packed_base(q, k, v) if torch.is_grad_enabled() and q.requires_grad else None
+    if qkv is not None:
+        return FlashAttnVarlenQKVPackedFunc.apply(qkv, cu_seqlens_q, int(max_seqlen_q), float(scale), bool(causal),
+                                                  alibi_slopes)
     return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, int(max_seqlen_q), float(scale), bool(causal),
                                      alibi_slopes)
 

@@ -267,7 +267,12 @@ def test_autograd_paths_agree_with_launchers(forced):
     def copies(x):
         return [t.contiguous() for t in x.unbind(1)]
 
-    for label, split in [("views", views), ("copies", copies)]:
+    def projected_views(x):  # as the model: slices of a non-leaf (T, 3*H*D) projection output
+        return (x.flatten(1) * 1).unflatten(1, x.shape[1:]).unbind(1)
+
+    assert fa._packed_base(*projected_views(qkv)) is not None and fa._packed_base(*copies(qkv)) is None
+    assert fa._packed_base(*qkv[:-1].unbind(1)) is None  # slices of a larger tensor
+    for label, split in [("views", views), ("copies", copies), ("projected", projected_views)]:
         x = qkv.clone().requires_grad_(True)
         q, k, v = split(x)
         out = fa.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, alibi_slopes=slopes)
