@@ -1,0 +1,488 @@
+"""Benchmark reports: one folder per run with report.md, report.json and PNG plots.
+
+    mosaicbert-ds bench report throughput.json ablations.json scaling.json
+    -> benchmarks/results/<hardware>_<date>/report.md, report.json, scaling_tokens.png,
+       scaling_mfu.png, ablations.png
+
+Inputs are the JSON of benchmarks.throughput (trainer rows; with --ablations the Figure-4 rows)
+and benchmarks.scaling (1/2/4-GPU points, all-reduce bandwidth, single-GPU compute and optimizer
+times); any of them may be missing and the report says what is. Measurements and the scaling
+model's predictions (benchmarks.scaling_model) stay apart: every predicted table, column and
+plot line is labelled as a prediction. `render_tables` gives the markdown tables alone, for the
+README.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, Network, allreduce_busbw, complete_profiles,
+                            make_network, measured_efficiency, normalise_model, peak_for_device, predict_ds_configs, predict_grid,
+                            profiles_from_results, read_ds_configs, validate)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SECTIONS = ("throughput", "ablations", "scaling")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading results
+
+
+def classify(result: Mapping[str, Any]) -> str:
+    """"scaling" (points / allreduce), "ablations" (Figure-4 rows: model "ablation" or names
+    starting with "+"), "throughput" (other rows) or "combined" (a dict of those sections)."""
+    if any(k in result for k in SECTIONS) and "rows" not in result and "points" not in result:
+        return "combined"
+    if "points" in result or "allreduce" in result:
+        return "scaling"
+    rows = result.get("rows")
+    if isinstance(rows, list):
+        if result.get("kind") in ("ablations", "throughput"):
+            return result["kind"]
+        if any(r.get("model") == "ablation" or str(r.get("name", "")).startswith("+") for r in rows):
+            return "ablations"
+        return "throughput"
+    raise ValueError("not a benchmark result: expected 'rows' (throughput, ablations) or 'points' (scaling)")
+
+
+def merge_results(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Sections by kind; rows (and scaling points) of several files of one kind are concatenated."""
+    out: dict[str, dict[str, Any]] = {}
+    for result in results:
+        kind = classify(result)
+        parts = result.items() if kind == "combined" else [(kind, result)]
+        for section, value in parts:
+            if section not in SECTIONS or not value:
+                continue
+            if section not in out:
+                out[section] = json.loads(json.dumps(value))
+                continue
+            for key in ("rows", "points", "allreduce"):
+                if key in value:
+                    out[section].setdefault(key, []).extend(value[key])
+            for key, v in value.items():
+                out[section].setdefault(key, v)
+    return out
+
+
+def load_results(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
+    """Read and merge result JSON files (see `merge_results`)."""
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read a result JSON: {err}") from None
+    return merge_results(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report as data
+
+
+def _with_baseline_ratio(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    by_name = {r.get("name"): r for r in rows}
+    out = []
+    for r in rows:
+        base = by_name.get(r.get("baseline"))
+        ratio = (r["real_tokens_per_sec"] / base["real_tokens_per_sec"]
+                 if base and base is not r and base.get("real_tokens_per_sec") else None)
+        out.append({**r, "ratio_to_baseline": ratio})
+    return out
+
+
+def _ablation_steps(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for i, r in enumerate(rows):
+        prev, first = rows[i - 1] if i else None, rows[0]
+        out.append({**r, "ratio_to_previous": r["real_tokens_per_sec"] / prev["real_tokens_per_sec"] if prev else None,
+                    "ratio_to_first": r["real_tokens_per_sec"] / first["real_tokens_per_sec"]})
+    return out
+
+
+def _measured_cost(report: Mapping[str, Any], assumptions: Assumptions) -> list[dict[str, Any]]:
+    """Hours and cost of the full sample budget at measured throughput (1-GPU trainer rows and the
+    one-host scaling points), at the assumed price."""
+    out = []
+    for r in report.get("throughput") or []:
+        if r.get("samples_per_sec") and (r.get("world_size") or 1) == 1 and r.get("model"):
+            out.append({"what": r["name"], "gpus": 1, "samples_per_sec": r["samples_per_sec"]})
+    for p in (report.get("scaling") or {}).get("points", []):
+        if p.get("step_time_sec"):
+            out.append({"what": f"{p.get('mode', '?')} scaling, global batch {p['global_batch']:,}",
+                        "gpus": p["world_size"], "samples_per_sec": p["global_batch"] / p["step_time_sec"]})
+    for c in out:
+        c["train_hours"] = assumptions.run_samples / c["samples_per_sec"] / 3600
+        c["gpu_hours"] = c["train_hours"] * c["gpus"]
+        c["cost_usd"] = c["gpu_hours"] * assumptions.price_per_gpu_hour
+    return out
+
+
+def build_report(results: Mapping[str, Mapping[str, Any]], network: Network | None = None,
+                 assumptions: Assumptions | None = None, *, config_dir: str | Path = DS_CONFIG_DIR,
+                 date: str | None = None) -> dict[str, Any]:
+    """Everything the report shows, as one JSON-able dict: the inputs, measured tables with
+    derived ratios and efficiencies, and (given single-GPU timings) the scaling model's
+    predictions for every ds_config, its prediction lines for the plots and its validation."""
+    throughput, ablations, scaling = (results.get(k) for k in SECTIONS)
+    device = next((r["device"] for r in (throughput, scaling, ablations) if r and r.get("device")), "unknown device")
+    assumptions = assumptions or Assumptions(peak_flops=peak_for_device(device))
+    network = network or make_network(allreduce=(scaling or {}).get("allreduce"))
+    report: dict[str, Any] = {
+        "device": device,
+        "date": date or dt.date.today().isoformat(),
+        "generated": dt.datetime.now().isoformat(timespec="seconds"),
+        "assumptions": asdict(assumptions),
+        "network": asdict(network),
+        "inputs": {k: v for k, v in results.items() if v},
+        "throughput": _with_baseline_ratio(throughput["rows"]) if throughput and throughput.get("rows") else None,
+        "ablations": _ablation_steps(ablations["rows"]) if ablations and ablations.get("rows") else None,
+        "scaling": None, "profiles": None, "predictions": None, "grid": None, "validation": None,
+    }
+    if scaling:
+        report["scaling"] = {
+            "points": measured_efficiency(scaling.get("points", [])),
+            "allreduce": [{**a, "busbw_gbs": (allreduce_busbw(a) or math.nan) / 1e9}
+                          for a in scaling.get("allreduce", [])],
+        }
+    profiles = profiles_from_results(scaling, throughput)  # scaling first: it separates the optimizer
+    if profiles:
+        runs = read_ds_configs(config_dir)
+        profiles = complete_profiles(profiles, {r.model for r in runs})
+        report["profiles"] = {m: p.to_dict() for m, p in profiles.items()}
+        report["predictions"] = [asdict(p) for p in predict_ds_configs(profiles, network, assumptions, runs)]
+        micro = {r.model: r.micro_batch for r in runs}
+        report["grid"] = {m: predict_grid(profiles[m], network, assumptions, micro_batch=micro[m])
+                          for m in sorted(micro)}
+    if scaling and scaling.get("compute_sec_per_micro") and scaling.get("points"):
+        report["validation"] = validate(scaling, network, assumptions)
+    report["measured_cost"] = _measured_cost(report, assumptions)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _f(value: Any, spec: str = ",.0f", suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{format(value, spec)}{suffix}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub markdown table; `align` has one letter (l/r) per column, default l then r."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def throughput_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    return markdown_table(
+        ["configuration", "model", "micro", "real tokens/s", "samples/s", "step s", "MFU (paper)", "MFU (exact)",
+         "peak GiB", "vs baseline"],
+        [[r["name"], r.get("model", "-"), r.get("micro_batch", "-"), _f(r.get("real_tokens_per_sec")),
+          _f(r.get("samples_per_sec")), _f(r.get("step_time_sec"), ".4f"), _f(r.get("mfu"), ".1%"),
+          _f(r.get("mfu_exact"), ".1%"), _f(r.get("peak_mem_gib"), ".1f"),
+          f"{r['ratio_to_baseline']:.2f}x {r['baseline']}" if r.get("ratio_to_baseline") else "-"] for r in rows],
+        "llrrrrrrrl")
+
+
+def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    first = rows[0]["name"] if rows else "first"
+    return markdown_table(
+        ["step", "real tokens/s", "samples/s", "MFU (paper)", "MFU (exact)", "peak GiB", "x previous", f"x {first}"],
+        [[r["name"], _f(r.get("real_tokens_per_sec")), _f(r.get("samples_per_sec")), _f(r.get("mfu"), ".1%"),
+          _f(r.get("mfu_exact"), ".1%"), _f(r.get("peak_mem_gib"), ".1f"), _f(r.get("ratio_to_previous"), ".2f", "x"),
+          _f(r.get("ratio_to_first"), ".2f", "x")] for r in rows])
+
+
+def scaling_table(points: Sequence[Mapping[str, Any]]) -> str:
+    rows = sorted(points, key=lambda p: (p.get("mode", ""), p["world_size"]))
+    return markdown_table(
+        ["GPUs", "mode", "global batch", "micro x accum", "real tokens/s", "step s", "MFU", "efficiency"],
+        [[p["world_size"], p.get("mode", "-"), _f(p.get("global_batch")),
+          f"{p.get('micro_batch', '-')} x {p.get('accumulation', '-')}", _f(p.get("real_tokens_per_sec")),
+          _f(p.get("step_time_sec"), ".4f"), _f(p.get("mfu"), ".1%"), _f(p.get("efficiency"), ".1%")] for p in rows],
+        "rlrrrrrr")
+
+
+def allreduce_table(entries: Sequence[Mapping[str, Any]]) -> str:
+    return markdown_table(
+        ["GPUs", "dtype", "message MB", "seconds", "busbw GB/s"],
+        [[a["world_size"], a.get("dtype", "-"), _f(a.get("bytes", 0) / 1e6, ",.1f"), _f(a.get("seconds"), ".5f"),
+          _f(a.get("busbw_gbs"))] for a in entries],
+        "rlrrr")
+
+
+def prediction_table(predictions: Sequence[Mapping[str, Any]]) -> str:
+    """Predicted rows side by side: no overlap (what DeepSpeed does for these configs) | overlap (what-if)."""
+    pairs: dict[str, dict[bool, Mapping[str, Any]]] = {}
+    for p in predictions:
+        pairs.setdefault(p["config"], {})[bool(p["overlap"])] = p
+    rows = []
+    for name, pair in pairs.items():
+        p, o = pair.get(False), pair.get(True)
+        if p is None:
+            continue
+        note = "" if p["compute_note"] == "measured" else f" ({p['compute_note']})"
+        rows.append([f"`{name}`{note}", p["gpus"], _f(p["global_batch"]), f"{p['micro_batch']} x {p['accumulation']}",
+                     p["path"], _f(p["busbw_gbs"]), _f(p["comm_exposed_sec"] * 1e3, ".1f"), _f(p["step_time_sec"], ".4f"),
+                     _f(p["tokens_per_sec"]), _f(p["samples_per_sec"]), _f(p["mfu"], ".1%"), _f(p["train_hours"], ".2f"),
+                     _f(p["cost_usd"], ",.0f", ""),
+                     _f(o["step_time_sec"], ".4f") if o else "-", _f(o["tokens_per_sec"]) if o else "-",
+                     _f(o["mfu"], ".1%") if o else "-", _f(o["cost_usd"], ",.0f") if o else "-"])
+    return markdown_table(
+        ["config", "GPUs", "global batch", "micro x accum", "wrapper", "busbw GB/s", "exposed comm ms", "step s",
+         "tokens/s", "samples/s", "MFU", "hours", "cost $", "overlap: step s", "overlap: tokens/s", "overlap: MFU",
+         "overlap: cost $"], rows, "lrrrlrrrrrrrrrrrr")
+
+
+def validation_table(validation: Mapping[str, Any]) -> str:
+    return markdown_table(
+        ["GPUs", "mode", "global batch", "measured tokens/s", "predicted tokens/s", "error", "busbw GB/s used",
+         f"within {validation['target']:.0%}"],
+        [[r["world_size"], r["mode"], _f(r["global_batch"]), _f(r["measured_tokens_per_sec"]),
+          _f(r["predicted_tokens_per_sec"]), _f(r["error"], "+.1%"), _f(r.get("busbw_gbs")),
+          "yes" if r["within_target"] else "NO"] for r in validation["points"]],
+        "rlrrrrrl")
+
+
+def cost_table(measured: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]] | None,
+               price: float) -> str:
+    rows = [[c["what"], "measured", c["gpus"], _f(c["samples_per_sec"]), _f(c["train_hours"], ".2f"),
+             _f(c["gpu_hours"], ",.1f"), _f(c["cost_usd"])] for c in measured]
+    rows += [[f"`{p['config']}`" + ("" if p["compute_note"] == "measured" else f" ({p['compute_note']})"),
+              "predicted, no overlap", p["gpus"], _f(p["samples_per_sec"]), _f(p["train_hours"], ".2f"),
+              _f(p["gpu_hours"], ",.1f"), _f(p["cost_usd"])]
+             for p in predictions or [] if not p["overlap"]]
+    return markdown_table(["run", "basis", "GPUs", "samples/s", "hours", "GPU-hours", f"cost at ${price:g}/GPU-h"],
+                          rows, "llrrrrr")
+
+
+def render_tables(report: Mapping[str, Any]) -> dict[str, str]:
+    """The report's markdown tables by section (only the sections with data), for the README."""
+    out: dict[str, str] = {}
+    if report.get("throughput"):
+        out["throughput"] = throughput_table(report["throughput"])
+    if report.get("ablations"):
+        out["ablations"] = ablation_table(report["ablations"])
+    if report.get("scaling"):
+        if report["scaling"]["points"]:
+            out["scaling"] = scaling_table(report["scaling"]["points"])
+        if report["scaling"]["allreduce"]:
+            out["allreduce"] = allreduce_table(report["scaling"]["allreduce"])
+    if report.get("validation"):
+        out["validation"] = validation_table(report["validation"])
+    if report.get("predictions"):
+        out["predictions"] = prediction_table(report["predictions"])
+    if report.get("measured_cost") or report.get("predictions"):
+        out["cost"] = cost_table(report.get("measured_cost") or [], report.get("predictions"),
+                                 report["assumptions"]["price_per_gpu_hour"])
+    return out
+
+
+def describe_model(report: Mapping[str, Any]) -> list[str]:
+    """The scaling model's inputs as bullet lines."""
+    a, n = report["assumptions"], report["network"]
+    lines = [
+        f"- network: {n['gpus_per_node']} GPUs per node; intra-node all-reduce bus bandwidth "
+        f"{n['intra_busbw'] / 1e9:,.0f} GB/s ({n['intra_source']}); inter-node {n['name']}: "
+        f"{n['inter_node_bw'] * 8 / 1e9:,.0f} Gb/s per node x efficiency {n['efficiency']:g}; latency per ring step "
+        f"{n['intra_latency'] * 1e6:g} us in a node, {n['inter_latency'] * 1e6:g} us across nodes",
+        f"- real tokens per sample {a['tokens_per_sample'] or 'from the measurement (else 0.88 x 128)'}; peak "
+        f"{a['peak_flops'] / 1e12:g} TFLOP/s per GPU; ${a['price_per_gpu_hour']:g} per GPU-hour; "
+        f"{a['run_samples']:,} samples per run",
+        f"- backward share of a micro batch {a['backward_fraction']:.2f} (overlap columns); share of the "
+        f"optimizer step that ZeRO-1 does not shard {a['optimizer_full_fraction']:g}; "
+        f"{a['scalar_collectives']} scalar all-reduces per step",
+    ]
+    for model, p in (report.get("profiles") or {}).items():
+        micro = ", ".join(f"{s * 1e3:.1f} ms at micro {m}" for m, s in p["micro_sec"].items())
+        lines.append(f"- {model} ({p['params'] / 1e6:.1f}M parameters): {micro}; optimizer step "
+                     f"{p['optimizer_sec'] * 1e3:.2f} ms on one GPU ({p['source']})")
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> str:
+    """The whole report.md."""
+    tables = render_tables(report)
+    out = [f"# Benchmarks: {report['device']}, {report['date']}", "",
+           "Measured sections come from the benchmark JSON in `report.json` (`inputs`). Sections marked "
+           "PREDICTED come from the scaling model (`benchmarks/scaling_model.py`): they are estimates, not "
+           "measurements.", ""]
+
+    def section(title: str, key: str, text: str = "") -> None:
+        out.extend([f"## {title}", ""] + ([text, ""] if text else []))
+        out.extend([tables[key], ""] if key in tables else ["Not measured in this run.", ""])
+
+    section("Trainer throughput (measured, 1 GPU)", "throughput",
+            "The DeepSpeed trainer (bf16, ZeRO-1, fused AdamW) on synthetic C4-like batches; real tokens exclude "
+            "padding. MFU (paper) = 6 x params x tokens/s / peak (Appendix H); MFU (exact) counts every matmul.")
+    section("Figure 4 ablations (measured, 1 GPU)", "ablations",
+            "Each row adds one MosaicBERT change to BERT-Base, in the paper's order.")
+    section("Scaling on one host (measured)", "scaling",
+            "Weak: per-GPU batch fixed; strong: global batch fixed. Efficiency = tokens/s / (GPUs x the same "
+            "mode's 1-GPU tokens/s).")
+    if "allreduce" in tables:
+        out.extend(["### All-reduce bus bandwidth (measured)", "", "busbw = 2 (n-1)/n x bytes / seconds.", "",
+                    tables["allreduce"], ""])
+    v = report.get("validation")
+    verdict = ""
+    if v and v.get("max_abs_error_multi_gpu") is not None:
+        verdict = (f"Largest error on the multi-GPU points: {v['max_abs_error_multi_gpu']:.1%} "
+                   f"(target {v['target']:.0%}: {'met' if v['within_target'] else 'NOT met'}).")
+    section("Scaling model against the measured points", "validation",
+            "Each measured point PREDICTED from the single-GPU compute and optimizer times and the measured "
+            "all-reduce bandwidth (intra-node only). " + verdict)
+    if report.get("predictions"):
+        out.extend(["## Multinode throughput for every ds_config (PREDICTED, not measured)", "",
+                    "DeepSpeed 0.19 runs these configs without overlap (BF16_Optimizer all-reduces the gradients "
+                    "after the last backward, then all-gathers the bf16 parameters; LAMB files all-reduce fp32 "
+                    "gradients): the main columns are the prediction. The overlap columns are a what-if with the "
+                    "all-reduce hidden behind the last micro batch's backward. Rows marked estimate use a timing "
+                    "scaled from another model or micro batch, not a measurement of that model.", "",
+                    *describe_model(report), "", tables["predictions"], ""])
+    section("Cost of the full run", "cost",
+            f"{report['assumptions']['run_samples']:,} samples (the paper's 70,000 steps x 4096) at "
+            f"${report['assumptions']['price_per_gpu_hour']:g} per GPU-hour; cost = hours x GPUs x price.")
+    if images:
+        out.extend(["## Plots", ""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images] + [""])
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _measured_points(report: Mapping[str, Any], model: str) -> list[Mapping[str, Any]]:
+    scaling = report.get("inputs", {}).get("scaling") or {}
+    if not report.get("scaling") or normalise_model(scaling.get("model", "base")) != model:
+        return []
+    return report["scaling"]["points"]
+
+
+def plot_scaling(report: Mapping[str, Any], path: str | Path, metric: str = "tokens_per_sec") -> Path | None:
+    """Predicted lines (solid: no overlap, dashed: overlap what-if) per global batch against GPU
+    count, one panel per model, with the measured one-host points on top."""
+    if not report.get("grid"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["grid"])
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for i, line in enumerate(report["grid"][model]):
+            color = f"C{i}"
+            for overlap, style in ((False, "-"), (True, "--")):
+                pts = [p for p in line["points"] if p["overlap"] == overlap]
+                ax.plot([p["gpus"] for p in pts], [p[metric] for p in pts], style, color=color,
+                        label=f"{line['label']} (predicted)" if not overlap else None, alpha=1 if not overlap else 0.6)
+                guessed = [p for p in pts if p["compute_note"] not in ("measured", "interpolated")]
+                ax.scatter([p["gpus"] for p in pts if p not in guessed], [p[metric] for p in pts if p not in guessed],
+                           color=color, s=12)
+                ax.scatter([p["gpus"] for p in guessed], [p[metric] for p in guessed], s=22, facecolors="white",
+                           edgecolors=color, zorder=4)
+        measured = _measured_points(report, model)
+        key = "real_tokens_per_sec" if metric == "tokens_per_sec" else "mfu"
+        for mode, marker in (("weak", "o"), ("strong", "s")):
+            pts = [p for p in measured if p.get("mode") == mode and p.get(key)]
+            if pts:
+                ax.scatter([p["world_size"] for p in pts], [p[key] for p in pts], marker=marker, s=60,
+                           facecolors="none", edgecolors="black", zorder=5,
+                           label=f"measured, {mode} scaling")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(GPU_COUNTS, [str(n) for n in GPU_COUNTS])
+        if metric == "tokens_per_sec":
+            ax.set_yscale("log")
+            ax.set_ylabel("real tokens/s")
+        else:
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+            ax.set_ylabel("MFU (6 x params x tokens/s / peak)")
+        ax.set_xlabel("GPUs")
+        ax.set_title(f"MosaicBERT-{model}: predicted lines (dashed: overlap what-if; hollow dots: compute time\n"
+                     f"extrapolated or scaled, not measured), measured points (black)", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['device']}: {'throughput' if metric == 'tokens_per_sec' else 'MFU'} vs GPU count")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_ablations(report: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Bars of real tokens/s and MFU per Figure-4 ablation step (measured)."""
+    rows = report.get("ablations")
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    ax1.bar(range(len(rows)), [r["real_tokens_per_sec"] for r in rows], color="C0")
+    ax1.set_ylabel("real tokens/s")
+    ax2.bar(range(len(rows)), [r.get("mfu") or 0 for r in rows], color="C1", label="MFU (paper)")
+    if any(r.get("mfu_exact") for r in rows):
+        ax2.plot(range(len(rows)), [r.get("mfu_exact") or math.nan for r in rows], "kD", label="MFU (exact)")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax2.set_ylabel("MFU")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"{report['device']}: Figure 4 ablations (measured, 1 GPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder
+
+
+def hardware_slug(device: str) -> str:
+    """"NVIDIA H200" -> "nvidia-h200": a folder-name-safe form of the device name."""
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown"
+
+
+def run_folder(hardware: str, date: str | None = None, root: str | Path = RESULTS_DIR) -> Path:
+    """`<root>/<hardware>_<date>`, e.g. benchmarks/results/nvidia-h200_2025-06-01."""
+    return Path(root) / f"{hardware_slug(hardware)}_{date or dt.date.today().isoformat()}"
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: report.json stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write report.md, report.json and the plots that have data; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = [p for p in (plot_scaling(report, out / "scaling_tokens.png", "tokens_per_sec"),
+                          plot_scaling(report, out / "scaling_mfu.png", "mfu"),
+                          plot_ablations(report, out / "ablations.png")) if p]
+    (out / "report.json").write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
+    (out / "report.md").write_text(render_markdown(report, [p.name for p in images]))
+    return [out / "report.md", out / "report.json", *images]
