@@ -364,6 +364,17 @@ def test_every_candidate_configuration(bucket, index, forced):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_long_sequences():
+    """max_seqlen 4096 (and a ragged 4095) next to short ones, default configuration."""
+    qkv, cu, max_seqlen, dout = make_qkv([4096, 3, 4095, 1, 700], 12, 64, torch.bfloat16, seed=13)
+    slopes = alibi_slopes(12).to(DEVICE)
+    out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    errors = check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, False, slopes, "4096")
+    print("4096", {k: f"{v:.2e}" for k, v in errors.items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_tuner_picks_a_candidate_and_stays_correct(monkeypatch):
     monkeypatch.setenv("MOSAICBERT_FLASH_TUNE", "1")
     monkeypatch.setattr(fa, "_chosen", {})  # earlier tests cached untuned defaults
