@@ -24,8 +24,12 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mosaicbert_ds.errors import UserError
+
+if TYPE_CHECKING:
+    from .scaling_model import Assumptions, Network
 
 # subcommand -> (module run as `python -m`, arguments put before the user's)
 RUNNERS: dict[str, tuple[str, list[str]]] = {
@@ -87,7 +91,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", default=None, help="ds_configs folder (default: the repository's)")
 
 
-def model_inputs(args: argparse.Namespace, scaling: dict | None, device: str | None):
+def model_inputs(args: argparse.Namespace, scaling: dict | None, device: str | None
+                 ) -> tuple[Network, Assumptions]:
     """(Network, Assumptions) from the options and, where not given, the measurement."""
     from .scaling_model import Assumptions, make_network, peak_for_device
 

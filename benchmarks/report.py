@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, Network, allreduce_busbw, complete_profiles,
-                            make_network, measured_efficiency, normalise_model, peak_for_device, predict_ds_configs, predict_grid,
-                            profiles_from_results, read_ds_configs, validate)
+                            make_network, measured_efficiency, normalise_model, peak_for_device, predict_ds_configs,
+                            predict_grid, profiles_from_results, read_ds_configs, validate)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECTIONS = ("throughput", "ablations", "scaling")
@@ -234,9 +234,9 @@ def prediction_table(predictions: Sequence[Mapping[str, Any]]) -> str:
             continue
         note = "" if p["compute_note"] == "measured" else f" ({p['compute_note']})"
         rows.append([f"`{name}`{note}", p["gpus"], _f(p["global_batch"]), f"{p['micro_batch']} x {p['accumulation']}",
-                     p["path"], _f(p["busbw_gbs"]), _f(p["comm_exposed_sec"] * 1e3, ".1f"), _f(p["step_time_sec"], ".4f"),
-                     _f(p["tokens_per_sec"]), _f(p["samples_per_sec"]), _f(p["mfu"], ".1%"), _f(p["train_hours"], ".2f"),
-                     _f(p["cost_usd"], ",.0f", ""),
+                     p["path"], _f(p["busbw_gbs"]), _f(p["comm_exposed_sec"] * 1e3, ".1f"),
+                     _f(p["step_time_sec"], ".4f"), _f(p["tokens_per_sec"]), _f(p["samples_per_sec"]),
+                     _f(p["mfu"], ".1%"), _f(p["train_hours"], ".2f"), _f(p["cost_usd"]),
                      _f(o["step_time_sec"], ".4f") if o else "-", _f(o["tokens_per_sec"]) if o else "-",
                      _f(o["mfu"], ".1%") if o else "-", _f(o["cost_usd"], ",.0f") if o else "-"])
     return markdown_table(
@@ -302,7 +302,7 @@ def describe_model(report: Mapping[str, Any]) -> list[str]:
         f"{a['run_samples']:,} samples per run",
         f"- backward share of a micro batch {a['backward_fraction']:.2f} (overlap columns); share of the "
         f"optimizer step that ZeRO-1 does not shard {a['optimizer_full_fraction']:g}; "
-        f"{a['scalar_collectives']} scalar all-reduces per step",
+        f"scalar all-reduces per step: {a['scalar_collectives']}",
     ]
     for model, p in (report.get("profiles") or {}).items():
         micro = ", ".join(f"{s * 1e3:.1f} ms at micro {m}" for m, s in p["micro_sec"].items())

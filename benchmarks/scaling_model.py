@@ -24,8 +24,9 @@ hidden behind the last micro batch's backward.
 Collectives (ring, large messages; S bytes, n ranks, g GPUs per node)
   all-reduce          T_ar = 2 (n-1)/n * S / busbw(n) + 2 (n-1) * alpha(n)
   all-gather          T_ag =   (n-1)/n * S / busbw(n) +   (n-1) * alpha(n)   (S: gathered size)
-  scalar all-reduce   T_s  = 2 ceil(log2 n) * alpha(n)  (NCCL's tree; k = 2 per step: the
-                      trainer's masked-token count and the gradient norm)
+  scalar all-reduce   T_s  = 2 ceil(log2 n) * alpha(n)  (NCCL's tree; k = 1 per step: the
+                      trainer's masked-token count; the gradient norm needs none, every rank
+                      holds the full reduced gradient)
   busbw(n <= g) = B_intra: achieved NVLink all-reduce bus bandwidth (measured when given, else
                   the nominal per-GPU NVLink bandwidth x efficiency); alpha = alpha_intra.
   busbw(n > g)  = min(B_intra, efficiency * g * B_nic), alpha = alpha_inter.
@@ -461,7 +462,7 @@ class Assumptions:
     run_samples: int = RUN_SAMPLES
     backward_fraction: float = 2 / 3
     optimizer_full_fraction: float = 0.3
-    scalar_collectives: int = 2
+    scalar_collectives: int = 1
 
     def tau(self, profile: ComputeProfile | None = None) -> float:
         if self.tokens_per_sample:
@@ -640,7 +641,8 @@ def validate(measured: Mapping[str, Any], network: Network | None = None, assump
         error = pred.tokens_per_sec / p["real_tokens_per_sec"] - 1
         rows.append({"world_size": n, "mode": p.get("mode", "?"), "global_batch": p["global_batch"],
                      "micro_batch": p["micro_batch"], "accumulation": pred.accumulation,
-                     "measured_tokens_per_sec": p["real_tokens_per_sec"], "predicted_tokens_per_sec": pred.tokens_per_sec,
+                     "measured_tokens_per_sec": p["real_tokens_per_sec"],
+                     "predicted_tokens_per_sec": pred.tokens_per_sec,
                      "measured_step_time_sec": p.get("step_time_sec"), "predicted_step_time_sec": pred.step_time_sec,
                      "predicted_comm_sec": pred.comm_exposed_sec, "busbw_gbs": pred.busbw_gbs,
                      "busbw_source": None if n == 1 else found[1] if found else host.intra_source, "error": error,
