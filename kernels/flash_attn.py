@@ -63,6 +63,29 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _program_tile(CU, n_heads, n_blocks, BLOCK: tl.constexpr):
+    """This program's head, sequence start (int64), sequence length and block start.
+
+    Heads vary fastest, so programs running together read neighbouring bytes of the same tokens.
+    """
+    pid = tl.program_id(0)
+    h = pid % n_heads
+    rest = pid // n_heads
+    seq = rest // n_blocks
+    start = tl.load(CU + seq)
+    seqlen = tl.load(CU + seq + 1) - start
+    return h, start.to(tl.int64), seqlen, (rest % n_blocks) * BLOCK
+
+
+@triton.jit
+def _log2_slope(SLOPES, h, HAS_ALIBI: tl.constexpr):
+    if HAS_ALIBI:
+        return tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+    else:
+        return 0.0
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, a_i, offs_m, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, seqlen,
                qk_scale, slope, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_ALIBI: tl.constexpr):
@@ -101,19 +124,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, SLOPES,
                 stride_lh, n_heads, n_mblocks, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    # heads vary fastest so that concurrent programs read neighbouring bytes of the same tokens
-    pid = tl.program_id(0)
-    h = pid % n_heads
-    rest = pid // n_heads
-    mblk = rest % n_mblocks
-    seq = rest // n_mblocks
-    start = tl.load(CU + seq)
-    seqlen = tl.load(CU + seq + 1) - start
-    m0 = mblk * BLOCK_M
+    h, base, seqlen, m0 = _program_tile(CU, n_heads, n_mblocks, BLOCK_M)
     if m0 >= seqlen:
         return
     # 64-bit math on the scalar base pointers only; tile offsets within a sequence stay 32-bit
-    base = start.to(tl.int64)
     Q += base * stride_qt + h * stride_qh
     K += base * stride_kt + h * stride_kh
     V += base * stride_vt + h * stride_vh
@@ -126,10 +140,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, SLOPES,
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-    else:
-        slope = 0.0
+    slope = _log2_slope(SLOPES, h, HAS_ALIBI)
     a_i = offs_m.to(tl.float32) * slope
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -173,17 +184,9 @@ def _bwd_kv_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, SLOPES,
                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DQ_MODE: tl.constexpr):
     # DQ_MODE 0: the sequence fits this key block; store dQ, delta from P and dP in place.
     #         1: fp32 atomics into DQ, delta precomputed.  2: no dQ here (separate kernel).
-    pid = tl.program_id(0)
-    h = pid % n_heads
-    rest = pid // n_heads
-    nblk = rest % n_nblocks
-    seq = rest // n_nblocks
-    start = tl.load(CU + seq)
-    seqlen = tl.load(CU + seq + 1) - start
-    n0 = nblk * BLOCK_N
+    h, base, seqlen, n0 = _program_tile(CU, n_heads, n_nblocks, BLOCK_N)
     if n0 >= seqlen:
         return
-    base = start.to(tl.int64)
     Q += base * stride_qt + h * stride_qh
     K += base * stride_kt + h * stride_kh
     V += base * stride_vt + h * stride_vh
@@ -200,10 +203,7 @@ def _bwd_kv_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, SLOPES,
     col_ok = offs_n < seqlen
     k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-    else:
-        slope = 0.0
+    slope = _log2_slope(SLOPES, h, HAS_ALIBI)
     # keys past the end must not feed dQ (their p can overflow when a row's lse is very low): with
     # ALiBi an infinite position gives p = exp2(-inf) = 0 at no per-element cost
     b_j = tl.where(col_ok, offs_n.to(tl.float32) * slope, float("inf"))
@@ -261,17 +261,9 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CU, SLOPES,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr):
     # Also writes delta = rowsum(dO * O) for the dK/dV kernel that runs after it.
-    pid = tl.program_id(0)
-    h = pid % n_heads
-    rest = pid // n_heads
-    mblk = rest % n_mblocks
-    seq = rest // n_mblocks
-    start = tl.load(CU + seq)
-    seqlen = tl.load(CU + seq + 1) - start
-    m0 = mblk * BLOCK_M
+    h, base, seqlen, m0 = _program_tile(CU, n_heads, n_mblocks, BLOCK_M)
     if m0 >= seqlen:
         return
-    base = start.to(tl.int64)
     Q += base * stride_qt + h * stride_qh
     K += base * stride_kt + h * stride_kh
     V += base * stride_vt + h * stride_vh
@@ -290,10 +282,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CU, SLOPES,
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-    else:
-        slope = 0.0
+    slope = _log2_slope(SLOPES, h, HAS_ALIBI)
     a_i = offs_m.to(tl.float32) * slope
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_ptrs = K + offs_n0[:, None] * stride_kt + offs_d[None, :]
