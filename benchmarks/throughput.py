@@ -105,6 +105,17 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
               f"{r['peak_mem_gib']:>9.1f}{ratio:>9}")
 
 
+def attempt(fn, *args, **kwargs) -> dict[str, Any] | None:
+    """Run one measurement; a failing configuration is reported and skipped, not fatal."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        print(f"FAILED {args[0] if args else ''}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        gc.collect()
+        torch.cuda.empty_cache()
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ablations", action="store_true", help="the Figure-4 ablation table instead")
@@ -121,9 +132,11 @@ def main() -> None:
     if args.ablations:
         for name, overrides in ABLATIONS:
             config = MosaicBertConfig.from_name("bert-base", **overrides)
-            rows.append(measure(name, config, 128, args.warmup, args.steps, baseline="BERT-Base"))
-            rows[-1]["model"] = "ablation"
-            print_rows("ablations so far", rows[-1:])
+            row = attempt(measure, name, config, 128, args.warmup, args.steps, baseline="BERT-Base")
+            if row:
+                row["model"] = "ablation"
+                rows.append(row)
+                print_rows("ablations so far", rows[-1:])
         print_rows("Figure 4 ablations (bf16, DeepSpeed ZeRO-1, micro 128, C4-like lengths at 128)", rows)
     else:
         plan = [("base", "mosaicbert-base", [128, 256]), ("bert-base", "bert-base", [128, 256]),
@@ -131,19 +144,22 @@ def main() -> None:
         for preset, label, micros in plan:
             for micro in args.micro or micros:
                 baseline = None if preset.startswith("bert") else f"{label.replace('mosaicbert', 'bert')} @{micro}"
-                row = measure(f"{label} @{micro}", MosaicBertConfig.from_name(preset), micro, args.warmup,
+                row = attempt(measure, f"{label} @{micro}", MosaicBertConfig.from_name(preset), micro, args.warmup,
                               args.steps, baseline=baseline)
-                row["model"] = preset
-                rows.append(row)
-                print_rows("so far", rows[-1:])
-        bare = bare_step(MosaicBertConfig.from_name("base"), 256, args.warmup, args.steps)
-        bare["baseline"] = None
-        rows.append(bare)
-        trainer = next(r for r in rows if r["name"] == "mosaicbert-base @256")
-        result["trainer_vs_bare_step"] = trainer["real_tokens_per_sec"] / bare["real_tokens_per_sec"]
+                if row:
+                    row["model"] = preset
+                    rows.append(row)
+                    print_rows("so far", rows[-1:])
+        bare = attempt(bare_step, MosaicBertConfig.from_name("base"), 256, args.warmup, args.steps)
+        trainer = next((r for r in rows if r["name"] == "mosaicbert-base @256"), None)
+        if bare:
+            bare["baseline"] = None
+            rows.append(bare)
         print_rows("trainer throughput (bf16, DeepSpeed ZeRO-1 BF16_Optimizer, fused AdamW, C4-like lengths at 128)",
                    rows)
-        print(f"\nDeepSpeed trainer / bare step (MosaicBERT-Base @256): {result['trainer_vs_bare_step']:.3f}")
+        if bare and trainer:
+            result["trainer_vs_bare_step"] = trainer["real_tokens_per_sec"] / bare["real_tokens_per_sec"]
+            print(f"\nDeepSpeed trainer / bare step (MosaicBERT-Base @256): {result['trainer_vs_bare_step']:.3f}")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
