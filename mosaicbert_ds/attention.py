@@ -98,6 +98,7 @@ def _triton_available(q: torch.Tensor) -> bool:
     return True
 
 
+@torch.compiler.disable  # a graph break: the Triton kernel is launched eagerly inside compiled layers
 def flash_attn_varlen_func(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
