@@ -42,32 +42,34 @@ def mosaic(compile_model: bool = False, **overrides: Any) -> torch.nn.Module:
     return model
 
 
-def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: int) -> tuple[float, float]:
-    """Median seconds per training step, and peak GiB."""
+def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: int, accum: int = 1
+               ) -> tuple[float, float]:
+    """Median seconds per micro batch (an optimizer step every `accum` micro batches), and peak GiB."""
     model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5,
                             fused=True)
 
-    def step(batch: dict) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
+    def step(i: int) -> None:
+        for j in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batches[(i * accum + j) % len(batches)]).loss
+            (loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for i in range(warmup):
-        step(batches[i % len(batches)])
+        step(i)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step(batches[i % len(batches)])
+        step(i)
         end.record()
         times.append((start, end))
     torch.cuda.synchronize()
-    seconds = statistics.median(s.elapsed_time(e) / 1e3 for s, e in times)
+    seconds = statistics.median(s.elapsed_time(e) / 1e3 for s, e in times) / accum
     return seconds, torch.cuda.max_memory_allocated() / 2**30
 
 

@@ -89,7 +89,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def forward_backward(engine: Any, batch: dict[str, Any], n_masked: int, weight: torch.Tensor,
+def forward_backward(engine: Any, batch: dict[str, Any], n_masked: int, weight: torch.Tensor | float,
                      window: Window) -> None:
     """One micro batch. The model's loss is the mean over this micro batch's masked tokens;
     `weight` rescales it so the step's gradient is that of the mean over every masked token of
@@ -105,11 +105,17 @@ def train_step(engine: Any, batches: Iterator[dict[str, Any]], accum: int, world
     group = [next(batches) for _ in range(accum)]  # CPU batches: their sizes are known without a sync
     stats = [batch_stats(batch) for batch in group]
     # DeepSpeed averages gradients over ranks and accumulation steps; undo that and divide by the
-    # global masked-token count instead. The count is summed on the device: no host sync.
-    masked = torch.tensor(float(sum(s[2] for s in stats)), device=engine.device)
+    # global masked-token count instead (summed on the device from pinned memory: no host sync).
+    local_masked = float(sum(s[2] for s in stats))
     if dist.is_initialized() and world > 1:
+        masked = torch.tensor([local_masked])
+        if engine.device.type == "cuda":
+            masked = masked.pin_memory()
+        masked = masked.to(engine.device, non_blocking=True)
         dist.all_reduce(masked)
-    weight = (world * accum) / masked
+        weight: torch.Tensor | float = (world * accum) / masked
+    else:
+        weight = accum / local_masked
     for batch, (n_seq, n_tok, n_masked, lens) in zip(group, stats):
         window.samples += n_seq
         window.tokens += n_tok
