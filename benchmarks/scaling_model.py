@@ -345,6 +345,13 @@ def scaling_micro_batch(scaling: Mapping[str, Any]) -> int | None:
     return max(set(micros), key=micros.count) if micros else None
 
 
+def _measured_optimizer_time(value: float) -> tuple[float, str]:
+    """A measured optimizer time; a negative one (a difference of two noisy step times) becomes 0."""
+    if float(value) < 0:
+        return 0.0, f"measured {float(value) * 1e3:.1f} ms (noise), clamped to 0"
+    return float(value), "measured"
+
+
 def profiles_from_results(*results: Mapping[str, Any] | None) -> dict[str, ComputeProfile]:
     """Compute profiles per model from throughput and scaling JSON (the first source per model and
     micro batch wins, so pass the preferred one first; ablation rows are not used).
@@ -370,7 +377,7 @@ def profiles_from_results(*results: Mapping[str, Any] | None) -> dict[str, Compu
                 micro.setdefault(model, {}).setdefault(m, float(result["compute_sec_per_micro"]))
                 sources.setdefault(model, []).append(f"scaling run on {device} (micro {m})")
             if result.get("optimizer_sec") is not None:
-                opt.setdefault(model, (float(result["optimizer_sec"]), "measured"))
+                opt.setdefault(model, _measured_optimizer_time(result["optimizer_sec"]))
             if result.get("params"):
                 params.setdefault(model, int(result["params"]))
             one = [q for q in result.get("points", []) if q.get("world_size") == 1 and q.get("step_time_sec")]
@@ -385,7 +392,7 @@ def profiles_from_results(*results: Mapping[str, Any] | None) -> dict[str, Compu
             if row.get("real_tokens_per_sec") and row.get("samples_per_sec"):
                 tau.setdefault(model, row["real_tokens_per_sec"] / row["samples_per_sec"])
             if row.get("optimizer_sec") is not None:
-                opt.setdefault(model, (float(row["optimizer_sec"]), "measured"))
+                opt.setdefault(model, _measured_optimizer_time(row["optimizer_sec"]))
             pending.append((model, row, device))
     # throughput rows: split once every source's optimizer time is known
     for model, row, device in pending:

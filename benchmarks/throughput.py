@@ -91,7 +91,7 @@ def bare_step(config: MosaicBertConfig, micro: int, warmup: int, steps: int, acc
     return {"name": f"bare step (no DeepSpeed) @{micro}", "micro_batch": micro, "accumulation": accum,
             "params": n_params, "real_tokens_per_sec": tokens * accum / seconds, "step_time_sec": seconds,
             "peak_mem_gib": mem,
-            "mfu": mfu(paper_flops_per_token(n_params) * tokens / seconds, 1, peak_flops())}
+            "mfu": mfu(paper_flops_per_token(n_params) * tokens * accum / seconds, 1, peak_flops())}
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
@@ -135,14 +135,16 @@ def main() -> None:
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     rows = result["rows"]
     if args.ablations:
+        micro = args.micro[0] if args.micro else 256
         for name, overrides in ABLATIONS:
             config = MosaicBertConfig.from_name("bert-base", **overrides)
-            row = attempt(measure, name, config, 128, args.warmup, args.steps, args.accum, baseline="BERT-Base")
+            row = attempt(measure, name, config, micro, args.warmup, args.steps, args.accum, baseline="BERT-Base")
             if row:
                 row["model"] = "ablation"
                 rows.append(row)
                 print_rows("ablations so far", rows[-1:])
-        print_rows(f"Figure 4 ablations (bf16, DeepSpeed ZeRO-1, micro 128 x {args.accum}, C4-like lengths at 128)", rows)
+        print_rows(f"Figure 4 ablations (bf16, DeepSpeed ZeRO-1, micro {micro} x {args.accum}, C4-like lengths at 128)",
+                   rows)
     else:
         plan = [("base", "mosaicbert-base", [128, 256]), ("bert-base", "bert-base", [128, 256]),
                 ("large", "mosaicbert-large", [64, 128]), ("bert-large", "bert-large", [64])]
