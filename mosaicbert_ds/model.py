@@ -315,7 +315,8 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
                 masked_positions: torch.Tensor | None = None, return_dict: bool | None = None, **_: object
                 ) -> MosaicBertMaskedLMOutput:
         """labels: -100 where not masked, same shape as input_ids. masked_positions: optional
-        (M,) indices of the masked tokens in the flat input, which saves a host sync."""
+        (M,) indices of the masked tokens in the flattened input (T for a packed batch, B * L
+        for a padded one), which saves a host sync."""
         enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen)
         wte = self.bert.embeddings.word_embeddings.weight
         if labels is None:
@@ -329,8 +330,9 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             flat_labels = flat_labels[enc.gather]
         if masked_positions is None:
             masked_positions = torch.nonzero(flat_labels != -100, as_tuple=False).flatten()
-        elif enc.gather is not None:
-            raise ValueError("masked_positions is only supported with an unpadded (cu_seqlens) batch")
+        elif enc.gather is not None:  # positions in the padded (B * L) input -> rows of the packed stream
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            masked_positions = (mask.flatten().cumsum(0) - 1)[masked_positions]
         masked_labels = flat_labels[masked_positions]
         logits = self.head(enc.hidden[masked_positions], wte)
         loss = F.cross_entropy(logits.float(), masked_labels)

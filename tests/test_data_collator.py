@@ -93,7 +93,8 @@ def test_padded_batch_matches_unpadded():
     samples = make_samples(5, np.random.default_rng(3), min_len=3, max_len=60)
     flat = collator()(samples)
     padded = collator(padded=True)(samples)
-    assert list(padded) == ["input_ids", "attention_mask", "labels"]
+    assert list(padded) == ["input_ids", "attention_mask", "labels", "masked_positions"]
+    assert torch.equal(padded["masked_positions"], (padded["labels"].flatten() != -100).nonzero().flatten())
     lengths = [len(s["input_ids"]) for s in samples]
     assert padded["input_ids"].shape == padded["labels"].shape == padded["attention_mask"].shape == (5, max(lengths))
     mask = padded["attention_mask"].bool()

@@ -134,6 +134,8 @@ def test_mlm_loss_same_for_padded_labels_and_masked_positions():
     flat_labels = torch.full_like(flat, -100)
     flat_labels[[2, 9]] = flat[[2, 9]]
     a = model(ids, attention_mask=mask, labels=padded_labels).loss
+    a2 = model(ids, attention_mask=mask, labels=padded_labels, masked_positions=torch.tensor([2, 6 + 3])).loss
+    torch.testing.assert_close(a, a2)
     b = model(flat, cu_seqlens=cu, max_seqlen=6, labels=flat_labels, masked_positions=torch.tensor([2, 9])).loss
     c = model(flat, cu_seqlens=cu, max_seqlen=6, labels=flat_labels).loss
     torch.testing.assert_close(a, b)

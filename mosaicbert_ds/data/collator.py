@@ -8,7 +8,8 @@ Unpadded batch (default), B samples with T real tokens in all:
     masked_positions  int64 (M,)    sorted indices where labels != -100
 Padded batch (padded=True; the BERT baseline and the unpadding ablation):
     input_ids (B, L), attention_mask (B, L), labels (B, L) with -100 at unchosen and pad slots;
-    L is the batch maximum, or `pad_to` if given.
+    L is the batch maximum, or `pad_to` if given; masked_positions int64 (M,), indices into the
+    flattened (B * L) batch where labels != -100.
 
 Masking follows BERT: each non-special token is chosen with probability `mlm_probability`
 (0.30 for MosaicBERT, 0.15 for BERT and for evaluation); a chosen token becomes [MASK] 80% of
@@ -136,4 +137,7 @@ class MLMCollator:
             input_ids[row, :len(inputs)] = torch.from_numpy(inputs)
             attention_mask[row, :len(inputs)] = 1
             labels[row, :len(inputs)] = torch.from_numpy(lab)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # flat (B * width) indices of the masked tokens: the model needs no nonzero() on the device
+        masked_positions = torch.nonzero(labels.flatten() != IGNORE_INDEX).flatten()
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "masked_positions": masked_positions}

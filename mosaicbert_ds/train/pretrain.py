@@ -82,7 +82,7 @@ def batch_stats(batch: dict[str, Any]) -> tuple[int, int, int, list[int]]:
         lens = (cu[1:] - cu[:-1]).tolist()
         return len(lens), batch["input_ids"].numel(), batch["masked_positions"].numel(), lens
     lens = batch["attention_mask"].sum(1).tolist()
-    return len(lens), sum(lens), int((batch["labels"] != -100).sum()), lens
+    return len(lens), sum(lens), batch["masked_positions"].numel(), lens
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
