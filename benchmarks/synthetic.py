@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mosaicbert_ds.padding import cu_seqlens_from_lengths
+from mosaicbert_ds.train.pretrain import to_device  # noqa: F401  (re-exported for the benchmarks)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,3 @@ def make_batch(mix: LengthMix, batch: int, vocab: int, mask_rate: float = 0.3, s
     return {"packed": packed, "padded": padded, "tokens": total, "masked": int(masked.sum()),
             "lengths": lens.tolist()}
 
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
