@@ -1,17 +1,20 @@
 """Fused elementwise kernels in Triton: GeGLU and dropout + residual add + LayerNorm.
 
 Supports
-    geglu(h, approximate): h (..., 2 * ff) -> GELU(h[..., :ff]) * h[..., ff:], GELU exact ("none")
-    or tanh-approximated ("tanh"); any float dtype; one kernel forward, one backward.
-    dropout_add_layer_norm(x, residual, weight, bias, eps, p, low_precision):
-    LayerNorm(Dropout_p(x) + residual) over the last dimension (up to 16384 features), the
+    geglu(h, approximate, p): h (..., 2 * ff) -> Dropout_p(GELU(h[..., :ff]) * h[..., ff:]), GELU
+    exact ("none") or tanh-approximated ("tanh"); any float dtype; one kernel forward, one backward.
+    dropout_add_layer_norm(x, residual, weight, bias, eps, p, low_precision, linear_bias):
+    LayerNorm(Dropout_p(x + linear_bias) + residual) over the last dimension (up to 16384
+    features); linear_bias is the bias of the matmul that produced x, added here so that its
+    gradient (a column sum) comes out of the backward kernel instead of a separate reduction; the
     dtypes of mosaicbert_ds.ops: under autocast the output is the autocast dtype when
     low_precision, else fp32 (what autocast's layer_norm returns); without autocast the
     promoted dtype of x and residual. Statistics always in fp32.
 Limits
     Dropout draws from Triton's Philox (tl.rand) seeded from torch's CPU generator: masks are
     reproducible under torch.manual_seed but differ from torch.nn.functional.dropout's.
-    The backward regenerates the mask from the seed instead of storing it.
+    The backward regenerates the mask from the seed instead of storing it. Philox counters are 32
+    bits, one per four elements: past 2**34 elements per call masks would repeat.
 Tested
     Triton's interpreter on CPU (triton 3.6, 3.8); compiled on one NVIDIA H200 (triton 3.6).
 Known risks
@@ -39,40 +42,57 @@ def _gelu_and_grad(x, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def _geglu_fwd_kernel(H, OUT, ff, stride_h, stride_o, APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
+def _dropout(x, p, scale, seed, block_id, BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    # Dropout on a block of BLOCK elements. Philox yields four numbers per counter (rand4x): one
+    # counter per four elements costs a quarter of tl.rand's one per element, which made the
+    # GeGLU kernel compute-bound. The same (seed, block_id) gives the same mask in the backward.
+    if HAS_DROPOUT:
+        offs = (block_id * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int32)
+        r0, r1, r2, r3 = tl.rand4x(seed, offs)
+        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
+        x = tl.where(r >= p, x * scale, 0.0)
+    return x
+
+
+@triton.jit
+def _geglu_fwd_kernel(H, OUT, ff, stride_h, stride_o, p, scale, seed, APPROX_TANH: tl.constexpr,
+                      HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < ff
     gate = tl.load(H + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(H + row * stride_h + ff + cols, mask=ok, other=0.0).to(tl.float32)
     g, _ = _gelu_and_grad(gate, APPROX_TANH)
-    tl.store(OUT + row * stride_o + cols, (g * up).to(OUT.dtype.element_ty), mask=ok)
+    out = _dropout(g * up, p, scale, seed, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
+    tl.store(OUT + row * stride_o + cols, out.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, APPROX_TANH: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, p, scale, seed,
+                      APPROX_TANH: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < ff
     gate = tl.load(H + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(H + row * stride_h + ff + cols, mask=ok, other=0.0).to(tl.float32)
     dout = tl.load(DOUT + row * stride_do + cols, mask=ok, other=0.0).to(tl.float32)
+    dout = _dropout(dout, p, scale, seed, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
     g, dg = _gelu_and_grad(gate, APPROX_TANH)
     tl.store(DH + row * stride_dh + cols, (dout * up * dg).to(DH.dtype.element_ty), mask=ok)
     tl.store(DH + row * stride_dh + ff + cols, (dout * g).to(DH.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _dal_fwd_kernel(X, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride_r, stride_o, stride_z,
-                    eps, p, scale, seed, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride_r, stride_o, stride_z,
+                    eps, p, scale, seed, HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        keep = tl.rand(seed, (row * n_cols + cols).to(tl.int32)) >= p
-        x = tl.where(keep, x * scale, 0.0)
+    if HAS_LINEAR_BIAS:
+        x += tl.load(LB + cols, mask=ok, other=0.0).to(tl.float32)
+    x = _dropout(x, p, scale, seed, row, BLOCK, HAS_DROPOUT)
     z = x + tl.load(R + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     mean = tl.sum(z, 0) / n_cols
     zc = tl.where(ok, z - mean, 0.0)
@@ -86,16 +106,18 @@ def _dal_fwd_kernel(X, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride_r, 
 
 
 @triton.jit
-def _dal_bwd_kernel(DOUT, Z, W, MEAN, RSTD, DX, DR, DW_PART, DB_PART, n_rows, n_cols, rows_per_prog,
-                    stride_do, stride_z, stride_dx, stride_dr, p, scale, seed,
-                    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
-    # each program takes a run of rows and leaves its partial dW, dB in one row of *_PART
+def _dal_bwd_kernel(DOUT, Z, W, MEAN, RSTD, DX, DR, PART, n_rows, n_cols, rows_per_prog,
+                    stride_do, stride_z, stride_dx, stride_dr, stride_part, p, scale, seed,
+                    HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+    # each program takes a run of rows and leaves its partial dW, dB (and d linear_bias, the column
+    # sum of dX) in PART[k, program]; the host sums PART over programs in one reduction
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     db = tl.zeros([BLOCK], dtype=tl.float32)
+    dlb = tl.zeros([BLOCK], dtype=tl.float32)
     row_start = pid * rows_per_prog
     first = row_start.to(tl.int64)
     for i in range(0, tl.minimum(rows_per_prog, n_rows - row_start)):
@@ -106,14 +128,16 @@ def _dal_bwd_kernel(DOUT, Z, W, MEAN, RSTD, DX, DR, DW_PART, DB_PART, n_rows, n_
         g = dout * w
         dz = (g - tl.sum(g, 0) / n_cols - xhat * (tl.sum(g * xhat, 0) / n_cols)) * tl.load(RSTD + row)
         tl.store(DR + row * stride_dr + cols, dz.to(DR.dtype.element_ty), mask=ok)
-        if HAS_DROPOUT:
-            keep = tl.rand(seed, (row * n_cols + cols).to(tl.int32)) >= p
-            dz = tl.where(keep, dz * scale, 0.0)
-        tl.store(DX + row * stride_dx + cols, dz.to(DX.dtype.element_ty), mask=ok)
+        dx = _dropout(dz, p, scale, seed, row, BLOCK, HAS_DROPOUT)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=ok)
         dw += dout * xhat
         db += dout
-    tl.store(DW_PART + pid * n_cols + cols, dw, mask=ok)
-    tl.store(DB_PART + pid * n_cols + cols, db, mask=ok)
+        if HAS_LINEAR_BIAS:
+            dlb += dx
+    tl.store(PART + pid * n_cols + cols, dw, mask=ok)
+    tl.store(PART + stride_part + pid * n_cols + cols, db, mask=ok)
+    if HAS_LINEAR_BIAS:
+        tl.store(PART + 2 * stride_part + pid * n_cols + cols, dlb, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,65 +158,76 @@ def _check_approx(approximate: str) -> bool:
     return approximate == "tanh"
 
 
+def _dropout_args(p: float) -> tuple[bool, float, int]:
+    """(has_dropout, scale, seed); the seed comes from torch's CPU generator: no device sync."""
+    assert 0.0 <= p <= 1.0, f"dropout probability must be in [0, 1], got {p}"
+    if p == 0.0:
+        return False, 1.0, 0
+    return True, 0.0 if p >= 1.0 else 1.0 / (1.0 - p), int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
 class GeGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, approximate: str) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, approximate: str, p: float) -> torch.Tensor:
         tanh = _check_approx(approximate)
         assert h.shape[-1] % 2 == 0, f"the last dimension must be even (gate; up), got {h.shape[-1]}"
+        has_dropout, scale, seed = _dropout_args(p)
         h2 = _rows(h)
         rows, ff = h2.shape[0], h2.shape[1] // 2
         out = torch.empty((rows, ff), dtype=h.dtype, device=h.device)
         if rows and ff:
             _geglu_fwd_kernel[(rows, triton.cdiv(ff, _GEGLU_BLOCK))](
-                h2, out, ff, h2.stride(0), out.stride(0), APPROX_TANH=tanh, BLOCK=_GEGLU_BLOCK, num_warps=4)
+                h2, out, ff, h2.stride(0), out.stride(0), p, scale, seed, APPROX_TANH=tanh,
+                HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, num_warps=4)
         ctx.save_for_backward(h2)
-        ctx.tanh, ctx.shape = tanh, h.shape
+        ctx.tanh, ctx.shape, ctx.dropout = tanh, h.shape, (p, scale, seed, has_dropout)
         return out.view(*h.shape[:-1], ff)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         (h2,) = ctx.saved_tensors
         rows, ff = h2.shape[0], h2.shape[1] // 2
+        p, scale, seed, has_dropout = ctx.dropout
         d2 = _rows(dout)
         dh = torch.empty_like(h2)
         if rows and ff:
             _geglu_bwd_kernel[(rows, triton.cdiv(ff, _GEGLU_BLOCK))](
-                h2, d2, dh, ff, h2.stride(0), d2.stride(0), dh.stride(0), APPROX_TANH=ctx.tanh,
-                BLOCK=_GEGLU_BLOCK, num_warps=4)
-        return dh.view(ctx.shape), None
+                h2, d2, dh, ff, h2.stride(0), d2.stride(0), dh.stride(0), p, scale, seed, APPROX_TANH=ctx.tanh,
+                HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, num_warps=4)
+        return dh.view(ctx.shape), None, None
 
 
-def geglu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """GELU(h[..., :ff]) * h[..., ff:] for h (..., 2 * ff), differentiable."""
-    return GeGLUFunction.apply(h, approximate)
+def geglu(h: torch.Tensor, approximate: str = "none", p: float = 0.0) -> torch.Tensor:
+    """Dropout_p(GELU(h[..., :ff]) * h[..., ff:]) for h (..., 2 * ff), differentiable."""
+    return GeGLUFunction.apply(h, approximate, float(p))
 
 
 class DropoutAddLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                eps: float, p: float, out_dtype: torch.dtype) -> torch.Tensor:
+                linear_bias: torch.Tensor | None, eps: float, p: float, out_dtype: torch.dtype) -> torch.Tensor:
         assert x.shape == residual.shape, f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ"
         n = x.shape[-1]
         assert weight.shape == (n,) and bias.shape == (n,), "weight and bias must be (hidden,)"
-        assert 0.0 <= p <= 1.0, f"dropout probability must be in [0, 1], got {p}"
+        assert linear_bias is None or linear_bias.shape == (n,), "linear_bias must be (hidden,)"
         block = triton.next_power_of_2(n)
         assert block <= 16384, f"hidden size {n} is above this kernel's 16384"
+        has_dropout, scale, seed = _dropout_args(p)
         x2, r2 = _rows(x), _rows(residual)
         rows = x2.shape[0]
         out = torch.empty((rows, n), dtype=out_dtype, device=x.device)
         z = torch.empty((rows, n), dtype=out_dtype, device=x.device)  # pre-norm sum, for backward
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        has_dropout = p > 0.0
-        scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if has_dropout else 0  # CPU: no device sync
-        warps = min(16, max(1, block // 256))
+        has_lb = linear_bias is not None
         if rows:
-            _dal_fwd_kernel[(rows,)](x2, r2, weight, bias, out, z, mean, rstd, n, x2.stride(0), r2.stride(0),
-                                     out.stride(0), z.stride(0), eps, p, scale, seed,
-                                     HAS_DROPOUT=has_dropout, BLOCK=block, num_warps=warps)
+            _dal_fwd_kernel[(rows,)](x2, linear_bias if has_lb else weight, r2, weight, bias, out, z, mean, rstd, n,
+                                     x2.stride(0), r2.stride(0), out.stride(0), z.stride(0), eps, p, scale, seed,
+                                     HAS_LINEAR_BIAS=has_lb, HAS_DROPOUT=has_dropout, BLOCK=block,
+                                     num_warps=min(16, max(1, block // 256)))
         ctx.save_for_backward(z, weight, mean, rstd)
-        ctx.p, ctx.scale, ctx.seed, ctx.has_dropout = p, scale, seed, has_dropout
+        ctx.dropout = (p, scale, seed, has_dropout)
+        ctx.lb_dtype = linear_bias.dtype if has_lb else None
         ctx.x_dtype, ctx.r_dtype, ctx.shape = x.dtype, residual.dtype, x.shape
         return out.view(x.shape)
 
@@ -201,29 +236,33 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         z, weight, mean, rstd = ctx.saved_tensors
         rows, n = z.shape
         block = triton.next_power_of_2(n)
+        p, scale, seed, has_dropout = ctx.dropout
+        has_lb = ctx.lb_dtype is not None
         d2 = _rows(dout)
         dx = torch.empty((rows, n), dtype=ctx.x_dtype, device=z.device)
         dr = torch.empty((rows, n), dtype=ctx.r_dtype, device=z.device)
         rows_per_prog = max(1, triton.cdiv(rows, 1024))
         n_prog = max(1, triton.cdiv(rows, rows_per_prog))
-        dw_part = torch.zeros((n_prog, n), dtype=torch.float32, device=z.device)
-        db_part = torch.zeros((n_prog, n), dtype=torch.float32, device=z.device)
+        part = torch.zeros((3 if has_lb else 2, n_prog, n), dtype=torch.float32, device=z.device)
         if rows:
-            _dal_bwd_kernel[(n_prog,)](d2, z, weight, mean, rstd, dx, dr, dw_part, db_part, rows, n, rows_per_prog,
-                                       d2.stride(0), z.stride(0), dx.stride(0), dr.stride(0),
-                                       ctx.p, ctx.scale, ctx.seed, HAS_DROPOUT=ctx.has_dropout, BLOCK=block,
-                                       num_warps=min(16, max(1, block // 256)))
-        dw = dw_part.sum(0).to(weight.dtype)
-        db = db_part.sum(0).to(weight.dtype)
-        return dx.view(ctx.shape), dr.view(ctx.shape), dw, db, None, None, None
+            _dal_bwd_kernel[(n_prog,)](d2, z, weight, mean, rstd, dx, dr, part, rows, n, rows_per_prog,
+                                       d2.stride(0), z.stride(0), dx.stride(0), dr.stride(0), part.stride(0),
+                                       p, scale, seed, HAS_LINEAR_BIAS=has_lb, HAS_DROPOUT=has_dropout,
+                                       BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        sums = part.sum(1)  # one reduction for dW, dB (and d linear_bias)
+        dlb = sums[2].to(ctx.lb_dtype) if has_lb else None
+        return (dx.view(ctx.shape), dr.view(ctx.shape), sums[0].to(weight.dtype), sums[1].to(weight.dtype), dlb,
+                None, None, None)
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           eps: float, p: float, low_precision: bool = False) -> torch.Tensor:
-    """LayerNorm(Dropout_p(x) + residual), with the output dtype mosaicbert_ds.ops.LayerNorm gives."""
+                           eps: float, p: float, low_precision: bool = False,
+                           linear_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm(Dropout_p(x + linear_bias) + residual), with the output dtype mosaicbert_ds.ops.LayerNorm
+    gives."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         out_dtype = torch.get_autocast_dtype(device_type) if low_precision else torch.float32
     else:
         out_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return DropoutAddLayerNormFunction.apply(x, residual, weight, bias, float(eps), float(p), out_dtype)
+    return DropoutAddLayerNormFunction.apply(x, residual, weight, bias, linear_bias, float(eps), float(p), out_dtype)

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import (BaseModelOutputWithPooling, MaskedLMO
 
 from .attention import alibi_bias, alibi_slopes, flash_attn_varlen_func, padded_attention
 from .config import MosaicBertConfig
-from .ops import LayerNorm, dropout_add_layer_norm, gelu, geglu
+from .ops import LayerNorm, cross_entropy, gelu, geglu, linear_dropout_add_layer_norm
 from .padding import pad_output, positions_from_cu_seqlens, unpad_input
 
 
@@ -97,8 +97,8 @@ class MosaicBertAttention(nn.Module):
                                        impl=self.impl)
         else:
             o = padded_attention(q, k, v, packing.bias, dropout_p=dropout_p)
-        o = self.out_proj(o.flatten(-2))
-        return dropout_add_layer_norm(o, x, self.LayerNorm, self.hidden_dropout, self.training, self.fused)
+        return linear_dropout_add_layer_norm(o.flatten(-2), self.out_proj, x, self.LayerNorm, self.hidden_dropout,
+                                             self.training, self.fused)
 
 
 class MosaicBertMLP(nn.Module):
@@ -123,16 +123,15 @@ class MosaicBertMLP(nn.Module):
         self.LayerNorm = LayerNorm(d, config.layer_norm_eps, config.low_precision_layernorm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # MosaicBERT drops out the GLU output before Wo (fused into the GeGLU kernel); BERT after Wo
         if not self.glu:
             h = gelu(self.Wi(x), self.act)
         elif self.fused_glu:
-            h = geglu(self.Wi(x), self.act, fused=self.fused)
+            h = geglu(self.Wi(x), self.act, fused=self.fused, p=self.dropout_p, training=self.training)
         else:
-            h = gelu(self.Wi_gate(x), self.act) * self.Wi_up(x)
-        if self.glu:  # MosaicBERT drops out the GLU output before Wo; BERT drops out after it
-            h = F.dropout(h, p=self.dropout_p, training=self.training)
-            return dropout_add_layer_norm(self.Wo(h), x, self.LayerNorm, 0.0, self.training, self.fused)
-        return dropout_add_layer_norm(self.Wo(h), x, self.LayerNorm, self.dropout_p, self.training, self.fused)
+            h = F.dropout(gelu(self.Wi_gate(x), self.act) * self.Wi_up(x), p=self.dropout_p, training=self.training)
+        p_after = 0.0 if self.glu else self.dropout_p
+        return linear_dropout_add_layer_norm(h, self.Wo, x, self.LayerNorm, p_after, self.training, self.fused)
 
 
 class MosaicBertLayer(nn.Module):
@@ -335,7 +334,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
             masked_positions = (mask.flatten().cumsum(0) - 1)[masked_positions]
         masked_labels = flat_labels[masked_positions]
         logits = self.head(enc.hidden[masked_positions], wte)
-        loss = F.cross_entropy(logits.float(), masked_labels)
+        loss = cross_entropy(logits, masked_labels, fused=self.config.fused_ops)
         return MosaicBertMaskedLMOutput(loss=loss, logits=logits, masked_labels=masked_labels)
 
 

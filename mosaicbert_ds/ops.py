@@ -1,7 +1,12 @@
 """Elementwise pieces of a layer, with a fused Triton path on CUDA and PyTorch elsewhere.
 
-geglu(h):                          h (..., 2*ff) -> GELU(h[..., :ff]) * h[..., ff:]
+geglu(h, p):                       h (..., 2*ff) -> Dropout_p(GELU(h[..., :ff]) * h[..., ff:])
 dropout_add_layer_norm(x, r, ln):  LayerNorm(Dropout(x) + r)
+linear_dropout_add_layer_norm(h, linear, r, ln):
+                                   LayerNorm(Dropout(linear(h)) + r); fused, the linear's bias is
+                                   added inside the LayerNorm kernel, whose backward then also
+                                   yields the bias gradient (no separate column-sum pass)
+cross_entropy(logits, labels):     the MLM loss; fused, without an fp32 copy of the logits
 
 The PyTorch versions are the definition; the fused kernels (mosaicbert_ds.kernels.fused) must
 match them and are chosen only when `fused` is True and the tensors live on a CUDA device.
@@ -26,12 +31,25 @@ def _fused_kernels():
     return fused
 
 
-def geglu(h: torch.Tensor, act: str = "gelu", fused: bool = False) -> torch.Tensor:
-    """Gated GELU on the concatenated (gate, up) halves of the last dimension."""
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over the labels that are not -100, computed in fp32."""
+    if fused and logits.is_cuda:
+        try:
+            from mosaicbert_ds.kernels.cross_entropy import cross_entropy as fused_cross_entropy
+        except ImportError:
+            fused_cross_entropy = None
+        if fused_cross_entropy is not None:
+            return fused_cross_entropy(logits, labels)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def geglu(h: torch.Tensor, act: str = "gelu", fused: bool = False, p: float = 0.0, training: bool = False
+          ) -> torch.Tensor:
+    """Gated GELU on the concatenated (gate, up) halves of the last dimension, then dropout."""
     if fused and h.is_cuda and (k := _fused_kernels()) is not None:
-        return k.geglu(h, approximate=_gelu_approximate(act))
+        return k.geglu(h, approximate=_gelu_approximate(act), p=p if training else 0.0)
     gate, up = h.chunk(2, dim=-1)
-    return F.gelu(gate, approximate=_gelu_approximate(act)) * up
+    return F.dropout(F.gelu(gate, approximate=_gelu_approximate(act)) * up, p=p, training=training)
 
 
 def gelu(h: torch.Tensor, act: str = "gelu") -> torch.Tensor:
@@ -74,3 +92,13 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: LayerNor
         return k.dropout_add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps, p if training else 0.0,
                                         low_precision=ln.low_precision)
     return ln(F.dropout(x, p=p, training=training) + residual)
+
+
+def linear_dropout_add_layer_norm(h: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, ln: LayerNorm,
+                                  p: float, training: bool, fused: bool = False) -> torch.Tensor:
+    """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer."""
+    if fused and h.is_cuda and linear.bias is not None and (k := _fused_kernels()) is not None:
+        return k.dropout_add_layer_norm(F.linear(h, linear.weight), residual, ln.weight, ln.bias, ln.eps,
+                                        p if training else 0.0, low_precision=ln.low_precision,
+                                        linear_bias=linear.bias)
+    return dropout_add_layer_norm(linear(h), residual, ln, p, training, fused)

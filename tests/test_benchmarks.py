@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import cli as bench_cli
 from benchmarks import report as rep
@@ -376,3 +377,26 @@ def test_cli_forwards_arguments_to_modules(monkeypatch, capsys):
     assert cli_main(["bench", "scaling", "--merge", "x.json"]) == 2
     assert "benchmarks.not_written_yet is not in this checkout" in capsys.readouterr().err
     assert len(calls) == 2
+
+
+def test_master_weight_adamw_matches_fp32_adamw():
+    """The step benchmark's bf16-weights optimizer: fp32 master weights follow plain fp32 AdamW fed
+    the same gradients, and the model's bf16 weights are the masters rounded."""
+    from benchmarks.step import ADAMW, MasterWeightAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8).bfloat16()
+    reference = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+    opt, ref_opt = MasterWeightAdamW(model.parameters()), torch.optim.AdamW(reference, **ADAMW)
+    for _ in range(3):
+        for p, r in zip(model.parameters(), reference):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.float()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    for p, m, r in zip(model.parameters(), opt.master, reference):
+        torch.testing.assert_close(m, r.detach())
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), m.to(torch.bfloat16))
+    assert not torch.equal(opt.master[0], model.weight.detach().float())  # masters keep the low bits

@@ -22,23 +22,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ON_GPU = torch.cuda.is_available()
-# Triton reads TRITON_INTERPRET when it is imported (its own tl.sum & co. are @jit functions) and
-# when a kernel is decorated. Imported alone, this module sets it first; in a whole-suite run
-# pytest has already imported triton (transformers -> torch._dynamo), so the interpreted tests
-# then run in a fresh process (test_in_fresh_interpreter).
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-else:
+from kernel_testing import DEVICE, ON_GPU, enter_interpreter, fresh_process_test, rel_err, runs_in_process  # noqa: E402
+
+_INTERPRET_BEFORE = enter_interpreter()
+if ON_GPU:
     # every candidate configuration is tested on its own below; elsewhere take the default
     os.environ.setdefault("MOSAICBERT_FLASH_TUNE", "0")
 
 from mosaicbert_ds.attention import alibi_slopes, varlen_attention_reference  # noqa: E402
 from mosaicbert_ds.ops import LayerNorm  # noqa: E402
 from mosaicbert_ds.padding import cu_seqlens_from_lengths  # noqa: E402
-
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 
 def _interpreter_bf16_like_gpu() -> None:
@@ -71,23 +64,6 @@ def _interpreter_bf16_like_gpu() -> None:
     builder.create_dot, builder.cast_impl, builder.bf16_like_gpu = dot, cast, True
 
 
-def _interpreter_works_here() -> bool:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def probe(x_ptr, BLOCK: tl.constexpr):
-        x = tl.load(x_ptr + tl.arange(0, BLOCK))
-        tl.store(x_ptr + tl.arange(0, BLOCK), x + tl.sum(x, 0))
-
-    try:
-        x = torch.ones(4)
-        probe[(1,)](x, BLOCK=4)
-        return bool((x == 5).all())
-    except Exception:
-        return False
-
-
 def _load_kernels():
     import mosaicbert_ds.kernels as package
     from mosaicbert_ds.kernels import flash_attn, fused
@@ -102,43 +78,17 @@ def _load_kernels():
     return flash_attn, fused
 
 
-IN_PROCESS = ON_GPU or _interpreter_works_here()
-if not IN_PROCESS:  # leave the environment of the rest of the suite as it was
-    if _INTERPRET_BEFORE is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+IN_PROCESS = runs_in_process(_INTERPRET_BEFORE)
 fa, fused = _load_kernels()
 # GPU: every test here runs compiled and is marked for `pytest -m gpu`. CPU: every test runs in the
 # interpreter, in this process when possible, else all of them in a new one.
 pytestmark = [pytest.mark.gpu] if ON_GPU else []
-
-
-@pytest.fixture(autouse=True)
-def _interpreted_here(request):
-    if not IN_PROCESS and request.node.originalname != "test_in_fresh_interpreter":
-        pytest.skip("the interpreter needs a fresh process here: test_in_fresh_interpreter runs this")
-
-
-@pytest.mark.skipif(ON_GPU or IN_PROCESS, reason="the interpreter works in this process")
-def test_in_fresh_interpreter():
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+_interpreted_here, test_in_fresh_interpreter = fresh_process_test(__file__, IN_PROCESS, timeout=900)
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def make_qkv(lengths: list[int], heads: int, head_dim: int, dtype: torch.dtype, seed: int):
@@ -484,6 +434,67 @@ def test_dropout_add_layer_norm_dropout(p):
     xs2 = x.clone().requires_grad_(True)
     fused.dropout_add_layer_norm(xs2, r, ln.weight, ln.bias, ln.eps, p).backward(dout)
     assert not torch.equal(xs2.grad != 0, keep)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_geglu_dropout(p):
+    """The fused GLU-output dropout keeps 1 - p of the outputs (5 sigma), scales them by 1/(1-p),
+    and the backward applies the forward's mask."""
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    h = 0.5 + 1.5 * torch.rand(ROWS, 2 * FF, device=DEVICE, generator=g)  # no output is 0 unless dropped
+    dout = torch.randn(ROWS, FF, device=DEVICE, generator=g)
+    hs = h.clone().requires_grad_(True)
+    out = fused.geglu(hs, "none", p)
+    out.backward(dout)
+    plain = fused.geglu(h, "none")
+    keep = out != 0
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    torch.testing.assert_close(out.detach(), plain * keep / (1 - p))
+    hp = h.clone().requires_grad_(True)
+    fused.geglu(hp, "none").backward(dout * keep / (1 - p))
+    torch.testing.assert_close(hs.grad, hp.grad)
+    assert not torch.equal(fused.geglu(h, "none", p) != 0, keep)
+
+
+@pytest.mark.parametrize("autocast,low_precision,dtype_x,dtype_r", LN_CASES,
+                         ids=["autocast-fp32ln", "autocast-bf16ln", "fp32"])
+def test_linear_bias_inside_layer_norm(autocast, low_precision, dtype_x, dtype_r):
+    """LayerNorm(x + linear_bias + residual): output and all five gradients (the linear bias's is
+    the column sum of dx) against float64, within twice PyTorch's own error."""
+    x, r, ln, dout = _ln_case(dtype_x, dtype_r, seed=6)
+    ln.low_precision = low_precision
+    lb = torch.randn(HIDDEN, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(7))
+    results = {}
+    for label in ("kernel", "torch"):
+        xs, rs, lbs = x.clone().requires_grad_(True), r.clone().requires_grad_(True), lb.clone().requires_grad_(True)
+        ln.zero_grad()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            if label == "kernel":
+                out = fused.dropout_add_layer_norm(xs, rs, ln.weight, ln.bias, ln.eps, 0.0, low_precision,
+                                                   linear_bias=lbs)
+            else:
+                out = ln(xs + lbs.to(xs.dtype) + rs)
+        out.backward(dout.to(out.dtype))
+        results[label] = (out.detach(), xs.grad, rs.grad, ln.weight.grad.clone(), ln.bias.grad.clone(), lbs.grad)
+    ts = [t.detach().double().requires_grad_(True) for t in (x, r, ln.weight, ln.bias, lb)]
+    ref = F.layer_norm(ts[0] + ts[4] + ts[1], (HIDDEN,), ts[2], ts[3], ln.eps)
+    ref.backward(dout.double())
+    oracle = (ref.detach(),) + tuple(t.grad for t in ts)
+    for i, what in enumerate(("out", "dx", "dresidual", "dweight", "dbias", "dlinear_bias")):
+        k, t = results["kernel"][i], results["torch"][i]
+        assert k.dtype == t.dtype, f"{what}: dtype {k.dtype} vs {t.dtype}"
+        err, torch_err = rel_err(k, oracle[i]), rel_err(t, oracle[i])
+        assert err <= max(2 * torch_err, 1e-5), f"{what}: {err:.2e} vs torch {torch_err:.2e}"
+
+
+def test_linear_bias_gradient_sees_the_dropout_mask():
+    x, r, ln, dout = _ln_case(torch.float32, torch.float32, seed=8)
+    lb = torch.zeros(HIDDEN, device=DEVICE, requires_grad=True)
+    xs = x.clone().requires_grad_(True)
+    fused.dropout_add_layer_norm(xs, r, ln.weight, ln.bias, ln.eps, 0.3, linear_bias=lb).backward(dout)
+    torch.testing.assert_close(lb.grad, xs.grad.sum(0), rtol=1e-5, atol=1e-5)
+    assert (xs.grad == 0).any()
 
 
 def test_ops_hooks_take_the_fused_path():
