@@ -1,14 +1,18 @@
 """Where a MosaicBERT-Base training step spends its GPU time (torch.profiler, one H200).
 
-    python -m benchmarks.profile_step [--batch 256]
+    python -m benchmarks.profile_step [--batch 256] [--finetune]
 
-Same step as benchmarks.step (autocast bf16, fused AdamW, C4-like batch at 128). Prints the
-kernels by total GPU time and a summary by kind (matmul, attention, elementwise, optimizer, ...).
+Same step as benchmarks.step (autocast bf16, fused AdamW, C4-like batch at 128, or the
+finetuning-like mix). Prints the host's view first: wall time per step, and the time the host
+needs just to issue one step (measured while the GPU is kept busy by a long sleep kernel, so
+launches never wait on the GPU): when issuing takes about as long as the step, the step is bound
+by the host, not the GPU. Then the kernels by total GPU time and a summary by kind.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 
 import torch
@@ -16,10 +20,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 
-from .synthetic import PRETRAIN, make_batch, to_device
+from .synthetic import FINETUNE, PRETRAIN, make_batch, to_device
 
-KINDS = (("attention", ("_attn_", "flash", "_fwd_kernel", "_bwd_")), ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet")),
-         ("optimizer", ("adam",)), ("layernorm/geglu (triton)", ("_ln_", "geglu", "layer_norm", "_dropout_add")),
+# first match wins: the fused elementwise kernels' names also end in _fwd_kernel/_bwd_kernel
+KINDS = (("layernorm/geglu (triton)", ("_ln_", "geglu", "layer_norm", "_dal_", "_ce_", "cross_entropy")),
+         ("attention", ("_attn_", "flash", "_fwd_kernel", "_bwd_")), ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet")),
+         ("optimizer", ("adam",)),
          ("loss/softmax", ("softmax", "nll", "cross_entropy", "log_softmax")),
          ("copy/cast", ("copy", "cast", "convert", "to_copy")), ("index/gather", ("index", "gather", "scatter")))
 
@@ -32,14 +38,35 @@ def kind_of(name: str) -> str:
     return "other elementwise"
 
 
+def host_view(step, batches: list[dict], n: int = 5) -> None:
+    """Wall time per step, and the host's time to issue a step while the GPU is still busy."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(n):
+        step(batches[i % len(batches)])
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / n
+    # ~0.5 s of GPU work queued ahead, so the step's launches do not wait on the GPU; one step
+    # only, since the launch queue holds about a thousand kernels before the host blocks anyway
+    torch.cuda._sleep(int(1e9))
+    start = time.perf_counter()
+    step(batches[0])
+    issue = time.perf_counter() - start
+    torch.cuda.synchronize()
+    print(f"wall {wall * 1e3:.2f} ms/step; host issue time {issue * 1e3:.2f} ms/step "
+          f"({issue / wall:.0%} of the wall time; near 100% means host-bound)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--finetune", action="store_true", help="the finetuning-like length mix")
     args = parser.parse_args()
     model = MosaicBertForMaskedLM(MosaicBertConfig.from_name("base")).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batches = [to_device(make_batch(PRETRAIN, args.batch, 30522, seed=i)["packed"], torch.device("cuda"))
+    mix = FINETUNE if args.finetune else PRETRAIN
+    batches = [to_device(make_batch(mix, args.batch, 30522, seed=i)["packed"], torch.device("cuda"))
                for i in range(3)]
 
     def step(batch: dict) -> None:
@@ -52,12 +79,14 @@ def main() -> None:
     for i in range(8):
         step(batches[i % 3])
     torch.cuda.synchronize()
+    host_view(step, batches)
     steps = 3
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             step(batches[i % 3])
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    # kernels only: the CPU-side ops (aten::mm, autograd Functions) carry their kernels' time too
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     per_kernel = sorted(((e.key, e.self_device_time_total / steps / 1e3, e.count // steps) for e in events
                          if e.self_device_time_total > 0), key=lambda x: -x[1])
     total = sum(t for _, t, _ in per_kernel)
@@ -70,6 +99,13 @@ def main() -> None:
         print(f"{kind:<28}{t:>9.2f}{t / total:>8.1%}")
     print(f"\n{'kernel':<90}{'ms/step':>9}{'calls':>7}")
     for name, t, calls in per_kernel[:args.rows]:
+        print(f"{name[:88]:<90}{t:>9.3f}{calls:>7}")
+    # the host's side: ops by their own CPU time (the profiler adds a few microseconds to each)
+    cpu = sorted(((e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+                  if e.device_type.name == "CPU" and e.self_cpu_time_total > 0), key=lambda x: -x[1])
+    print(f"\nhost: {sum(t for _, t, _ in cpu):.2f} ms/step of op self time in {sum(c for *_, c in cpu)} op calls")
+    print(f"{'op (host self time)':<90}{'ms/step':>9}{'calls':>7}")
+    for name, t, calls in cpu[:args.rows]:
         print(f"{name[:88]:<90}{t:>9.3f}{calls:>7}")
 
 

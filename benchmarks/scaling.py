@@ -5,11 +5,12 @@ Run once per GPU count under a launcher, then merge:
     deepspeed --num_gpus 2 --no_local_rank --module benchmarks.scaling --out scaling_w2.json
     python -m benchmarks.scaling --merge scaling_w1.json scaling_w2.json scaling_w4.json --out scaling.json
 
-Weak scaling keeps the shipped 8-GPU config's per-GPU work (micro 128 x accumulation 4 = 512
-sequences per GPU per step) and grows the global batch with N; strong scaling keeps the global
-batch at the paper's 4096 and shrinks the accumulation. On one GPU the script also separates the
-time of one micro batch (forward + backward) from the optimizer step (steps with accumulation 1
-and 4), which the scaling model needs. The all-reduce is timed on a buffer of the model's gradient
+Weak scaling keeps the shipped 8-GPU config's per-GPU work (512 sequences per GPU per step, as
+micro 256 x accumulation 2 by default: on an H200 micro 128 leaves the GPU waiting on the host)
+and grows the global batch with N; strong scaling keeps the global batch at the paper's 4096 and
+shrinks the accumulation. On one GPU the script also separates the time of one micro batch
+(forward + backward) from the optimizer step (steps with accumulation 1 and 512 / micro), which
+the scaling model needs. The all-reduce is timed on a buffer of the model's gradient
 size in bf16 and fp32; bus bandwidth = 2 (n - 1) / n x bytes / time, NCCL's convention.
 """
 
@@ -31,8 +32,7 @@ from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
 
 from .synthetic import PRETRAIN, make_batch
 
-MICRO = 128
-PER_GPU_ACCUM = 4  # ds_configs/mosaicbert-base_8gpu.json: 128 x 4 x 8 = 4096
+PER_GPU = 512  # sequences per GPU per step: ds_configs/mosaicbert-base_8gpu.json, 512 x 8 = 4096
 GLOBAL = 4096
 
 
@@ -88,21 +88,23 @@ def run_steps(config: MosaicBertConfig, micro: int, accum: int, warmup: int, ste
             "mfu": mfu(paper_flops_per_token(n_params) * tps, world, peak_flops())}
 
 
-def measure(warmup: int, steps: int) -> dict[str, Any]:
+def measure(warmup: int, steps: int, micro: int = 256) -> dict[str, Any]:
     from mosaicbert_ds.train.distributed import init_distributed
 
     init_distributed()
     world = dist.get_world_size()
     config = MosaicBertConfig.from_name("base")
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": "base", "points": [], "allreduce": []}
-    weak = run_steps(config, MICRO, PER_GPU_ACCUM, warmup, steps)
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": "base", "points": [], "allreduce": [],
+                           "micro_batch": micro}
+    accum = PER_GPU // micro
+    weak = run_steps(config, micro, accum, warmup, steps)
     out["points"].append({**weak, "mode": "weak"})
     out["params"] = weak["params"]
-    strong = run_steps(config, MICRO, GLOBAL // (MICRO * world), warmup, max(2, steps // 4))
+    strong = run_steps(config, micro, GLOBAL // (micro * world), warmup, max(2, steps // 4))
     out["points"].append({**strong, "mode": "strong"})
     if world == 1:  # separate micro-batch compute from the optimizer step
-        one = run_steps(config, MICRO, 1, warmup, steps)
-        micro_sec = (weak["step_time_sec"] - one["step_time_sec"]) / (PER_GPU_ACCUM - 1)
+        one = run_steps(config, micro, 1, warmup, steps)
+        micro_sec = (weak["step_time_sec"] - one["step_time_sec"]) / (accum - 1)
         out["compute_sec_per_micro"] = micro_sec
         out["optimizer_sec"] = one["step_time_sec"] - micro_sec
     else:
@@ -113,7 +115,8 @@ def measure(warmup: int, steps: int) -> dict[str, Any]:
 
 def merge(paths: list[str]) -> dict[str, Any]:
     parts = [json.load(open(p)) for p in paths]
-    merged = {"device": parts[0]["device"], "model": "base", "points": [], "allreduce": []}
+    merged = {"device": parts[0]["device"], "model": "base", "points": [], "allreduce": [],
+              "micro_batch": parts[0].get("micro_batch", 128)}
     for part in parts:
         merged["points"] += part["points"]
         merged["allreduce"] += part["allreduce"]
@@ -129,7 +132,8 @@ def merge(paths: list[str]) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\nscaling on one host ({result['device']}, MosaicBERT-Base, micro {MICRO}, C4-like lengths)")
+    print(f"\nscaling on one host ({result['device']}, MosaicBERT-Base, micro {result.get('micro_batch', 128)}, "
+          "C4-like lengths)")
     print(f"{'GPUs':>5}{'mode':>8}{'global':>8}{'accum':>7}{'real tok/s':>13}{'step ms':>10}{'MFU':>7}{'efficiency':>12}")
     for p in sorted(result["points"], key=lambda p: (p["mode"], p["world_size"])):
         eff = f"{p['efficiency']:.1%}" if "efficiency" in p else "-"
@@ -148,13 +152,15 @@ def main() -> None:
     parser.add_argument("--out", default="scaling.json")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--micro", type=int, default=256, choices=(128, 256, 512),
+                        help="micro batch; accumulation makes up 512 sequences per GPU")
     parser.add_argument("--merge", nargs="*", help="merge per-world-size JSON files instead of measuring")
     args = parser.parse_args()
     if args.merge:
         result = merge(args.merge)
         print_table(result)
     else:
-        result = measure(args.warmup, args.steps)
+        result = measure(args.warmup, args.steps, args.micro)
         if dist.get_rank() != 0:
             return
         print_table(result)

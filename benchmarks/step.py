@@ -2,7 +2,8 @@
 
     python -m benchmarks.step --out step.json
 
-Each configuration runs forward, backward and a fused AdamW step under bf16 autocast on the same
+Each configuration runs forward, backward and a fused AdamW step under bf16 autocast (or, for the
+"bf16 weights" row, on a bf16 model with fp32 master weights, DeepSpeed's arithmetic) on the same
 synthetic batches (benchmarks.synthetic: C4-like lengths, 30% masking), with warm-up (compile,
 autotune) first and CUDA events around each step; the median step time over rotating batches is
 reported. Real tokens/s counts only non-pad tokens; MFU is the paper's 6 * params * tokens/s over
@@ -42,16 +43,46 @@ def mosaic(compile_model: bool = False, **overrides: Any) -> torch.nn.Module:
     return model
 
 
-def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: int, accum: int = 1
-               ) -> tuple[float, float]:
-    """Median seconds per micro batch (an optimizer step every `accum` micro batches), and peak GiB."""
+ADAMW = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5, fused=True)
+
+
+class MasterWeightAdamW:
+    """Fused AdamW on fp32 master copies of a bf16 model: the arithmetic of DeepSpeed's
+    BF16_Optimizer (bf16 weights and gradients, fp32 gradient sum, fp32 update), without DeepSpeed."""
+
+    def __init__(self, params) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float() for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, **ADAMW)
+
+    def step(self) -> None:
+        for m, p in zip(self.master, self.params):
+            m.grad = p.grad.float()
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.master)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: int, accum: int = 1,
+               master_weights: bool = False) -> tuple[float, float]:
+    """Median seconds per micro batch (an optimizer step every `accum` micro batches), and peak GiB.
+
+    Default: fp32 weights under bf16 autocast. master_weights: bf16 weights, no autocast, fp32
+    master weights in the optimizer (MasterWeightAdamW)."""
     model.cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5,
-                            fused=True)
+    if master_weights:
+        model.bfloat16()
+        opt = MasterWeightAdamW(model.parameters())
+    else:
+        opt = torch.optim.AdamW(model.parameters(), **ADAMW)
 
     def step(i: int) -> None:
         for j in range(accum):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not master_weights):
                 loss = model(**batches[(i * accum + j) % len(batches)]).loss
             (loss / accum).backward()
         opt.step()
@@ -75,16 +106,19 @@ def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: 
 
 def run(configs: dict[str, tuple[Callable[[], torch.nn.Module], str]], mix: LengthMix, batch: int,
         n_batches: int, warmup: int, iters: int) -> list[dict[str, Any]]:
+    """Each configuration's step on the same batches; a layout ending in "+bf16" runs with
+    bf16 weights and fp32 master weights (time_steps' master_weights)."""
     data = [make_batch(mix, batch, vocab=30522, seed=i) for i in range(n_batches)]
     peak = peak_flops()
     rows = []
     for name, (build, layout) in configs.items():
         model = build()
         n_params = sum(p.numel() for p in model.parameters())
-        batches = [to_device(d[layout], torch.device("cuda")) for d in data]
+        form, _, precision = layout.partition("+")
+        batches = [to_device(d[form], torch.device("cuda")) for d in data]
         tokens = statistics.mean(d["tokens"] for d in data)
         try:
-            seconds, mem = time_steps(model, batches, warmup, iters)
+            seconds, mem = time_steps(model, batches, warmup, iters, master_weights=precision == "bf16")
         except Exception as err:  # one broken variant must not cost the whole (scarce) GPU run
             print(f"{name}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             del model, batches
@@ -123,6 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     configs = {
         "mosaicbert (fused GLU)": (lambda: mosaic(), "packed"),
+        "mosaicbert (bf16 weights, fp32 master)": (lambda: mosaic(), "packed+bf16"),
         "mosaicbert (GLU two matmuls)": (lambda: mosaic(glu_fused=False), "packed"),
         "mosaicbert (no fused elementwise)": (lambda: mosaic(fused_ops=False), "packed"),
         "mosaicbert (compiled layers)": (lambda: mosaic(compile_model=True), "packed"),
@@ -130,7 +165,8 @@ def main() -> None:
         "hf-bert sdpa compiled": (lambda: hf_bert(True), "padded"),
     }
     if args.quick:
-        configs = {k: v for k, v in configs.items() if k in ("mosaicbert (fused GLU)", "hf-bert sdpa compiled")}
+        configs = {k: v for k, v in configs.items() if k in ("mosaicbert (fused GLU)", "mosaicbert (bf16 weights, fp32 master)",
+                                                             "hf-bert sdpa compiled")}
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     baselines = [b for b in ("hf-bert sdpa", "hf-bert sdpa compiled") if b in configs]
     results["pretrain"] = run(configs, PRETRAIN, args.batch, 6, args.warmup, args.iters)

@@ -19,7 +19,7 @@ import gc
 import json
 import time
 from itertools import cycle
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -46,14 +46,30 @@ ABLATIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
-            baseline: str | None = None, n_batches: int = 6) -> dict[str, Any]:
-    """Optimizer steps through the DeepSpeed trainer on one GPU; returns one result row."""
+# DeepSpeed settings compared by --overhead, on top of what `pretrain` builds
+DS_VARIANTS: dict[str, dict[str, Any]] = {
+    "trainer (BF16_Optimizer)": {},
+    "trainer, immediate_grad_update": {"bf16": {"enabled": True, "immediate_grad_update": True}},
+}
+
+
+def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides: dict[str, Any] | None = None,
+                  n_batches: int = 6) -> tuple[Any, Iterator[dict[str, Any]], int]:
+    """A one-GPU DeepSpeed engine as `pretrain` builds it, an endless cycle of pinned synthetic
+    batches, and the parameter count."""
     ds_config = build_ds_config(global_batch=micro * accum, micro_batch=micro, world_size=1, lr=5e-4)
+    ds_config.update(ds_overrides or {})
     engine, n_params = build_engine(config, ds_config, total_steps=10**6, warmup_fraction=0.06, final_lr_ratio=0.02)
     layout = "packed"  # unpad=False models pad the packed batch themselves, once, like a padded batch
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i)[layout] for i in range(n_batches)]
     batches = cycle([{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in data])
+    return engine, batches, n_params
+
+
+def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
+            baseline: str | None = None, ds_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Optimizer steps through the DeepSpeed trainer on one GPU; returns one result row."""
+    engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides)
     window = Window(engine.device)
     for _ in range(warmup):
         train_step(engine, batches, accum, 1, window, config)
@@ -122,6 +138,8 @@ def attempt(fn, *args, **kwargs) -> dict[str, Any] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ablations", action="store_true", help="the Figure-4 ablation table instead")
+    parser.add_argument("--overhead", action="store_true",
+                        help="MosaicBERT-Base: bare step vs the trainer with each DeepSpeed variant, interleaved")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--micro", type=int, nargs="*", default=None, help="micro batch sizes (default per model)")
@@ -134,7 +152,21 @@ def main() -> None:
     init_distributed()
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     rows = result["rows"]
-    if args.ablations:
+    if args.overhead:
+        micro = args.micro[0] if args.micro else 256
+        config = MosaicBertConfig.from_name("base")
+        for rnd in range(2):  # two rounds, interleaved: process-to-process drift shows as their spread
+            bare = attempt(bare_step, config, micro, args.warmup, args.steps, args.accum)
+            if bare:
+                bare.update(name=f"bare step, round {rnd + 1}", baseline=None)
+                rows.append(bare)
+            for variant, overrides in DS_VARIANTS.items():
+                row = attempt(measure, f"{variant}, round {rnd + 1}", config, micro, args.warmup, args.steps,
+                              args.accum, baseline=f"bare step, round {rnd + 1}", ds_overrides=overrides)
+                if row:
+                    rows.append(row)
+        print_rows(f"DeepSpeed overhead, MosaicBERT-Base micro {micro} x {args.accum} (C4-like lengths at 128)", rows)
+    elif args.ablations:
         micro = args.micro[0] if args.micro else 256
         for name, overrides in ABLATIONS:
             config = MosaicBertConfig.from_name("bert-base", **overrides)
