@@ -4,7 +4,7 @@
     python ds_configs/generate.py --check   # exit 1 if the files on disk differ from the rule
 
 The rule (README.md explains it): 4096 sequences per step up to 8 GPUs, 512 per GPU beyond;
-micro batch 128 (Base) / 64 (Large); AdamW lr 5e-4 x sqrt(batch / 4096) capped at 2e-3, and
+micro batch 256 (Base) / 128 (Large); AdamW lr 5e-4 x sqrt(batch / 4096) capped at 2e-3, and
 LAMB variants from 32768 up with lr 6e-3 x sqrt(batch / 65536) capped at 6e-3. Every file is
 built by `build_ds_config`, the one place that sets the batch keys.
 """
@@ -31,7 +31,9 @@ PAPER_BATCH, PAPER_LR = 4096, 5e-4
 PER_GPU_SAMPLES = 512  # sequences per GPU per optimizer step beyond one node (Appendix G)
 ADAMW_LR_CAP = 2e-3
 LAMB_FROM_BATCH, LAMB_LR_AT_64K, LAMB_LR_CAP = 32768, 6e-3, 6e-3
-MICRO_BATCH = {"base": 128, "large": 64}  # Large: half, for headroom in 80 GB (see README)
+# H200 measurements (benchmarks/results/h200_2026-11-29): smaller micro batches leave the GPU
+# waiting on the host's kernel launches; Large: half of Base, for headroom on 40 GB cards
+MICRO_BATCH = {"base": 256, "large": 128}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def test_every_bundled_recipe_loads(recipe):
 
 def test_paper_recipe_values():
     cfg = load_run_config("mosaicbert-base", ["data.path=/d"])
-    assert (cfg.batch.global_batch, cfg.batch.micro_batch) == (4096, 128)
+    assert (cfg.batch.global_batch, cfg.batch.micro_batch) == (4096, 256)
     assert cfg.optimizer.lr == 5e-4 and cfg.optimizer.betas == (0.9, 0.98) and cfg.optimizer.eps == 1e-6
     assert cfg.optimizer.weight_decay == 1e-5 and cfg.data.mlm_probability == 0.3
     assert cfg.schedule.warmup_fraction == 0.06 and cfg.schedule.final_lr_ratio == 0.02
