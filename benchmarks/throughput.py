@@ -46,20 +46,23 @@ ABLATIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-# DeepSpeed settings compared by --overhead, on top of what `pretrain` builds
-DS_VARIANTS: dict[str, dict[str, Any]] = {
-    "trainer (BF16_Optimizer)": {},
-    "trainer, immediate_grad_update": {"bf16": {"enabled": True, "immediate_grad_update": True}},
+# Trainer variants compared by --overhead: (ds_config additions, build_engine's batched_grad_accumulation)
+DS_VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
+    "trainer (as pretrain runs it)": ({}, True),
+    "trainer, DeepSpeed's accumulation loop": ({}, False),
+    "trainer, immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": True}}, False),
 }
 
 
 def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides: dict[str, Any] | None = None,
-                  n_batches: int = 6) -> tuple[Any, Iterator[dict[str, Any]], int]:
+                  batched_grad_accumulation: bool = True, n_batches: int = 6
+                  ) -> tuple[Any, Iterator[dict[str, Any]], int]:
     """A one-GPU DeepSpeed engine as `pretrain` builds it, an endless cycle of pinned synthetic
     batches, and the parameter count."""
     ds_config = build_ds_config(global_batch=micro * accum, micro_batch=micro, world_size=1, lr=5e-4)
     ds_config.update(ds_overrides or {})
-    engine, n_params = build_engine(config, ds_config, total_steps=10**6, warmup_fraction=0.06, final_lr_ratio=0.02)
+    engine, n_params = build_engine(config, ds_config, total_steps=10**6, warmup_fraction=0.06, final_lr_ratio=0.02,
+                                    batched_grad_accumulation=batched_grad_accumulation)
     layout = "packed"  # unpad=False models pad the packed batch themselves, once, like a padded batch
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i)[layout] for i in range(n_batches)]
     batches = cycle([{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in data])
@@ -67,9 +70,10 @@ def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides
 
 
 def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
-            baseline: str | None = None, ds_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+            baseline: str | None = None, ds_overrides: dict[str, Any] | None = None,
+            batched_grad_accumulation: bool = True) -> dict[str, Any]:
     """Optimizer steps through the DeepSpeed trainer on one GPU; returns one result row."""
-    engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides)
+    engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides, batched_grad_accumulation)
     window = Window(engine.device)
     for _ in range(warmup):
         train_step(engine, batches, accum, 1, window, config)
@@ -140,6 +144,7 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true", help="the Figure-4 ablation table instead")
     parser.add_argument("--overhead", action="store_true",
                         help="MosaicBERT-Base: bare step vs the trainer with each DeepSpeed variant, interleaved")
+    parser.add_argument("--rounds", type=int, default=2, help="--overhead: rounds of interleaved measurements")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--micro", type=int, nargs="*", default=None, help="micro batch sizes (default per model)")
@@ -155,14 +160,15 @@ def main() -> None:
     if args.overhead:
         micro = args.micro[0] if args.micro else 256
         config = MosaicBertConfig.from_name("base")
-        for rnd in range(2):  # two rounds, interleaved: process-to-process drift shows as their spread
+        for rnd in range(args.rounds):  # interleaved rounds: process-to-process drift shows as their spread
             bare = attempt(bare_step, config, micro, args.warmup, args.steps, args.accum)
             if bare:
                 bare.update(name=f"bare step, round {rnd + 1}", baseline=None)
                 rows.append(bare)
-            for variant, overrides in DS_VARIANTS.items():
+            for variant, (overrides, batched) in DS_VARIANTS.items():
                 row = attempt(measure, f"{variant}, round {rnd + 1}", config, micro, args.warmup, args.steps,
-                              args.accum, baseline=f"bare step, round {rnd + 1}", ds_overrides=overrides)
+                              args.accum, baseline=f"bare step, round {rnd + 1}", ds_overrides=overrides,
+                              batched_grad_accumulation=batched)
                 if row:
                     rows.append(row)
         print_rows(f"DeepSpeed overhead, MosaicBERT-Base micro {micro} x {args.accum} (C4-like lengths at 128)", rows)
