@@ -38,17 +38,18 @@ def batch_bf16_grad_accumulation(engine: Any) -> bool:
 @torch.no_grad()
 def _update_hp_grads(self: Any, clear_lp_grads: bool = False) -> None:
     for i, group in enumerate(self.bf16_groups):
-        hp_grads, lp_grads = [], []
+        hp_grads, lp_grads, shaped = [], [], []
         for j, lp in enumerate(group):
             if lp.grad is None:
                 continue
             hp = self.fp32_groups_gradients[i][j]
             assert hp is not None, f"high precision param has no gradient: group {i}, param {j}"
             hp_grads.append(hp)
-            lp_grads.append(lp.grad.detach().reshape(hp.shape))
+            lp_grads.append(lp.grad.detach())
+            shaped.append(lp_grads[-1].reshape(hp.shape))
             lp._hp_grad = hp
             self.fp32_groups_has_gradients[i][j] = True
         if hp_grads:
-            torch._foreach_add_(hp_grads, lp_grads)
+            torch._foreach_add_(hp_grads, shaped)
             if clear_lp_grads:
                 torch._foreach_zero_(lp_grads)
