@@ -147,6 +147,22 @@ def print_table(title: str, rows: list[dict[str, Any]], baselines: list[str]) ->
               f"{r['peak_mem_gib']:>9.1f}{ratios}")
 
 
+def glu_sweep(batches: list[int], warmup: int, iters: int, out: str) -> None:
+    """Appendix J: the fused (one d -> 2ff matmul + GeGLU kernel) and unfused (two matmuls) GLU
+    trade places with the batch size; both at each size, on the same batches."""
+    configs = {"fused GLU": (lambda: mosaic(), "packed"), "GLU two matmuls": (lambda: mosaic(glu_fused=False), "packed")}
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sweep": {}}
+    print(f"\n{'batch':>6}{'fused tok/s':>14}{'two matmuls tok/s':>20}{'fused / two':>13}")
+    for batch in batches:
+        rows = {r["config"]: r for r in run(configs, PRETRAIN, batch, 6, warmup, iters)}
+        results["sweep"][batch] = rows
+        if len(rows) == 2:
+            f, t = rows["fused GLU"]["real_tokens_per_sec"], rows["GLU two matmuls"]["real_tokens_per_sec"]
+            print(f"{batch:>6}{f:>14,.0f}{t:>20,.0f}{f / t:>13.2f}")
+    with open(out, "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -154,7 +170,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--out", default="step_benchmark.json")
     parser.add_argument("--quick", action="store_true", help="only the main configuration and the baselines")
+    parser.add_argument("--glu-sweep", type=int, nargs="*", metavar="BATCH",
+                        help="Appendix J instead: fused GLU vs two matmuls at these batch sizes")
     args = parser.parse_args()
+    if args.glu_sweep:
+        glu_sweep(args.glu_sweep, args.warmup, args.iters, args.out)
+        return
     configs = {
         "mosaicbert (fused GLU)": (lambda: mosaic(), "packed"),
         "mosaicbert (bf16 weights, fp32 master)": (lambda: mosaic(), "packed+bf16"),
