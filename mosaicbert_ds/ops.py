@@ -14,6 +14,8 @@ match them and are chosen only when `fused` is True and the tensors live on a CU
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,30 +25,25 @@ def _gelu_approximate(act: str) -> str:
     return "tanh" if act == "gelu_tanh" else "none"
 
 
-def _fused_kernels():
+def _kernels(name: str = "fused"):
+    """mosaicbert_ds.kernels.<name>, or None where Triton is not importable."""
     try:
-        from mosaicbert_ds.kernels import fused
+        return importlib.import_module(f"mosaicbert_ds.kernels.{name}")
     except ImportError:
         return None
-    return fused
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Mean cross-entropy over the labels that are not -100, computed in fp32."""
-    if fused and logits.is_cuda:
-        try:
-            from mosaicbert_ds.kernels.cross_entropy import cross_entropy as fused_cross_entropy
-        except ImportError:
-            fused_cross_entropy = None
-        if fused_cross_entropy is not None:
-            return fused_cross_entropy(logits, labels)
+    if fused and logits.is_cuda and (k := _kernels("cross_entropy")) is not None:
+        return k.cross_entropy(logits, labels)
     return F.cross_entropy(logits.float(), labels)
 
 
 def geglu(h: torch.Tensor, act: str = "gelu", fused: bool = False, p: float = 0.0, training: bool = False
           ) -> torch.Tensor:
     """Gated GELU on the concatenated (gate, up) halves of the last dimension, then dropout."""
-    if fused and h.is_cuda and (k := _fused_kernels()) is not None:
+    if fused and h.is_cuda and (k := _kernels()) is not None:
         return k.geglu(h, approximate=_gelu_approximate(act), p=p if training else 0.0)
     gate, up = h.chunk(2, dim=-1)
     return F.dropout(F.gelu(gate, approximate=_gelu_approximate(act)) * up, p=p, training=training)
@@ -88,7 +85,7 @@ class LayerNorm(nn.LayerNorm):
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: LayerNorm, p: float,
                            training: bool, fused: bool = False) -> torch.Tensor:
     """LayerNorm(Dropout(x) + residual): the end of each post-LN sublayer."""
-    if fused and x.is_cuda and (k := _fused_kernels()) is not None:
+    if fused and x.is_cuda and (k := _kernels()) is not None:
         return k.dropout_add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps, p if training else 0.0,
                                         low_precision=ln.low_precision)
     return ln(F.dropout(x, p=p, training=training) + residual)
@@ -97,7 +94,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: LayerNor
 def linear_dropout_add_layer_norm(h: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, ln: LayerNorm,
                                   p: float, training: bool, fused: bool = False) -> torch.Tensor:
     """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer."""
-    if fused and h.is_cuda and linear.bias is not None and (k := _fused_kernels()) is not None:
+    if fused and h.is_cuda and linear.bias is not None and (k := _kernels()) is not None:
         return k.dropout_add_layer_norm(F.linear(h, linear.weight), residual, ln.weight, ln.bias, ln.eps,
                                         p if training else 0.0, low_precision=ln.low_precision,
                                         linear_bias=linear.bias)
