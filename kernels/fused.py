@@ -246,7 +246,9 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         dr = torch.empty((rows, n), dtype=ctx.r_dtype, device=z.device)
         rows_per_prog = max(1, triton.cdiv(rows, 1024))
         n_prog = max(1, triton.cdiv(rows, rows_per_prog))
-        part = torch.zeros((3 if has_lb else 2, n_prog, n), dtype=torch.float32, device=z.device)
+        # every program writes its whole row of partials: no memset needed unless nothing runs
+        alloc = torch.empty if rows else torch.zeros
+        part = alloc((3 if has_lb else 2, n_prog, n), dtype=torch.float32, device=z.device)
         if rows:
             _dal_bwd_kernel[(n_prog,)](d2, z, weight, mean, rstd, dx, dr, part, rows, n, rows_per_prog,
                                        d2.stride(0), z.stride(0), dx.stride(0), dr.stride(0), part.stride(0),
