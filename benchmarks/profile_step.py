@@ -1,6 +1,6 @@
 """Where a MosaicBERT-Base training step spends its GPU time (torch.profiler, one H200).
 
-    python -m benchmarks.profile_step [--batch 256] [--finetune]
+    python -m benchmarks.profile_step [--batch 256] [--finetune] [--graphs]
 
 Same step as benchmarks.step (autocast bf16, fused AdamW, C4-like batch at 128, or the
 finetuning-like mix). Prints the host's view first: wall time per step, and the time the host
@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
+from mosaicbert_ds.graphs import GraphedMLMStep
 
 from .synthetic import FINETUNE, PRETRAIN, make_batch, to_device
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--finetune", action="store_true", help="the finetuning-like length mix")
+    parser.add_argument("--graphs", action="store_true", help="forward + backward as CUDA graphs (mosaicbert_ds.graphs)")
     args = parser.parse_args()
     model = MosaicBertForMaskedLM(MosaicBertConfig.from_name("base")).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -69,12 +71,17 @@ def main() -> None:
     batches = [to_device(make_batch(mix, args.batch, 30522, seed=i)["packed"], torch.device("cuda"))
                for i in range(3)]
 
+    graphed = GraphedMLMStep(model, autocast_dtype=torch.bfloat16) if args.graphs else None
+
     def step(batch: dict) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
+        if graphed is not None:
+            graphed(batch)
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=graphed is None)
 
     for i in range(8):
         step(batches[i % 3])

@@ -22,6 +22,7 @@ import torch
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_ds.flops import peak_flops
+from mosaicbert_ds.graphs import GraphedMLMStep
 
 from .synthetic import FINETUNE, PRETRAIN, LengthMix, make_batch, to_device
 
@@ -63,30 +64,39 @@ class MasterWeightAdamW:
             torch._foreach_copy_(self.params, self.master)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
+        else:
+            torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
 
 
 def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: int, accum: int = 1,
-               master_weights: bool = False) -> tuple[float, float]:
+               master_weights: bool = False, graphs: bool = False) -> tuple[float, float]:
     """Median seconds per micro batch (an optimizer step every `accum` micro batches), and peak GiB.
 
     Default: fp32 weights under bf16 autocast. master_weights: bf16 weights, no autocast, fp32
-    master weights in the optimizer (MasterWeightAdamW)."""
+    master weights in the optimizer (MasterWeightAdamW). graphs: forward + backward replayed as
+    CUDA graphs (mosaicbert_ds.graphs; bucket padding included in the timed step)."""
     model.cuda().train()
     if master_weights:
         model.bfloat16()
         opt = MasterWeightAdamW(model.parameters())
     else:
         opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    graphed = GraphedMLMStep(model, autocast_dtype=None if master_weights else torch.bfloat16) if graphs else None
 
     def step(i: int) -> None:
         for j in range(accum):
+            batch = batches[(i * accum + j) % len(batches)]
+            if graphed is not None:
+                graphed(batch, grad_scale=1 / accum)
+                continue
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not master_weights):
-                loss = model(**batches[(i * accum + j) % len(batches)]).loss
+                loss = model(**batch).loss
             (loss / accum).backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=graphed is None)
 
     for i in range(warmup):
         step(i)
@@ -106,19 +116,21 @@ def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: 
 
 def run(configs: dict[str, tuple[Callable[[], torch.nn.Module], str]], mix: LengthMix, batch: int,
         n_batches: int, warmup: int, iters: int) -> list[dict[str, Any]]:
-    """Each configuration's step on the same batches; a layout ending in "+bf16" runs with
-    bf16 weights and fp32 master weights (time_steps' master_weights)."""
+    """Each configuration's step on the same batches. A layout is the batch form ("packed" or
+    "padded") with optional flags: "+bf16" for bf16 weights with fp32 master weights, "+graphs"
+    for CUDA graphs (time_steps' master_weights and graphs)."""
     data = [make_batch(mix, batch, vocab=30522, seed=i) for i in range(n_batches)]
     peak = peak_flops()
     rows = []
     for name, (build, layout) in configs.items():
         model = build()
         n_params = sum(p.numel() for p in model.parameters())
-        form, _, precision = layout.partition("+")
+        form, *flags = layout.split("+")
         batches = [to_device(d[form], torch.device("cuda")) for d in data]
         tokens = statistics.mean(d["tokens"] for d in data)
         try:
-            seconds, mem = time_steps(model, batches, warmup, iters, master_weights=precision == "bf16")
+            seconds, mem = time_steps(model, batches, warmup, iters, master_weights="bf16" in flags,
+                                      graphs="graphs" in flags)
         except Exception as err:  # one broken variant must not cost the whole (scarce) GPU run
             print(f"{name}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             del model, batches
@@ -179,6 +191,8 @@ def main() -> None:
     configs = {
         "mosaicbert (fused GLU)": (lambda: mosaic(), "packed"),
         "mosaicbert (bf16 weights, fp32 master)": (lambda: mosaic(), "packed+bf16"),
+        "mosaicbert (CUDA graphs)": (lambda: mosaic(), "packed+graphs"),
+        "mosaicbert (CUDA graphs, bf16 weights)": (lambda: mosaic(), "packed+bf16+graphs"),
         "mosaicbert (GLU two matmuls)": (lambda: mosaic(glu_fused=False), "packed"),
         "mosaicbert (no fused elementwise)": (lambda: mosaic(fused_ops=False), "packed"),
         "mosaicbert (compiled layers)": (lambda: mosaic(compile_model=True), "packed"),
@@ -187,19 +201,21 @@ def main() -> None:
     }
     if args.quick:
         configs = {k: v for k, v in configs.items() if k in ("mosaicbert (fused GLU)", "mosaicbert (bf16 weights, fp32 master)",
-                                                             "hf-bert sdpa compiled")}
+                                                             "mosaicbert (CUDA graphs)", "hf-bert sdpa compiled")}
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     baselines = [b for b in ("hf-bert sdpa", "hf-bert sdpa compiled") if b in configs]
     results["pretrain"] = run(configs, PRETRAIN, args.batch, 6, args.warmup, args.iters)
     print_table(f"pretraining regime: seq 128, batch {args.batch}, {PRETRAIN}", results["pretrain"], baselines)
-    ft_configs = {k: v for k, v in configs.items() if k in ("mosaicbert (fused GLU)", "hf-bert sdpa compiled")}
+    ft_configs = {k: v for k, v in configs.items()
+                  if k in ("mosaicbert (fused GLU)", "mosaicbert (CUDA graphs)", "hf-bert sdpa compiled")}
     results["finetune"] = run(ft_configs, FINETUNE, args.batch, 6, args.warmup, args.iters)
     print_table(f"finetuning regime: max 256, mean ~64 real tokens, batch {args.batch}", results["finetune"],
                 [b for b in baselines if b in ft_configs])
-    pre = {r["config"]: r["mfu"] for r in results["pretrain"]}.get("mosaicbert (fused GLU)")
-    ft = {r["config"]: r["mfu"] for r in results["finetune"]}.get("mosaicbert (fused GLU)")
-    if pre and ft:
-        print(f"\nfinetuning-regime MFU / pretraining-regime MFU: {ft / pre:.2f}")
+    for name in ("mosaicbert (fused GLU)", "mosaicbert (CUDA graphs)"):
+        pre = {r["config"]: r["mfu"] for r in results["pretrain"]}.get(name)
+        ft = {r["config"]: r["mfu"] for r in results["finetune"]}.get(name)
+        if pre and ft:
+            print(f"finetuning-regime MFU / pretraining-regime MFU, {name}: {ft / pre:.2f}")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

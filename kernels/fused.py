@@ -11,8 +11,9 @@ Supports
     low_precision, else fp32 (what autocast's layer_norm returns); without autocast the
     promoted dtype of x and residual. Statistics always in fp32.
 Limits
-    Dropout draws from Triton's Philox (tl.rand) seeded from torch's CPU generator: masks are
-    reproducible under torch.manual_seed but differ from torch.nn.functional.dropout's.
+    Dropout draws from Triton's Philox (tl.rand4x) with a seed that torch's generator draws on the
+    device (graph-safe, no host sync): masks are reproducible under torch.manual_seed but differ
+    from torch.nn.functional.dropout's.
     The backward regenerates the mask from the seed instead of storing it. Philox counters are 32
     bits, one per four elements: past 2**34 elements per call masks would repeat.
 Tested
@@ -45,20 +46,21 @@ def _gelu_and_grad(x, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def _dropout(x, p, scale, seed, block_id, BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+def _dropout(x, p, scale, SEED, block_id, BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     # Dropout on a block of BLOCK elements. Philox yields four numbers per counter (rand4x): one
     # counter per four elements costs a quarter of tl.rand's one per element, which made the
     # GeGLU kernel compute-bound. The same (seed, block_id) gives the same mask in the backward.
+    # The seed is read from device memory, so a CUDA graph replays with fresh seeds.
     if HAS_DROPOUT:
         offs = (block_id * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int32)
-        r0, r1, r2, r3 = tl.rand4x(seed, offs)
+        r0, r1, r2, r3 = tl.rand4x(tl.load(SEED), offs)
         r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
         x = tl.where(r >= p, x * scale, 0.0)
     return x
 
 
 @triton.jit
-def _geglu_fwd_kernel(H, OUT, ff, stride_h, stride_o, p, scale, seed, APPROX_TANH: tl.constexpr,
+def _geglu_fwd_kernel(H, OUT, ff, stride_h, stride_o, p, scale, SEED, APPROX_TANH: tl.constexpr,
                       HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -66,12 +68,12 @@ def _geglu_fwd_kernel(H, OUT, ff, stride_h, stride_o, p, scale, seed, APPROX_TAN
     gate = tl.load(H + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(H + row * stride_h + ff + cols, mask=ok, other=0.0).to(tl.float32)
     g, _ = _gelu_and_grad(gate, APPROX_TANH)
-    out = _dropout(g * up, p, scale, seed, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
+    out = _dropout(g * up, p, scale, SEED, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
     tl.store(OUT + row * stride_o + cols, out.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, p, scale, seed,
+def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, p, scale, SEED,
                       APPROX_TANH: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -79,7 +81,7 @@ def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, p, scale,
     gate = tl.load(H + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(H + row * stride_h + ff + cols, mask=ok, other=0.0).to(tl.float32)
     dout = tl.load(DOUT + row * stride_do + cols, mask=ok, other=0.0).to(tl.float32)
-    dout = _dropout(dout, p, scale, seed, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
+    dout = _dropout(dout, p, scale, SEED, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
     g, dg = _gelu_and_grad(gate, APPROX_TANH)
     tl.store(DH + row * stride_dh + cols, (dout * up * dg).to(DH.dtype.element_ty), mask=ok)
     tl.store(DH + row * stride_dh + ff + cols, (dout * g).to(DH.dtype.element_ty), mask=ok)
@@ -87,7 +89,7 @@ def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, p, scale,
 
 @triton.jit
 def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride_r, stride_o, stride_z,
-                    eps, p, scale, seed, HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    eps, p, scale, SEED, HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -95,7 +97,7 @@ def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_LINEAR_BIAS:
         x += tl.load(LB + cols, mask=ok, other=0.0).to(tl.float32)
-    x = _dropout(x, p, scale, seed, row, BLOCK, HAS_DROPOUT)
+    x = _dropout(x, p, scale, SEED, row, BLOCK, HAS_DROPOUT)
     z = x + tl.load(R + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     mean = tl.sum(z, 0) / n_cols
     zc = tl.where(ok, z - mean, 0.0)
@@ -110,7 +112,7 @@ def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride
 
 @triton.jit
 def _dal_bwd_kernel(DOUT, Z, W, MEAN, RSTD, DX, DR, PART, n_rows, n_cols, rows_per_prog,
-                    stride_do, stride_z, stride_dx, stride_dr, stride_part, p, scale, seed,
+                    stride_do, stride_z, stride_dx, stride_dr, stride_part, p, scale, SEED,
                     HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     # each program takes a run of rows and leaves its partial dW, dB (and d linear_bias, the column
     # sum of dX) in PART[k, program]; the host sums PART over programs in one reduction
@@ -131,7 +133,7 @@ def _dal_bwd_kernel(DOUT, Z, W, MEAN, RSTD, DX, DR, PART, n_rows, n_cols, rows_p
         g = dout * w
         dz = (g - tl.sum(g, 0) / n_cols - xhat * (tl.sum(g * xhat, 0) / n_cols)) * tl.load(RSTD + row)
         tl.store(DR + row * stride_dr + cols, dz.to(DR.dtype.element_ty), mask=ok)
-        dx = _dropout(dz, p, scale, seed, row, BLOCK, HAS_DROPOUT)
+        dx = _dropout(dz, p, scale, SEED, row, BLOCK, HAS_DROPOUT)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=ok)
         dw += dout * xhat
         db += dout
@@ -161,12 +163,15 @@ def _check_approx(approximate: str) -> bool:
     return approximate == "tanh"
 
 
-def _dropout_args(p: float) -> tuple[bool, float, int]:
-    """(has_dropout, scale, seed); the seed comes from torch's CPU generator: no device sync."""
+def _dropout_args(p: float, like: torch.Tensor) -> tuple[bool, float, torch.Tensor]:
+    """(has_dropout, scale, seed): the seed is a one-element tensor drawn by torch's generator on
+    `like`'s device. Drawn on the device, it needs no host sync and stays random under CUDA-graph
+    replay (torch's CUDA generator advances its offset on every replay); without dropout the seed
+    argument is never read and `like` (a tensor the caller saves anyway) stands in for it."""
     assert 0.0 <= p <= 1.0, f"dropout probability must be in [0, 1], got {p}"
     if p == 0.0:
-        return False, 1.0, 0
-    return True, 0.0 if p >= 1.0 else 1.0 / (1.0 - p), int(torch.randint(0, 2**31 - 1, (1,)).item())
+        return False, 1.0, like
+    return True, 0.0 if p >= 1.0 else 1.0 / (1.0 - p), torch.randint(0, 2**31 - 1, (1,), device=like.device)
 
 
 class GeGLUFunction(torch.autograd.Function):
@@ -174,23 +179,23 @@ class GeGLUFunction(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, approximate: str, p: float) -> torch.Tensor:
         tanh = _check_approx(approximate)
         assert h.shape[-1] % 2 == 0, f"the last dimension must be even (gate; up), got {h.shape[-1]}"
-        has_dropout, scale, seed = _dropout_args(p)
         h2 = _rows(h)
+        has_dropout, scale, seed = _dropout_args(p, h2)
         rows, ff = h2.shape[0], h2.shape[1] // 2
         out = torch.empty((rows, ff), dtype=h.dtype, device=h.device)
         if rows and ff:
             _geglu_fwd_kernel[(rows, triton.cdiv(ff, _GEGLU_BLOCK))](
                 h2, out, ff, h2.stride(0), out.stride(0), p, scale, seed, APPROX_TANH=tanh,
                 HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, num_warps=4)
-        ctx.save_for_backward(h2)
-        ctx.tanh, ctx.shape, ctx.dropout = tanh, h.shape, (p, scale, seed, has_dropout)
+        ctx.save_for_backward(h2, seed)
+        ctx.tanh, ctx.shape, ctx.dropout = tanh, h.shape, (p, scale, has_dropout)
         return out.view(*h.shape[:-1], ff)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        (h2,) = ctx.saved_tensors
+        h2, seed = ctx.saved_tensors
         rows, ff = h2.shape[0], h2.shape[1] // 2
-        p, scale, seed, has_dropout = ctx.dropout
+        p, scale, has_dropout = ctx.dropout
         d2 = _rows(dout)
         dh = torch.empty_like(h2)
         if rows and ff:
@@ -215,31 +220,31 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         assert linear_bias is None or linear_bias.shape == (n,), "linear_bias must be (hidden,)"
         block = triton.next_power_of_2(n)
         assert block <= 16384, f"hidden size {n} is above this kernel's 16384"
-        has_dropout, scale, seed = _dropout_args(p)
         x2, r2 = _rows(x), _rows(residual)
         rows = x2.shape[0]
         out = torch.empty((rows, n), dtype=out_dtype, device=x.device)
         z = torch.empty((rows, n), dtype=out_dtype, device=x.device)  # pre-norm sum, for backward
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        has_dropout, scale, seed = _dropout_args(p, rstd)  # rstd: saved anyway, stands in without dropout
         has_lb = linear_bias is not None
         if rows:
             _dal_fwd_kernel[(rows,)](x2, linear_bias if has_lb else weight, r2, weight, bias, out, z, mean, rstd, n,
                                      x2.stride(0), r2.stride(0), out.stride(0), z.stride(0), eps, p, scale, seed,
                                      HAS_LINEAR_BIAS=has_lb, HAS_DROPOUT=has_dropout, BLOCK=block,
                                      num_warps=min(16, max(1, block // 256)))
-        ctx.save_for_backward(z, weight, mean, rstd)
-        ctx.dropout = (p, scale, seed, has_dropout)
+        ctx.save_for_backward(z, weight, mean, rstd, seed)
+        ctx.dropout = (p, scale, has_dropout)
         ctx.lb_dtype = linear_bias.dtype if has_lb else None
         ctx.x_dtype, ctx.r_dtype, ctx.shape = x.dtype, residual.dtype, x.shape
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        z, weight, mean, rstd = ctx.saved_tensors
+        z, weight, mean, rstd, seed = ctx.saved_tensors
         rows, n = z.shape
         block = triton.next_power_of_2(n)
-        p, scale, seed, has_dropout = ctx.dropout
+        p, scale, has_dropout = ctx.dropout
         has_lb = ctx.lb_dtype is not None
         d2 = _rows(dout)
         dx = torch.empty((rows, n), dtype=ctx.x_dtype, device=z.device)

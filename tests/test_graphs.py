@@ -1,0 +1,116 @@
+"""CUDA-graph step: the bucketing that gives static shapes (CPU), and graph replay against eager (GPU)."""
+
+import pytest
+import torch
+
+from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
+from mosaicbert_ds.graphs import GraphedMLMStep, pad_packed
+from mosaicbert_ds.padding import cu_seqlens_from_lengths
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def packed_batch(lengths: list[int], vocab: int, seed: int, device: str = "cpu") -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lengths)
+    total = int(lens.sum())
+    ids = torch.randint(5, vocab, (total,), generator=g)
+    masked = torch.rand(total, generator=g) < 0.3
+    masked[0] = True
+    labels = torch.where(masked, ids, -100)
+    batch = {"input_ids": torch.where(masked, 4, ids), "cu_seqlens": cu_seqlens_from_lengths(lens),
+             "max_seqlen": max(lengths), "labels": labels, "masked_positions": masked.nonzero().flatten()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("lengths", [[37, 64, 5], [64, 64], [1], [60, 3, 64, 64, 2]])
+def test_pad_packed_shapes(lengths):
+    batch = packed_batch(lengths, 100, seed=len(lengths))
+    out = pad_packed(batch, token_step=32, mask_step=16)
+    total, n = batch["input_ids"].numel(), out["input_ids"].numel()
+    assert n % 32 == 0 and total < n <= total + 32
+    assert out["masked_positions"].numel() % 16 == 0
+    assert out["max_seqlen"] == (16 if max(lengths) <= 16 else 64)  # a power of two, at least 16
+    cu = out["cu_seqlens"]
+    assert cu.dtype == torch.int32 and out["masked_positions"].dtype == batch["masked_positions"].dtype
+    assert torch.equal(cu[: len(lengths) + 1], batch["cu_seqlens"]) and cu[-1] == n
+    dummy = cu[len(lengths) + 1:] - cu[len(lengths):-1]
+    assert dummy.min() >= 0 and dummy.max() <= out["max_seqlen"] and dummy.sum() == n - total
+    assert torch.equal(out["labels"][:total], batch["labels"]) and (out["labels"][total:] == -100).all()
+    assert (out["labels"][out["masked_positions"]] != -100).sum() == batch["masked_positions"].numel()
+
+
+def test_padded_bucket_gives_the_same_loss_and_gradients():
+    """The dummy sequences and masked positions change neither the loss nor any gradient."""
+    torch.manual_seed(0)
+    config = MosaicBertConfig.from_name("tiny", hidden_dropout_prob=0.0)
+    model = MosaicBertForMaskedLM(config).train()
+    batch = packed_batch([37, 64, 5, 20], config.vocab_size, seed=3)
+    results = []
+    for b in (batch, pad_packed(batch, token_step=64, mask_step=32)):
+        model.zero_grad()
+        loss = model(**b).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, grads), (loss_p, grads_p) = results
+    torch.testing.assert_close(loss_p, loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_p[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_graphed_step_refuses_a_cpu_model_clearly():
+    model = MosaicBertForMaskedLM(MosaicBertConfig.from_name("tiny")).train()
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedMLMStep(model)
+
+
+def _base_model(dropout: float) -> MosaicBertForMaskedLM:
+    torch.manual_seed(0)
+    return MosaicBertForMaskedLM(MosaicBertConfig.from_name("base", hidden_dropout_prob=dropout)).cuda().train()
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("bf16_weights", [False, True], ids=["autocast", "bf16-weights"])
+def test_graph_replay_matches_eager_steps(bf16_weights):
+    """Three micro batches of two bucket shapes through the graphs accumulate the same gradients
+    (and give the same losses) as eager forward + backward; dropout off."""
+    model = _base_model(0.0)
+    if bf16_weights:
+        model.bfloat16()
+    autocast = None if bf16_weights else torch.bfloat16
+    batches = [packed_batch(lens, 30000, seed=i, device="cuda")
+               for i, lens in enumerate([[128] * 30 + [77, 3], [128] * 20 + [1, 50], [128] * 30 + [70, 9]])]
+    eager_losses = []
+    for b in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast is not None):
+            loss = model(**b).loss
+        (loss * 0.5).backward()
+        eager_losses.append(loss.item())
+    del loss  # a live autograd graph would keep AccumulateGrad nodes bound to the default stream
+    eager = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    step = GraphedMLMStep(model, token_step=256, mask_step=128, autocast_dtype=autocast)
+    graph_losses = [step(b, grad_scale=0.5).loss.item() for b in batches]
+    assert len(step.graphs) == 2  # batches 0 and 2 share a bucket
+    for a, b in zip(graph_losses, eager_losses):
+        assert abs(a - b) < 2e-2 * abs(b), (graph_losses, eager_losses)
+    for name, p in model.named_parameters():
+        err = (p.grad.float() - eager[name]).norm() / eager[name].norm().clamp_min(1e-12)
+        assert err < 5e-2, f"{name}: relative error {err:.2e}"
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="set_to_none=False"):
+        step(batches[0])
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_graph_replays_draw_fresh_dropout_masks():
+    """The same batch replayed twice gives different losses with dropout on (seeds drawn on the
+    device at every replay), and identical ones with dropout off."""
+    batch = packed_batch([128] * 16 + [40], 30000, seed=0, device="cuda")
+    for dropout, differ in ((0.1, True), (0.0, False)):
+        step = GraphedMLMStep(_base_model(dropout), autocast_dtype=torch.bfloat16)
+        a, b = (step(batch).loss.item() for _ in range(2))
+        assert (a != b) == differ, (dropout, a, b)
+
