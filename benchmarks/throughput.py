@@ -46,23 +46,23 @@ ABLATIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-# Trainer variants compared by --overhead: (ds_config additions, build_engine's batched_grad_accumulation)
+# Trainer variants compared by --overhead: (ds_config additions, build_engine's batched_optimizer)
 DS_VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "trainer (as pretrain runs it)": ({}, True),
-    "trainer, DeepSpeed's accumulation loop": ({}, False),
+    "trainer, DeepSpeed's own optimizer loops": ({}, False),
     "trainer, immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": True}}, False),
 }
 
 
 def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides: dict[str, Any] | None = None,
-                  batched_grad_accumulation: bool = True, n_batches: int = 6
+                  batched_optimizer: bool = True, n_batches: int = 6
                   ) -> tuple[Any, Iterator[dict[str, Any]], int]:
     """A one-GPU DeepSpeed engine as `pretrain` builds it, an endless cycle of pinned synthetic
     batches, and the parameter count."""
     ds_config = build_ds_config(global_batch=micro * accum, micro_batch=micro, world_size=1, lr=5e-4)
     ds_config.update(ds_overrides or {})
     engine, n_params = build_engine(config, ds_config, total_steps=10**6, warmup_fraction=0.06, final_lr_ratio=0.02,
-                                    batched_grad_accumulation=batched_grad_accumulation)
+                                    batched_optimizer=batched_optimizer)
     layout = "packed"  # unpad=False models pad the packed batch themselves, once, like a padded batch
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i)[layout] for i in range(n_batches)]
     batches = cycle([{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in data])
@@ -71,9 +71,9 @@ def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides
 
 def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
             baseline: str | None = None, ds_overrides: dict[str, Any] | None = None,
-            batched_grad_accumulation: bool = True) -> dict[str, Any]:
+            batched_optimizer: bool = True) -> dict[str, Any]:
     """Optimizer steps through the DeepSpeed trainer on one GPU; returns one result row."""
-    engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides, batched_grad_accumulation)
+    engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides, batched_optimizer)
     window = Window(engine.device)
     for _ in range(warmup):
         train_step(engine, batches, accum, 1, window, config)
@@ -168,7 +168,7 @@ def main() -> None:
             for variant, (overrides, batched) in DS_VARIANTS.items():
                 row = attempt(measure, f"{variant}, round {rnd + 1}", config, micro, args.warmup, args.steps,
                               args.accum, baseline=f"bare step, round {rnd + 1}", ds_overrides=overrides,
-                              batched_grad_accumulation=batched)
+                              batched_optimizer=batched)
                 if row:
                     rows.append(row)
         print_rows(f"DeepSpeed overhead, MosaicBERT-Base micro {micro} x {args.accum} (C4-like lengths at 128)", rows)

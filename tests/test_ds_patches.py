@@ -1,6 +1,7 @@
-"""The batched BF16_Optimizer gradient accumulation (mosaicbert_ds.train.ds_patches) against
-DeepSpeed's own loop: a real engine (bf16, ZeRO-1, fp32 accumulation) on the CPU, in a fresh
-process per run, two micro batches per step; the fp32 master weights must match bitwise."""
+"""The batched BF16_Optimizer loops (mosaicbert_ds.train.ds_patches: gradient accumulation,
+gradient norm, clipping) against DeepSpeed's own: a real engine (bf16, ZeRO-1, fp32 accumulation)
+on the CPU, in a fresh process per run, two micro batches per step, with clipping that always
+and that never applies; gradient norms and fp32 master weights must match bitwise."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,43 +24,47 @@ from benchmarks.synthetic import PRETRAIN, make_batch
 
 batched = sys.argv[1] == "1"
 init_distributed()
-ds = build_ds_config(global_batch=8, micro_batch=4, world_size=1, lr=1e-3)
+ds = build_ds_config(global_batch=8, micro_batch=4, world_size=1, lr=1e-3, gradient_clipping=float(sys.argv[2]))
 ds["bf16"] = {"enabled": True}
 cfg = MosaicBertConfig.from_name("tiny", hidden_dropout_prob=0.0)
 engine, _ = build_engine(cfg, ds, total_steps=100, warmup_fraction=0.0, final_lr_ratio=0.02,
-                         batched_grad_accumulation=batched)
+                         batched_optimizer=batched)
 opt = engine.optimizer
-losses = []
+losses, norms = [], []
 for step in range(3):
     for j in range(2):
         out = engine(**make_batch(PRETRAIN, 4, vocab=cfg.vocab_size, seed=2 * step + j)["packed"])
         engine.backward(out.loss)
         engine.step()
         losses.append(out.loss.item())
+    norms.append(float(opt._global_grad_norm))
 master = torch.cat([p.detach().flatten() for g in opt.fp32_groups_flat_partition for p in [g]])
 print(json.dumps({"optimizer": type(opt).__name__, "patched": opt.update_hp_grads.__func__.__module__,
-                  "losses": losses, "master": master.view(torch.int32).tolist()[:4096],
+                  "patched_step": opt.step.__func__.__module__, "norms": norms, "losses": losses, "master": master.view(torch.int32).tolist()[:4096],
                   "master_sum": float(master.double().sum())}))
 """
 
 
-def run(batched: bool) -> dict:
+def run(batched: bool, clip: float) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                LOCAL_RANK="0", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, "1" if batched else "0"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "1" if batched else "0", str(clip)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_batched_accumulation_matches_deepspeed_bitwise():
-    ours, theirs = run(batched=True), run(batched=False)
+@pytest.mark.parametrize("clip", [1e-4, 1e4], ids=["always-clipped", "never-clipped"])
+def test_batched_optimizer_matches_deepspeed_bitwise(clip):
+    ours, theirs = run(batched=True, clip=clip), run(batched=False, clip=clip)
     assert ours["optimizer"] == theirs["optimizer"] == "BF16_Optimizer"
-    assert ours["patched"] == "mosaicbert_ds.train.ds_patches"
-    assert theirs["patched"].startswith("deepspeed.")
+    assert ours["patched"] == ours["patched_step"] == "mosaicbert_ds.train.ds_patches"
+    assert theirs["patched"].startswith("deepspeed.") and theirs["patched_step"].startswith("deepspeed.")
+    assert ours["norms"] == theirs["norms"]
+    assert (min(ours["norms"]) > clip) if clip < 1 else (max(ours["norms"]) < clip)  # the branch under test
     assert ours["losses"] == theirs["losses"]
     assert ours["master"] == theirs["master"] and ours["master_sum"] == theirs["master_sum"]
     assert len(set(ours["losses"])) > 1  # the weights moved between micro batches

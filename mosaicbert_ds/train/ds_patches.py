@@ -1,17 +1,26 @@
-"""Batched gradient accumulation for DeepSpeed's BF16_Optimizer.
+"""Batched host loops for DeepSpeed's BF16_Optimizer.
 
-After every micro batch, DeepSpeed 0.19's BF16_Optimizer adds each bf16 parameter gradient to its
-fp32 accumulation buffer in a Python loop: per parameter a cast to an fp32 copy, a view and an add
-(about 200 parameters for MosaicBERT-Base, well over a thousand host-side ops per micro batch).
-A Base step at micro batch 256 on an H200 is already bound by the host's launch rate, so that
-loop is most of what separates the DeepSpeed trainer from the bare step.
+A MosaicBERT-Base step at micro batch 256 on an H200 is about as long for the host to issue as for
+the GPU to run, so host work that DeepSpeed adds shows up directly as lost tokens/s. DeepSpeed
+0.19's BF16_Optimizer has two per-parameter Python loops on that path (about 200 parameters for
+Base):
+- after every micro batch it adds each bf16 gradient to its fp32 accumulation buffer: per
+  parameter a cast to an fp32 copy, a view and an add;
+- at every optimizer step it computes the gradient norm with one norm kernel per parameter, and
+  clips with one multiply per parameter, after a second host sync on `clip_coef < 1`.
 
-`batch_bf16_grad_accumulation(engine)` swaps that loop, on this engine's optimizer only, for one
-`torch._foreach_add_` per parameter group (fp32 += bf16 promotes inside the kernel: no fp32 copy
-of the gradient), with the same bookkeeping (`_hp_grad`, `fp32_groups_has_gradients`, clearing).
-The sums are the same numbers DeepSpeed computes (tests/test_ds_patches.py compares them
-bitwise). It applies only to the case it was written against (BF16_Optimizer, no
-immediate_grad_update, no expert folding) and leaves anything else to DeepSpeed.
+`batch_bf16_optimizer(engine)` swaps both, on this engine's optimizer only:
+- accumulation: one `torch._foreach_add_` per parameter group (fp32 += bf16 promotes inside the
+  kernel: no fp32 copy of the gradient), with the same bookkeeping (`_hp_grad`,
+  `fp32_groups_has_gradients`, clearing);
+- step: the per-tensor norms from one `torch._foreach_norm`, combined as DeepSpeed combines them,
+  and the clip as one `torch._foreach_mul_` by min(1, max_norm / (norm + 1e-6)) computed on the
+  device (DeepSpeed multiplies only when that is below 1; multiplying by exactly 1.0 changes
+  nothing). The remaining host sync is DeepSpeed's own: a non-finite norm skips the step.
+The results are DeepSpeed's numbers (tests/test_ds_patches.py compares the master weights
+bitwise, with and without clipping). Each patch applies only to the case it was written against
+(BF16_Optimizer; no immediate_grad_update or expert folding for the accumulation; 2-norm, no
+model parallelism, MoE or Muon for the step) and leaves anything else to DeepSpeed.
 """
 
 from __future__ import annotations
@@ -21,18 +30,24 @@ from typing import Any
 
 import torch
 
-_NEEDED = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_has_gradients", "immediate_grad_update")
+_NEEDED = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_has_gradients", "immediate_grad_update",
+           "clip_grad", "norm_type", "fp32_groups_flat_partition", "fp32_groups_gradient_flat_partition")
 
 
-def batch_bf16_grad_accumulation(engine: Any) -> bool:
-    """Install the batched accumulation on `engine.optimizer`; returns whether it applied."""
+def batch_bf16_optimizer(engine: Any) -> dict[str, bool]:
+    """Install the batched loops on `engine.optimizer`; returns which of them applied."""
     opt = engine.optimizer
+    applied = {"accumulation": False, "step": False}
     if type(opt).__name__ != "BF16_Optimizer" or not all(hasattr(opt, a) for a in _NEEDED):
-        return False
-    if opt.immediate_grad_update or getattr(opt, "autoep_folding_tp_group", None) is not None:
-        return False
-    opt.update_hp_grads = types.MethodType(_update_hp_grads, opt)
-    return True
+        return applied
+    if not opt.immediate_grad_update and getattr(opt, "autoep_folding_tp_group", None) is None:
+        opt.update_hp_grads = types.MethodType(_update_hp_grads, opt)
+        applied["accumulation"] = True
+    if (float(opt.norm_type) == 2.0 and getattr(opt, "mpu", None) is None and not opt.has_moe_layers
+            and not getattr(opt, "_uses_muon", False)):
+        opt.step = types.MethodType(_step, opt)
+        applied["step"] = True
+    return applied
 
 
 @torch.no_grad()
@@ -53,3 +68,40 @@ def _update_hp_grads(self: Any, clear_lp_grads: bool = False) -> None:
             torch._foreach_add_(hp_grads, shaped)
             if clear_lp_grads:
                 torch._foreach_zero_(lp_grads)
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """DeepSpeed's get_global_norm_of_tensors for the 2-norm: the norm of the per-tensor fp32 norms,
+    -1 where it is not finite; here from one multi-tensor kernel."""
+    norms = torch._foreach_norm([t.detach().float() for t in tensors], 2)
+    total = torch.stack(norms).pow(2.0).sum().pow(0.5)
+    return total.masked_fill_(~torch.isfinite(total), -1.0)
+
+
+@torch.no_grad()
+def _step(self: Any, closure: Any = None) -> None:
+    # DeepSpeed 0.19.8's BF16_Optimizer.step for its dense, single-model-parallel case
+    if closure is not None:
+        raise NotImplementedError(f"{type(self).__name__} does not support closure.")
+    self.overflow = False
+    grads, _ = self.get_grads_for_norm()
+    norm = _global_norm(grads)
+    self._global_grad_norm = norm
+    if bool(norm < 0):  # the step's one host sync, as in DeepSpeed: a non-finite norm skips the step
+        self.overflow = True
+        self._global_grad_norm = float("inf")
+        self.clear_hp_grads()
+        self.clear_lp_grads()
+        return
+    if self.clip_grad > 0.0:
+        coef = (self.clip_grad / (norm + 1e-6)).clamp_(max=1.0)
+        torch._foreach_mul_(self.get_grads_for_norm(for_clipping=True), coef)
+    for param, grad in zip(self.fp32_groups_flat_partition, self.fp32_groups_gradient_flat_partition):
+        param.grad = grad.to(param.dtype) if grad.dtype != param.dtype else grad
+    self.optimizer.step()
+    if self.grad_acc_dtype is not torch.float32:
+        for param in self.fp32_groups_flat_partition:
+            param.grad = None
+    self._lazy_init_hp_params_optimizer_state()
+    self.update_lp_params()
+    self.clear_hp_grads()

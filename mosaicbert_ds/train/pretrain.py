@@ -198,14 +198,14 @@ def forever(loader: Any) -> Iterator[dict[str, Any]]:
 
 def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], total_steps: int,
                  warmup_fraction: float, final_lr_ratio: float, seed: int = 17,
-                 compile_layers: bool = False, batched_grad_accumulation: bool = True) -> tuple[Any, int]:
+                 compile_layers: bool = False, batched_optimizer: bool = True) -> tuple[Any, int]:
     """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count.
 
-    batched_grad_accumulation: BF16_Optimizer's per-parameter accumulation loop replaced by
-    foreach adds (train.ds_patches; the same sums, less host time)."""
+    batched_optimizer: BF16_Optimizer's per-parameter loops (gradient accumulation, gradient norm,
+    clipping) replaced by foreach ops (train.ds_patches; the same numbers, less host time)."""
     import deepspeed
 
-    from .ds_patches import batch_bf16_grad_accumulation
+    from .ds_patches import batch_bf16_optimizer
 
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = MosaicBertForMaskedLM(model_config)
@@ -215,8 +215,8 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
             layer.compile(dynamic=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                       lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio))
-    if batched_grad_accumulation:
-        batch_bf16_grad_accumulation(engine)
+    if batched_optimizer:
+        batch_bf16_optimizer(engine)
     return engine, n_params
 
 
