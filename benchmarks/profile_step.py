@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
-from mosaicbert_ds.graphs import use_cuda_graphs
+from mosaicbert_ds.graphs import GraphedMLMStep
 
 from .synthetic import FINETUNE, PRETRAIN, make_batch, to_device
 
@@ -71,15 +71,17 @@ def main() -> None:
     batches = [to_device(make_batch(mix, args.batch, 30522, seed=i)["packed"], torch.device("cuda"))
                for i in range(3)]
 
-    if args.graphs:
-        use_cuda_graphs(model)
+    graphed = GraphedMLMStep(model, autocast_dtype=torch.bfloat16) if args.graphs else None
 
     def step(batch: dict) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
+        if graphed is not None:
+            graphed(batch)
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=not args.graphs)
+        opt.zero_grad(set_to_none=graphed is None)
 
     for i in range(8):
         step(batches[i % 3])

@@ -22,7 +22,7 @@ import torch
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_ds.flops import peak_flops
-from mosaicbert_ds.graphs import use_cuda_graphs
+from mosaicbert_ds.graphs import GraphedMLMStep
 
 from .synthetic import FINETUNE, PRETRAIN, LengthMix, make_batch, to_device
 
@@ -84,16 +84,19 @@ def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: 
         opt = MasterWeightAdamW(model.parameters())
     else:
         opt = torch.optim.AdamW(model.parameters(), **ADAMW)
-    if graphs:
-        use_cuda_graphs(model)
+    graphed = GraphedMLMStep(model, autocast_dtype=None if master_weights else torch.bfloat16) if graphs else None
 
     def step(i: int) -> None:
         for j in range(accum):
+            batch = batches[(i * accum + j) % len(batches)]
+            if graphed is not None:
+                graphed(batch, grad_scale=1 / accum)
+                continue
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not master_weights):
-                loss = model(**batches[(i * accum + j) % len(batches)]).loss
+                loss = model(**batch).loss
             (loss / accum).backward()
         opt.step()
-        opt.zero_grad(set_to_none=not graphs)  # graphs: keep the gradient buffers instead of reallocating them
+        opt.zero_grad(set_to_none=graphed is None)
 
     for i in range(warmup):
         step(i)

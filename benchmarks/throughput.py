@@ -46,30 +46,23 @@ ABLATIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-# Trainer variants compared by --overhead: (ds_config additions, build_engine keyword arguments,
-# the bare-step row they are compared with)
-DS_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, bool], str]] = {
-    "trainer (as pretrain runs it)": ({}, {}, "bare step"),
-    "trainer, DeepSpeed's own optimizer loops": ({}, {"batched_optimizer": False}, "bare step"),
-    "trainer, immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": True}},
-                                       {"batched_optimizer": False}, "bare step"),
-}
-# --overhead --graphs: eager and CUDA-graph trainer, each against the bare step run the same way
-GRAPH_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, bool], str]] = {
-    "trainer (as pretrain runs it)": ({}, {}, "bare step"),
-    "trainer, cuda_graphs": ({}, {"cuda_graphs": True}, "bare step, CUDA graphs"),
+# Trainer variants compared by --overhead: (ds_config additions, build_engine's batched_optimizer)
+DS_VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
+    "trainer (as pretrain runs it)": ({}, True),
+    "trainer, DeepSpeed's own optimizer loops": ({}, False),
+    "trainer, immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": True}}, False),
 }
 
 
 def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides: dict[str, Any] | None = None,
-                  engine_kwargs: dict[str, bool] | None = None, n_batches: int = 6
+                  batched_optimizer: bool = True, n_batches: int = 6
                   ) -> tuple[Any, Iterator[dict[str, Any]], int]:
     """A one-GPU DeepSpeed engine as `pretrain` builds it, an endless cycle of pinned synthetic
     batches, and the parameter count."""
     ds_config = build_ds_config(global_batch=micro * accum, micro_batch=micro, world_size=1, lr=5e-4)
     ds_config.update(ds_overrides or {})
     engine, n_params = build_engine(config, ds_config, total_steps=10**6, warmup_fraction=0.06, final_lr_ratio=0.02,
-                                    **(engine_kwargs or {}))
+                                    batched_optimizer=batched_optimizer)
     layout = "packed"  # unpad=False models pad the packed batch themselves, once, like a padded batch
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i)[layout] for i in range(n_batches)]
     batches = cycle([{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in data])
@@ -78,9 +71,9 @@ def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides
 
 def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
             baseline: str | None = None, ds_overrides: dict[str, Any] | None = None,
-            engine_kwargs: dict[str, bool] | None = None) -> dict[str, Any]:
+            batched_optimizer: bool = True) -> dict[str, Any]:
     """Optimizer steps through the DeepSpeed trainer on one GPU; returns one result row."""
-    engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides, engine_kwargs)
+    engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides, batched_optimizer)
     window = Window(engine.device)
     for _ in range(warmup):
         train_step(engine, batches, accum, 1, window, config)
@@ -104,14 +97,12 @@ def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps:
     return row
 
 
-def bare_step(config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
-              graphs: bool = False) -> dict[str, Any]:
-    """The same model and batches without DeepSpeed: autocast bf16 + torch fused AdamW (CUDA graphs
-    for forward and backward with `graphs`)."""
+def bare_step(config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1) -> dict[str, Any]:
+    """The same model and batches without DeepSpeed: autocast bf16 + torch fused AdamW."""
     model = MosaicBertForMaskedLM(config)
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i) for i in range(6)]
     seconds, mem = time_steps(model, [to_device(d["packed"], torch.device("cuda")) for d in data], warmup, steps,
-                              accum, graphs=graphs)
+                              accum)
     seconds *= accum  # per optimizer step
     tokens = sum(d["tokens"] for d in data) / len(data)
     n_params = sum(p.numel() for p in model.parameters())
@@ -154,8 +145,6 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true",
                         help="MosaicBERT-Base: bare step vs the trainer with each DeepSpeed variant, interleaved")
     parser.add_argument("--rounds", type=int, default=2, help="--overhead: rounds of interleaved measurements")
-    parser.add_argument("--graphs", action="store_true",
-                        help="--overhead: the eager and the CUDA-graph trainer, each against its own bare step")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--micro", type=int, nargs="*", default=None, help="micro batch sizes (default per model)")
@@ -171,17 +160,15 @@ def main() -> None:
     if args.overhead:
         micro = args.micro[0] if args.micro else 256
         config = MosaicBertConfig.from_name("base")
-        bares = {"bare step": False, "bare step, CUDA graphs": True} if args.graphs else {"bare step": False}
         for rnd in range(args.rounds):  # interleaved rounds: process-to-process drift shows as their spread
-            for bare_name, graphs in bares.items():
-                bare = attempt(bare_step, config, micro, args.warmup, args.steps, args.accum, graphs=graphs)
-                if bare:
-                    bare.update(name=f"{bare_name}, round {rnd + 1}", baseline=None)
-                    rows.append(bare)
-            for variant, (overrides, kwargs, base) in (GRAPH_VARIANTS if args.graphs else DS_VARIANTS).items():
+            bare = attempt(bare_step, config, micro, args.warmup, args.steps, args.accum)
+            if bare:
+                bare.update(name=f"bare step, round {rnd + 1}", baseline=None)
+                rows.append(bare)
+            for variant, (overrides, batched) in DS_VARIANTS.items():
                 row = attempt(measure, f"{variant}, round {rnd + 1}", config, micro, args.warmup, args.steps,
-                              args.accum, baseline=f"{base}, round {rnd + 1}", ds_overrides=overrides,
-                              engine_kwargs=kwargs)
+                              args.accum, baseline=f"bare step, round {rnd + 1}", ds_overrides=overrides,
+                              batched_optimizer=batched)
                 if row:
                     rows.append(row)
         print_rows(f"DeepSpeed overhead, MosaicBERT-Base micro {micro} x {args.accum} (C4-like lengths at 128)", rows)

@@ -1,13 +1,8 @@
-"""CUDA graphs for the packed MLM training forward and backward: the host issues two replays
-instead of ~5000 ops.
+"""CUDA graphs for the packed MLM training step: the host issues one replay instead of ~5000 ops.
 
 At batch 256 x 128 a MosaicBERT-Base step takes the host about as long to issue as the GPU takes
-to run it, and on smaller or shorter batches (finetuning-like lengths) the host alone sets the
-pace. `use_cuda_graphs(model)` routes the model's training forward on packed MLM batches through
-`torch.cuda.make_graphed_callables`: one forward graph and one backward graph per bucket shape,
-replayed by an autograd Function, so that `loss.backward()`, DeepSpeed's `engine.backward`,
-gradient accumulation and optimizers work unchanged (gradients still reach `.grad` through
-autograd). Evaluation, padded batches and anything else run eagerly.
+to run it, and on shorter batches (finetuning-like lengths) the host alone sets the pace.
+`GraphedMLMStep` captures forward + backward once per batch shape and replays it.
 
 Shapes are made static by bucketing (`pad_packed`): the token count is padded up to the next
 multiple of `token_step` with dummy sequences (pad id, label -100), which no real token attends
@@ -17,24 +12,20 @@ carry no loss and send no gradient into real rows, so loss and gradients are tho
 unpadded batch (up to summation order inside the matmuls).
 
 Graph-safe pieces this relies on: the fused kernels read their dropout seeds from device memory
-(drawn by torch's CUDA generator, which advances on every replay), and the attention kernel and
-the loss never synchronise with the host. All buckets share one memory pool, which is safe as
-long as each forward is followed by its backward before the next training forward (the usual
-loop; not two forwards and then their backwards).
+(drawn by torch's CUDA generator, which advances on every replay), the attention kernel and the
+loss never synchronise with the host, and gradients accumulate in place into `.grad` tensors
+allocated before capture.
 """
 
 from __future__ import annotations
 
-import types
+import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
-
-from .model import MosaicBertMaskedLMOutput
 
 IGNORE_INDEX = -100
-_GRAPH_KEYS = ("input_ids", "cu_seqlens", "labels", "masked_positions")
 
 
 def _round_up(n: int, step: int) -> int:
@@ -72,72 +63,92 @@ def pad_packed(batch: dict[str, Any], token_step: int = 256, mask_step: int = 25
     return out
 
 
-class _Bucket(nn.Module):
-    """The model's packed MLM forward at one bucket shape, tensors in and out (what
-    make_graphed_callables takes). Calls the class's forward, so hooks on the model (DeepSpeed's)
-    run once per step outside the graph, not inside the capture."""
-
-    def __init__(self, model: nn.Module, max_seqlen: int, autocast_dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.model, self.max_seqlen, self.autocast_dtype = model, max_seqlen, autocast_dtype
-
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, labels: torch.Tensor,
-                masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # autocast as the caller had it, without its weight cache (cached casts must not outlive a capture)
-        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None, cache_enabled=False):
-            out = type(self.model).forward(self.model, input_ids, cu_seqlens=cu_seqlens, max_seqlen=self.max_seqlen,
-                                           labels=labels, masked_positions=masked_positions)
-        return out.loss, out.logits.detach(), out.masked_labels
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    output: Any
 
 
-class _Graphs:
-    """The captured buckets of one model, and the forward that dispatches to them."""
+class GraphedMLMStep:
+    """Forward + backward of a packed MLM batch as one CUDA-graph replay per bucket shape.
 
-    def __init__(self, model: nn.Module, token_step: int, mask_step: int, pad_id: int) -> None:
-        self.model, self.token_step, self.mask_step, self.pad_id = model, token_step, mask_step, pad_id
-        self.eager_forward = model.forward
+    step(batch, grad_scale) has the effect of `(model(**batch).loss * grad_scale).backward()`:
+    gradients accumulate into the parameters' `.grad`, which this class allocates (zeros) and the
+    graphs write into. Zero them with `optimizer.zero_grad(set_to_none=False)`; replacing a
+    `.grad` tensor would leave the graphs writing into a stale one, so that is checked and refused.
+    The returned model output (loss, logits, masked_labels) is valid until the next call.
+    Each new bucket costs a warm-up (kernel compilation and tuning, outside the graph, through
+    torch.autograd.grad so that `.grad` is untouched) and a capture, once. Drop references to eager
+    losses or outputs from before the first call: their autograd graph keeps each parameter's
+    gradient-accumulation node bound to the stream it ran on, which invalidates the capture.
+    """
+
+    def __init__(self, model: torch.nn.Module, token_step: int = 256, mask_step: int = 256,
+                 autocast_dtype: torch.dtype | None = None, pad_id: int = 0) -> None:
+        self.model = model
+        self.token_step, self.mask_step, self.pad_id = token_step, mask_step, pad_id
+        self.autocast_dtype = autocast_dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.pool = torch.cuda.graph_pool_handle()
-        self.buckets: dict[tuple, nn.Module] = {}
-
-    def graphable(self, kwargs: dict[str, Any]) -> bool:
-        ids = kwargs.get("input_ids")
-        return (self.model.training and torch.is_grad_enabled() and ids is not None and ids.dim() == 1 and ids.is_cuda
-                and all(kwargs.get(k) is not None for k in _GRAPH_KEYS) and kwargs.get("max_seqlen") is not None
-                and kwargs.get("token_type_ids") is None and kwargs.get("attention_mask") is None)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if args or not self.graphable(kwargs):
-            return self.eager_forward(*args, **kwargs)
-        batch = pad_packed({k: kwargs[k] for k in (*_GRAPH_KEYS, "max_seqlen")}, self.token_step, self.mask_step,
-                           self.pad_id)
-        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        inputs = tuple(batch[k] for k in _GRAPH_KEYS)
-        key = (tuple(t.shape for t in inputs), batch["max_seqlen"], autocast)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = torch.cuda.make_graphed_callables(
-                _Bucket(self.model, batch["max_seqlen"], autocast), (tuple(t.clone() for t in inputs),),
-                num_warmup_iters=2, allow_unused_input=True, pool=self.pool, capture_error_mode="thread_local")
-        # gradients must already exist: autograd could otherwise adopt a graph's static gradient
-        # buffer as .grad, which the next replay would overwrite
+        if not self.params or not self.params[0].is_cuda:
+            raise ValueError("CUDA graphs need a model on a CUDA device")
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        loss, logits, masked_labels = bucket(*inputs)
-        return MosaicBertMaskedLMOutput(loss=loss, logits=logits, masked_labels=masked_labels)
+        self.grads = [p.grad for p in self.params]
+        self.scale = torch.ones((), device=self.params[0].device)
+        self._scale_value = 1.0
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, _Captured] = {}
 
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # the autocast weight cache must not outlive a capture
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
 
-def use_cuda_graphs(model: nn.Module, token_step: int = 256, mask_step: int = 256, pad_id: int = 0) -> nn.Module:
-    """Route `model`'s training forward on packed MLM batches (on CUDA, with labels and
-    masked_positions) through CUDA graphs, one pair per bucket shape captured on first use; the
-    model is returned. Other calls (eval, padded input, no labels) run eagerly. The returned
-    output's logits and masked_labels are valid until the next training forward."""
-    params = [p for p in model.parameters()]
-    if not params or not params[0].is_cuda:
-        raise ValueError("CUDA graphs need a model on a CUDA device")
-    graphs = _Graphs(model, token_step, mask_step, pad_id)
-    model.forward = types.MethodType(lambda self, *a, **kw: graphs.forward(*a, **kw), model)
-    model._cuda_graphs = graphs
-    return model
+    def _forward_backward(self, inputs: dict[str, Any], accumulate: bool) -> Any:
+        with self._autocast():
+            out = self.model(**inputs)
+        loss = out.loss * self.scale
+        if accumulate:
+            loss.backward()
+        else:
+            torch.autograd.grad(loss, self.params, allow_unused=True)
+        return out
+
+    def _capture(self, batch: dict[str, Any]) -> _Captured:
+        device = self.params[0].device
+        inputs = {k: v.to(device, copy=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward_backward(inputs, accumulate=False)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            output = self._forward_backward(inputs, accumulate=True)
+        # detached: a kept autograd graph would pin its gradient-accumulation nodes to this capture
+        output = type(output)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in output.items()})
+        return _Captured(graph, {k: v for k, v in inputs.items() if torch.is_tensor(v)}, output)
+
+    def __call__(self, batch: dict[str, Any], grad_scale: float = 1.0) -> Any:
+        if any(p.grad is not g for p, g in zip(self.params, self.grads)):
+            raise RuntimeError("a parameter's .grad was replaced or set to None; with CUDA graphs zero the "
+                               "gradients in place (optimizer.zero_grad(set_to_none=False))")
+        if not self.model.training:
+            raise RuntimeError("GraphedMLMStep captures training steps; call model.train() first")
+        padded = pad_packed(batch, self.token_step, self.mask_step, self.pad_id)
+        key = tuple((k, tuple(v.shape)) if torch.is_tensor(v) else (k, v) for k, v in sorted(padded.items()))
+        if grad_scale != self._scale_value:
+            self.scale.fill_(grad_scale)
+            self._scale_value = grad_scale
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(padded)
+        else:
+            for name, static in captured.inputs.items():
+                static.copy_(padded[name], non_blocking=True)
+        captured.graph.replay()
+        return captured.output

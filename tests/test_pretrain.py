@@ -98,8 +98,6 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(dataset, tm
     (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
     (["no-such-recipe"], "not found"),
     (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
-    pytest.param(["tiny-cpu", "data.path={data}", "cuda_graphs=true"], "cuda_graphs needs a CUDA GPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")),
 ])
 def test_bad_input_fails_with_one_clear_line(dataset, tmp_path, args, message):
     (tmp_path / "bad.json").write_text(json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8,

@@ -198,16 +198,13 @@ def forever(loader: Any) -> Iterator[dict[str, Any]]:
 
 def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], total_steps: int,
                  warmup_fraction: float, final_lr_ratio: float, seed: int = 17,
-                 compile_layers: bool = False, batched_optimizer: bool = True, cuda_graphs: bool = False
-                 ) -> tuple[Any, int]:
+                 compile_layers: bool = False, batched_optimizer: bool = True) -> tuple[Any, int]:
     """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count.
 
     batched_optimizer: BF16_Optimizer's per-parameter loops (gradient accumulation, gradient norm,
-    clipping) replaced by foreach ops (train.ds_patches; the same numbers, less host time).
-    cuda_graphs: training forward + backward replayed as CUDA graphs (mosaicbert_ds.graphs)."""
+    clipping) replaced by foreach ops (train.ds_patches; the same numbers, less host time)."""
     import deepspeed
 
-    from ..graphs import use_cuda_graphs
     from .ds_patches import batch_bf16_optimizer
 
     torch.manual_seed(seed)  # identical initial weights on every rank
@@ -220,8 +217,6 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
                                       lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio))
     if batched_optimizer:
         batch_bf16_optimizer(engine)
-    if cuda_graphs:
-        use_cuda_graphs(engine.module)
     return engine, n_params
 
 
@@ -233,8 +228,6 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
 
     info = read_dataset_info(cfg.data.path, cfg.data.remote_cache)
     use_cuda = torch.cuda.is_available()
-    if cfg.cuda_graphs and not use_cuda:
-        raise UserError("cuda_graphs needs a CUDA GPU; this machine has none")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
     model_config = MosaicBertConfig.from_name(cfg.model.preset, **{"vocab_size": info["vocab_size"],
                                                                    **cfg.model.overrides})
@@ -275,8 +268,7 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     engine, n_params = build_engine(model_config, ds_config, total_steps, cfg.schedule.warmup_fraction,
-                                    cfg.schedule.final_lr_ratio, seed=cfg.seed, compile_layers=cfg.compile,
-                                    cuda_graphs=cfg.cuda_graphs)
+                                    cfg.schedule.final_lr_ratio, seed=cfg.seed, compile_layers=cfg.compile)
     torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
 
     train_loader = build_mlm_dataloader(cfg.data.path, split=cfg.data.train_split, batch_size=micro,

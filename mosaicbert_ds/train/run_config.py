@@ -132,17 +132,12 @@ class RunConfig:
     """Peak FLOP/s per GPU for MFU; default from the table in mosaicbert_ds.flops by GPU name."""
     compile: bool = False
     """torch.compile the model's layers."""
-    cuda_graphs: bool = False
-    """Replay each training micro batch's forward and backward as CUDA graphs (mosaicbert_ds.graphs):
-    removes the host's launch overhead; GPU only, packed batches."""
 
     def validate(self) -> None:
         def need(cond: bool, message: str) -> None:
             if not cond:
                 raise UserError(message)
 
-        need(not (self.cuda_graphs and self.compile), "cuda_graphs and compile cannot both be on: pick one")
-        need(not (self.cuda_graphs and self.data.padded), "cuda_graphs needs packed batches (data.padded: false)")
         need(bool(self.data.path), "data.path is not set: point it at a dataset written by `mosaicbert-ds convert`")
         need(0.0 < self.data.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {self.data.mlm_probability}")
         need(0.0 < self.data.eval_mlm_probability < 1.0, "data.eval_mlm_probability must be in (0, 1)")
