@@ -11,17 +11,25 @@ Supports
     low_precision, else fp32 (what autocast's layer_norm returns); without autocast the
     promoted dtype of x and residual. Statistics always in fp32.
 Limits
-    Dropout draws from Triton's Philox (tl.rand4x) with a seed that torch's generator draws on the
-    device (graph-safe, no host sync): masks are reproducible under torch.manual_seed but differ
-    from torch.nn.functional.dropout's.
+    Dropout draws from Triton's Philox (tl.randint4x) with a seed that torch's generator draws on
+    the device (graph-safe, no host sync): masks are reproducible under torch.manual_seed but
+    differ from torch.nn.functional.dropout's.
+    Each element gets its own 16-bit uniform number (each Philox 32-bit output split into two
+    halves) and is kept when that number is >= t = round(p * 65536), t computed on the host: the
+    effective drop probability is t / 65536, not p (off by at most 2**-17), and kept values are
+    scaled by 65536 / (65536 - t) so that the expected value is preserved exactly for it. A p so
+    small that t rounds to 0 (p <= 2**-17) means no dropout at all; p = 1 drops everything.
     The backward regenerates the mask from the seed instead of storing it. Philox counters are 32
-    bits, one per four elements: past 2**34 elements per call masks would repeat.
+    bits, one per eight elements: past 2**35 elements per call masks would repeat.
 Tested
     Triton's interpreter on CPU (triton 3.6, 3.8); compiled on one NVIDIA H200 (triton 3.6), also
     inside a whole MosaicBERT-Base training step against the PyTorch ops (tests/test_gpu.py), and
     replayed in CUDA graphs with fresh masks per replay (tests/test_graphs.py).
+    The 16-bit dropout (one Philox counter per eight elements) is so far tested only in the
+    interpreter on CPU (triton 3.8); the GPU tests and the timings below predate it.
     H200, batch 256 x 128 (~29k real tokens), per step of 12 layers: GeGLU with dropout 3.0 ms
-    forward, 3.6 ms backward; the LayerNorm kernels 1.5 / 2.1 ms (24 calls each).
+    forward, 3.6 ms backward; the LayerNorm kernels 1.5 / 2.1 ms (24 calls each); measured with
+    the earlier dropout (tl.rand4x, one Philox counter per four elements).
 Known risks
     Rows longer than 16384 features are rejected (one row per program, held in registers).
 """
@@ -47,21 +55,30 @@ def _gelu_and_grad(x, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def _dropout(x, p, scale, SEED, block_id, BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    # Dropout on a block of BLOCK elements. Philox yields four numbers per counter (rand4x): one
-    # counter per four elements costs a quarter of tl.rand's one per element, which made the
-    # GeGLU kernel compute-bound. The same (seed, block_id) gives the same mask in the backward.
-    # The seed is read from device memory, so a CUDA graph replays with fresh seeds.
+def _dropout(x, threshold, scale, SEED, block_id, BLOCK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    # Dropout on a block of BLOCK elements. Philox yields four uint32 per counter (randint4x) and
+    # each is split into two 16-bit numbers: one counter per eight elements, an eighth of tl.rand's
+    # one per element (Philox made the GeGLU kernels compute-bound). Element e of the block takes
+    # counter block_id * (BLOCK // 8) + e // 8, word (e % 8) // 2 of it, the low half for even e
+    # and the high half for odd e, so no two elements share a number and blocks share no counter.
+    # An element is kept when its number is >= threshold (t = round(p * 65536), from the host);
+    # scale is 65536 / (65536 - t), exact for the effective drop probability t / 65536.
+    # The same (seed, block_id) gives the same mask in the backward. The seed is read from
+    # device memory, so a CUDA graph replays with fresh seeds.
     if HAS_DROPOUT:
-        offs = (block_id * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int32)
-        r0, r1, r2, r3 = tl.rand4x(tl.load(SEED), offs)
-        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
-        x = tl.where(r >= p, x * scale, 0.0)
+        tl.static_assert(BLOCK % 8 == 0, "dropout needs a block of a multiple of 8 elements")
+        offs = (block_id * (BLOCK // 8) + tl.arange(0, BLOCK // 8)).to(tl.int32)
+        r0, r1, r2, r3 = tl.randint4x(tl.load(SEED), offs)  # uint32 each
+        # join adds a minor dimension: [c, j, i] = (r0, r2)[j] if i == 0 else (r1, r3)[j], so the
+        # flattened order is r0, r1, r2, r3 (word 2j + i)
+        w = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK // 2])
+        r = tl.reshape(tl.join(w & 0xFFFF, w >> 16), [BLOCK])
+        x = tl.where(r >= threshold, x * scale, 0.0)
     return x
 
 
 @triton.jit
-def _geglu_fwd_kernel(H, OUT, ff, stride_h, stride_o, p, scale, SEED, APPROX_TANH: tl.constexpr,
+def _geglu_fwd_kernel(H, OUT, ff, stride_h, stride_o, threshold, scale, SEED, APPROX_TANH: tl.constexpr,
                       HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -69,12 +86,12 @@ def _geglu_fwd_kernel(H, OUT, ff, stride_h, stride_o, p, scale, SEED, APPROX_TAN
     gate = tl.load(H + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(H + row * stride_h + ff + cols, mask=ok, other=0.0).to(tl.float32)
     g, _ = _gelu_and_grad(gate, APPROX_TANH)
-    out = _dropout(g * up, p, scale, SEED, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
+    out = _dropout(g * up, threshold, scale, SEED, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
     tl.store(OUT + row * stride_o + cols, out.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, p, scale, SEED,
+def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, threshold, scale, SEED,
                       APPROX_TANH: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -82,7 +99,7 @@ def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, p, scale,
     gate = tl.load(H + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(H + row * stride_h + ff + cols, mask=ok, other=0.0).to(tl.float32)
     dout = tl.load(DOUT + row * stride_do + cols, mask=ok, other=0.0).to(tl.float32)
-    dout = _dropout(dout, p, scale, SEED, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
+    dout = _dropout(dout, threshold, scale, SEED, row * tl.num_programs(1) + tl.program_id(1), BLOCK, HAS_DROPOUT)
     g, dg = _gelu_and_grad(gate, APPROX_TANH)
     tl.store(DH + row * stride_dh + cols, (dout * up * dg).to(DH.dtype.element_ty), mask=ok)
     tl.store(DH + row * stride_dh + ff + cols, (dout * g).to(DH.dtype.element_ty), mask=ok)
@@ -90,7 +107,7 @@ def _geglu_bwd_kernel(H, DOUT, DH, ff, stride_h, stride_do, stride_dh, p, scale,
 
 @triton.jit
 def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride_r, stride_o, stride_z,
-                    eps, p, scale, SEED, HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    eps, threshold, scale, SEED, HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -98,7 +115,7 @@ def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_LINEAR_BIAS:
         x += tl.load(LB + cols, mask=ok, other=0.0).to(tl.float32)
-    x = _dropout(x, p, scale, SEED, row, BLOCK, HAS_DROPOUT)
+    x = _dropout(x, threshold, scale, SEED, row, BLOCK, HAS_DROPOUT)
     z = x + tl.load(R + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     mean = tl.sum(z, 0) / n_cols
     zc = tl.where(ok, z - mean, 0.0)
@@ -113,7 +130,7 @@ def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_cols, stride_x, stride
 
 @triton.jit
 def _dal_bwd_kernel(DOUT, Z, W, MEAN, RSTD, DX, DR, PART, n_rows, n_cols, rows_per_prog,
-                    stride_do, stride_z, stride_dx, stride_dr, stride_part, p, scale, SEED,
+                    stride_do, stride_z, stride_dx, stride_dr, stride_part, threshold, scale, SEED,
                     HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     # each program takes a run of rows and leaves its partial dW, dB (and d linear_bias, the column
     # sum of dX) in PART[k, program]; the host sums PART over programs in one reduction
@@ -134,7 +151,7 @@ def _dal_bwd_kernel(DOUT, Z, W, MEAN, RSTD, DX, DR, PART, n_rows, n_cols, rows_p
         g = dout * w
         dz = (g - tl.sum(g, 0) / n_cols - xhat * (tl.sum(g * xhat, 0) / n_cols)) * tl.load(RSTD + row)
         tl.store(DR + row * stride_dr + cols, dz.to(DR.dtype.element_ty), mask=ok)
-        dx = _dropout(dz, p, scale, SEED, row, BLOCK, HAS_DROPOUT)
+        dx = _dropout(dz, threshold, scale, SEED, row, BLOCK, HAS_DROPOUT)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=ok)
         dw += dout * xhat
         db += dout
@@ -164,15 +181,34 @@ def _check_approx(approximate: str) -> bool:
     return approximate == "tanh"
 
 
-def _dropout_args(p: float, like: torch.Tensor) -> tuple[bool, float, torch.Tensor]:
-    """(has_dropout, scale, seed): the seed is a one-element tensor drawn by torch's generator on
-    `like`'s device. Drawn on the device, it needs no host sync and stays random under CUDA-graph
-    replay (torch's CUDA generator advances its offset on every replay); without dropout the seed
-    argument is never read and `like` (a tensor the caller saves anyway) stands in for it."""
+_DROPOUT_LEVELS = 65536  # dropout compares 16-bit uniform numbers with a threshold
+
+
+def _dropout_threshold(p: float) -> int:
+    """t = round(p * 65536): an element is dropped when its 16-bit number is < t, so the effective
+    drop probability is t / 65536."""
     assert 0.0 <= p <= 1.0, f"dropout probability must be in [0, 1], got {p}"
-    if p == 0.0:
-        return False, 1.0, like
-    return True, 0.0 if p >= 1.0 else 1.0 / (1.0 - p), torch.randint(0, 2**31 - 1, (1,), device=like.device)
+    return round(p * _DROPOUT_LEVELS)
+
+
+def _dropout_args(p: float, like: torch.Tensor) -> tuple[bool, int, float, torch.Tensor]:
+    """(has_dropout, threshold, scale, seed): threshold t = round(p * 65536) and scale
+    65536 / (65536 - t), which keeps the expected value exactly for the effective drop
+    probability t / 65536 (t = 65536, p = 1: everything dropped, scale unused). The seed is a
+    one-element tensor drawn by torch's generator on `like`'s device. Drawn on the device, it
+    needs no host sync and stays random under CUDA-graph replay (torch's CUDA generator advances
+    its offset on every replay); without dropout (p = 0, or p so small that t rounds to 0) the
+    seed argument is never read and `like` (a tensor the caller saves anyway) stands in for it."""
+    t = _dropout_threshold(p)
+    if t == 0:
+        return False, 0, 1.0, like
+    scale = 0.0 if t >= _DROPOUT_LEVELS else _DROPOUT_LEVELS / (_DROPOUT_LEVELS - t)
+    return True, t, scale, torch.randint(0, 2**31 - 1, (1,), device=like.device)
+
+
+def _ln_block(n: int) -> int:
+    """One row per program, in a power-of-two block of at least 8 (dropout takes 8 per counter)."""
+    return max(8, triton.next_power_of_2(n))
 
 
 class GeGLUFunction(torch.autograd.Function):
@@ -181,28 +217,28 @@ class GeGLUFunction(torch.autograd.Function):
         tanh = _check_approx(approximate)
         assert h.shape[-1] % 2 == 0, f"the last dimension must be even (gate; up), got {h.shape[-1]}"
         h2 = _rows(h)
-        has_dropout, scale, seed = _dropout_args(p, h2)
+        has_dropout, threshold, scale, seed = _dropout_args(p, h2)
         rows, ff = h2.shape[0], h2.shape[1] // 2
         out = torch.empty((rows, ff), dtype=h.dtype, device=h.device)
         if rows and ff:
             _geglu_fwd_kernel[(rows, triton.cdiv(ff, _GEGLU_BLOCK))](
-                h2, out, ff, h2.stride(0), out.stride(0), p, scale, seed, APPROX_TANH=tanh,
+                h2, out, ff, h2.stride(0), out.stride(0), threshold, scale, seed, APPROX_TANH=tanh,
                 HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, num_warps=4)
         ctx.save_for_backward(h2, seed)
-        ctx.tanh, ctx.shape, ctx.dropout = tanh, h.shape, (p, scale, has_dropout)
+        ctx.tanh, ctx.shape, ctx.dropout = tanh, h.shape, (threshold, scale, has_dropout)
         return out.view(*h.shape[:-1], ff)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         h2, seed = ctx.saved_tensors
         rows, ff = h2.shape[0], h2.shape[1] // 2
-        p, scale, has_dropout = ctx.dropout
+        threshold, scale, has_dropout = ctx.dropout
         d2 = _rows(dout)
         dh = torch.empty_like(h2)
         if rows and ff:
             _geglu_bwd_kernel[(rows, triton.cdiv(ff, _GEGLU_BLOCK))](
-                h2, d2, dh, ff, h2.stride(0), d2.stride(0), dh.stride(0), p, scale, seed, APPROX_TANH=ctx.tanh,
-                HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, num_warps=4)
+                h2, d2, dh, ff, h2.stride(0), d2.stride(0), dh.stride(0), threshold, scale, seed,
+                APPROX_TANH=ctx.tanh, HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, num_warps=4)
         return dh.view(ctx.shape), None, None
 
 
@@ -219,7 +255,7 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         n = x.shape[-1]
         assert weight.shape == (n,) and bias.shape == (n,), "weight and bias must be (hidden,)"
         assert linear_bias is None or linear_bias.shape == (n,), "linear_bias must be (hidden,)"
-        block = triton.next_power_of_2(n)
+        block = _ln_block(n)
         assert block <= 16384, f"hidden size {n} is above this kernel's 16384"
         x2, r2 = _rows(x), _rows(residual)
         rows = x2.shape[0]
@@ -227,15 +263,15 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         z = torch.empty((rows, n), dtype=out_dtype, device=x.device)  # pre-norm sum, for backward
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        has_dropout, scale, seed = _dropout_args(p, rstd)  # rstd: saved anyway, stands in without dropout
+        has_dropout, threshold, scale, seed = _dropout_args(p, rstd)  # rstd: saved anyway, stands in without dropout
         has_lb = linear_bias is not None
         if rows:
             _dal_fwd_kernel[(rows,)](x2, linear_bias if has_lb else weight, r2, weight, bias, out, z, mean, rstd, n,
-                                     x2.stride(0), r2.stride(0), out.stride(0), z.stride(0), eps, p, scale, seed,
-                                     HAS_LINEAR_BIAS=has_lb, HAS_DROPOUT=has_dropout, BLOCK=block,
+                                     x2.stride(0), r2.stride(0), out.stride(0), z.stride(0), eps, threshold, scale,
+                                     seed, HAS_LINEAR_BIAS=has_lb, HAS_DROPOUT=has_dropout, BLOCK=block,
                                      num_warps=min(16, max(1, block // 256)))
         ctx.save_for_backward(z, weight, mean, rstd, seed)
-        ctx.dropout = (p, scale, has_dropout)
+        ctx.dropout = (threshold, scale, has_dropout)
         ctx.lb_dtype = linear_bias.dtype if has_lb else None
         ctx.x_dtype, ctx.r_dtype, ctx.shape = x.dtype, residual.dtype, x.shape
         return out.view(x.shape)
@@ -244,8 +280,8 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):
         z, weight, mean, rstd, seed = ctx.saved_tensors
         rows, n = z.shape
-        block = triton.next_power_of_2(n)
-        p, scale, has_dropout = ctx.dropout
+        block = _ln_block(n)
+        threshold, scale, has_dropout = ctx.dropout
         has_lb = ctx.lb_dtype is not None
         d2 = _rows(dout)
         dx = torch.empty((rows, n), dtype=ctx.x_dtype, device=z.device)
@@ -258,7 +294,7 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         if rows:
             _dal_bwd_kernel[(n_prog,)](d2, z, weight, mean, rstd, dx, dr, part, rows, n, rows_per_prog,
                                        d2.stride(0), z.stride(0), dx.stride(0), dr.stride(0), part.stride(0),
-                                       p, scale, seed, HAS_LINEAR_BIAS=has_lb, HAS_DROPOUT=has_dropout,
+                                       threshold, scale, seed, HAS_LINEAR_BIAS=has_lb, HAS_DROPOUT=has_dropout,
                                        BLOCK=block, num_warps=min(16, max(1, block // 256)))
         sums = part.sum(1)  # one reduction for dW, dB (and d linear_bias)
         dlb = sums[2].to(ctx.lb_dtype) if has_lb else None

@@ -368,15 +368,15 @@ def test_geglu_matches_definition(approximate, dtype):
         assert err <= max(2 * torch_err, 1e-6), f"geglu {what}: {err:.2e} vs torch {torch_err:.2e}"
 
 
-def _ln_case(dtype_x, dtype_r, seed):
+def _ln_case(dtype_x, dtype_r, seed, hidden=HIDDEN):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    x = torch.randn(ROWS, HIDDEN, device=DEVICE, generator=g).to(dtype_x)
-    r = (3 + 2 * torch.randn(ROWS, HIDDEN, device=DEVICE, generator=g)).to(dtype_r)
-    ln = LayerNorm(HIDDEN, eps=1e-12).to(DEVICE)
+    x = torch.randn(ROWS, hidden, device=DEVICE, generator=g).to(dtype_x)
+    r = (3 + 2 * torch.randn(ROWS, hidden, device=DEVICE, generator=g)).to(dtype_r)
+    ln = LayerNorm(hidden, eps=1e-12).to(DEVICE)
     with torch.no_grad():
         ln.weight.normal_(1.0, 0.1, generator=g)
         ln.bias.normal_(0.0, 0.1, generator=g)
-    dout = torch.randn(ROWS, HIDDEN, device=DEVICE, generator=g)
+    dout = torch.randn(ROWS, hidden, device=DEVICE, generator=g)
     return x, r, ln, dout
 
 
@@ -415,21 +415,90 @@ def test_dropout_add_layer_norm_matches_definition(autocast, low_precision, dtyp
         assert err <= max(2 * torch_err, 1e-5), f"{what}: {err:.2e} vs torch {torch_err:.2e}"
 
 
+# ----------------------------------------------------------------------------------------------
+# dropout inside the fused kernels: one Philox counter per eight elements, a 16-bit number each,
+# kept when >= t = round(p * 65536), kept values scaled by 65536 / (65536 - t)
+# ----------------------------------------------------------------------------------------------
+
+# GeGLU shapes for the dropout statistics: in the interpreter ff = 1500 spans two 1024-element
+# blocks per row (the second ragged), so block ids and counter offsets past the first block run
+DROP_ROWS, DROP_FF = (4096, 3072) if ON_GPU else (64, 1500)
+LEVELS = 65536
+
+
+def _effective(p: float) -> tuple[int, float, float]:
+    """(t, q, scale): the threshold, the effective drop probability t / 65536 and the scale."""
+    t = round(p * LEVELS)
+    return t, t / LEVELS, LEVELS / (LEVELS - t)
+
+
+def _philox4x32(seed: int, counters: np.ndarray) -> np.ndarray:
+    """tl.randint4x(seed, counters) for int32 counters (Philox 4x32, 10 rounds, as in Triton):
+    counters (...) -> (..., 4) uint32. Independent of Triton, to pin down the element order."""
+    m32 = np.uint64(0xFFFFFFFF)
+    c0 = counters.astype(np.int64).astype(np.uint64) & m32
+    c1, c2, c3 = np.zeros_like(c0), np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    key_a, key_b, round_a, round_b = (np.uint64(v) for v in (0x9E3779B9, 0xBB67AE85, 0xD2511F53, 0xCD9E8D57))
+    for _ in range(10):
+        pa, pb = round_a * c0, round_b * c2  # 32 x 32 -> 64 bits: no overflow in uint64
+        c0, c1, c2, c3 = (pb >> np.uint64(32)) ^ c1 ^ k0, pb & m32, (pa >> np.uint64(32)) ^ c3 ^ k1, pa & m32
+        k0, k1 = (k0 + key_a) & m32, (k1 + key_b) & m32
+    return np.stack([c0, c1, c2, c3], -1).astype(np.uint32)
+
+
+def _reference_keep(seed: int, t: int, rows: int, cols: int, block: int) -> torch.Tensor:
+    """The mask the kernels must draw for a (rows, cols) output cut into blocks of `block` per row:
+    element e of block b takes counter b * (block // 8) + e // 8, word (e % 8) // 2, the low 16
+    bits for even e and the high 16 for odd e; kept when that number is >= t."""
+    per_row = -(-cols // block)
+    r, c = np.arange(rows)[:, None], np.arange(cols)[None, :]
+    e = c % block
+    words = _philox4x32(seed, (r * per_row + c // block) * (block // 8) + e // 8)
+    word = np.take_along_axis(words, np.broadcast_to((e % 8) // 2, (rows, cols))[..., None], -1)[..., 0]
+    number = (word >> (16 * (e % 2)).astype(np.uint32)) & 0xFFFF
+    return torch.from_numpy(number >= t).to(DEVICE)
+
+
+def _seed_drawn_after(torch_seed: int) -> int:
+    """The seed the kernels draw (torch.randint on the device) right after torch.manual_seed."""
+    torch.manual_seed(torch_seed)
+    return int(torch.randint(0, 2**31 - 1, (1,), device=DEVICE).item())
+
+
+def _geglu_input(rows: int, ff: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """h with every GLU output nonzero (so 0 in the output means dropped), and an output gradient."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    h = 0.5 + 1.5 * torch.rand(rows, 2 * ff, device=DEVICE, generator=g)
+    return h, torch.randn(rows, ff, device=DEVICE, generator=g)
+
+
+def _assert_scaled_exactly(out: torch.Tensor, plain: torch.Tensor, keep: torch.Tensor, scale: float) -> None:
+    """out = plain * scale (one fp32 multiply) where kept, 0 elsewhere; bit-exact in the
+    interpreter, within 1e-6 relative compiled (where the GELU code of the two kernel variants
+    might contract into FMAs differently). 1 / (1 - p) instead of 65536 / (65536 - t) differs by
+    ~7e-6 relative at p = 0.1: caught either way."""
+    expected = torch.where(keep, plain * torch.tensor(scale, dtype=torch.float32, device=DEVICE), 0.0)
+    tol = dict(rtol=1e-6, atol=0.0) if ON_GPU else dict(rtol=0.0, atol=0.0)
+    torch.testing.assert_close(out, expected, **tol)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_add_layer_norm_dropout(p):
-    """Kept fraction within 5 sigma of 1 - p; kept inputs scaled by 1/(1-p); the forward and the
-    backward use the same mask; two calls draw different masks."""
+    """Kept fraction within 5 sigma of 1 - t/65536; kept inputs scaled by 65536/(65536-t); the
+    forward and the backward use the same mask; two calls draw different masks."""
+    t, q, scale = _effective(p)
     x, r, ln, dout = _ln_case(torch.float32, torch.float32, seed=2)
     xs, rs = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
     out = fused.dropout_add_layer_norm(xs, rs, ln.weight, ln.bias, ln.eps, p)
     out.backward(dout)
     keep = xs.grad != 0
     n = keep.numel()
-    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    # d out / d x = keep / (1 - p) * d out / d residual
-    torch.testing.assert_close(xs.grad, rs.grad * keep / (1 - p), rtol=1e-5, atol=1e-6)
+    assert abs(keep.float().mean().item() - (1 - q)) < 5 * math.sqrt(q * (1 - q) / n)
+    # d out / d x = keep * scale * d out / d residual
+    torch.testing.assert_close(xs.grad, rs.grad * keep * scale, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        expected = F.layer_norm(x * keep / (1 - p) + r, (HIDDEN,), ln.weight, ln.bias, ln.eps)
+        expected = F.layer_norm(x * keep * scale + r, (HIDDEN,), ln.weight, ln.bias, ln.eps)
     torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-4)
     xs2 = x.clone().requires_grad_(True)
     fused.dropout_add_layer_norm(xs2, r, ln.weight, ln.bias, ln.eps, p).backward(dout)
@@ -438,23 +507,144 @@ def test_dropout_add_layer_norm_dropout(p):
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_geglu_dropout(p):
-    """The fused GLU-output dropout keeps 1 - p of the outputs (5 sigma), scales them by 1/(1-p),
-    and the backward applies the forward's mask."""
-    g = torch.Generator(device=DEVICE).manual_seed(5)
-    h = 0.5 + 1.5 * torch.rand(ROWS, 2 * FF, device=DEVICE, generator=g)  # no output is 0 unless dropped
-    dout = torch.randn(ROWS, FF, device=DEVICE, generator=g)
+    """The fused GLU-output dropout keeps 1 - t/65536 of the outputs (5 sigma), scales them by
+    exactly 65536/(65536-t), and the backward applies the forward's mask: the gradient is zero
+    exactly where the output was dropped, and elsewhere the gradient of the kept, scaled output."""
+    t, q, scale = _effective(p)
+    h, dout = _geglu_input(min(DROP_ROWS, 24), DROP_FF, seed=5)
     hs = h.clone().requires_grad_(True)
     out = fused.geglu(hs, "none", p)
     out.backward(dout)
+    out = out.detach()
     plain = fused.geglu(h, "none")
+    assert (plain != 0).all()
     keep = out != 0
     n = keep.numel()
-    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    torch.testing.assert_close(out.detach(), plain * keep / (1 - p))
+    assert abs(keep.float().mean().item() - (1 - q)) < 5 * math.sqrt(q * (1 - q) / n)
+    _assert_scaled_exactly(out, plain, keep, scale)
+    for half in (hs.grad[:, :DROP_FF], hs.grad[:, DROP_FF:]):  # d gate, d up
+        assert torch.equal(half == 0, ~keep)
     hp = h.clone().requires_grad_(True)
-    fused.geglu(hp, "none").backward(dout * keep / (1 - p))
+    fused.geglu(hp, "none").backward(dout * keep * scale)
     torch.testing.assert_close(hs.grad, hp.grad)
-    assert not torch.equal(fused.geglu(h, "none", p) != 0, keep)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_geglu_dropout_mask_matches_philox_reference(p):
+    """The mask is the one the counter layout promises (an independent NumPy Philox): every
+    element its own 16-bit number, blocks on disjoint counters, seed drawn as torch.manual_seed
+    dictates. Rows span two blocks here in the interpreter (ff = 1500, BLOCK = 1024)."""
+    t, _, _ = _effective(p)
+    rows = min(DROP_ROWS, 16)
+    h, _ = _geglu_input(rows, DROP_FF, seed=9)
+    torch.manual_seed(123)
+    keep = fused.geglu(h, "none", p) != 0
+    expected = _reference_keep(_seed_drawn_after(123), t, rows, DROP_FF, fused._GEGLU_BLOCK)
+    assert torch.equal(keep, expected), f"{(keep != expected).sum().item()} of {keep.numel()} elements differ"
+
+
+@pytest.mark.parametrize("hidden", [5, 8, HIDDEN], ids=["h5-block8", "h8", f"h{HIDDEN}"])
+def test_layer_norm_dropout_mask_matches_philox_reference(hidden):
+    """The same for the LayerNorm kernels (one row per block of max(8, next power of two)
+    elements), including rows narrower than one counter's eight elements; the backward's mask
+    (dx = 0 exactly where dropped) is the forward's."""
+    p = 0.5
+    t, _, scale = _effective(p)
+    x, r, ln, dout = _ln_case(torch.float32, torch.float32, seed=3, hidden=hidden)
+    xs = x.clone().requires_grad_(True)
+    torch.manual_seed(321)
+    out = fused.dropout_add_layer_norm(xs, r, ln.weight, ln.bias, ln.eps, p)
+    out.backward(dout)
+    block = max(8, 1 << (hidden - 1).bit_length())  # the next power of two, at least 8
+    expected = _reference_keep(_seed_drawn_after(321), t, ROWS, hidden, block)
+    assert torch.equal(xs.grad != 0, expected)
+    with torch.no_grad():
+        ref = F.layer_norm(x * expected * scale + r, (hidden,), ln.weight, ln.bias, ln.eps)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_masks_follow_the_seed():
+    """The same torch seed gives the same mask (forward and backward alike), a different one a
+    different mask; in both kernels."""
+    h, dout = _geglu_input(8, 256, seed=1)
+    masks = []
+    for torch_seed in (7, 7, 8):
+        hs = h.clone().requires_grad_(True)
+        torch.manual_seed(torch_seed)
+        out = fused.geglu(hs, "none", 0.3)
+        out.backward(dout)
+        assert torch.equal(hs.grad[:, 256:] == 0, out == 0)
+        masks.append(out != 0)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    x, r, ln, dout = _ln_case(torch.float32, torch.float32, seed=4)
+    masks = []
+    for torch_seed in (7, 7, 8):
+        xs = x.clone().requires_grad_(True)
+        torch.manual_seed(torch_seed)
+        fused.dropout_add_layer_norm(xs, r, ln.weight, ln.bias, ln.eps, 0.3).backward(dout)
+        masks.append(xs.grad != 0)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_neighbours_are_independent(p):
+    """The two 16-bit halves of one Philox word (elements 2i, 2i+1) and other near neighbours
+    (lags 1 to 16: the same word, the same counter, adjacent counters) are dropped together as
+    often as independent draws would be, P(both) = q^2; each half alone drops with q."""
+    t, q, _ = _effective(p)
+    h, _ = _geglu_input(DROP_ROWS, DROP_FF, seed=11)
+    torch.manual_seed(99)
+    drop = (fused.geglu(h, "none", p) == 0).cpu()
+    lo, hi = drop[:, 0::2], drop[:, 1::2]  # the low and high halves of one word (ff, BLOCK even)
+    n = lo.numel()
+    for half in (lo, hi):
+        assert abs(half.float().mean().item() - q) < 5 * math.sqrt(q * (1 - q) / n)
+    both = (lo & hi).float().mean().item()
+    assert abs(both - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / n), (both, q * q)
+    for lag in range(1, 17):
+        pairs = drop[:, :-lag] & drop[:, lag:]
+        m = pairs.numel()
+        # overlapping pairs are (lag)-dependent: a variance at most ~3x the independent one's
+        sigma = math.sqrt(3 * q * q * (1 - q * q) / m)
+        assert abs(pairs.float().mean().item() - q * q) < 5 * sigma, (lag, pairs.float().mean().item(), q * q)
+
+
+def test_dropout_threshold_edges():
+    """t = round(p * 65536): a p that rounds to t = 0 is no dropout at all (scale 1, no seed
+    drawn, outputs bit-identical to p = 0); t = 1 drops with probability 2**-16; p = 1 drops
+    everything; p outside [0, 1] is refused."""
+    like = torch.zeros(1, device=DEVICE)
+    assert fused._dropout_args(0.0, like)[:3] == (False, 0, 1.0)
+    assert fused._dropout_args(2**-18, like)[:3] == (False, 0, 1.0)
+    assert fused._dropout_args(1.0 / LEVELS, like)[:3] == (True, 1, LEVELS / (LEVELS - 1))
+    assert fused._dropout_args(0.1, like)[:3] == (True, 6554, LEVELS / (LEVELS - 6554))
+    assert fused._dropout_args(1.0, like)[:3] == (True, LEVELS, 0.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(AssertionError, match="dropout probability"):
+            fused._dropout_args(bad, like)
+
+    h, dout = _geglu_input(8, 256, seed=2)
+    x, r, ln, ddout = _ln_case(torch.float32, torch.float32, seed=5)
+    tiny = 1e-6  # t = round(0.0655...) = 0
+    grads = {}
+    for p in (0.0, tiny, 1.0):
+        hs, xs = h.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        state = torch.random.get_rng_state()
+        out_g = fused.geglu(hs, "none", p)
+        out_l = fused.dropout_add_layer_norm(xs, r, ln.weight, ln.bias, ln.eps, p)
+        drew_seed = not torch.equal(state, torch.random.get_rng_state())
+        out_g.backward(dout)
+        out_l.backward(ddout)
+        grads[p] = (out_g.detach(), hs.grad, out_l.detach(), xs.grad)
+        if not ON_GPU:  # the seed is drawn on the CPU generator only here
+            assert drew_seed == (p == 1.0), p
+    for a, b in zip(grads[0.0], grads[tiny]):
+        assert torch.equal(a, b)
+    out_g, dh, out_l, dx = grads[1.0]
+    assert not out_g.any() and not dh.any() and not dx.any()
+    with torch.no_grad():
+        ref = F.layer_norm(r, (HIDDEN,), ln.weight, ln.bias, ln.eps)
+    torch.testing.assert_close(out_l, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("autocast,low_precision,dtype_x,dtype_r", LN_CASES,
