@@ -287,7 +287,8 @@ ENGINE_SCRIPT = textwrap.dedent("""
         result[name] = dict(engine=wrapper if engine.optimizer is not basic else "none",
                             expected=precision_path(cfg), basic=type(basic).__name__,
                             fused=basic.defaults.get("fused"), weight_decay=basic.defaults["weight_decay"],
-                            param_dtype=str(dtype), steps=engine.global_steps)
+                            param_dtype=str(dtype), steps=engine.global_steps,
+                            throughput_timer=engine.tput_timer.config.enabled)
     sys.stdout.write("RESULT " + json.dumps(result) + "\\n")
 """)
 
@@ -303,6 +304,7 @@ def test_precision_table_matches_the_engine():
         assert row["basic"] == "AdamW" and row["steps"] == 1, (name, row)
         assert row["weight_decay"] == pytest.approx(1e-5 / 1e-3), (name, row)  # converted, then passed through
         assert row["fused"] is True, (name, row)  # "fused" reaches torch.optim.AdamW
+        assert row["throughput_timer"] is False, (name, row)  # no device sync per micro batch
     assert result["zero1 bf16"]["engine"] == "BF16_Optimizer"
     assert result["zero1 bf16"]["param_dtype"] == "torch.bfloat16"
     assert result["lamb layout"]["engine"] == "none" and result["lamb layout"]["param_dtype"] == "torch.float32"
@@ -315,3 +317,10 @@ def _single_process_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("OMPI_", "PMI", "SLURM_"))}
     env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+def test_load_switches_the_syncing_throughput_timer_off_unless_the_file_sets_it():
+    cfg = paper_config()
+    assert load_ds_config(_without(cfg, "timers"), 8)["timers"] == {"throughput": {"enabled": False}}
+    mine = {**cfg, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    assert load_ds_config(mine, 8)["timers"] == mine["timers"]

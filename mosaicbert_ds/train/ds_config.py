@@ -46,6 +46,13 @@ scaled update), so the same conversion is used there.
 
 There is no "scheduler" section: the trainer passes its own schedule (linear warmup, linear decay
 to a floor) to `deepspeed.initialize`; the "lr" here is the peak.
+
+Timers
+------
+DeepSpeed's throughput timer is on by default with `synchronized: true`: it synchronises the
+device when each micro batch's forward starts and again in `engine.step()`, so the host can
+never run ahead of the GPU. The trainer measures throughput itself (one sync per log interval),
+so configs written here, and files read without a "timers" section, switch it off.
 """
 
 from __future__ import annotations
@@ -99,6 +106,10 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# DeepSpeed's throughput timer off: it synchronises the device twice per micro batch (module doc)
+QUIET_TIMERS = {"throughput": {"enabled": False}}
 
 
 def build_ds_config(
@@ -173,6 +184,7 @@ def build_ds_config(
         "gradient_clipping": gradient_clipping,
         "optimizer": opt_section,
         "zero_optimization": {"stage": zero_stage},
+        "timers": copy.deepcopy(QUIET_TIMERS),
     }
     if zero_stage == 2:
         config["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
@@ -366,6 +378,7 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict[str, Any], world_size:
     anything DeepSpeed's own parser rejects.
     """
     config, src = _read(path_or_dict)
+    config.setdefault("timers", copy.deepcopy(QUIET_TIMERS))
     if "elasticity" in config:
         raise UserError(f"{src}: the 'elasticity' section was removed from DeepSpeed (0.19); set "
                         f"train_batch_size, train_micro_batch_size_per_gpu and gradient_accumulation_steps")
