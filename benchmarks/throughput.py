@@ -26,6 +26,7 @@ import torch
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_ds.flops import mfu, paper_flops_per_token, peak_flops
 from mosaicbert_ds.train.ds_config import build_ds_config
+from mosaicbert_ds.train.graphed import GraphedEngineStep
 from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
 
 from .step import time_steps
@@ -46,11 +47,13 @@ ABLATIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-# Trainer variants compared by --overhead: (ds_config additions, build_engine's batched_optimizer)
-DS_VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
-    "trainer (as pretrain runs it)": ({}, True),
-    "trainer, DeepSpeed's own optimizer loops": ({}, False),
-    "trainer, immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": True}}, False),
+# Trainer variants compared by --overhead: (ds_config additions, build_engine's batched_optimizer,
+# cuda_graphs)
+DS_VARIANTS: dict[str, tuple[dict[str, Any], bool, bool]] = {
+    "trainer (as pretrain runs it)": ({}, True, False),
+    "trainer, CUDA graphs": ({}, True, True),
+    "trainer, DeepSpeed's own optimizer loops": ({}, False, False),
+    "trainer, immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": True}}, False, False),
 }
 
 
@@ -71,18 +74,19 @@ def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides
 
 def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
             baseline: str | None = None, ds_overrides: dict[str, Any] | None = None,
-            batched_optimizer: bool = True) -> dict[str, Any]:
+            batched_optimizer: bool = True, cuda_graphs: bool = False) -> dict[str, Any]:
     """Optimizer steps through the DeepSpeed trainer on one GPU; returns one result row."""
     engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides, batched_optimizer)
+    graphed = GraphedEngineStep(engine) if cuda_graphs else None
     window = Window(engine.device)
     for _ in range(warmup):
-        train_step(engine, batches, accum, 1, window, config)
+        train_step(engine, batches, accum, 1, window, config, graphed)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     window.reset()
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(engine, batches, accum, 1, window, config)
+        train_step(engine, batches, accum, 1, window, config, graphed)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = peak_flops()
@@ -97,12 +101,14 @@ def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps:
     return row
 
 
-def bare_step(config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1) -> dict[str, Any]:
-    """The same model and batches without DeepSpeed: autocast bf16 + torch fused AdamW."""
+def bare_step(config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
+              graphs: bool = False) -> dict[str, Any]:
+    """The same model and batches without DeepSpeed: autocast bf16 + torch fused AdamW; with `graphs`,
+    bf16 weights with fp32 master weights (the trainer's precision) and CUDA-graph replays."""
     model = MosaicBertForMaskedLM(config)
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i) for i in range(6)]
     seconds, mem = time_steps(model, [to_device(d["packed"], torch.device("cuda")) for d in data], warmup, steps,
-                              accum)
+                              accum, master_weights=graphs, graphs=graphs)
     seconds *= accum  # per optimizer step
     tokens = sum(d["tokens"] for d in data) / len(data)
     n_params = sum(p.numel() for p in model.parameters())
@@ -161,17 +167,25 @@ def main() -> None:
         micro = args.micro[0] if args.micro else 256
         config = MosaicBertConfig.from_name("base")
         for rnd in range(args.rounds):  # interleaved rounds: process-to-process drift shows as their spread
-            bare = attempt(bare_step, config, micro, args.warmup, args.steps, args.accum)
-            if bare:
-                bare.update(name=f"bare step, round {rnd + 1}", baseline=None)
-                rows.append(bare)
-            for variant, (overrides, batched) in DS_VARIANTS.items():
+            for graphs in (False, True):
+                bare = attempt(bare_step, config, micro, args.warmup, args.steps, args.accum, graphs=graphs)
+                if bare:
+                    bare.update(name=f"bare step{', CUDA graphs' if graphs else ''}, round {rnd + 1}", baseline=None)
+                    rows.append(bare)
+            for variant, (overrides, batched, graphs) in DS_VARIANTS.items():
                 row = attempt(measure, f"{variant}, round {rnd + 1}", config, micro, args.warmup, args.steps,
-                              args.accum, baseline=f"bare step, round {rnd + 1}", ds_overrides=overrides,
-                              batched_optimizer=batched)
+                              args.accum, baseline=f"bare step{', CUDA graphs' if graphs else ''}, round {rnd + 1}",
+                              ds_overrides=overrides, batched_optimizer=batched, cuda_graphs=graphs)
                 if row:
                     rows.append(row)
-        print_rows(f"DeepSpeed overhead, MosaicBERT-Base micro {micro} x {args.accum} (C4-like lengths at 128)", rows)
+        print_rows(f"DeepSpeed overhead, MosaicBERT-Base micro {micro} x {args.accum} (C4-like lengths at 128); "
+                   "each trainer row against the bare step of its round and kind", rows)
+        by_name = {r["name"]: r["real_tokens_per_sec"] for r in rows}
+        for rnd in range(1, args.rounds + 1):
+            eager = by_name.get(f"bare step, round {rnd}")
+            trainer = by_name.get(f"trainer, CUDA graphs, round {rnd}")
+            if eager and trainer:
+                print(f"round {rnd}: trainer with CUDA graphs / eager bare step = {trainer / eager:.3f}")
     elif args.ablations:
         micro = args.micro[0] if args.micro else 256
         for name, overrides in ABLATIONS:

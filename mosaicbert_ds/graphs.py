@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
 
 IGNORE_INDEX = -100
 
@@ -73,23 +74,26 @@ class _Captured:
 class GraphedMLMStep:
     """Forward + backward of a packed MLM batch as one CUDA-graph replay per bucket shape.
 
-    step(batch, grad_scale) has the effect of `(model(**batch).loss * grad_scale).backward()`:
+    step(batch, grad_scale) has the effect of `(model(**batch).loss * grad_scale).backward()`
+    (grad_scale a number or a one-element tensor):
     gradients accumulate into the parameters' `.grad`, which this class allocates (zeros) and the
     graphs write into. Zero them with `optimizer.zero_grad(set_to_none=False)`; replacing a
     `.grad` tensor would leave the graphs writing into a stale one, so that is checked and refused.
     The returned model output (loss, logits, masked_labels) is valid until the next call.
-    Each new bucket costs a warm-up (kernel compilation and tuning, outside the graph, through
-    torch.autograd.grad so that `.grad` is untouched) and a capture, once. Drop references to eager
-    losses or outputs from before the first call: their autograd graph keeps each parameter's
-    gradient-accumulation node bound to the stream it ran on, which invalidates the capture.
+    Each new bucket costs a warm-up (kernel compilation and tuning, outside the graph; `.grad` is
+    untouched) and a capture, once; neither draws from the run's random stream. `forward` replaces
+    `model(**batch)`, e.g. `model.forward` to leave out module hooks that cannot run in a capture.
     """
 
     def __init__(self, model: torch.nn.Module, token_step: int = 256, mask_step: int = 256,
-                 autocast_dtype: torch.dtype | None = None, pad_id: int = 0) -> None:
+                 autocast_dtype: torch.dtype | None = None, pad_id: int = 0,
+                 forward: Callable[..., Any] | None = None) -> None:
         self.model = model
+        self.forward = forward or model  # e.g. model.forward, to leave out hooks that cannot be captured
         self.token_step, self.mask_step, self.pad_id = token_step, mask_step, pad_id
         self.autocast_dtype = autocast_dtype
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
         if not self.params or not self.params[0].is_cuda:
             raise ValueError("CUDA graphs need a model on a CUDA device")
         for p in self.params:
@@ -108,32 +112,42 @@ class GraphedMLMStep:
         return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
 
     def _forward_backward(self, inputs: dict[str, Any], accumulate: bool) -> Any:
-        with self._autocast():
-            out = self.model(**inputs)
+        # The model runs on fresh leaf aliases of its parameters (same storage). A parameter's own
+        # gradient-accumulation node lives as long as anything references it and stays bound to the
+        # stream it was made on; under DeepSpeed's engine that was the legacy default stream, and
+        # the backward's hand-over of gradients to it invalidated the capture. An alias's node is
+        # made here, on the capturing stream. The sum into .grad is one foreach add.
+        aliases = [p.detach().requires_grad_() for p in self.params]
+        with self._autocast(), _reparametrize_module(self.model, dict(zip(self.names, aliases)), tie_weights=True):
+            out = self.forward(**inputs)
         loss = out.loss * self.scale
+        grads = torch.autograd.grad(loss, aliases, allow_unused=True)
         if accumulate:
-            loss.backward()
-        else:
-            torch.autograd.grad(loss, self.params, allow_unused=True)
+            used = [(acc, g) for acc, g in zip(self.grads, grads) if g is not None]
+            torch._foreach_add_([acc for acc, _ in used], [g for _, g in used])
         return out
 
     def _capture(self, batch: dict[str, Any]) -> _Captured:
         device = self.params[0].device
         inputs = {k: v.to(device, copy=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward_backward(inputs, accumulate=False)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            output = self._forward_backward(inputs, accumulate=True)
+        # warm-up and capture draw no random numbers from the run's stream: the dropout masks of a
+        # step depend on the generator state alone, not on when each bucket was first seen (so a
+        # resumed run replays the uninterrupted run's masks)
+        with torch.random.fork_rng(devices=[device]):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward_backward(inputs, accumulate=False)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                output = self._forward_backward(inputs, accumulate=True)
         # detached: a kept autograd graph would pin its gradient-accumulation nodes to this capture
         output = type(output)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in output.items()})
         return _Captured(graph, {k: v for k, v in inputs.items() if torch.is_tensor(v)}, output)
 
-    def __call__(self, batch: dict[str, Any], grad_scale: float = 1.0) -> Any:
+    def __call__(self, batch: dict[str, Any], grad_scale: float | torch.Tensor = 1.0) -> Any:
         if any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise RuntimeError("a parameter's .grad was replaced or set to None; with CUDA graphs zero the "
                                "gradients in place (optimizer.zero_grad(set_to_none=False))")
@@ -141,7 +155,10 @@ class GraphedMLMStep:
             raise RuntimeError("GraphedMLMStep captures training steps; call model.train() first")
         padded = pad_packed(batch, self.token_step, self.mask_step, self.pad_id)
         key = tuple((k, tuple(v.shape)) if torch.is_tensor(v) else (k, v) for k, v in sorted(padded.items()))
-        if grad_scale != self._scale_value:
+        if torch.is_tensor(grad_scale):  # e.g. computed on the device from an all-reduced count
+            self.scale.copy_(grad_scale.reshape(()), non_blocking=True)
+            self._scale_value = None
+        elif grad_scale != self._scale_value:
             self.scale.fill_(grad_scale)
             self._scale_value = grad_scale
         captured = self.graphs.get(key)

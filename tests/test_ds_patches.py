@@ -3,16 +3,8 @@ gradient norm, clipping) against DeepSpeed's own: a real engine (bf16, ZeRO-1, f
 on the CPU, in a fresh process per run, two micro batches per step, with clipping that always
 and that never applies; gradient norms and fp32 master weights must match bitwise."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from single_rank import run_script
 
 SCRIPT = r"""
 import json, sys, torch
@@ -46,15 +38,7 @@ print(json.dumps({"optimizer": type(opt).__name__, "patched": opt.update_hp_grad
 
 
 def run(batched: bool, clip: float) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, "1" if batched else "0", str(clip)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_script(SCRIPT, "1" if batched else "0", str(clip))
 
 
 @pytest.mark.parametrize("clip", [1e-4, 1e4], ids=["always-clipped", "never-clipped"])

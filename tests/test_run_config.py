@@ -87,3 +87,15 @@ def test_appendix_h_formula_against_a_hand_count_for_the_tiny_model():
     expected = 3 * (layers * (13 * matmul + attention) + head_flops)
     assert training_flops(cfg, [10, 3], 4) == expected
     assert mfu(1e12, 2, 1e12) == 0.5 and mfu(1e12, 1, None) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.padded=true"], "packed batches"),
+    (["compile=true"], "exclusive"),
+    (["precision=fp32"], "bf16 path"),
+    (["optimizer.zero_stage=2"], "BF16_Optimizer"),
+])
+def test_cuda_graphs_refuses_what_it_cannot_run(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_run_config("tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=auto", *overrides])
+    load_run_config("tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=auto"])  # accepted

@@ -34,6 +34,7 @@ from ..model import MosaicBertForMaskedLM
 from . import checkpoint as ckpt
 from .metrics import MetricsLogger, console_line
 from .run_config import RunConfig, load_run_config
+from .graphed import GraphedEngineStep
 from .schedule import make_scheduler
 
 
@@ -90,18 +91,22 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def forward_backward(engine: Any, batch: dict[str, Any], n_masked: int, weight: torch.Tensor | float,
-                     window: Window) -> None:
+                     window: Window, graphed: GraphedEngineStep | None = None) -> None:
     """One micro batch. The model's loss is the mean over this micro batch's masked tokens;
     `weight` rescales it so the step's gradient is that of the mean over every masked token of
-    the global batch, whatever the split into ranks and micro batches."""
-    out = engine(**batch)
-    engine.backward(out.loss * (n_masked * weight))
+    the global batch, whatever the split into ranks and micro batches. With `graphed`, forward and
+    backward are one CUDA-graph replay (train.graphed)."""
+    if graphed is not None:
+        out = graphed(batch, n_masked * weight)
+    else:
+        out = engine(**batch)
+        engine.backward(out.loss * (n_masked * weight))
     window.loss += out.loss.detach().double() * n_masked
     window.correct += (out.logits.detach().argmax(-1) == out.masked_labels).sum().double()
 
 
 def train_step(engine: Any, batches: Iterator[dict[str, Any]], accum: int, world: int, window: Window,
-               config: MosaicBertConfig) -> None:
+               config: MosaicBertConfig, graphed: GraphedEngineStep | None = None) -> None:
     group = [next(batches) for _ in range(accum)]  # CPU batches: their sizes are known without a sync
     stats = [batch_stats(batch) for batch in group]
     # DeepSpeed averages gradients over ranks and accumulation steps; undo that and divide by the
@@ -122,7 +127,7 @@ def train_step(engine: Any, batches: Iterator[dict[str, Any]], accum: int, world
         window.masked += n_masked
         window.micro += 1
         window.flops += training_flops(config, lens, n_masked)
-        forward_backward(engine, to_device(batch, engine.device), n_masked, weight, window)
+        forward_backward(engine, to_device(batch, engine.device), n_masked, weight, window, graphed)
         engine.step()
 
 
@@ -270,6 +275,7 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
     engine, n_params = build_engine(model_config, ds_config, total_steps, cfg.schedule.warmup_fraction,
                                     cfg.schedule.final_lr_ratio, seed=cfg.seed, compile_layers=cfg.compile)
     torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
+    graphed = GraphedEngineStep(engine) if cfg.cuda_graphs else None
 
     train_loader = build_mlm_dataloader(cfg.data.path, split=cfg.data.train_split, batch_size=micro,
                                         mlm_probability=cfg.data.mlm_probability, seed=cfg.seed, shuffle=True,
@@ -314,7 +320,7 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
     last: dict[str, float] = {}
     stop_step = total_steps if stop_after is None else min(total_steps, state.step + stop_after)
     while state.step < stop_step:
-        train_step(engine, batches, accum, world, window, model_config)
+        train_step(engine, batches, accum, world, window, model_config, graphed)
         state.step += 1
         finished = state.step == stop_step
         if state.step % cfg.log.interval == 0 or finished:

@@ -132,6 +132,9 @@ class RunConfig:
     """Peak FLOP/s per GPU for MFU; default from the table in mosaicbert_ds.flops by GPU name."""
     compile: bool = False
     """torch.compile the model's layers."""
+    cuda_graphs: bool = False
+    """Replay each micro batch's forward + backward as a CUDA graph (GPU, packed batches, bf16 with
+    ZeRO-1): the host issues one replay instead of thousands of kernels (mosaicbert_ds.train.graphed)."""
 
     def validate(self) -> None:
         def need(cond: bool, message: str) -> None:
@@ -159,6 +162,12 @@ class RunConfig:
             section, key = name.split(".")
             need(getattr(getattr(self, section), key) >= 0, f"{name} must be >= 0")
         need(self.log.interval > 0, "log.interval must be positive")
+        if self.cuda_graphs:
+            need(not self.data.padded, "cuda_graphs needs packed batches (data.padded: false)")
+            need(not self.compile, "cuda_graphs and compile are exclusive: pick one")
+            need(self.precision != "fp32", "cuda_graphs runs the bf16 path: precision must be auto or bf16")
+            need(self.optimizer.zero_stage in (None, 1) and self.optimizer.name == "adamw",
+                 "cuda_graphs needs DeepSpeed's BF16_Optimizer: optimizer adamw at ZeRO stage 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,61 @@
+"""CUDA graphs inside the DeepSpeed trainer (run option `cuda_graphs: true`).
+
+With the eager step the host issues ~5000 operations per micro batch, and DeepSpeed's own host
+work (hooks, bookkeeping, the optimizer's Python) comes on top: at micro batch 256 the host is
+about as busy as the GPU, so every millisecond of it costs tokens/s. Here the model's forward and
+backward are one CUDA-graph replay (mosaicbert_ds.graphs.GraphedMLMStep), and DeepSpeed keeps
+everything around it: gradient accumulation in fp32, the all-reduce at accumulation boundaries,
+clipping, the optimizer step, the learning-rate schedule, checkpoints.
+
+The micro step does what `engine(**batch)` + `engine.backward(loss)` do for BF16_Optimizer (the
+precision path of bf16 with ZeRO stage 1 and fp32 gradient accumulation), minus the autograd call:
+    zero the bf16 gradients            (BF16_Optimizer.backward_prologue)
+    replay forward + backward          (loss scaled by 1 / accumulation, as engine.backward does)
+    fp32 += bf16 gradients             (BF16_Optimizer.backward_epilogue)
+    all-reduce at the boundary         (engine.allreduce_gradients)
+and `engine.step()` runs unchanged. DeepSpeed frees the bf16 gradients after each optimizer step
+(`zero_grad(set_to_none=True)`); the graphs write into fixed gradient tensors, so on this engine
+they are zeroed in place instead.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+from ..cli import UserError
+from ..graphs import GraphedMLMStep
+
+
+class GraphedEngineStep:
+    """Forward + backward of one packed micro batch through a DeepSpeed engine, as a graph replay."""
+
+    def __init__(self, engine: Any, token_step: int = 256, mask_step: int = 256) -> None:
+        opt = engine.optimizer
+        if engine.device.type != "cuda":
+            raise UserError("cuda_graphs needs a CUDA device")
+        if type(opt).__name__ != "BF16_Optimizer" or getattr(opt, "immediate_grad_update", True):
+            raise UserError("cuda_graphs needs DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1, fp32 "
+                            f"gradient accumulation, no immediate_grad_update); this engine has {type(opt).__name__}")
+        self.engine = engine
+        # the module's own forward, without the hooks DeepSpeed hangs on it: its throughput timer
+        # synchronises the device (by default), which is illegal inside a capture
+        self.step = GraphedMLMStep(engine.module, token_step, mask_step, forward=engine.module.forward)
+        opt.zero_grad = types.MethodType(_zero_grad_in_place, opt)
+
+    def __call__(self, batch: dict[str, Any], loss_scale: float | torch.Tensor) -> Any:
+        """`engine.backward(engine(**batch).loss * loss_scale)`; returns the model output (valid until
+        the next call)."""
+        engine, opt = self.engine, self.engine.optimizer
+        opt.clear_lp_grads(set_to_none=False)
+        out = self.step(batch, grad_scale=loss_scale / engine.gradient_accumulation_steps())
+        opt.backward_epilogue()
+        if engine.enable_backward_allreduce:
+            engine.allreduce_gradients()  # a no-op except at accumulation boundaries
+        return out
+
+
+def _zero_grad_in_place(self: Any, set_to_none: bool = True) -> None:
+    type(self).zero_grad(self, set_to_none=False)
