@@ -25,11 +25,12 @@ Tested
     Triton's interpreter on CPU (triton 3.6, 3.8); compiled on one NVIDIA H200 (triton 3.6), also
     inside a whole MosaicBERT-Base training step against the PyTorch ops (tests/test_gpu.py), and
     replayed in CUDA graphs with fresh masks per replay (tests/test_graphs.py).
-    The 16-bit dropout (one Philox counter per eight elements) is so far tested only in the
-    interpreter on CPU (triton 3.8); the GPU tests and the timings below predate it.
-    H200, batch 256 x 128 (~29k real tokens), per step of 12 layers: GeGLU with dropout 3.0 ms
-    forward, 3.6 ms backward; the LayerNorm kernels 1.5 / 2.1 ms (24 calls each); measured with
-    the earlier dropout (tl.rand4x, one Philox counter per four elements).
+    The 16-bit dropout passed the GPU kernel and whole-step tests on the H200 as well
+    (raw/gpu_tests_dropout16.txt in benchmarks/results/h200_2026-11-29).
+    H200, batch 256 x 128 (~29k real tokens), per step of 12 layers (profile_step --graphs): GeGLU
+    with dropout 2.5 ms forward, 3.2 ms backward; the LayerNorm kernels 1.3 / 2.0 ms (24 calls
+    each). With one Philox counter per four elements (tl.rand4x) they took 3.0 / 3.6 and
+    1.5 / 2.1 ms; with one per element 4.8 / 5.4 ms for GeGLU.
 Known risks
     Rows longer than 16384 features are rejected (one row per program, held in registers).
 """

@@ -31,7 +31,7 @@ for step in range(3):
         losses.append(out.loss.item())
     norms.append(float(opt._global_grad_norm))
 master = torch.cat([p.detach().flatten() for g in opt.fp32_groups_flat_partition for p in [g]])
-print(json.dumps({"optimizer": type(opt).__name__, "patched": opt.update_hp_grads.__func__.__module__,
+print(json.dumps({"optimizer": type(opt).__name__, "allreduce": engine.enable_backward_allreduce, "patched": opt.update_hp_grads.__func__.__module__,
                   "patched_step": opt.step.__func__.__module__, "norms": norms, "losses": losses, "master": master.view(torch.int32).tolist()[:4096],
                   "master_sum": float(master.double().sum())}))
 """
@@ -45,6 +45,7 @@ def run(batched: bool, clip: float) -> dict:
 def test_batched_optimizer_matches_deepspeed_bitwise(clip):
     ours, theirs = run(batched=True, clip=clip), run(batched=False, clip=clip)
     assert ours["optimizer"] == theirs["optimizer"] == "BF16_Optimizer"
+    assert ours["allreduce"] is theirs["allreduce"] is False  # one rank: nothing to reduce
     assert ours["patched"] == ours["patched_step"] == "mosaicbert_ds.train.ds_patches"
     assert theirs["patched"].startswith("deepspeed.") and theirs["patched_step"].startswith("deepspeed.")
     assert ours["norms"] == theirs["norms"]

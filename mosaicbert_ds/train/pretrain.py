@@ -222,6 +222,10 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
                                       lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio))
     if batched_optimizer:
         batch_bf16_optimizer(engine)
+    if engine.dp_world_size == 1 and type(engine.optimizer).__name__ == "BF16_Optimizer":
+        # one rank has nothing to reduce, but DeepSpeed would still flatten every gradient, scale it
+        # by 1 and copy it back at each accumulation boundary (the ZeRO optimizers need that call)
+        engine.enable_backward_allreduce = False
     return engine, n_params
 
 
