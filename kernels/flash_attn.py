@@ -31,7 +31,7 @@ Tested
     Triton's interpreter on CPU (triton 3.6 and 3.8, tests/test_kernels.py); compiled on one
     NVIDIA H200 (triton 3.6, torch 2.11): every candidate configuration against float64, and
     benchmarks/attention.py. H200, 12 heads x 64, bf16, 32k tokens, fwd+bwd GPU time (graph
-    replay): 0.30 ms at max_seqlen 128 (SDPA + bias 0.53), 0.84 ms at 512, 2.7 ms at 2048;
+    replay): 0.28-0.29 ms at max_seqlen 128 (SDPA + bias 0.52), 0.84 ms at 512, 2.7 ms at 2048;
     forward 348 TFLOP/s at 2048.
 Known risks
     A max_seqlen below a real length silently leaves rows unwritten. Atomic dQ is not bitwise
@@ -350,14 +350,16 @@ def fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
 
     Kept from sm_90 compiles without heavy spills (ptxas reports) and from timings on an H200
     (triton 3.6, 12 heads x 64, ALiBi, 32k tokens): up to 128 tokens 4-warp programs (two resident
-    per SM) were fastest, (64, 32) 0.091 ms; at 2048, (128, 64) with 8 warps, 0.59 ms.
+    per SM) were fastest, (64, 32) with 3 stages 0.082 ms (2 stages 0.091); at 2048, (128, 64) with
+    8 warps, 0.59 ms.
     """
     if head_dim == 128:
         return [FwdConfig(128, 32, 8, 2), FwdConfig(64, 64, 8, 2)]
     if bucket <= 64:
         return [FwdConfig(64, 32, 4, 2), FwdConfig(64, 64, 8, 2)]
     if bucket <= 128:
-        return [FwdConfig(64, 32, 4, 2), FwdConfig(128, 32, 4, 2), FwdConfig(128, 64, 8, 2)]
+        return [FwdConfig(64, 32, 4, 3), FwdConfig(64, 32, 4, 4), FwdConfig(64, 64, 4, 3), FwdConfig(64, 32, 4, 2),
+                FwdConfig(128, 32, 4, 2), FwdConfig(128, 64, 8, 2)]
     return [FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 4, 3), FwdConfig(128, 64, 8, 4)]
 
 
@@ -365,7 +367,7 @@ def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
     """Backward configurations worth timing for one length bucket; the first is the default.
 
     Up to 128 tokens a sequence fits one key block and dQ is stored directly ("store"; H200:
-    (32, 128) with 4 warps 0.22 ms, 8 warps 0.31 ms). Beyond, the separate dQ kernel (2.13 ms
+    (32, 128) with 4 warps and 3 stages 0.21 ms, 2 stages 0.22, 8 warps 0.31 ms). Beyond, the separate dQ kernel (2.13 ms
     at 2048 tokens) edged out fp32 atomics (2.22 ms) on the H200.
     """
     if head_dim == 128:
@@ -375,8 +377,9 @@ def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
     if bucket <= 64:
         return [BwdConfig(16, 64, 8, 2, "store"), BwdConfig(32, 64, 8, 2, "store")]
     if bucket <= 128:
-        return [BwdConfig(32, 128, 4, 2, "store"), BwdConfig(64, 128, 8, 2, "store"),
-                BwdConfig(16, 128, 4, 2, "store")]
+        return [BwdConfig(32, 128, 4, 3, "store"), BwdConfig(32, 128, 4, 4, "store"),
+                BwdConfig(16, 128, 4, 3, "store"), BwdConfig(64, 128, 8, 3, "store"),
+                BwdConfig(32, 128, 4, 2, "store"), BwdConfig(32, 64, 4, 3, "kernel", 64, 32, 4, 3)]
     return [BwdConfig(64, 128, 8, 2, "kernel", 128, 64, 8, 2), BwdConfig(64, 128, 8, 3, "kernel", 128, 32, 8, 3),
             BwdConfig(64, 128, 8, 2, "atomic")]
 
