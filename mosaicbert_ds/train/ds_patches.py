@@ -16,7 +16,13 @@ Base):
 - step: the per-tensor norms from one `torch._foreach_norm`, combined as DeepSpeed combines them,
   and the clip as one `torch._foreach_mul_` by min(1, max_norm / (norm + 1e-6)) computed on the
   device (DeepSpeed multiplies only when that is below 1; multiplying by exactly 1.0 changes
-  nothing). The remaining host sync is DeepSpeed's own: a non-finite norm skips the step.
+  nothing). DeepSpeed skips the step when the norm is not finite, which needs a host sync: the
+  GPU then idles while the host does the rest of the step and prepares the next micro batch. With
+  torch's fused AdamW (what our configs select on CUDA) the skip happens on the device instead,
+  through the kernel's found_inf flag: no sync. The one difference: DeepSpeed does not see such a
+  skip, so its skipped-step counter stays and the learning-rate schedule advances (a non-finite
+  norm in bf16 training means the run has diverged anyway). Without a fused optimizer, DeepSpeed's
+  host-side check stays.
 The results are DeepSpeed's numbers (tests/test_ds_patches.py compares the master weights
 bitwise, with and without clipping). Each patch applies only to the case it was written against
 (BF16_Optimizer; no immediate_grad_update or expert folding for the accumulation; 2-norm, no
@@ -78,6 +84,11 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return total.masked_fill_(~torch.isfinite(total), -1.0)
 
 
+def _skips_on_device(optimizer: Any) -> bool:
+    """torch's fused Adam/AdamW, which can skip a step on the device (its found_inf argument)."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
+
+
 @torch.no_grad()
 def _step(self: Any, closure: Any = None) -> None:
     # DeepSpeed 0.19.8's BF16_Optimizer.step for its dense, single-model-parallel case
@@ -86,19 +97,26 @@ def _step(self: Any, closure: Any = None) -> None:
     self.overflow = False
     grads, _ = self.get_grads_for_norm()
     norm = _global_norm(grads)
-    self._global_grad_norm = norm
-    if bool(norm < 0):  # the step's one host sync, as in DeepSpeed: a non-finite norm skips the step
-        self.overflow = True
-        self._global_grad_norm = float("inf")
-        self.clear_hp_grads()
-        self.clear_lp_grads()
-        return
+    if _skips_on_device(self.optimizer):
+        # no host sync: where found_inf is 1 the fused kernel leaves weights and moments alone and
+        # undoes its step count; the update of the bf16 weights then copies unchanged values
+        self.optimizer.found_inf = (norm < 0).float()
+        self._global_grad_norm = norm.masked_fill(norm < 0, float("inf"))
+    else:
+        self._global_grad_norm = norm
+        if bool(norm < 0):  # a host sync, as in DeepSpeed: a non-finite norm skips the step
+            self.overflow = True
+            self._global_grad_norm = float("inf")
+            self.clear_hp_grads()
+            self.clear_lp_grads()
+            return
     if self.clip_grad > 0.0:
         coef = (self.clip_grad / (norm + 1e-6)).clamp_(max=1.0)
         torch._foreach_mul_(self.get_grads_for_norm(for_clipping=True), coef)
     for param, grad in zip(self.fp32_groups_flat_partition, self.fp32_groups_gradient_flat_partition):
         param.grad = grad.to(param.dtype) if grad.dtype != param.dtype else grad
     self.optimizer.step()
+    self.optimizer.__dict__.pop("found_inf", None)
     if self.grad_acc_dtype is not torch.float32:
         for param in self.fp32_groups_flat_partition:
             param.grad = None
