@@ -142,6 +142,7 @@ def run(graphs):
             return {"refused": str(err)}
         return {"refused": None}
     graphed = GraphedEngineStep(engine) if graphs else None
+    start = torch.cat([p.detach().flatten() for p in engine.optimizer.fp32_groups_flat_partition]).cpu()
     torch.manual_seed(1)
     it = iter(batches)
     losses, norms = [], []
@@ -151,7 +152,7 @@ def run(graphs):
         losses.append(window.loss.item() / window.masked)
         norms.append(float(engine.get_global_grad_norm()))
     master = torch.cat([p.detach().flatten() for p in engine.optimizer.fp32_groups_flat_partition])
-    return {"losses": losses, "norms": norms, "master": master.cpu(), "buckets": len(graphed.step.graphs) if graphs else 0,
+    return {"losses": losses, "norms": norms, "start": start, "master": master.cpu(), "buckets": len(graphed.step.graphs) if graphs else 0,
             "grads_kept": all(p.grad is g for p, g in zip(graphed.step.params, graphed.step.grads)) if graphs else None}
 
 
@@ -160,8 +161,7 @@ if "refused" in eager:
     print(json.dumps(eager))
     sys.exit(0)
 graphs = run(True)
-start = torch.cat([p.detach().float().flatten() for p in build_engine(config, ds, 100, 0.0, 0.02)[0].module.parameters()])
-moved = (eager["master"] - graphs["master"]).norm() / (eager["master"] - start.cpu()[: eager["master"].numel()]).norm()
+moved = (eager["master"] - graphs["master"]).norm() / (eager["master"] - eager["start"]).norm()
 print(json.dumps({"eager": eager["losses"], "graphs": graphs["losses"], "eager_norms": eager["norms"],
                   "graph_norms": graphs["norms"], "update_diff": float(moved), "buckets": graphs["buckets"],
                   "grads_kept": graphs["grads_kept"]}))

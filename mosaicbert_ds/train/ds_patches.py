@@ -40,11 +40,17 @@ _NEEDED = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_has_gradients", 
            "clip_grad", "norm_type", "fp32_groups_flat_partition", "fp32_groups_gradient_flat_partition")
 
 
+def is_bf16_optimizer(opt: Any) -> bool:
+    """Whether DeepSpeed built its BF16_Optimizer (the path these patches, the one-rank all-reduce
+    skip and the CUDA-graph step are written against)."""
+    return type(opt).__name__ == "BF16_Optimizer"
+
+
 def batch_bf16_optimizer(engine: Any) -> dict[str, bool]:
     """Install the batched loops on `engine.optimizer`; returns which of them applied."""
     opt = engine.optimizer
     applied = {"accumulation": False, "step": False}
-    if type(opt).__name__ != "BF16_Optimizer" or not all(hasattr(opt, a) for a in _NEEDED):
+    if not is_bf16_optimizer(opt) or not all(hasattr(opt, a) for a in _NEEDED):
         return applied
     if not opt.immediate_grad_update and getattr(opt, "autoep_folding_tp_group", None) is None:
         opt.update_hp_grads = types.MethodType(_update_hp_grads, opt)

@@ -27,6 +27,7 @@ import torch
 
 from ..cli import UserError
 from ..graphs import GraphedMLMStep
+from .ds_patches import is_bf16_optimizer
 
 
 class GraphedEngineStep:
@@ -36,7 +37,7 @@ class GraphedEngineStep:
         opt = engine.optimizer
         if engine.device.type != "cuda":
             raise UserError("cuda_graphs needs a CUDA device")
-        if type(opt).__name__ != "BF16_Optimizer" or getattr(opt, "immediate_grad_update", True):
+        if not is_bf16_optimizer(opt) or getattr(opt, "immediate_grad_update", True):
             raise UserError("cuda_graphs needs DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1, fp32 "
                             f"gradient accumulation, no immediate_grad_update); this engine has {type(opt).__name__}")
         self.engine = engine

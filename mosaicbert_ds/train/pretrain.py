@@ -210,7 +210,7 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
     clipping) replaced by foreach ops (train.ds_patches; the same numbers, less host time)."""
     import deepspeed
 
-    from .ds_patches import batch_bf16_optimizer
+    from .ds_patches import batch_bf16_optimizer, is_bf16_optimizer
 
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = MosaicBertForMaskedLM(model_config)
@@ -222,7 +222,7 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
                                       lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio))
     if batched_optimizer:
         batch_bf16_optimizer(engine)
-    if engine.dp_world_size == 1 and type(engine.optimizer).__name__ == "BF16_Optimizer":
+    if engine.dp_world_size == 1 and is_bf16_optimizer(engine.optimizer):
         # one rank has nothing to reduce, but DeepSpeed would still flatten every gradient, scale it
         # by 1 and copy it back at each accumulation boundary (the ZeRO optimizers need that call)
         engine.enable_backward_allreduce = False
