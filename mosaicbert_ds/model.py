@@ -23,7 +23,7 @@ from transformers.modeling_outputs import (BaseModelOutputWithPooling, MaskedLMO
 
 from .attention import alibi_bias, alibi_slopes, flash_attn_varlen_func, padded_attention
 from .config import MosaicBertConfig
-from .ops import LayerNorm, cross_entropy, gelu, geglu, linear_dropout_add_layer_norm
+from .ops import LayerNorm, ResidualSplit, cross_entropy, gelu, geglu, linear_dropout_add_layer_norm
 from .padding import pad_output, positions_from_cu_seqlens, unpad_input
 
 
@@ -88,7 +88,8 @@ class MosaicBertAttention(nn.Module):
             self.alibi_slopes = None
 
     def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
-        qkv = self.Wqkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))
+        split = ResidualSplit(x, self.fused)
+        qkv = split.linear(self.Wqkv).unflatten(-1, (3, self.n_heads, self.head_dim))
         q, k, v = qkv.unbind(dim=-3)
         dropout_p = self.attn_dropout if self.training else 0.0
         if packing.packed:
@@ -98,7 +99,7 @@ class MosaicBertAttention(nn.Module):
         else:
             o = padded_attention(q, k, v, packing.bias, dropout_p=dropout_p)
         return linear_dropout_add_layer_norm(o.flatten(-2), self.out_proj, x, self.LayerNorm, self.hidden_dropout,
-                                             self.training, self.fused)
+                                             self.training, self.fused, split.sink)
 
 
 class MosaicBertMLP(nn.Module):
@@ -124,14 +125,16 @@ class MosaicBertMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # MosaicBERT drops out the GLU output before Wo (fused into the GeGLU kernel); BERT after Wo
+        split = ResidualSplit(x, self.fused and (not self.glu or self.fused_glu))
         if not self.glu:
-            h = gelu(self.Wi(x), self.act)
+            h = gelu(split.linear(self.Wi), self.act)
         elif self.fused_glu:
-            h = geglu(self.Wi(x), self.act, fused=self.fused, p=self.dropout_p, training=self.training)
+            h = geglu(split.linear(self.Wi), self.act, fused=self.fused, p=self.dropout_p, training=self.training)
         else:
             h = F.dropout(gelu(self.Wi_gate(x), self.act) * self.Wi_up(x), p=self.dropout_p, training=self.training)
         p_after = 0.0 if self.glu else self.dropout_p
-        return linear_dropout_add_layer_norm(h, self.Wo, x, self.LayerNorm, p_after, self.training, self.fused)
+        return linear_dropout_add_layer_norm(h, self.Wo, x, self.LayerNorm, p_after, self.training, self.fused,
+                                             split.sink)
 
 
 class MosaicBertLayer(nn.Module):

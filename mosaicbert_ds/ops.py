@@ -7,6 +7,9 @@ linear_dropout_add_layer_norm(h, linear, r, ln):
                                    added inside the LayerNorm kernel, whose backward then also
                                    yields the bias gradient (no separate column-sum pass)
 cross_entropy(logits, labels):     the MLM loss; fused, without an fp32 copy of the logits
+ResidualSplit(x, fused):           x feeding a sublayer's first linear and, as the residual, its
+                                   closing LayerNorm; fused, the linear's input-gradient matmul
+                                   adds the residual's gradient (no separate add kernel)
 
 The PyTorch versions are the definition; the fused kernels (mosaicbert_ds.kernels.fused) must
 match them and are chosen only when `fused` is True and the tensors live on a CUDA device.
@@ -33,9 +36,14 @@ def _kernels(name: str = "fused"):
         return None
 
 
+def kernels_for(t: torch.Tensor, fused: bool, name: str = "fused"):
+    """The kernel module to run on tensors like t: only when asked (`fused`), on CUDA, with Triton."""
+    return _kernels(name) if fused and t.is_cuda else None
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Mean cross-entropy over the labels that are not -100, computed in fp32."""
-    if fused and logits.is_cuda and (k := _kernels("cross_entropy")) is not None:
+    if (k := kernels_for(logits, fused, "cross_entropy")) is not None:
         return k.cross_entropy(logits, labels)
     return F.cross_entropy(logits.float(), labels)
 
@@ -43,7 +51,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, fused: bool = Fals
 def geglu(h: torch.Tensor, act: str = "gelu", fused: bool = False, p: float = 0.0, training: bool = False
           ) -> torch.Tensor:
     """Gated GELU on the concatenated (gate, up) halves of the last dimension, then dropout."""
-    if fused and h.is_cuda and (k := _kernels()) is not None:
+    if (k := kernels_for(h, fused)) is not None:
         return k.geglu(h, approximate=_gelu_approximate(act), p=p if training else 0.0)
     gate, up = h.chunk(2, dim=-1)
     return F.dropout(F.gelu(gate, approximate=_gelu_approximate(act)) * up, p=p, training=training)
@@ -83,19 +91,102 @@ class LayerNorm(nn.LayerNorm):
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: LayerNorm, p: float,
-                           training: bool, fused: bool = False) -> torch.Tensor:
-    """LayerNorm(Dropout(x) + residual): the end of each post-LN sublayer."""
-    if fused and x.is_cuda and (k := _kernels()) is not None:
+                           training: bool, fused: bool = False, residual_sink: "_Box | None" = None
+                           ) -> torch.Tensor:
+    """LayerNorm(Dropout(x) + residual): the end of each post-LN sublayer. residual_sink: see
+    ResidualSplit (used by the fused kernel only)."""
+    if (k := kernels_for(x, fused)) is not None:
         return k.dropout_add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps, p if training else 0.0,
-                                        low_precision=ln.low_precision)
+                                        low_precision=ln.low_precision, residual_sink=residual_sink)
     return ln(F.dropout(x, p=p, training=training) + residual)
 
 
 def linear_dropout_add_layer_norm(h: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, ln: LayerNorm,
-                                  p: float, training: bool, fused: bool = False) -> torch.Tensor:
+                                  p: float, training: bool, fused: bool = False,
+                                  residual_sink: "_Box | None" = None) -> torch.Tensor:
     """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer."""
-    if fused and h.is_cuda and linear.bias is not None and (k := _kernels()) is not None:
+    if linear.bias is not None and (k := kernels_for(h, fused)) is not None:
         return k.dropout_add_layer_norm(F.linear(h, linear.weight), residual, ln.weight, ln.bias, ln.eps,
                                         p if training else 0.0, low_precision=ln.low_precision,
-                                        linear_bias=linear.bias)
-    return dropout_add_layer_norm(linear(h), residual, ln, p, training, fused)
+                                        linear_bias=linear.bias, residual_sink=residual_sink)
+    return dropout_add_layer_norm(linear(h), residual, ln, p, training, fused, residual_sink)
+
+
+class _Box:
+    """The residual's gradient on its way from the sublayer's closing LayerNorm to its first linear."""
+
+    __slots__ = ("grad", "linear_done", "fused")
+
+    def __init__(self) -> None:
+        self.grad: torch.Tensor | None = None
+        self.linear_done = False
+        self.fused = False  # set when the linear's backward took the residual gradient in
+
+    def take(self, grad: torch.Tensor) -> bool:
+        """Called by the LayerNorm kernel's backward with a gradient buffer it allocated and hands
+        over: True when kept for the linear (the kernel then returns no residual gradient), False
+        when the linear's backward already ran (autograd sums the two as usual)."""
+        if self.linear_done:
+            return False
+        self.grad = grad
+        return True
+
+
+class _LinearTakingResidualGrad(torch.autograd.Function):
+    """F.linear whose input gradient is the residual's gradient + dY @ W, one in-place addmm."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, box: _Box) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):  # what autocast's linear does: cast, then bf16 math
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            out = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.box, ctx.has_bias = box, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        box = ctx.box
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            res, box.grad = box.grad, None
+            if res is not None and res.dtype == dy2.dtype and res.is_contiguous():
+                # the buffer is the LayerNorm kernel's own (Box.take): safe to add into in place
+                dx = res.view(-1, weight.shape[1]).addmm_(dy2, weight).view(x.shape)
+                box.fused = True
+            else:
+                dx = (dy2 @ weight).view(x.shape)
+                if res is not None:  # an fp32 residual under autocast: no mixed-dtype addmm
+                    dx = res + dx
+            box.linear_done = True
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db, None
+
+
+class ResidualSplit:
+    """x at the start of a post-LN sublayer: it feeds the sublayer's first linear and, as the
+    residual, the LayerNorm that closes it. Autograd would sum x's two gradients with an extra
+    elementwise kernel (two per layer). With the fused kernels, the LayerNorm kernel's backward
+    hands its residual gradient to the linear (`sink`), whose input-gradient matmul adds into it
+    in place (addmm_, beta = 1). Autograd runs the LayerNorm's backward first: the linear's output
+    flows into it. Only while gradients are recorded; elsewhere linear() is linear(x) and sink None.
+    """
+
+    def __init__(self, x: torch.Tensor, fused: bool) -> None:
+        self.x = x
+        on = kernels_for(x, fused) is not None and torch.is_grad_enabled() and x.requires_grad
+        self.sink = _Box() if on else None
+
+    def linear(self, linear: nn.Linear) -> torch.Tensor:
+        if self.sink is None:
+            return linear(self.x)
+        return _LinearTakingResidualGrad.apply(self.x, linear.weight, linear.bias, self.sink)
