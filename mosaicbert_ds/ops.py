@@ -6,6 +6,8 @@ linear_dropout_add_layer_norm(h, linear, r, ln):
                                    LayerNorm(Dropout(linear(h)) + r); fused, the linear's bias is
                                    added inside the LayerNorm kernel, whose backward then also
                                    yields the bias gradient (no separate column-sum pass)
+                                   and, under autocast, the fp32 weight gradient comes straight
+                                   from the matmul (no cast kernel)
 cross_entropy(logits, labels):     the MLM loss; fused, without an fp32 copy of the logits
 ResidualSplit(x, fused):           x feeding a sublayer's first linear and, as the residual, its
                                    closing LayerNorm; fused, the linear's input-gradient matmul
@@ -106,8 +108,8 @@ def linear_dropout_add_layer_norm(h: torch.Tensor, linear: nn.Linear, residual: 
                                   residual_sink: "_Box | None" = None) -> torch.Tensor:
     """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer."""
     if linear.bias is not None and (k := kernels_for(h, fused)) is not None:
-        return k.dropout_add_layer_norm(F.linear(h, linear.weight), residual, ln.weight, ln.bias, ln.eps,
-                                        p if training else 0.0, low_precision=ln.low_precision,
+        return k.dropout_add_layer_norm(_Linear.apply(h, linear.weight, None, None), residual, ln.weight, ln.bias,
+                                        ln.eps, p if training else 0.0, low_precision=ln.low_precision,
                                         linear_bias=linear.bias, residual_sink=residual_sink)
     return dropout_add_layer_norm(linear(h), residual, ln, p, training, fused, residual_sink)
 
@@ -132,11 +134,26 @@ class _Box:
         return True
 
 
-class _LinearTakingResidualGrad(torch.autograd.Function):
-    """F.linear whose input gradient is the residual's gradient + dY @ W, one in-place addmm."""
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) on CUDA (torch >= 2.8)
+
+
+def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b written as `dtype`: under autocast, fp32 weight gradients straight from the bf16 matmul
+    (cuBLAS accumulates in fp32 anyway), where autograd would otherwise add a cast kernel."""
+    if dtype != a.dtype and a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear with autocast's casts inside, and gradients in the parameters' own dtype straight
+    from the matmul and the column sum (no cast kernels). With a box, the input gradient is the
+    residual's gradient + dY @ W, one in-place addmm (see ResidualSplit)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, box: _Box) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, box: "_Box | None"
+                ) -> torch.Tensor:
+        ctx.param_dtypes = weight.dtype, (bias.dtype if bias is not None else None)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):  # what autocast's linear does: cast, then bf16 math
             dtype = torch.get_autocast_dtype(device_type)
@@ -155,7 +172,9 @@ class _LinearTakingResidualGrad(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            res, box.grad = box.grad, None
+            res = None
+            if box is not None:
+                res, box.grad = box.grad, None
             if res is not None and res.dtype == dy2.dtype and res.is_contiguous():
                 # the buffer is the LayerNorm kernel's own (Box.take): safe to add into in place
                 dx = res.view(-1, weight.shape[1]).addmm_(dy2, weight).view(x.shape)
@@ -164,11 +183,13 @@ class _LinearTakingResidualGrad(torch.autograd.Function):
                 dx = (dy2 @ weight).view(x.shape)
                 if res is not None:  # an fp32 residual under autocast: no mixed-dtype addmm
                     dx = res + dx
-            box.linear_done = True
+            if box is not None:
+                box.linear_done = True
+        w_dtype, b_dtype = ctx.param_dtypes
         if ctx.needs_input_grad[1]:
-            dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+            dw = _mm_as(dy2.t(), x.reshape(-1, x.shape[-1]), w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
+            db = dy2.sum(0, dtype=b_dtype)
         return dx, dw, db, None
 
 
@@ -186,7 +207,7 @@ class ResidualSplit:
         on = kernels_for(x, fused) is not None and torch.is_grad_enabled() and x.requires_grad
         self.sink = _Box() if on else None
 
-    def linear(self, linear: nn.Linear) -> torch.Tensor:
+    def linear(self, layer: nn.Linear) -> torch.Tensor:
         if self.sink is None:
-            return linear(self.x)
-        return _LinearTakingResidualGrad.apply(self.x, linear.weight, linear.bias, self.sink)
+            return layer(self.x)
+        return _Linear.apply(self.x, layer.weight, layer.bias, self.sink)

@@ -1,6 +1,7 @@
 """GPU-only checks of the real trainer (skipped without CUDA; run on the H200 with `pytest -m gpu`)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,12 @@ def test_trainer_smoke_on_one_gpu(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss/train" in r]
     assert train[-1]["step"] == 300
-    assert train[-1]["loss/train"] < train[0]["loss/train"] - 1.0, (train[0], train[-1])
+    # From ln(30528) = 10.3 (uniform guesses) the loss falls to the unigram plateau (~6.8) within
+    # the first logged interval (its mean is ~7.7) and creeps down along it: 300 steps of a Base model
+    # are too few to leave it. Not learning at all stays near 10.
+    first, last = train[0]["loss/train"], train[-1]["loss/train"]
+    assert last < math.log(30528) - 3.0 and last < first - 0.5, (train[0], train[-1])
+    assert all(r["loss/train"] < first for r in train[1:]), [r["loss/train"] for r in train]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mosaicbert_ds.ops import ResidualSplit, _Box, _LinearTakingResidualGrad
+from mosaicbert_ds.ops import ResidualSplit, _Box, _Linear
 
 
 def _linear_case(dtype=torch.float32):
@@ -20,7 +20,7 @@ def _linear_case(dtype=torch.float32):
 def test_linear_adds_the_handed_over_residual_gradient():
     x, w, b, dy, res = _linear_case()
     box = _Box()
-    y = _LinearTakingResidualGrad.apply(x, w, b, box)
+    y = _Linear.apply(x, w, b, box)
     torch.testing.assert_close(y, F.linear(x, w, b))
     assert box.take(res.clone())  # what the LayerNorm kernel's backward does before the linear's
     y.backward(dy)
@@ -34,12 +34,12 @@ def test_linear_adds_the_handed_over_residual_gradient():
 def test_linear_without_a_residual_gradient_or_with_another_dtype():
     x, w, b, dy, res = _linear_case(torch.bfloat16)
     box = _Box()
-    _LinearTakingResidualGrad.apply(x, w, b, box).backward(dy)
+    _Linear.apply(x, w, b, box).backward(dy)
     assert not box.fused
     torch.testing.assert_close(x.grad, dy @ w)
     x.grad = None
     box = _Box()
-    y = _LinearTakingResidualGrad.apply(x, w, b, box)
+    y = _Linear.apply(x, w, b, box)
     box.take(res)  # fp32 (an fp32 LayerNorm's residual) against bf16 matmul gradients: added apart
     y.backward(dy)
     assert not box.fused and x.grad.dtype == torch.bfloat16
@@ -47,14 +47,21 @@ def test_linear_without_a_residual_gradient_or_with_another_dtype():
 
 
 def test_linear_under_autocast_casts_like_autocast():
-    x, w, b, dy, _ = _linear_case()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = _LinearTakingResidualGrad.apply(x, w, b, _Box())
-        ref = F.linear(x, w, b)
-    assert y.dtype == ref.dtype == torch.bfloat16
-    torch.testing.assert_close(y, ref)
-    y.float().backward(dy)
-    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    for box in (_Box(), None):
+        x, w, b, dy, _ = _linear_case()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = _Linear.apply(x, w, b, box)
+            ref = F.linear(x, w, b)
+        assert y.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, ref)
+        y.float().backward(dy)
+        grads = [t.grad for t in (x, w, b)]
+        for t in (x, w, b):
+            t.grad = None
+        ref.float().backward(dy)  # autocast's own linear: bf16 gradients cast to the fp32 parameters
+        for got, t in zip(grads, (x, w, b)):
+            assert got.dtype == t.grad.dtype == torch.float32
+            torch.testing.assert_close(got, t.grad, rtol=1e-2, atol=1e-2)
 
 
 def test_split_is_off_without_kernels_or_gradients():
