@@ -162,7 +162,7 @@ class _Linear(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             out = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
-        ctx.box, ctx.has_bias = box, bias is not None
+        ctx.box = box
         return out
 
     @staticmethod
@@ -188,7 +188,7 @@ class _Linear(torch.autograd.Function):
         w_dtype, b_dtype = ctx.param_dtypes
         if ctx.needs_input_grad[1]:
             dw = _mm_as(dy2.t(), x.reshape(-1, x.shape[-1]), w_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if b_dtype is not None and ctx.needs_input_grad[2]:
             db = dy2.sum(0, dtype=b_dtype)
         return dx, dw, db, None
 
