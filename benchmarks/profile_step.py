@@ -1,12 +1,14 @@
 """Where a MosaicBERT-Base training step spends its GPU time (torch.profiler, one H200).
 
-    python -m benchmarks.profile_step [--batch 256] [--finetune] [--graphs]
+    python -m benchmarks.profile_step [--batch 256] [--finetune] [--graphs] [--gaps]
 
 Same step as benchmarks.step (autocast bf16, fused AdamW, C4-like batch at 128, or the
 finetuning-like mix). Prints the host's view first: wall time per step, and the time the host
 needs just to issue one step (measured while the GPU is kept busy by a long sleep kernel, so
 launches never wait on the GPU): when issuing takes about as long as the step, the step is bound
-by the host, not the GPU. Then the kernels by total GPU time and a summary by kind.
+by the host, not the GPU. Then the kernels by total GPU time and a summary by kind. --gaps
+instead profiles the GPU alone (no CPU ranges, so that the profiler adds little host time) and
+reports where the GPU sits idle between kernels: gaps by size, and the largest ones by place.
 """
 
 from __future__ import annotations
@@ -58,12 +60,43 @@ def host_view(step, batches: list[dict], n: int = 5) -> None:
           f"({issue / wall:.0%} of the wall time; near 100% means host-bound)")
 
 
+def idle_gaps(spans: list[tuple[float, float, str]]) -> tuple[list[tuple[float, str, str]], float, float]:
+    """From (start, end, name) of GPU activities (any order, possibly overlapping): the idle gaps
+    as (length, activity before, activity after), the busy time and the whole span."""
+    spans = sorted(spans)
+    gaps, busy, end, prev = [], 0.0, spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, prev = stop, name
+    return gaps, busy, end - spans[0][0]
+
+
+def gap_report(prof: profile, steps: int, top: int = 12) -> None:
+    """Idle GPU time between consecutive kernels (memsets and copies included), per step."""
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == "CUDA"]
+    gaps, busy, span = idle_gaps(spans)
+    idle = sum(g for g, *_ in gaps)
+    print(f"\nGPU timeline per step: {span / steps / 1e3:.2f} ms, busy {busy / steps / 1e3:.2f}, "
+          f"idle {idle / steps / 1e3:.2f} ms in {len(gaps) // steps} gaps; {len(spans) // steps} kernels/copies")
+    print(f"{'gap size (us)':<16}{'gaps/step':>10}{'ms/step':>9}")
+    for lo, hi in ((0, 2), (2, 5), (5, 20), (20, 100), (100, float("inf"))):
+        sel = [g for g, *_ in gaps if lo <= g < hi]
+        print(f"{f'{lo}-{hi}':<16}{len(sel) / steps:>10.1f}{sum(sel) / steps / 1e3:>9.3f}")
+    print(f"\nlargest gaps: {'us':>8}  after -> before")
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        print(f"{'':14}{g:>8.1f}  {a[:45]} -> {b[:45]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--finetune", action="store_true", help="the finetuning-like length mix")
     parser.add_argument("--graphs", action="store_true", help="forward + backward as CUDA graphs (mosaicbert_ds.graphs)")
+    parser.add_argument("--gaps", action="store_true", help="only where the GPU idles between kernels")
     args = parser.parse_args()
     model = MosaicBertForMaskedLM(MosaicBertConfig.from_name("base")).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -88,6 +121,13 @@ def main() -> None:
     torch.cuda.synchronize()
     host_view(step, batches)
     steps = 3
+    if args.gaps:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(steps):
+                step(batches[i % 3])
+            torch.cuda.synchronize()
+        gap_report(prof, steps)
+        return
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             step(batches[i % 3])

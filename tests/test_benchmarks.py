@@ -402,3 +402,13 @@ def test_master_weight_adamw_matches_fp32_adamw():
         torch.testing.assert_close(m, r.detach())
         assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), m.to(torch.bfloat16))
     assert not torch.equal(opt.master[0], model.weight.detach().float())  # masters keep the low bits
+
+
+def test_idle_gaps_of_overlapping_activities():
+    from benchmarks.profile_step import idle_gaps
+
+    # c overlaps b and ends later; d starts 100 us after c ends; e lies inside d
+    spans = [(125.0, 130.0, "d"), (0.0, 10.0, "a"), (15.0, 25.0, "c"), (12.0, 20.0, "b"), (126.0, 128.0, "e")]
+    gaps, busy, span = idle_gaps(spans)
+    assert gaps == [(2.0, "a", "b"), (100.0, "c", "d")]
+    assert busy == 10 + 13 + 5 and span == 130.0
