@@ -3,8 +3,9 @@
     python -m benchmarks.profile_step [--batch 256] [--finetune] [--graphs] [--gaps]
 
 Same step as benchmarks.step (autocast bf16, fused AdamW, C4-like batch at 128, or the
-finetuning-like mix). Prints the host's view first: wall time per step, and the time the host
-needs just to issue one step (measured while the GPU is kept busy by a long sleep kernel, so
+finetuning-like mix). Prints the host's view first: the time per step in steady state (CUDA
+events over five steps queued behind an untimed one), and the time the host needs just to issue
+one step (measured while the GPU is kept busy by a long sleep kernel, so
 launches never wait on the GPU): when issuing takes about as long as the step, the step is bound
 by the host, not the GPU. Then the kernels by total GPU time and a summary by kind. --gaps
 instead profiles the GPU alone (no CPU ranges, so that the profiler adds little host time) and
@@ -42,13 +43,18 @@ def kind_of(name: str) -> str:
 
 
 def host_view(step, batches: list[dict], n: int = 5) -> None:
-    """Wall time per step, and the host's time to issue a step while the GPU is still busy."""
+    """Time per step in steady state (GPU clock), and the host's time to issue a step while the
+    GPU is still busy."""
     torch.cuda.synchronize()
-    start = time.perf_counter()
+    # one untimed step first: timed from an idle GPU, the first forward would wait on the host
+    step(batches[0])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for i in range(n):
-        step(batches[i % len(batches)])
+        step(batches[(i + 1) % len(batches)])
+    end.record()
     torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / n
+    wall = start.elapsed_time(end) / 1e3 / n
     # ~0.5 s of GPU work queued ahead, so the step's launches do not wait on the GPU; one step
     # only, since the launch queue holds about a thousand kernels before the host blocks anyway
     torch.cuda._sleep(int(1e9))
@@ -122,6 +128,8 @@ def main() -> None:
     host_view(step, batches)
     steps = 3
     if args.gaps:
+        # a step queued first, unprofiled: the profiled ones then start with the GPU busy, as in training
+        step(batches[2])
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for i in range(steps):
                 step(batches[i % 3])
