@@ -110,7 +110,7 @@ def main() -> None:
     batches = [to_device(make_batch(mix, args.batch, 30522, seed=i)["packed"], torch.device("cuda"))
                for i in range(3)]
 
-    graphed = GraphedMLMStep(model, autocast_dtype=torch.bfloat16) if args.graphs else None
+    graphed = GraphedMLMStep(model, autocast_dtype=torch.bfloat16, accumulate=False) if args.graphs else None
 
     def step(batch: dict) -> None:
         if graphed is not None:
@@ -120,7 +120,7 @@ def main() -> None:
                 loss = model(**batch).loss
             loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=graphed is None)
+        opt.zero_grad(set_to_none=True)
 
     for i in range(8):
         step(batches[i % 3])

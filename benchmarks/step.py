@@ -72,19 +72,24 @@ class MasterWeightAdamW:
 
 
 def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: int, accum: int = 1,
-               master_weights: bool = False, graphs: bool = False) -> tuple[float, float]:
+               master_weights: bool = False, graphs: bool = False, graph_accumulate: bool = False
+               ) -> tuple[float, float]:
     """Median seconds per micro batch (an optimizer step every `accum` micro batches), and peak GiB.
 
     Default: fp32 weights under bf16 autocast. master_weights: bf16 weights, no autocast, fp32
     master weights in the optimizer (MasterWeightAdamW). graphs: forward + backward replayed as
-    CUDA graphs (mosaicbert_ds.graphs; bucket padding included in the timed step)."""
+    CUDA graphs (mosaicbert_ds.graphs; bucket padding included in the timed step), the gradients
+    handed over as the graphs' outputs, or added in place into fixed .grad buffers with
+    graph_accumulate (what accumulating over micro batches needs)."""
     model.cuda().train()
     if master_weights:
         model.bfloat16()
         opt = MasterWeightAdamW(model.parameters())
     else:
         opt = torch.optim.AdamW(model.parameters(), **ADAMW)
-    graphed = GraphedMLMStep(model, autocast_dtype=None if master_weights else torch.bfloat16) if graphs else None
+    accumulate = graph_accumulate or accum > 1
+    graphed = GraphedMLMStep(model, autocast_dtype=None if master_weights else torch.bfloat16,
+                             accumulate=accumulate) if graphs else None
 
     def step(i: int) -> None:
         for j in range(accum):
@@ -96,7 +101,7 @@ def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: 
                 loss = model(**batch).loss
             (loss / accum).backward()
         opt.step()
-        opt.zero_grad(set_to_none=graphed is None)
+        opt.zero_grad(set_to_none=graphed is None or not accumulate)
 
     for i in range(warmup):
         step(i)
@@ -118,7 +123,8 @@ def run(configs: dict[str, tuple[Callable[[], torch.nn.Module], str]], mix: Leng
         n_batches: int, warmup: int, iters: int) -> list[dict[str, Any]]:
     """Each configuration's step on the same batches. A layout is the batch form ("packed" or
     "padded") with optional flags: "+bf16" for bf16 weights with fp32 master weights, "+graphs"
-    for CUDA graphs (time_steps' master_weights and graphs)."""
+    for CUDA graphs, "+acc" for graphs adding into fixed .grad buffers (time_steps' master_weights,
+    graphs and graph_accumulate)."""
     data = [make_batch(mix, batch, vocab=30522, seed=i) for i in range(n_batches)]
     peak = peak_flops()
     rows = []
@@ -130,7 +136,7 @@ def run(configs: dict[str, tuple[Callable[[], torch.nn.Module], str]], mix: Leng
         tokens = statistics.mean(d["tokens"] for d in data)
         try:
             seconds, mem = time_steps(model, batches, warmup, iters, master_weights="bf16" in flags,
-                                      graphs="graphs" in flags)
+                                      graphs="graphs" in flags, graph_accumulate="acc" in flags)
         except Exception as err:  # one broken variant must not cost the whole (scarce) GPU run
             print(f"{name}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             del model, batches
@@ -147,7 +153,7 @@ def run(configs: dict[str, tuple[Callable[[], torch.nn.Module], str]], mix: Leng
 
 def print_table(title: str, rows: list[dict[str, Any]], baselines: list[str]) -> None:
     print(f"\n{title}")
-    head = f"{'config':<34}{'step ms':>9}{'real tok/s':>13}{'MFU':>7}{'mem GiB':>9}" + "".join(
+    head = f"{'config':<48}{'step ms':>9}{'real tok/s':>13}{'MFU':>7}{'mem GiB':>9}" + "".join(
         f"{'x ' + b:>16}" for b in baselines)
     print(head)
     by_name = {r["config"]: r for r in rows}
@@ -155,7 +161,7 @@ def print_table(title: str, rows: list[dict[str, Any]], baselines: list[str]) ->
         ratios = "".join(f"{r['real_tokens_per_sec'] / by_name[b]['real_tokens_per_sec']:>16.2f}" if b in by_name
                          else f"{'-':>16}" for b in baselines)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        print(f"{r['config']:<34}{r['step_ms']:>9.2f}{r['real_tokens_per_sec']:>13,.0f}{mfu:>7}"
+        print(f"{r['config']:<48}{r['step_ms']:>9.2f}{r['real_tokens_per_sec']:>13,.0f}{mfu:>7}"
               f"{r['peak_mem_gib']:>9.1f}{ratios}")
 
 
@@ -192,6 +198,7 @@ def main() -> None:
         "mosaicbert (fused GLU)": (lambda: mosaic(), "packed"),
         "mosaicbert (bf16 weights, fp32 master)": (lambda: mosaic(), "packed+bf16"),
         "mosaicbert (CUDA graphs)": (lambda: mosaic(), "packed+graphs"),
+        "mosaicbert (CUDA graphs, in-place accumulation)": (lambda: mosaic(), "packed+graphs+acc"),
         "mosaicbert (CUDA graphs, bf16 weights)": (lambda: mosaic(), "packed+bf16+graphs"),
         "mosaicbert (GLU two matmuls)": (lambda: mosaic(glu_fused=False), "packed"),
         "mosaicbert (no fused elementwise)": (lambda: mosaic(fused_ops=False), "packed"),
@@ -201,7 +208,9 @@ def main() -> None:
     }
     if args.quick:
         configs = {k: v for k, v in configs.items() if k in ("mosaicbert (fused GLU)", "mosaicbert (bf16 weights, fp32 master)",
-                                                             "mosaicbert (CUDA graphs)", "hf-bert sdpa compiled")}
+                                                             "mosaicbert (CUDA graphs)",
+                                                             "mosaicbert (CUDA graphs, in-place accumulation)",
+                                                             "hf-bert sdpa compiled")}
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     baselines = [b for b in ("hf-bert sdpa", "hf-bert sdpa compiled") if b in configs]
     results["pretrain"] = run(configs, PRETRAIN, args.batch, 6, args.warmup, args.iters)

@@ -9,18 +9,16 @@ clipping, the optimizer step, the learning-rate schedule, checkpoints.
 
 The micro step does what `engine(**batch)` + `engine.backward(loss)` do for BF16_Optimizer (the
 precision path of bf16 with ZeRO stage 1 and fp32 gradient accumulation), minus the autograd call:
-    zero the bf16 gradients            (BF16_Optimizer.backward_prologue)
-    replay forward + backward          (loss scaled by 1 / accumulation, as engine.backward does)
+    replay forward + backward          (loss scaled by 1 / accumulation, as engine.backward does);
+                                       each bf16 .grad is then the graph's own gradient output, so
+                                       nothing needs zeroing first (BF16_Optimizer.backward_prologue)
     fp32 += bf16 gradients             (BF16_Optimizer.backward_epilogue)
     all-reduce at the boundary         (engine.allreduce_gradients)
-and `engine.step()` runs unchanged. DeepSpeed frees the bf16 gradients after each optimizer step
-(`zero_grad(set_to_none=True)`); the graphs write into fixed gradient tensors, so on this engine
-they are zeroed in place instead.
+and `engine.step()` runs unchanged, DeepSpeed's `zero_grad(set_to_none=True)` included.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -43,20 +41,16 @@ class GraphedEngineStep:
         self.engine = engine
         # the module's own forward, without the hooks DeepSpeed hangs on it: its throughput timer
         # synchronises the device (by default), which is illegal inside a capture
-        self.step = GraphedMLMStep(engine.module, token_step, mask_step, forward=engine.module.forward)
-        opt.zero_grad = types.MethodType(_zero_grad_in_place, opt)
+        self.step = GraphedMLMStep(engine.module, token_step, mask_step, forward=engine.module.forward,
+                                   accumulate=False)
 
     def __call__(self, batch: dict[str, Any], loss_scale: float | torch.Tensor) -> Any:
         """`engine.backward(engine(**batch).loss * loss_scale)`; returns the model output (valid until
         the next call)."""
-        engine, opt = self.engine, self.engine.optimizer
-        opt.clear_lp_grads(set_to_none=False)
+        engine = self.engine
         out = self.step(batch, grad_scale=loss_scale / engine.gradient_accumulation_steps())
-        opt.backward_epilogue()
+        engine.optimizer.backward_epilogue()
         if engine.enable_backward_allreduce:
             engine.allreduce_gradients()  # a no-op except at accumulation boundaries
         return out
 
-
-def _zero_grad_in_place(self: Any, set_to_none: bool = True) -> None:
-    type(self).zero_grad(self, set_to_none=False)
