@@ -82,7 +82,7 @@ class GraphedMLMStep:
     `.grad` tensor would leave the graphs writing into a stale one, so that is checked and refused.
     With accumulate=False each call's gradients replace the last ones instead: every parameter's
     `.grad` becomes the graph's own output tensor, valid until the next call, with no add and no
-    zeroing (about 0.6 ms per MosaicBERT-Base step in fp32). That suits an optimizer step after
+    zeroing (0.3 ms of a 49 ms MosaicBERT-Base step on an H200). That suits an optimizer step after
     every call, or an optimizer that accumulates elsewhere (DeepSpeed's fp32 buffers). Each bucket
     then keeps its own gradient tensors (the parameters' size once more per bucket).
     The returned model output (loss, logits, masked_labels) is valid until the next call.
