@@ -235,20 +235,19 @@ def _dropout_threshold(p: float) -> int:
     return round(p * _DROPOUT_LEVELS)
 
 
-def _dropout_args(p: float, like: torch.Tensor, draw: bool = True) -> tuple[bool, int, float, torch.Tensor]:
+def _dropout_args(p: float, like: torch.Tensor) -> tuple[bool, int, float, torch.Tensor]:
     """(has_dropout, threshold, scale, seed): threshold t = round(p * 65536) and scale
     65536 / (65536 - t), which keeps the expected value exactly for the effective drop
     probability t / 65536 (t = 65536, p = 1: everything dropped, scale unused). The seed is a
     one-element tensor drawn by torch's generator on `like`'s device. Drawn on the device, it
     needs no host sync and stays random under CUDA-graph replay (torch's CUDA generator advances
     its offset on every replay); without dropout (p = 0, or p so small that t rounds to 0) the
-    seed argument is never read and `like` (a tensor the caller saves anyway) stands in for it, as
-    it does when draw is False (the caller brings its own seed)."""
+    seed argument is never read and `like` (a tensor the caller saves anyway) stands in for it."""
     t = _dropout_threshold(p)
     if t == 0:
         return False, 0, 1.0, like
     scale = 0.0 if t >= _DROPOUT_LEVELS else _DROPOUT_LEVELS / (_DROPOUT_LEVELS - t)
-    return True, t, scale, torch.randint(0, 2**31 - 1, (1,), device=like.device) if draw else like
+    return True, t, scale, torch.randint(0, 2**31 - 1, (1,), device=like.device)
 
 
 def _ln_block(n: int) -> int:
@@ -277,21 +276,17 @@ class GeGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         h2, seed = ctx.saved_tensors
+        rows, ff = h2.shape[0], h2.shape[1] // 2
         threshold, scale, has_dropout = ctx.dropout
-        return _geglu_backward(h2, _rows(dout), ctx.tanh, threshold, scale, has_dropout, seed).view(ctx.shape), None, None
-
-
-def _geglu_backward(h2: torch.Tensor, d2: torch.Tensor, tanh: bool, threshold: int, scale: float,
-                    has_dropout: bool, seed: torch.Tensor) -> torch.Tensor:
-    rows, ff = h2.shape[0], h2.shape[1] // 2
-    dh = torch.empty_like(h2)
-    if rows and ff:
-        t = TILING
-        _geglu_bwd_kernel[(triton.cdiv(rows, t.geglu_bwd_rows), triton.cdiv(ff, _GEGLU_BLOCK))](
-            h2, d2, dh, rows, ff, h2.stride(0), d2.stride(0), dh.stride(0), threshold, scale, seed,
-            APPROX_TANH=tanh, HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, ROWS=t.geglu_bwd_rows,
-            num_warps=t.geglu_bwd_warps)
-    return dh
+        d2 = _rows(dout)
+        dh = torch.empty_like(h2)
+        if rows and ff:
+            t = TILING
+            _geglu_bwd_kernel[(triton.cdiv(rows, t.geglu_bwd_rows), triton.cdiv(ff, _GEGLU_BLOCK))](
+                h2, d2, dh, rows, ff, h2.stride(0), d2.stride(0), dh.stride(0), threshold, scale, seed,
+                APPROX_TANH=ctx.tanh, HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, ROWS=t.geglu_bwd_rows,
+                num_warps=t.geglu_bwd_warps)
+        return dh.view(ctx.shape), None, None
 
 
 def geglu(h: torch.Tensor, approximate: str = "none", p: float = 0.0) -> torch.Tensor:
