@@ -28,7 +28,7 @@ Algorithm
     bucket of max_seqlen) by timing a few candidates on first use (set MOSAICBERT_FLASH_TUNE=0
     to take the first); under TRITON_INTERPRET=1 the first candidate is used.
 Tested
-    Triton's interpreter on CPU (triton 3.6 and 3.8, tests/test_kernels.py); compiled on one
+    Triton's interpreter on CPU (triton 3.6 and 3.8, tests/kernels/test_kernels.py); compiled on one
     NVIDIA H200 (triton 3.6, torch 2.11): every candidate configuration against float64, and
     benchmarks/attention.py. H200, 12 heads x 64, bf16, 32k tokens, fwd+bwd GPU time (graph
     replay): 0.28-0.29 ms at max_seqlen 128 (SDPA + bias 0.52), 0.84 ms at 512, 2.7 ms at 2048;

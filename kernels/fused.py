@@ -24,11 +24,11 @@ Limits
     bits, one per eight elements: past 2**35 elements per call masks would repeat.
 Tested
     Triton's interpreter on CPU (triton 3.6, 3.8); compiled on one NVIDIA H200 (triton 3.6), also
-    inside a whole MosaicBERT-Base training step against the PyTorch ops (tests/test_gpu.py), and
-    replayed in CUDA graphs with fresh masks per replay (tests/test_graphs.py).
+    inside a whole MosaicBERT-Base training step against the PyTorch ops (tests/integration/test_gpu.py), and
+    replayed in CUDA graphs with fresh masks per replay (tests/integration/test_graphs.py).
     The 16-bit dropout passed the GPU kernel and whole-step tests on the H200 as well
     (raw/gpu_tests_dropout16.txt in benchmarks/results/h200_2026-11-29).
-    Any Tiling gives the same masks and results (tests/test_kernels.py, interpreter and H200).
+    Any Tiling gives the same masks and results (tests/kernels/test_kernels.py, interpreter and H200).
     H200, batch 256 x 128 (~29k real tokens), per step of 12 layers (profile_step --graphs): GeGLU
     with dropout 2.4 ms forward, 3.2 ms backward; the LayerNorm kernels 1.3 / 1.7 ms (24 calls
     each, run Y). Untiled (one row per program) they took 2.5 / 3.2 and 1.3 / 2.0 ms; with one Philox

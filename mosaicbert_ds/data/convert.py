@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..cli import UserError
+from ..errors import UserError
 from .encode import SampleSpec, encode_documents, encode_in_worker, init_worker, load_backend_tokenizer
 from .hashing import splitmix64, to_unit
 from .info import FORMAT, INDEX_NAME, PARTIAL_MARKER, TOKENIZER_DIR, first_line, token_dtype

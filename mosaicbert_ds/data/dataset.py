@@ -47,7 +47,7 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader
 
-from ..cli import UserError
+from ..errors import UserError
 from .collator import MLMCollator
 from .info import default_cache_dir, is_remote, read_dataset_info
 

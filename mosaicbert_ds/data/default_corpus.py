@@ -12,7 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 from .info import INDEX_NAME, PARTIAL_MARKER
 
 RECIPE = "jargon-4.4.7/1"

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..cli import UserError
+from ..errors import UserError
 
 INDEX_NAME = "mosaicbert_index.json"
 PARTIAL_MARKER = ".mosaicbert_partial"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from ..cli import UserError
+from ..errors import UserError
 from .info import first_line
 
 FORMATS = ("auto", "text", "jsonl", "parquet")

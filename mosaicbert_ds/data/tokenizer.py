@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from ..cli import UserError
+from ..errors import UserError
 from .sources import DocumentSource, SourceConfig
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from .tasks import STS_B_RANGE, Task
 
 HUB_DATASET = "nyu-mll/glue"

@@ -33,7 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..cli import UserError
+from ..errors import UserError
 from . import atomic
 from .data import Examples, load_split, tokenize
 from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir

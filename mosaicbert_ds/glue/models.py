@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 import mosaicbert_ds  # noqa: F401  (registers MosaicBERT with the Auto classes)
 from mosaicbert_ds.model import MosaicBertPreTrainedModel
 
-from ..cli import UserError
+from ..errors import UserError
 from . import atomic
 from .tasks import Task
 

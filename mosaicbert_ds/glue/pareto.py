@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from . import atomic
 from .finetune import add_finetune_options, finetune_glue, finetune_options
 from .models import TRAINER_STATE, trainer_checkpoint

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 @dataclass

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

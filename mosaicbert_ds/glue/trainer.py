@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..cli import UserError
+from ..errors import UserError
 from ..train.checkpoint import rng_state, set_rng_state
 from . import atomic
 from .data import Tokenized

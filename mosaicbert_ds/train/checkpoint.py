@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 
 TRAINER_STATE = "trainer_state.json"
 

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 
 
 @dataclass(frozen=True)

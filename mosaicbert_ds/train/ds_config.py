@@ -65,13 +65,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 # Top-level keys DeepSpeed 0.19.8's config parser reads (recorded from DeepSpeedConfig, plus
 # "sequence_parallel_size" which it reads for Ulysses). DeepSpeed ignores any other key, so a typo
-# such as "train_batch_szie" would silently drop a setting; tests/test_ds_config.py re-records
+# such as "train_batch_szie" would silently drop a setting; tests/unit/test_ds_config.py re-records
 # the parser's reads and fails when a DeepSpeed upgrade adds one.
 KNOWN_KEYS: frozenset[str] = frozenset({
     "activation_checkpointing", "aio", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",

@@ -23,7 +23,7 @@ Base):
   skip, so its skipped-step counter stays and the learning-rate schedule advances (a non-finite
   norm in bf16 training means the run has diverged anyway). Without a fused optimizer, DeepSpeed's
   host-side check stays.
-The results are DeepSpeed's numbers (tests/test_ds_patches.py compares the master weights
+The results are DeepSpeed's numbers (tests/integration/test_ds_patches.py compares the master weights
 bitwise, with and without clipping). Each patch applies only to the case it was written against
 (BF16_Optimizer; no immediate_grad_update or expert folding for the accumulation; 2-norm, no
 model parallelism, MoE or Muon for the step) and leaves anything else to DeepSpeed.

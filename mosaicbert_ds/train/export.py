@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from ..config import MosaicBertConfig
 from ..model import MosaicBertForMaskedLM
 from .checkpoint import latest_tag

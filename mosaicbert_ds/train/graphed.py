@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from ..graphs import GraphedMLMStep
 from .ds_patches import is_bf16_optimizer
 

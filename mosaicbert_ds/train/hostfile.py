@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 
 
 def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:

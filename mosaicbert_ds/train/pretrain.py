@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from ..cli import UserError
+from ..errors import UserError
 from ..config import MosaicBertConfig
 from ..flops import mfu, paper_flops_per_token, peak_flops, training_flops
 from ..model import MosaicBertForMaskedLM

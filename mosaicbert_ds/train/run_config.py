@@ -18,7 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from ..cli import UserError
+from ..errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 

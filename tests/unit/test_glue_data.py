@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.glue.data import load_split, tokenize
 from mosaicbert_ds.glue.tasks import TASKS, apply_overrides, parse_seed_counts, parse_tasks
 
-from test_glue_common import JSONL, TSV, make_tokenizer
+from tests.helpers.glue import JSONL, TSV, make_tokenizer
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.ds_config import (BATCH_KEYS, KNOWN_KEYS, DsConfigError, build_ds_config,
                                            load_ds_config, parse_with_deepspeed, precision_path)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIGS = ROOT / "ds_configs"
 
 

@@ -3,7 +3,7 @@
 On a machine without CUDA every test here runs through Triton's interpreter (TRITON_INTERPRET=1,
 set below before the kernels are imported) on small odd shapes, with forced small block sizes so
 the multi-block paths run. On a GPU the same tests run compiled at full size and carry the `gpu`
-marker (`pytest -m gpu tests/test_kernels.py`), and the GPU-only tests check every block
+marker (`pytest -m gpu tests/kernels/test_kernels.py`), and the GPU-only tests check every block
 configuration the tuner may pick.
 
 Errors are relative Frobenius norms against float64 PyTorch on the same inputs; the kernel must
@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_testing import DEVICE, ON_GPU, enter_interpreter, fresh_process_test, rel_err, runs_in_process  # noqa: E402
+from tests.helpers.triton_interp import DEVICE, ON_GPU, enter_interpreter, fresh_process_test, rel_err, runs_in_process  # noqa: E402
 
 _INTERPRET_BEFORE = enter_interpreter()
 if ON_GPU:

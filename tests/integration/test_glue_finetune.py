@@ -17,14 +17,15 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from mosaicbert_ds import cli
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.glue.data import load_split, tokenize
 from mosaicbert_ds.glue.finetune import finetune_glue
 from mosaicbert_ds.glue.models import load_for_task, uses_packed_batches
 from mosaicbert_ds.glue.tasks import TASKS
 from mosaicbert_ds.glue.trainer import Hooks, lr_factor
-from test_glue_common import TSV, make_bert_model, make_mosaic_model, make_trainer_checkpoint
-from test_glue_common import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.glue import TSV, make_bert_model, make_mosaic_model, make_trainer_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

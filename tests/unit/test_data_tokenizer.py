@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from mosaicbert_ds.data import read_dataset_info
-from test_data_common import convert_docs, jargon_docs, run_cli, tokenizer_dir
+from tests.helpers.data import convert_docs, jargon_docs, run_cli, tokenizer_dir
 
 
 def test_trained_tokenizer_is_an_uncased_bert_tokenizer(tmp_path_factory):

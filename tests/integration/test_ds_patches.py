@@ -5,7 +5,7 @@ and that never applies; gradient norms and fp32 master weights must match bitwis
 (with which a non-finite norm is skipped on the device, without a host sync)."""
 
 import pytest
-from single_rank import run_script
+from tests.helpers.ranks import run_script
 
 SCRIPT = r"""
 import json, sys, torch

@@ -6,26 +6,15 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 
-FIXTURES = Path(__file__).resolve().parent / "data" / "glue"
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "glue"
 TSV = FIXTURES / "tsv"
 JSONL = FIXTURES / "jsonl"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run faster on one thread, and results do not depend on the machine's cores.
-    Modules that train import this fixture."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fixture_vocab() -> list[str]:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.hostfile import main as hostfile_main
 from mosaicbert_ds.train.hostfile import parse_hostfile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
 SCRIPTS = ["deepspeed_hostfile.sh", "deepspeed_no_ssh.sh", "mpirun.sh", "slurm.sbatch", "env.sh"]
 H200_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

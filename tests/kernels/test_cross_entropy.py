@@ -1,6 +1,6 @@
 """The fused cross-entropy kernel (mosaicbert_ds.kernels.cross_entropy) against float64 PyTorch.
 
-Set up like tests/test_kernels.py: without CUDA every test runs through Triton's interpreter
+Set up like tests/kernels/test_kernels.py: without CUDA every test runs through Triton's interpreter
 (TRITON_INTERPRET=1, set below before the kernel is imported) on small shapes, with a forced small
 block so the multi-block path runs; in a whole-suite run where triton was imported first, they run
 in a fresh process (test_in_fresh_interpreter). On a GPU every test runs compiled and carries the
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_testing import DEVICE, ON_GPU, enter_interpreter, fresh_process_test, rel_err, runs_in_process
+from tests.helpers.triton_interp import DEVICE, ON_GPU, enter_interpreter, fresh_process_test, rel_err, runs_in_process
 
 _INTERPRET_BEFORE = enter_interpreter()
 IN_PROCESS = runs_in_process(_INTERPRET_BEFORE)

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mosaicbert_ds.data import INDEX_NAME, load_tokenizer, prepare_default_corpus, read_dataset_info
-from test_data_common import convert_docs, jargon_docs, read_split, run_cli, tokenizer_dir, write_jsonl
+from tests.helpers.data import convert_docs, jargon_docs, read_split, run_cli, tokenizer_dir, write_jsonl
 
 MAX_LEN = 32
 

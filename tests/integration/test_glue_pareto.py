@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from mosaicbert_ds import cli
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.glue.pareto import resolve_entries
-from test_glue_common import TSV, make_mosaic_model, make_trainer_checkpoint
-from test_glue_common import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.glue import TSV, make_mosaic_model, make_trainer_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.distributed import DistInfo, _expand_slurm_counts, discover
 
-from test_launch import LAUNCH, assert_every_rank_ok, checks, launch_env
+from tests.integration.test_launch import LAUNCH, assert_every_rank_ok, checks, launch_env
 
 
 def test_deepspeed_launcher_variables():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pretrain(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -21,9 +21,9 @@ from streaming.base.batching import generate_work
 from streaming.base.world import World
 
 from mosaicbert_ds.data import build_mlm_dataloader, build_mlm_dataset, default_num_canonical_nodes, sample_tokens
-from test_data_common import loader_dataset, read_split
+from tests.helpers.data import loader_dataset, read_split
 
-RANK_SCRIPT = Path(__file__).resolve().parent / "data" / "loader_rank.py"
+RANK_SCRIPT = Path(__file__).resolve().parents[1] / "helpers" / "loader_rank.py"
 SEED, NCN = 3, 4
 
 
@@ -165,7 +165,7 @@ def free_port() -> int:
 
 
 def run_ranks(world: int, cfg: dict, tmp_path: Path) -> list[dict]:
-    """Run `world` real ranks (gloo, one process each) of tests/data/loader_rank.py."""
+    """Run `world` real ranks (gloo, one process each) of tests/helpers/loader_rank.py."""
     port = free_port()
     procs, outs = [], []
     for rank in range(world):

@@ -149,7 +149,7 @@ def test_graph_replays_draw_fresh_dropout_masks():
 TRAINER_SCRIPT = r"""
 import json, sys, torch
 from mosaicbert_ds import MosaicBertConfig
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.distributed import init_distributed
 from mosaicbert_ds.train.ds_config import build_ds_config
 from mosaicbert_ds.train.graphed import GraphedEngineStep
@@ -200,7 +200,7 @@ print(json.dumps({"eager": eager["losses"], "graphs": graphs["losses"], "eager_n
 def test_graphed_trainer_refuses_a_cpu_engine_clearly():
     if torch.cuda.is_available():
         pytest.skip("the CPU refusal; the GPU path is tested below")
-    from single_rank import run_script
+    from tests.helpers.ranks import run_script
 
     out = run_script(TRAINER_SCRIPT, "tiny", "4", "0.0")
     assert out["refused"] and "CUDA device" in out["refused"]
@@ -211,7 +211,7 @@ def test_graphed_trainer_refuses_a_cpu_engine_clearly():
 def test_graphed_trainer_matches_the_eager_trainer():
     """The DeepSpeed trainer with cuda_graphs (BF16_Optimizer, accumulation 2, three steps) gives
     the eager trainer's losses and gradient norms, and moves the fp32 master weights the same way."""
-    from single_rank import run_script
+    from tests.helpers.ranks import run_script
 
     out = run_script(TRAINER_SCRIPT, "base", "32", "0.0")
     for a, b in zip(out["graphs"], out["eager"]):

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mosaicbert_ds.cli import UserError
+from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.data import read_dataset_info
-from test_data_common import jargon_docs, run_cli, tokenizer_dir, write_jsonl
+from tests.helpers.data import jargon_docs, run_cli, tokenizer_dir, write_jsonl
 
 
 @pytest.fixture(scope="module")
