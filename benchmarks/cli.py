@@ -32,7 +32,9 @@ from mosaicbert_ds.errors import UserError
 if TYPE_CHECKING:
     from .scaling_model import Assumptions, Network
 
-# subcommand -> (module run as `python -m`, arguments put before the user's)
+# subcommand -> (module run as `python -m`, arguments put before the user's); one line per
+# subcommand. Names are written as in the repository (`benchmarks.X`); `qualified` maps them to
+# the installed package.
 RUNNERS: dict[str, tuple[str, list[str]]] = {
     "attention": ("benchmarks.attention", []),
     "step": ("benchmarks.step", []),
@@ -53,9 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the subcommand")
 
 
+def qualified(module: str) -> str:
+    """RUNNERS name under the package this file was imported as: `benchmarks.step` from the
+    repository root, `mosaicbert_ds.benchmarks.step` when installed."""
+    head, _, rest = module.partition(".")
+    return f"{__package__}.{rest}" if head == "benchmarks" and __package__ and rest else module
+
+
 def run_module(name: str, args: list[str]) -> int:
     """`python -m module [fixed args] args` in a subprocess; its exit code."""
     module, fixed = RUNNERS[name]
+    module = qualified(module)
     try:
         found = importlib.util.find_spec(module)
     except ModuleNotFoundError:

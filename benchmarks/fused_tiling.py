@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 from dataclasses import asdict, replace
 from typing import Callable
 
 import torch
+from .provenance import write_result
 
 DEVICE = "cuda"
 
@@ -141,9 +141,7 @@ def main() -> None:
         print(f"{kernel:10s} {untiled:9.4f} {default:9.4f} {ms:9.4f} {untiled / default:16.2f}")
     print("best:", result["tiling"])
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows, **result}, f,
-                      indent=1)
+        write_result(args.out, {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows, **result})
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cli as bench_cli
-from benchmarks import report as rep
-from benchmarks.scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, CommPlan, ComputeProfile, Network,
+from mosaicbert_ds.benchmarks import cli as bench_cli
+from mosaicbert_ds.benchmarks import report as rep
+from mosaicbert_ds.benchmarks.scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, CommPlan, ComputeProfile, Network,
                                       bf16_zero1_plan, comm_plan, make_network, measured_efficiency, predict,
                                       predict_ds_configs, predict_grid, profiles_from_results, read_ds_configs,
                                       ring_allgather_time, ring_allreduce_time, step_time, validate)
@@ -371,10 +371,10 @@ def test_cli_forwards_arguments_to_modules(monkeypatch, capsys):
 
     monkeypatch.setattr(bench_cli.subprocess, "run", lambda argv: calls.append(argv) or Done())
     assert cli_main(["bench", "ablations", "--steps", "3", "--out", "a.json"]) == 3
-    assert calls[-1] == [sys.executable, "-m", "benchmarks.throughput", "--ablations", "--steps", "3",
+    assert calls[-1] == [sys.executable, "-m", "mosaicbert_ds.benchmarks.throughput", "--ablations", "--steps", "3",
                          "--out", "a.json"]
     assert cli_main(["bench", "step", "--quick"]) == 3
-    assert calls[-1][2:] == ["benchmarks.step", "--quick"]
+    assert calls[-1][2:] == ["mosaicbert_ds.benchmarks.step", "--quick"]
     monkeypatch.setitem(bench_cli.RUNNERS, "scaling", ("benchmarks.not_written_yet", []))
     assert cli_main(["bench", "scaling", "--merge", "x.json"]) == 2
     assert "benchmarks.not_written_yet is not in this checkout" in capsys.readouterr().err
@@ -384,7 +384,7 @@ def test_cli_forwards_arguments_to_modules(monkeypatch, capsys):
 def test_master_weight_adamw_matches_fp32_adamw():
     """The step benchmark's bf16-weights optimizer: fp32 master weights follow plain fp32 AdamW fed
     the same gradients, and the model's bf16 weights are the masters rounded."""
-    from benchmarks.step import ADAMW, MasterWeightAdamW
+    from mosaicbert_ds.benchmarks.step import ADAMW, MasterWeightAdamW
 
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 8).bfloat16()
@@ -405,7 +405,7 @@ def test_master_weight_adamw_matches_fp32_adamw():
 
 
 def test_idle_gaps_of_overlapping_activities():
-    from benchmarks.profile_step import idle_gaps
+    from mosaicbert_ds.benchmarks.profile_step import idle_gaps
 
     # c overlaps b and ends later; d starts 100 us after c ends; e lies inside d
     spans = [(125.0, 130.0, "d"), (0.0, 10.0, "a"), (15.0, 25.0, "c"), (12.0, 20.0, "b"), (126.0, 128.0, "e")]
