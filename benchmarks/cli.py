@@ -7,6 +7,9 @@
     mosaicbert-ds bench scaling [ARGS]      python -m benchmarks.scaling ARGS (1 GPU, or --merge;
                                             N GPUs: under the deepspeed launcher, see its doc)
     mosaicbert-ds bench tiling [ARGS]       python -m benchmarks.fused_tiling ARGS
+    mosaicbert-ds bench matmuls [ARGS]      python -m benchmarks.matmuls ARGS
+    mosaicbert-ds bench profile [ARGS]      python -m benchmarks.profile_step ARGS
+    mosaicbert-ds bench dropout-cost [ARGS] python -m benchmarks.dropout_cost ARGS
     mosaicbert-ds bench model --from scaling.json [throughput.json] [network options]
     mosaicbert-ds bench model --compute-sec-per-micro 0.03 --micro 128 --optimizer-sec 0.004
     mosaicbert-ds bench report throughput.json ablations.json scaling.json [--hardware h200]
@@ -42,6 +45,9 @@ RUNNERS: dict[str, tuple[str, list[str]]] = {
     "ablations": ("benchmarks.throughput", ["--ablations"]),
     "scaling": ("benchmarks.scaling", []),
     "tiling": ("benchmarks.fused_tiling", []),
+    "matmuls": ("benchmarks.matmuls", []),
+    "profile": ("benchmarks.profile_step", []),
+    "dropout-cost": ("benchmarks.dropout_cost", []),
 }
 LOCAL = ("model", "report")
 
@@ -202,11 +208,15 @@ def run_report(argv: list[str]) -> int:
     for path in args.results:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such file")
-    results = rep.merge_results(_load(p) for p in args.results)
+    loaded = [_load(p) for p in args.results]
+    results = rep.merge_results(loaded)
+    provenance = [rep.input_provenance(p, r) for p, r in zip(args.results, loaded)]
+    found = rep.find_sources(args.results[0])
     device = next((r.get("device") for r in results.values() if r.get("device")), "unknown device")
     network, assumptions = model_inputs(args, results.get("scaling"), device)
     kwargs = {"config_dir": args.configs} if args.configs else {}
-    report = rep.build_report(results, network, assumptions, date=args.date, **kwargs)
+    report = rep.build_report(results, network, assumptions, date=args.date, provenance=provenance,
+                              sources=found[1] if found else None, **kwargs)
     root = {"root": args.root} if args.root else {}
     out = Path(args.out) if args.out else rep.run_folder(args.hardware or device, report["date"], **root)
     for path in rep.write_report(report, out):

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .fused_tiling import _time as graph_time
+from .fused_tiling import graph_time_ms as graph_time
 from .provenance import write_result
 
 # (name, in features, out features, rows): the layer's four projections at the step's token

@@ -10,6 +10,11 @@ times); any of them may be missing and the report says what is. Measurements and
 model's predictions (benchmarks.scaling_model) stay apart: every predicted table, column and
 plot line is labelled as a prediction. `render_tables` gives the markdown tables alone, for the
 README.
+
+Every figure carries where it came from: a result JSON's own "provenance" block (commit, dirty
+flag, command, versions; see benchmarks.provenance), or, for files written before that block
+existed, the entry for the file in `sources.json` of its results folder. That file also lists the
+folder's raw logs (what each measures, its command and commit), which the report tabulates.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, Network, all
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SECTIONS = ("throughput", "ablations", "scaling")
+SOURCES = "sources.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +88,42 @@ def load_results(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
     return merge_results(results)
 
 
+def find_sources(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, parsed sources.json) of the results folder holding `path` (its folder or the one above)."""
+    here = Path(path).resolve().parent
+    for folder in (here, here.parent):
+        if (folder / SOURCES).is_file():
+            try:
+                return folder, json.loads((folder / SOURCES).read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{folder / SOURCES}: not JSON: {err}") from None
+    return None
+
+
+def input_provenance(path: str | Path, result: Mapping[str, Any]) -> dict[str, Any]:
+    """Commit, dirty flag, command and environment of one result file: its own "provenance" block,
+    else its entry in the folder's sources.json; "unknown" where neither says."""
+    found = find_sources(path)
+    name = Path(path).name
+    if found:
+        folder, sources = found
+        name = Path(path).resolve().relative_to(folder).as_posix()
+    prov = result.get("provenance")
+    if prov:
+        v = prov.get("versions") or {}
+        env = ", ".join(f"{k} {v[k]}" for k in ("torch", "cuda", "triton", "deepspeed", "transformers") if v.get(k))
+        return {"file": name, "commit": prov.get("commit"), "dirty": prov.get("dirty"), "command": prov.get("command"),
+                "environment": f"{prov.get('device') or result.get('device', '?')}; {env}", "from": "the JSON"}
+    if found:
+        entry = next((s for s in sources.get("sources", []) if name in s.get("files", [])), None)
+        if entry:
+            env = sources.get("environment", {})
+            return {"file": name, "commit": entry.get("commit"), "dirty": None, "command": entry.get("command"),
+                    "environment": "; ".join(str(v) for v in env.values()), "code": entry.get("code"),
+                    "from": SOURCES}
+    return {"file": name, "commit": None, "dirty": None, "command": None, "environment": None, "from": "unknown"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The report as data
 
@@ -126,10 +168,13 @@ def _measured_cost(report: Mapping[str, Any], assumptions: Assumptions) -> list[
 
 def build_report(results: Mapping[str, Mapping[str, Any]], network: Network | None = None,
                  assumptions: Assumptions | None = None, *, config_dir: str | Path = DS_CONFIG_DIR,
-                 date: str | None = None) -> dict[str, Any]:
+                 date: str | None = None, provenance: Sequence[Mapping[str, Any]] = (),
+                 sources: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict: the inputs, measured tables with
     derived ratios and efficiencies, and (given single-GPU timings) the scaling model's
-    predictions for every ds_config, its prediction lines for the plots and its validation."""
+    predictions for every ds_config, its prediction lines for the plots and its validation.
+    `provenance`: one `input_provenance` dict per input file; `sources`: the folder's
+    sources.json (its raw files are listed in the report)."""
     throughput, ablations, scaling = (results.get(k) for k in SECTIONS)
     device = next((r["device"] for r in (throughput, scaling, ablations) if r and r.get("device")), "unknown device")
     assumptions = assumptions or Assumptions(peak_flops=peak_for_device(device))
@@ -144,6 +189,7 @@ def build_report(results: Mapping[str, Mapping[str, Any]], network: Network | No
         "throughput": _with_baseline_ratio(throughput["rows"]) if throughput and throughput.get("rows") else None,
         "ablations": _ablation_steps(ablations["rows"]) if ablations and ablations.get("rows") else None,
         "scaling": None, "profiles": None, "predictions": None, "grid": None, "validation": None,
+        "provenance": [dict(p) for p in provenance], "sources": dict(sources) if sources else None,
     }
     if scaling:
         report["scaling"] = {
@@ -267,6 +313,31 @@ def cost_table(measured: Sequence[Mapping[str, Any]], predictions: Sequence[Mapp
                           rows, "llrrrrr")
 
 
+def _commit(c: str | None, dirty: bool | None = None) -> str:
+    return "-" if not c else f"`{c[:7]}`" + (" (dirty tree)" if dirty else "")
+
+
+def _code(text: str) -> str:
+    return f"`{text}`".replace("|", "\\|") if text else "-"
+
+
+def provenance_table(inputs: Sequence[Mapping[str, Any]]) -> str:
+    return markdown_table(
+        ["input", "commit", "command", "environment", "provenance from"],
+        [[f"[{p['file']}]({p['file']})", _commit(p.get("commit"), p.get("dirty")) +
+          (f"; code: {p['code']}" if p.get("code") else ""), _code(p.get("command") or ""),
+          p.get("environment") or "-", p.get("from", "-")] for p in inputs], "lllll")
+
+
+def sources_table(sources: Mapping[str, Any]) -> str:
+    rows = []
+    for s in sources.get("sources", []):
+        files = ", ".join(f"[{Path(f).name}]({f})" for f in s.get("files", []))
+        commit = _commit(s.get("commit")) + (f"; code: {s['code']}" if s.get("code") else "")
+        rows.append([files, s.get("measures", "-"), _code(s.get("command", "")), commit])
+    return markdown_table(["file", "what it measures", "command", "commit"], rows, "llll")
+
+
 def render_tables(report: Mapping[str, Any]) -> dict[str, str]:
     """The report's markdown tables by section (only the sections with data), for the README."""
     out: dict[str, str] = {}
@@ -286,6 +357,10 @@ def render_tables(report: Mapping[str, Any]) -> dict[str, str]:
     if report.get("measured_cost") or report.get("predictions"):
         out["cost"] = cost_table(report.get("measured_cost") or [], report.get("predictions"),
                                  report["assumptions"]["price_per_gpu_hour"])
+    if report.get("provenance"):
+        out["provenance"] = provenance_table(report["provenance"])
+    if report.get("sources") and report["sources"].get("sources"):
+        out["sources"] = sources_table(report["sources"])
     return out
 
 
@@ -355,6 +430,20 @@ def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> st
             f"${report['assumptions']['price_per_gpu_hour']:g} per GPU-hour; cost = hours x GPUs x price.")
     if images:
         out.extend(["## Plots", ""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images] + [""])
+    if "provenance" in tables:
+        src = report.get("sources") or {}
+        made = f" This report: `{src['report_command']}`." if src.get("report_command") else ""
+        out.extend(["## Where the measured tables come from", "",
+                    "Commit, command and environment of each input file: from the file's own provenance block "
+                    f"where it has one, else from `{SOURCES}` (derived from the git history).{made}", "",
+                    tables["provenance"], ""])
+    if "sources" in tables:
+        env = "; ".join(str(v) for v in (report["sources"].get("environment") or {}).values())
+        out.extend(["## Raw measurements in this folder", "",
+                    "Each file is named `<what>_<commit>[_<variant>]`: the commit that recorded it, and where "
+                    "the measured code differs from that commit (an experiment that was not kept, a parent), "
+                    f"the commit column says so. Every command runs from the repository root. Environment: {env}.",
+                    "", tables["sources"], ""])
     return "\n".join(out)
 
 
