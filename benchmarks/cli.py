@@ -210,7 +210,7 @@ def run_report(argv: list[str]) -> int:
             raise UserError(f"{path}: no such file")
     loaded = [_load(p) for p in args.results]
     results = rep.merge_results(loaded)
-    provenance = [rep.input_provenance(p, r) for p, r in zip(args.results, loaded)]
+    provenance = [{**rep.input_provenance(p, r), "section": rep.classify(r)} for p, r in zip(args.results, loaded)]
     found = rep.find_sources(args.results[0])
     device = next((r.get("device") for r in results.values() if r.get("device")), "unknown device")
     network, assumptions = model_inputs(args, results.get("scaling"), device)

@@ -32,7 +32,7 @@ from .scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, Network, all
                             predict_grid, profiles_from_results, read_ds_configs, validate)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTIONS = ("throughput", "ablations", "scaling")
+SECTIONS = ("throughput", "ablations", "scaling", "step")
 SOURCES = "sources.json"
 
 
@@ -42,7 +42,10 @@ SOURCES = "sources.json"
 
 def classify(result: Mapping[str, Any]) -> str:
     """"scaling" (points / allreduce), "ablations" (Figure-4 rows: model "ablation" or names
-    starting with "+"), "throughput" (other rows) or "combined" (a dict of those sections)."""
+    starting with "+"), "throughput" (other rows), "step" (benchmarks.step: "pretrain" and
+    "finetune" rows) or "combined" (a dict of those sections)."""
+    if "pretrain" in result and isinstance(result["pretrain"], list):
+        return "step"
     if any(k in result for k in SECTIONS) and "rows" not in result and "points" not in result:
         return "combined"
     if "points" in result or "allreduce" in result:
@@ -69,7 +72,7 @@ def merge_results(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, A
             if section not in out:
                 out[section] = json.loads(json.dumps(value))
                 continue
-            for key in ("rows", "points", "allreduce"):
+            for key in ("rows", "points", "allreduce", "pretrain", "finetune"):
                 if key in value:
                     out[section].setdefault(key, []).extend(value[key])
             for key, v in value.items():
@@ -148,6 +151,13 @@ def _ablation_steps(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _with_step_ratio(rows: Sequence[Mapping[str, Any]], baseline: str = "hf-bert sdpa compiled"
+                     ) -> list[dict[str, Any]]:
+    base = next((r for r in rows if r.get("config") == baseline), None)
+    return [{**r, "ratio_to_baseline": r["real_tokens_per_sec"] / base["real_tokens_per_sec"]
+             if base and r.get("real_tokens_per_sec") else None, "baseline": baseline if base else None} for r in rows]
+
+
 def _measured_cost(report: Mapping[str, Any], assumptions: Assumptions) -> list[dict[str, Any]]:
     """Hours and cost of the full sample budget at measured throughput (1-GPU trainer rows and the
     one-host scaling points), at the assumed price."""
@@ -175,8 +185,8 @@ def build_report(results: Mapping[str, Mapping[str, Any]], network: Network | No
     predictions for every ds_config, its prediction lines for the plots and its validation.
     `provenance`: one `input_provenance` dict per input file; `sources`: the folder's
     sources.json (its raw files are listed in the report)."""
-    throughput, ablations, scaling = (results.get(k) for k in SECTIONS)
-    device = next((r["device"] for r in (throughput, scaling, ablations) if r and r.get("device")), "unknown device")
+    throughput, ablations, scaling, step = (results.get(k) for k in SECTIONS)
+    device = next((r["device"] for r in (throughput, scaling, ablations, step) if r and r.get("device")), "unknown device")
     assumptions = assumptions or Assumptions(peak_flops=peak_for_device(device))
     network = network or make_network(allreduce=(scaling or {}).get("allreduce"))
     report: dict[str, Any] = {
@@ -190,6 +200,8 @@ def build_report(results: Mapping[str, Mapping[str, Any]], network: Network | No
         "ablations": _ablation_steps(ablations["rows"]) if ablations and ablations.get("rows") else None,
         "scaling": None, "profiles": None, "predictions": None, "grid": None, "validation": None,
         "provenance": [dict(p) for p in provenance], "sources": dict(sources) if sources else None,
+        "step": {regime: _with_step_ratio(step.get(regime) or []) for regime in ("pretrain", "finetune")}
+        if step else None,
     }
     if scaling:
         report["scaling"] = {
@@ -239,6 +251,15 @@ def throughput_table(rows: Sequence[Mapping[str, Any]]) -> str:
           _f(r.get("mfu_exact"), ".1%"), _f(r.get("peak_mem_gib"), ".1f"),
           f"{r['ratio_to_baseline']:.2f}x {r['baseline']}" if r.get("ratio_to_baseline") else "-"] for r in rows],
         "llrrrrrrrl")
+
+
+def step_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    return markdown_table(
+        ["configuration", "step ms", "real tokens/s", "MFU (paper)", "peak GiB", "vs baseline"],
+        [[r["config"], _f(r.get("step_ms"), ".2f"), _f(r.get("real_tokens_per_sec")), _f(r.get("mfu"), ".1%"),
+          _f(r.get("peak_mem_gib"), ".1f"),
+          f"{r['ratio_to_baseline']:.2f}x {r['baseline']}" if r.get("ratio_to_baseline") else "-"] for r in rows],
+        "lrrrrl")
 
 
 def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -341,6 +362,9 @@ def sources_table(sources: Mapping[str, Any]) -> str:
 def render_tables(report: Mapping[str, Any]) -> dict[str, str]:
     """The report's markdown tables by section (only the sections with data), for the README."""
     out: dict[str, str] = {}
+    for regime, rows in (report.get("step") or {}).items():
+        if rows:
+            out[f"step_{regime}"] = step_table(rows)
     if report.get("throughput"):
         out["throughput"] = throughput_table(report["throughput"])
     if report.get("ablations"):
@@ -386,6 +410,14 @@ def describe_model(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def source_line(report: Mapping[str, Any], section: str) -> str:
+    """"Measured by ..." for the input files of one section (empty when unknown)."""
+    parts = [f"[{p['file']}]({p['file']}) at commit {_commit(p.get('commit'), p.get('dirty'))}"
+             + (f" (code: {p['code']})" if p.get("code") else "") + (f", `{p['command']}`" if p.get("command") else "")
+             for p in report.get("provenance") or [] if p.get("section") == section]
+    return ("Measured by " + "; ".join(parts) + ".") if parts else ""
+
+
 def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> str:
     """The whole report.md."""
     tables = render_tables(report)
@@ -395,9 +427,18 @@ def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> st
            "measurements.", ""]
 
     def section(title: str, key: str, text: str = "") -> None:
-        out.extend([f"## {title}", ""] + ([text, ""] if text else []))
+        src = source_line(report, key) if key in tables else ""
+        out.extend([f"## {title}", ""] + ([text, ""] if text else []) + ([src, ""] if src else []))
         out.extend([tables[key], ""] if key in tables else ["Not measured in this run.", ""])
 
+    if "step_pretrain" in tables:
+        out.extend(["## Training step without DeepSpeed (measured, 1 GPU)", "",
+                    "benchmarks.step: forward, backward and fused AdamW on one GPU; pretraining regime: sequence "
+                    "length 128, C4-like lengths; finetuning regime: max length 256, mean about 64 real tokens.", "",
+                    *([source_line(report, "step"), ""] if source_line(report, "step") else []),
+                    tables["step_pretrain"], ""])
+        if "step_finetune" in tables:
+            out.extend(["Finetuning regime:", "", tables["step_finetune"], ""])
     section("Trainer throughput (measured, 1 GPU)", "throughput",
             "The DeepSpeed trainer (bf16, ZeRO-1, fused AdamW) on synthetic C4-like batches; real tokens exclude "
             "padding. MFU (paper) = 6 x params x tokens/s / peak (Appendix H); MFU (exact) counts every matmul.")

@@ -210,7 +210,7 @@ def main() -> None:
                                                              "mosaicbert (CUDA graphs)",
                                                              "mosaicbert (CUDA graphs, in-place accumulation)",
                                                              "hf-bert sdpa compiled")}
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results = {"kind": "step", "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     baselines = [b for b in ("hf-bert sdpa", "hf-bert sdpa compiled") if b in configs]
     results["pretrain"] = run(configs, PRETRAIN, args.batch, 6, args.warmup, args.iters)
     print_table(f"pretraining regime: seq 128, batch {args.batch}, {PRETRAIN}", results["pretrain"], baselines)
