@@ -12,11 +12,13 @@
     mosaicbert-ds bench dropout-cost [ARGS] python -m benchmarks.dropout_cost ARGS
     mosaicbert-ds bench model --from scaling.json [throughput.json] [network options]
     mosaicbert-ds bench model --compute-sec-per-micro 0.03 --micro 128 --optimizer-sec 0.004
-    mosaicbert-ds bench report throughput.json ablations.json scaling.json [--hardware h200]
+    mosaicbert-ds bench report [step.json] throughput.json ablations.json scaling.json [--hardware h200]
 
 `model` prints the scaling model's predicted table for every ds_config (and, given a scaling JSON
 with points, its error against them); `report` writes benchmarks/results/<hardware>_<date>/
-(report.md, report.json, plots). Add -h after a subcommand for its options.
+(report.md, report.json, plots), taking each input's commit, command and environment from the
+JSON's provenance block or from the folder's sources.json, and listing the raw files that
+sources.json describes. Add -h after a subcommand for its options.
 """
 
 from __future__ import annotations
