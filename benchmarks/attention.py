@@ -22,11 +22,11 @@ TFLOP/s counts attention FLOPs over real token pairs only: 4 * sum(L_i^2) * H * 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+from .provenance import write_result
 
 N_HEADS, HEAD_DIM = 12, 64
 DEVICE = "cuda"
@@ -290,8 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.regimes.split(",")
     results = run(args.tokens, [r for r in REGIMES if r.name in names], not args.no_baselines, args.profile_host)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_result(args.out, results)
     print(table(results))
     for row in results["regimes"]:  # what the tuner saw, for choosing the candidate lists
         for key, timings in row["triton_tuning_ms"].items():

@@ -7,13 +7,18 @@
     mosaicbert-ds bench scaling [ARGS]      python -m benchmarks.scaling ARGS (1 GPU, or --merge;
                                             N GPUs: under the deepspeed launcher, see its doc)
     mosaicbert-ds bench tiling [ARGS]       python -m benchmarks.fused_tiling ARGS
+    mosaicbert-ds bench matmuls [ARGS]      python -m benchmarks.matmuls ARGS
+    mosaicbert-ds bench profile [ARGS]      python -m benchmarks.profile_step ARGS
+    mosaicbert-ds bench dropout-cost [ARGS] python -m benchmarks.dropout_cost ARGS
     mosaicbert-ds bench model --from scaling.json [throughput.json] [network options]
     mosaicbert-ds bench model --compute-sec-per-micro 0.03 --micro 128 --optimizer-sec 0.004
-    mosaicbert-ds bench report throughput.json ablations.json scaling.json [--hardware h200]
+    mosaicbert-ds bench report [step.json] throughput.json ablations.json scaling.json [--hardware h200]
 
 `model` prints the scaling model's predicted table for every ds_config (and, given a scaling JSON
 with points, its error against them); `report` writes benchmarks/results/<hardware>_<date>/
-(report.md, report.json, plots). Add -h after a subcommand for its options.
+(report.md, report.json, plots), taking each input's commit, command and environment from the
+JSON's provenance block or from the folder's sources.json, and listing the raw files that
+sources.json describes. Add -h after a subcommand for its options.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from mosaicbert_ds.errors import UserError
 if TYPE_CHECKING:
     from .scaling_model import Assumptions, Network
 
-# subcommand -> (module run as `python -m`, arguments put before the user's)
+# subcommand -> (module run as `python -m`, arguments put before the user's); one line per
+# subcommand. Names are written as in the repository (`benchmarks.X`); `qualified` maps them to
+# the installed package.
 RUNNERS: dict[str, tuple[str, list[str]]] = {
     "attention": ("benchmarks.attention", []),
     "step": ("benchmarks.step", []),
@@ -40,6 +47,9 @@ RUNNERS: dict[str, tuple[str, list[str]]] = {
     "ablations": ("benchmarks.throughput", ["--ablations"]),
     "scaling": ("benchmarks.scaling", []),
     "tiling": ("benchmarks.fused_tiling", []),
+    "matmuls": ("benchmarks.matmuls", []),
+    "profile": ("benchmarks.profile_step", []),
+    "dropout-cost": ("benchmarks.dropout_cost", []),
 }
 LOCAL = ("model", "report")
 
@@ -53,9 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the subcommand")
 
 
+def qualified(module: str) -> str:
+    """RUNNERS name under the package this file was imported as: `benchmarks.step` from the
+    repository root, `mosaicbert_ds.benchmarks.step` when installed."""
+    head, _, rest = module.partition(".")
+    return f"{__package__}.{rest}" if head == "benchmarks" and __package__ and rest else module
+
+
 def run_module(name: str, args: list[str]) -> int:
     """`python -m module [fixed args] args` in a subprocess; its exit code."""
     module, fixed = RUNNERS[name]
+    module = qualified(module)
     try:
         found = importlib.util.find_spec(module)
     except ModuleNotFoundError:
@@ -192,11 +210,15 @@ def run_report(argv: list[str]) -> int:
     for path in args.results:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such file")
-    results = rep.merge_results(_load(p) for p in args.results)
+    loaded = [_load(p) for p in args.results]
+    results = rep.merge_results(loaded)
+    provenance = [{**rep.input_provenance(p, r), "section": rep.classify(r)} for p, r in zip(args.results, loaded)]
+    found = rep.find_sources(args.results[0])
     device = next((r.get("device") for r in results.values() if r.get("device")), "unknown device")
     network, assumptions = model_inputs(args, results.get("scaling"), device)
     kwargs = {"config_dir": args.configs} if args.configs else {}
-    report = rep.build_report(results, network, assumptions, date=args.date, **kwargs)
+    report = rep.build_report(results, network, assumptions, date=args.date, provenance=provenance,
+                              sources=found[1] if found else None, **kwargs)
     root = {"root": args.root} if args.root else {}
     out = Path(args.out) if args.out else rep.run_folder(args.hardware or device, report["date"], **root)
     for path in rep.write_report(report, out):

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 from dataclasses import asdict, replace
 from typing import Callable
 
 import torch
+from .provenance import write_result
 
 DEVICE = "cuda"
 
 
-def _time(make: Callable[[], Callable[[], object]], calls: int = 20, replays: int = 7) -> float:
+def graph_time_ms(make: Callable[[], Callable[[], object]], calls: int = 20, replays: int = 7) -> float:
     """Median ms per call of the fn that make() returns, from replays of a CUDA graph of `calls`
     calls. make() runs on the capture stream too, so that a backward's autograd nodes belong to
     that stream (a forward recorded on the default stream makes the capture invalid)."""
@@ -51,11 +51,11 @@ def _time(make: Callable[[], Callable[[], object]], calls: int = 20, replays: in
     return statistics.median(times)
 
 
-def _forward(fwd: Callable[[], torch.Tensor]) -> Callable[[], Callable[[], object]]:
+def forward_case(fwd: Callable[[], torch.Tensor]) -> Callable[[], Callable[[], object]]:
     return lambda: fwd
 
 
-def _backward(fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], dout: torch.Tensor
+def backward_case(fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], dout: torch.Tensor
               ) -> Callable[[], Callable[[], object]]:
     def make() -> Callable[[], object]:
         out = fwd()
@@ -116,7 +116,7 @@ def sweep(tokens: int) -> tuple[list[dict], dict]:
             fused.TILING = replace(base, **choice)
             ms = 0.0
             for fwd, inputs, dout in mine:
-                ms += _time(_forward(fwd) if kernel.endswith("fwd") else _backward(fwd, inputs, dout))
+                ms += graph_time_ms(forward_case(fwd) if kernel.endswith("fwd") else backward_case(fwd, inputs, dout))
             rows.append({"kernel": kernel, **choice, "ms": ms})
             print(f"{kernel:9s} {choice} {ms:.4f} ms", flush=True)
             if kernel not in best or ms < best[kernel][1]:
@@ -141,9 +141,7 @@ def main() -> None:
         print(f"{kernel:10s} {untiled:9.4f} {default:9.4f} {ms:9.4f} {untiled / default:16.2f}")
     print("best:", result["tiling"])
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows, **result}, f,
-                      indent=1)
+        write_result(args.out, {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rows": rows, **result})
 
 
 if __name__ == "__main__":

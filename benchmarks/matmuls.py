@@ -13,12 +13,12 @@ inputs. A GEMM well below its neighbours points at a layout or shape worth chang
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Callable
 
 import torch
 
-from .fused_tiling import _time as graph_time
+from .fused_tiling import graph_time_ms as graph_time
+from .provenance import write_result
 
 # (name, in features, out features, rows): the layer's four projections at the step's token
 # count; the MLM decoder runs on the masked tokens only (30% of them)
@@ -64,8 +64,7 @@ def main() -> None:
                 out.append({"projection": name, "rows": rows, "gemm": gemm, "ms": ms, "tflops": tflops})
                 print(f"{name:10s}{rows:7d}  {gemm:32s}{ms:8.4f}{tflops:9.0f}{tflops / ceiling:10.0%}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "square_tflops": ceiling, "rows": out}, f, indent=1)
+        write_result(args.out, {"device": torch.cuda.get_device_name(), "square_tflops": ceiling, "rows": out})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_ds.graphs import GraphedMLMStep
 
+from .provenance import describe, provenance
 from .synthetic import FINETUNE, PRETRAIN, make_batch, to_device
 
 # first match wins: the fused elementwise kernels' names also end in _fwd_kernel/_bwd_kernel
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--graphs", action="store_true", help="forward + backward as CUDA graphs (mosaicbert_ds.graphs)")
     parser.add_argument("--gaps", action="store_true", help="only where the GPU idles between kernels")
     args = parser.parse_args()
+    print(describe(provenance()))  # the log's first line: commit, dirty flag, versions, command
     model = MosaicBertForMaskedLM(MosaicBertConfig.from_name("base")).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     mix = FINETUNE if args.finetune else PRETRAIN

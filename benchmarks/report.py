@@ -10,6 +10,11 @@ times); any of them may be missing and the report says what is. Measurements and
 model's predictions (benchmarks.scaling_model) stay apart: every predicted table, column and
 plot line is labelled as a prediction. `render_tables` gives the markdown tables alone, for the
 README.
+
+Every figure carries where it came from: a result JSON's own "provenance" block (commit, dirty
+flag, command, versions; see benchmarks.provenance), or, for files written before that block
+existed, the entry for the file in `sources.json` of its results folder. That file also lists the
+folder's raw logs (what each measures, its command and commit), which the report tabulates.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from .scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, Network, all
                             predict_grid, profiles_from_results, read_ds_configs, validate)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTIONS = ("throughput", "ablations", "scaling")
+SECTIONS = ("throughput", "ablations", "scaling", "step")
+SOURCES = "sources.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,7 +42,10 @@ SECTIONS = ("throughput", "ablations", "scaling")
 
 def classify(result: Mapping[str, Any]) -> str:
     """"scaling" (points / allreduce), "ablations" (Figure-4 rows: model "ablation" or names
-    starting with "+"), "throughput" (other rows) or "combined" (a dict of those sections)."""
+    starting with "+"), "throughput" (other rows), "step" (benchmarks.step: "pretrain" and
+    "finetune" rows) or "combined" (a dict of those sections)."""
+    if "pretrain" in result and isinstance(result["pretrain"], list):
+        return "step"
     if any(k in result for k in SECTIONS) and "rows" not in result and "points" not in result:
         return "combined"
     if "points" in result or "allreduce" in result:
@@ -63,7 +72,7 @@ def merge_results(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, A
             if section not in out:
                 out[section] = json.loads(json.dumps(value))
                 continue
-            for key in ("rows", "points", "allreduce"):
+            for key in ("rows", "points", "allreduce", "pretrain", "finetune"):
                 if key in value:
                     out[section].setdefault(key, []).extend(value[key])
             for key, v in value.items():
@@ -80,6 +89,42 @@ def load_results(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: cannot read a result JSON: {err}") from None
     return merge_results(results)
+
+
+def find_sources(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, parsed sources.json) of the results folder holding `path` (its folder or the one above)."""
+    here = Path(path).resolve().parent
+    for folder in (here, here.parent):
+        if (folder / SOURCES).is_file():
+            try:
+                return folder, json.loads((folder / SOURCES).read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{folder / SOURCES}: not JSON: {err}") from None
+    return None
+
+
+def input_provenance(path: str | Path, result: Mapping[str, Any]) -> dict[str, Any]:
+    """Commit, dirty flag, command and environment of one result file: its own "provenance" block,
+    else its entry in the folder's sources.json; "unknown" where neither says."""
+    found = find_sources(path)
+    name = Path(path).name
+    if found:
+        folder, sources = found
+        name = Path(path).resolve().relative_to(folder).as_posix()
+    prov = result.get("provenance")
+    if prov:
+        v = prov.get("versions") or {}
+        env = ", ".join(f"{k} {v[k]}" for k in ("torch", "cuda", "triton", "deepspeed", "transformers") if v.get(k))
+        return {"file": name, "commit": prov.get("commit"), "dirty": prov.get("dirty"), "command": prov.get("command"),
+                "environment": f"{prov.get('device') or result.get('device', '?')}; {env}", "from": "the JSON"}
+    if found:
+        entry = next((s for s in sources.get("sources", []) if name in s.get("files", [])), None)
+        if entry:
+            env = sources.get("environment", {})
+            return {"file": name, "commit": entry.get("commit"), "dirty": None, "command": entry.get("command"),
+                    "environment": "; ".join(str(v) for v in env.values()), "code": entry.get("code"),
+                    "from": SOURCES}
+    return {"file": name, "commit": None, "dirty": None, "command": None, "environment": None, "from": "unknown"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +151,13 @@ def _ablation_steps(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _with_step_ratio(rows: Sequence[Mapping[str, Any]], baseline: str = "hf-bert sdpa compiled"
+                     ) -> list[dict[str, Any]]:
+    base = next((r for r in rows if r.get("config") == baseline), None)
+    return [{**r, "ratio_to_baseline": r["real_tokens_per_sec"] / base["real_tokens_per_sec"]
+             if base and r.get("real_tokens_per_sec") else None, "baseline": baseline if base else None} for r in rows]
+
+
 def _measured_cost(report: Mapping[str, Any], assumptions: Assumptions) -> list[dict[str, Any]]:
     """Hours and cost of the full sample budget at measured throughput (1-GPU trainer rows and the
     one-host scaling points), at the assumed price."""
@@ -126,12 +178,15 @@ def _measured_cost(report: Mapping[str, Any], assumptions: Assumptions) -> list[
 
 def build_report(results: Mapping[str, Mapping[str, Any]], network: Network | None = None,
                  assumptions: Assumptions | None = None, *, config_dir: str | Path = DS_CONFIG_DIR,
-                 date: str | None = None) -> dict[str, Any]:
+                 date: str | None = None, provenance: Sequence[Mapping[str, Any]] = (),
+                 sources: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict: the inputs, measured tables with
     derived ratios and efficiencies, and (given single-GPU timings) the scaling model's
-    predictions for every ds_config, its prediction lines for the plots and its validation."""
-    throughput, ablations, scaling = (results.get(k) for k in SECTIONS)
-    device = next((r["device"] for r in (throughput, scaling, ablations) if r and r.get("device")), "unknown device")
+    predictions for every ds_config, its prediction lines for the plots and its validation.
+    `provenance`: one `input_provenance` dict per input file; `sources`: the folder's
+    sources.json (its raw files are listed in the report)."""
+    throughput, ablations, scaling, step = (results.get(k) for k in SECTIONS)
+    device = next((r["device"] for r in (throughput, scaling, ablations, step) if r and r.get("device")), "unknown device")
     assumptions = assumptions or Assumptions(peak_flops=peak_for_device(device))
     network = network or make_network(allreduce=(scaling or {}).get("allreduce"))
     report: dict[str, Any] = {
@@ -144,6 +199,9 @@ def build_report(results: Mapping[str, Mapping[str, Any]], network: Network | No
         "throughput": _with_baseline_ratio(throughput["rows"]) if throughput and throughput.get("rows") else None,
         "ablations": _ablation_steps(ablations["rows"]) if ablations and ablations.get("rows") else None,
         "scaling": None, "profiles": None, "predictions": None, "grid": None, "validation": None,
+        "provenance": [dict(p) for p in provenance], "sources": dict(sources) if sources else None,
+        "step": {regime: _with_step_ratio(step.get(regime) or []) for regime in ("pretrain", "finetune")}
+        if step else None,
     }
     if scaling:
         report["scaling"] = {
@@ -193,6 +251,15 @@ def throughput_table(rows: Sequence[Mapping[str, Any]]) -> str:
           _f(r.get("mfu_exact"), ".1%"), _f(r.get("peak_mem_gib"), ".1f"),
           f"{r['ratio_to_baseline']:.2f}x {r['baseline']}" if r.get("ratio_to_baseline") else "-"] for r in rows],
         "llrrrrrrrl")
+
+
+def step_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    return markdown_table(
+        ["configuration", "step ms", "real tokens/s", "MFU (paper)", "peak GiB", "vs baseline"],
+        [[r["config"], _f(r.get("step_ms"), ".2f"), _f(r.get("real_tokens_per_sec")), _f(r.get("mfu"), ".1%"),
+          _f(r.get("peak_mem_gib"), ".1f"),
+          f"{r['ratio_to_baseline']:.2f}x {r['baseline']}" if r.get("ratio_to_baseline") else "-"] for r in rows],
+        "lrrrrl")
 
 
 def ablation_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -267,9 +334,37 @@ def cost_table(measured: Sequence[Mapping[str, Any]], predictions: Sequence[Mapp
                           rows, "llrrrrr")
 
 
+def _commit(c: str | None, dirty: bool | None = None) -> str:
+    return "-" if not c else f"`{c[:7]}`" + (" (dirty tree)" if dirty else "")
+
+
+def _code(text: str) -> str:
+    return f"`{text}`".replace("|", "\\|") if text else "-"
+
+
+def provenance_table(inputs: Sequence[Mapping[str, Any]]) -> str:
+    return markdown_table(
+        ["input", "commit", "command", "environment", "provenance from"],
+        [[f"[{p['file']}]({p['file']})", _commit(p.get("commit"), p.get("dirty")) +
+          (f"; code: {p['code']}" if p.get("code") else ""), _code(p.get("command") or ""),
+          p.get("environment") or "-", p.get("from", "-")] for p in inputs], "lllll")
+
+
+def sources_table(sources: Mapping[str, Any]) -> str:
+    rows = []
+    for s in sources.get("sources", []):
+        files = ", ".join(f"[{Path(f).name}]({f})" for f in s.get("files", []))
+        commit = _commit(s.get("commit")) + (f"; code: {s['code']}" if s.get("code") else "")
+        rows.append([files, s.get("measures", "-"), _code(s.get("command", "")), commit])
+    return markdown_table(["file", "what it measures", "command", "commit"], rows, "llll")
+
+
 def render_tables(report: Mapping[str, Any]) -> dict[str, str]:
     """The report's markdown tables by section (only the sections with data), for the README."""
     out: dict[str, str] = {}
+    for regime, rows in (report.get("step") or {}).items():
+        if rows:
+            out[f"step_{regime}"] = step_table(rows)
     if report.get("throughput"):
         out["throughput"] = throughput_table(report["throughput"])
     if report.get("ablations"):
@@ -286,6 +381,10 @@ def render_tables(report: Mapping[str, Any]) -> dict[str, str]:
     if report.get("measured_cost") or report.get("predictions"):
         out["cost"] = cost_table(report.get("measured_cost") or [], report.get("predictions"),
                                  report["assumptions"]["price_per_gpu_hour"])
+    if report.get("provenance"):
+        out["provenance"] = provenance_table(report["provenance"])
+    if report.get("sources") and report["sources"].get("sources"):
+        out["sources"] = sources_table(report["sources"])
     return out
 
 
@@ -311,6 +410,14 @@ def describe_model(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def source_line(report: Mapping[str, Any], section: str) -> str:
+    """"Measured by ..." for the input files of one section (empty when unknown)."""
+    parts = [f"[{p['file']}]({p['file']}) at commit {_commit(p.get('commit'), p.get('dirty'))}"
+             + (f" (code: {p['code']})" if p.get("code") else "") + (f", `{p['command']}`" if p.get("command") else "")
+             for p in report.get("provenance") or [] if p.get("section") == section]
+    return ("Measured by " + "; ".join(parts) + ".") if parts else ""
+
+
 def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> str:
     """The whole report.md."""
     tables = render_tables(report)
@@ -320,9 +427,18 @@ def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> st
            "measurements.", ""]
 
     def section(title: str, key: str, text: str = "") -> None:
-        out.extend([f"## {title}", ""] + ([text, ""] if text else []))
+        src = source_line(report, key) if key in tables else ""
+        out.extend([f"## {title}", ""] + ([text, ""] if text else []) + ([src, ""] if src else []))
         out.extend([tables[key], ""] if key in tables else ["Not measured in this run.", ""])
 
+    if "step_pretrain" in tables:
+        out.extend(["## Training step without DeepSpeed (measured, 1 GPU)", "",
+                    "benchmarks.step: forward, backward and fused AdamW on one GPU; pretraining regime: sequence "
+                    "length 128, C4-like lengths; finetuning regime: max length 256, mean about 64 real tokens.", "",
+                    *([source_line(report, "step"), ""] if source_line(report, "step") else []),
+                    tables["step_pretrain"], ""])
+        if "step_finetune" in tables:
+            out.extend(["Finetuning regime:", "", tables["step_finetune"], ""])
     section("Trainer throughput (measured, 1 GPU)", "throughput",
             "The DeepSpeed trainer (bf16, ZeRO-1, fused AdamW) on synthetic C4-like batches; real tokens exclude "
             "padding. MFU (paper) = 6 x params x tokens/s / peak (Appendix H); MFU (exact) counts every matmul.")
@@ -355,6 +471,20 @@ def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> st
             f"${report['assumptions']['price_per_gpu_hour']:g} per GPU-hour; cost = hours x GPUs x price.")
     if images:
         out.extend(["## Plots", ""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images] + [""])
+    if "provenance" in tables:
+        src = report.get("sources") or {}
+        made = f" This report: `{src['report_command']}`." if src.get("report_command") else ""
+        out.extend(["## Where the measured tables come from", "",
+                    "Commit, command and environment of each input file: from the file's own provenance block "
+                    f"where it has one, else from `{SOURCES}` (derived from the git history).{made}", "",
+                    tables["provenance"], ""])
+    if "sources" in tables:
+        env = "; ".join(str(v) for v in (report["sources"].get("environment") or {}).values())
+        out.extend(["## Raw measurements in this folder", "",
+                    "Each file is named `<what>_<commit>[_<variant>]`: the commit that recorded it, and where "
+                    "the measured code differs from that commit (an experiment that was not kept, a parent), "
+                    f"the commit column says so. Every command runs from the repository root. Environment: {env}.",
+                    "", tables["sources"], ""])
     return "\n".join(out)
 
 

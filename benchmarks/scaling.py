@@ -31,6 +31,7 @@ from mosaicbert_ds.train.ds_config import build_ds_config
 from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
 
 from .synthetic import PRETRAIN, make_batch
+from .provenance import write_result
 
 PER_GPU = 512  # sequences per GPU per step: ds_configs/mosaicbert-base_8gpu.json, 512 x 8 = 4096
 GLOBAL = 4096
@@ -164,8 +165,7 @@ def main() -> None:
         if dist.get_rank() != 0:
             return
         print_table(result)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

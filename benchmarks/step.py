@@ -14,7 +14,6 @@ on the padded form of the same batches.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ from mosaicbert_ds.flops import peak_flops
 from mosaicbert_ds.graphs import GraphedMLMStep
 
 from .synthetic import FINETUNE, PRETRAIN, LengthMix, make_batch, to_device
+from .provenance import write_result
 
 
 def hf_bert(compile_model: bool) -> torch.nn.Module:
@@ -177,8 +177,7 @@ def glu_sweep(batches: list[int], warmup: int, iters: int, out: str) -> None:
         if len(rows) == 2:
             f, t = rows["fused GLU"]["real_tokens_per_sec"], rows["GLU two matmuls"]["real_tokens_per_sec"]
             print(f"{batch:>6}{f:>14,.0f}{t:>20,.0f}{f / t:>13.2f}")
-    with open(out, "w") as fh:
-        json.dump(results, fh, indent=1)
+    write_result(out, results)
 
 
 def main() -> None:
@@ -211,7 +210,7 @@ def main() -> None:
                                                              "mosaicbert (CUDA graphs)",
                                                              "mosaicbert (CUDA graphs, in-place accumulation)",
                                                              "hf-bert sdpa compiled")}
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results = {"kind": "step", "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     baselines = [b for b in ("hf-bert sdpa", "hf-bert sdpa compiled") if b in configs]
     results["pretrain"] = run(configs, PRETRAIN, args.batch, 6, args.warmup, args.iters)
     print_table(f"pretraining regime: seq 128, batch {args.batch}, {PRETRAIN}", results["pretrain"], baselines)
@@ -225,8 +224,7 @@ def main() -> None:
         ft = {r["config"]: r["mfu"] for r in results["finetune"]}.get(name)
         if pre and ft:
             print(f"finetuning-regime MFU / pretraining-regime MFU, {name}: {ft / pre:.2f}")
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

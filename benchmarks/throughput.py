@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from itertools import cycle
 from typing import Any, Iterator
@@ -31,6 +30,7 @@ from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
 
 from .step import time_steps
 from .synthetic import PRETRAIN, make_batch, to_device
+from .provenance import write_result
 
 # Figure 4 of the paper: each row adds one MosaicBERT change to BERT-Base.
 ABLATIONS: list[tuple[str, dict[str, Any]]] = [
@@ -223,8 +223,7 @@ def main() -> None:
                    f"{args.accum}, C4-like lengths at 128)", rows)
         for micro, ratio in ratios.items():
             print(f"DeepSpeed trainer / bare step, MosaicBERT-Base micro {micro} x {args.accum}: {ratio:.3f}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ Tested
     inside a whole MosaicBERT-Base training step against the PyTorch ops (tests/integration/test_gpu.py), and
     replayed in CUDA graphs with fresh masks per replay (tests/integration/test_graphs.py).
     The 16-bit dropout passed the GPU kernel and whole-step tests on the H200 as well
-    (raw/gpu_tests_dropout16.txt in benchmarks/results/h200_2026-11-29).
+    (raw/gpu-tests_c30cac8_dropout16.txt in benchmarks/results/h200_2026-11-29).
     Any Tiling gives the same masks and results (tests/kernels/test_kernels.py, interpreter and H200).
     H200, batch 256 x 128 (~29k real tokens), per step of 12 layers (profile_step --graphs): GeGLU
     with dropout 2.4 ms forward, 3.2 ms backward; the LayerNorm kernels 1.3 / 1.7 ms (24 calls

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mosaicbert_ds.train.export", "turn a training checkpoint into a transformers folder"),
     "finetune-glue": ("mosaicbert_ds.glue.finetune", "finetune a checkpoint on GLUE and report the average"),
     "pareto": ("mosaicbert_ds.glue.pareto", "GLUE average vs pretraining hours for several checkpoints"),
-    "bench": ("benchmarks.cli", "throughput, MFU, ablation and scaling reports"),
+    "bench": ("mosaicbert_ds.benchmarks.cli", "throughput, MFU, ablation and scaling reports"),
     "quickstart": ("mosaicbert_ds.quickstart", "convert the bundled corpus, pretrain, export, summarise"),
 }
 

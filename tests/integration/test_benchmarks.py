@@ -7,6 +7,7 @@ fixtures in the formats benchmarks.throughput and benchmarks.scaling write, not 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cli as bench_cli
-from benchmarks import report as rep
-from benchmarks.scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, CommPlan, ComputeProfile, Network,
+from mosaicbert_ds.benchmarks import cli as bench_cli
+from mosaicbert_ds.benchmarks import report as rep
+from mosaicbert_ds.benchmarks.scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, CommPlan, ComputeProfile, Network,
                                       bf16_zero1_plan, comm_plan, make_network, measured_efficiency, predict,
                                       predict_ds_configs, predict_grid, profiles_from_results, read_ds_configs,
                                       ring_allgather_time, ring_allreduce_time, step_time, validate)
@@ -371,10 +372,10 @@ def test_cli_forwards_arguments_to_modules(monkeypatch, capsys):
 
     monkeypatch.setattr(bench_cli.subprocess, "run", lambda argv: calls.append(argv) or Done())
     assert cli_main(["bench", "ablations", "--steps", "3", "--out", "a.json"]) == 3
-    assert calls[-1] == [sys.executable, "-m", "benchmarks.throughput", "--ablations", "--steps", "3",
+    assert calls[-1] == [sys.executable, "-m", "mosaicbert_ds.benchmarks.throughput", "--ablations", "--steps", "3",
                          "--out", "a.json"]
     assert cli_main(["bench", "step", "--quick"]) == 3
-    assert calls[-1][2:] == ["benchmarks.step", "--quick"]
+    assert calls[-1][2:] == ["mosaicbert_ds.benchmarks.step", "--quick"]
     monkeypatch.setitem(bench_cli.RUNNERS, "scaling", ("benchmarks.not_written_yet", []))
     assert cli_main(["bench", "scaling", "--merge", "x.json"]) == 2
     assert "benchmarks.not_written_yet is not in this checkout" in capsys.readouterr().err
@@ -384,7 +385,7 @@ def test_cli_forwards_arguments_to_modules(monkeypatch, capsys):
 def test_master_weight_adamw_matches_fp32_adamw():
     """The step benchmark's bf16-weights optimizer: fp32 master weights follow plain fp32 AdamW fed
     the same gradients, and the model's bf16 weights are the masters rounded."""
-    from benchmarks.step import ADAMW, MasterWeightAdamW
+    from mosaicbert_ds.benchmarks.step import ADAMW, MasterWeightAdamW
 
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 8).bfloat16()
@@ -405,10 +406,79 @@ def test_master_weight_adamw_matches_fp32_adamw():
 
 
 def test_idle_gaps_of_overlapping_activities():
-    from benchmarks.profile_step import idle_gaps
+    from mosaicbert_ds.benchmarks.profile_step import idle_gaps
 
     # c overlaps b and ends later; d starts 100 us after c ends; e lies inside d
     spans = [(125.0, 130.0, "d"), (0.0, 10.0, "a"), (15.0, 25.0, "c"), (12.0, 20.0, "b"), (126.0, 128.0, "e")]
     gaps, busy, span = idle_gaps(spans)
     assert gaps == [(2.0, "a", "b"), (100.0, "c", "d")]
     assert busy == 10 + 13 + 5 and span == 130.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance and the results folders
+
+RESULTS = Path(rep.RESULTS_DIR)
+
+
+def test_every_result_json_records_commit_dirty_flag_command_and_versions(tmp_path, monkeypatch):
+    import subprocess
+
+    from mosaicbert_ds.benchmarks.provenance import write_result
+
+    monkeypatch.setattr(sys, "argv", ["step.py", "--quick", "--out", "my file.json"])
+    written = write_result(tmp_path / "r.json", {"device": "test device", "rows": []})
+    on_disk = _strict_json(tmp_path / "r.json")
+    assert on_disk == json.loads(json.dumps(written))
+    prov = on_disk["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=RESULTS, capture_output=True, text=True).stdout.strip()
+    assert prov["commit"] == (head or None) and isinstance(prov["dirty"], bool if head else type(None))
+    assert prov["command"].endswith("--quick --out 'my file.json'") and prov["device"] == "test device"
+    assert set(prov["versions"]) >= {"python", "torch", "deepspeed", "triton"}
+
+
+def test_report_states_commit_and_command_from_the_json_or_sources_json(tmp_path, capsys):
+    folder = tmp_path / "h200_2030-01-03"
+    (folder / "raw").mkdir(parents=True)
+    (folder / "raw" / "throughput_abc1234.json").write_text(json.dumps(throughput_fixture()))
+    scaling = {**scaling_fixture(), "provenance": {"commit": "f" * 40, "dirty": True, "command": "python -m x --y",
+                                                   "versions": {"torch": "9.9"}, "device": "H200 test"}}
+    (folder / "raw" / "scaling_fff.json").write_text(json.dumps(scaling))
+    step = {"kind": "step", "device": "H200 test", "pretrain": [
+        {"config": "mosaicbert (fused GLU)", "step_ms": 40.0, "real_tokens_per_sec": 6e5, "mfu": 0.5, "peak_mem_gib": 13.0},
+        {"config": "hf-bert sdpa compiled", "step_ms": 60.0, "real_tokens_per_sec": 4e5, "mfu": 0.3, "peak_mem_gib": 19.0}],
+        "finetune": []}
+    (folder / "raw" / "step_abc1234.json").write_text(json.dumps(step))
+    (folder / "raw" / "profile_abc1234.txt").write_text("kernels\n")
+    sources = {"environment": {"software": "torch 2.11"}, "sources": [
+        {"files": ["raw/throughput_abc1234.json"], "measures": "trainer rows", "command": "python -m benchmarks.throughput",
+         "commit": "abc1234"},
+        {"files": ["raw/step_abc1234.json"], "measures": "bare step", "command": "python -m benchmarks.step", "commit": "abc1234"},
+        {"files": ["raw/profile_abc1234.txt"], "measures": "kernels per step", "command": "python -m benchmarks.profile_step",
+         "commit": "abc1234", "code": "abc1234 + an experiment"}]}
+    (folder / "sources.json").write_text(json.dumps(sources))
+    inputs = [str(folder / "raw" / n) for n in ("step_abc1234.json", "throughput_abc1234.json", "scaling_fff.json")]
+    assert cli_main(["bench", "report", *inputs, "--out", str(folder)]) == 0
+    md = (folder / "report.md").read_text()
+    assert "Measured by [raw/throughput_abc1234.json](raw/throughput_abc1234.json) at commit `abc1234`, " \
+           "`python -m benchmarks.throughput`" in md
+    assert "at commit `fffffff` (dirty tree), `python -m x --y`" in md and "torch 9.9" in md
+    assert "| mosaicbert (fused GLU) | 40.00 | 600,000 | 50.0% | 13.0 | 1.50x hf-bert sdpa compiled |" in md
+    assert "[profile_abc1234.txt](raw/profile_abc1234.txt) | kernels per step |" in md
+    assert "code: abc1234 + an experiment" in md
+    data = _strict_json(folder / "report.json")
+    assert {p["from"] for p in data["provenance"]} == {"sources.json", "the JSON"}
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in RESULTS.iterdir() if p.is_dir()))
+def test_results_folder_lists_every_raw_file_with_commit_and_command(folder):
+    root = RESULTS / folder
+    sources = _strict_json(root / "sources.json")
+    listed = [f for s in sources["sources"] for f in s["files"]]
+    on_disk = sorted(p.relative_to(root).as_posix() for p in (root / "raw").iterdir())
+    assert sorted(listed) == on_disk and len(set(listed)) == len(listed)
+    assert all(s["commit"] and s["command"] and s["measures"] for s in sources["sources"])
+    assert not [f for f in on_disk if re.match(r"raw/run_[a-z]+_", f)]  # named by what they measure
+    md = (root / "report.md").read_text()
+    assert all(f"]({f})" in md for f in listed)
+    assert all(f in sources["report_command"] for f in sources["report_inputs"])
