@@ -84,7 +84,9 @@ def train_model(args: argparse.Namespace, spec: str) -> Path:
     if done.returncode:
         raise UserError(f"training {name} failed (exit {done.returncode}); its log is in {run_dir}")
     atomic_write_json(run_dir / RESULT, {"name": name, "recipe": recipe, "overrides": overrides,
-                                         "command": shlex.join(cmd), "budget_seconds": args.seconds})
+                                         "train_command": shlex.join(cmd), "budget_seconds": args.seconds,
+                                         "data": str(args.data),
+                                         **provenance(sys.argv[1:])})
     return run_dir
 
 
@@ -112,6 +114,41 @@ def read_curve(run_dir: Path) -> dict[str, Any]:
             "final_loss": points[-1]["loss"] if points else None,
             "train_seconds": last_train.get("progress/train_seconds"), "tokens": last_train.get("progress/tokens"),
             "steps": last_train.get("step"), "final_train_loss": last_train.get("loss/train")}
+
+
+def read_samples(path: str | Path, split: str) -> list[Any]:
+    """Every stored sample of a split of a `convert` dataset, as token-id arrays."""
+    import numpy as np
+    from streaming.base.format import reader_from_json
+
+    root = Path(path)
+    dtype = np.dtype(json.loads((root / "mosaicbert_index.json").read_text())["token_dtype"]).newbyteorder("<")
+    index = json.loads((root / split / "index.json").read_text())
+    samples = []
+    for info in index["shards"]:
+        shard = reader_from_json(str(root), split, info)
+        for i in range(shard.samples):
+            samples.append(np.frombuffer(shard.get_item(i)["input_ids"], dtype=dtype))
+    return samples
+
+
+def unigram_loss(path: str | Path, train_split: str = "train", eval_split: str = "val") -> float:
+    """Cross-entropy (nats per token) on the held-out split of the best model that ignores context:
+    token frequencies counted on the training split (add-one smoothed). [CLS] and [SEP], never
+    masked, are left out. An MLM eval loss below it means the model uses the context."""
+    import numpy as np
+
+    def counts(split: str) -> Any:
+        samples = read_samples(path, split)
+        ids = np.concatenate([s[1:-1] for s in samples]).astype(np.int64)
+        return np.bincount(ids)
+
+    train, held = counts(train_split), counts(eval_split)
+    size = max(len(train), len(held))
+    train = np.pad(train, (0, size - len(train))) + 1.0
+    held = np.pad(held, (0, size - len(held)))
+    logp = np.log(train / train.sum())
+    return float(-(held * logp).sum() / held.sum())
 
 
 def time_to_loss(points: list[dict[str, Any]], target: float) -> float | None:
@@ -160,11 +197,51 @@ def report(out: Path, argv: list[str]) -> dict[str, Any]:
     for name, m in models.items():
         m["time_to_final_of"] = {other: time_to_loss(m["points"], o["final_loss"])
                                  for other, o in models.items() if other != name and o["final_loss"] is not None}
-    result = {"models": models, **provenance(argv)}
+    # where the runs were measured (each model's own record) and where the report was merged
+    first = next(iter(models.values()))
+    result = {"models": models, "device": first.get("device"), "git_commit": first.get("git_commit", ""),
+              "git_dirty": first.get("git_dirty"), "report": provenance(argv)}
+    result["command"] = "; ".join(m.get("command", "") for m in models.values())
+    data = first.get("data")
+    result["unigram_loss"] = unigram_loss(data) if data and (Path(data) / "val").is_dir() else None
     atomic_write_json(out / "convergence.json", result)
     atomic_write_text(out / "convergence.md", markdown(result))
     plot(models, out / "convergence.png")
     return result
+
+
+def pareto_listing(out: Path, names: list[str] | None = None) -> Path:
+    """OUT/pareto_listing.json for `mosaicbert-ds pareto`: every checkpoint of the finished runs
+    (one curve per model, hours from the checkpoint's train_seconds). A checkpoint already
+    finetuned into OUT/pareto/<label>/results.json is listed by that file instead of its path, so
+    the same listing redraws the plot (`pareto --no-finetune`) where the checkpoints are gone."""
+    entries = []
+    for run_dir in sorted(p.parent for p in out.glob(f"*/{RESULT}")):
+        name = run_dir.name
+        if names and name not in names:
+            continue
+        for state in sorted(run_dir.glob("checkpoints/step_*/trainer_state.json")):
+            tag = state.parent
+            label = f"{name}-{tag.name}"
+            hours = json.loads(state.read_text())["train_seconds"] / 3600
+            entries.append({"path": str(tag.resolve()), "hours": hours, "label": label, "run": name})
+        for results in sorted((out / "pareto").glob(f"{name}-step_*/results.json")):
+            label = results.parent.name
+            if not any(e["label"] == label for e in entries):
+                hours = json.loads((results.parent / "pareto_point.json").read_text())["hours"]
+                entries.append({"hours": hours, "label": label, "run": name})
+    for e in entries:
+        results = out / "pareto" / e["label"] / "results.json"
+        if results.exists():
+            e["results"] = str(results.resolve())
+            e.pop("path", None)
+        if "path" in e:  # record the hours beside the finetuning results for later merges
+            atomic_write_json(out / "pareto" / e["label"] / "pareto_point.json", {"hours": e["hours"]})
+    if not entries:
+        raise UserError(f"no checkpoints or finetuning results under {out}")
+    path = out / "pareto_listing.json"
+    atomic_write_json(path, entries)
+    return path
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -185,7 +262,11 @@ def markdown(result: dict[str, Any]) -> str:
                  _fmt(m["final_loss"], ".4f"), _fmt(m["tokens_per_sec"], ",.0f"), _fmt(m["mfu"], ".1%"),
                  *[("(own)" if n == name else _fmt(m["time_to_final_of"].get(n), ".0f")) for n in names]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Command: `{result['command']}`", ""]
+    if result.get("unigram_loss") is not None:
+        lines += ["", f"Unigram baseline (token frequencies of train/, cross-entropy on val/): "
+                      f"{result['unigram_loss']:.4f} nats per token."]
+    lines += ["", *[f"- {n}: `{m.get('command', '')}` (commit {m.get('git_commit', '')[:10]}"
+                   f"{', dirty' if m.get('git_dirty') else ''}, {m.get('device')})" for n, m in models.items()], ""]
     return "\n".join(lines)
 
 
@@ -224,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="train only these of the models (one call per model), then stop without a report")
     p.add_argument("--report", action="store_true", help="only merge the finished runs under --out")
+    p.add_argument("--pareto-listing", action="store_true",
+                   help="only write OUT/pareto_listing.json (the --only models' checkpoints, or all) for `mosaicbert-ds pareto`")
     p.add_argument("--seconds", type=float, default=300.0, help="training seconds per model (default 300)")
     p.add_argument("--eval-every", type=float, default=30.0, help="eval every this many training seconds")
     p.add_argument("--eval-batches", type=int, default=8, help="micro batches per eval (0: the whole val split)")
@@ -249,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
+        if args.pareto_listing:
+            print(pareto_listing(out, args.only or None))
+            return 0
         if not args.report:
             if not args.data:
                 raise UserError("--data is required to train (or pass --report to merge finished runs)")

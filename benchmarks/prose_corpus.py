@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import html.parser
 import json
 import re
 import shutil
@@ -40,7 +41,11 @@ PACKAGES = {
     "python3.11-doc": ("usr/share/doc/python3.11/html/_sources", "*.rst.txt"),
     "perl-doc": ("usr/share/perl", "*.pod"),
     "linux-doc-6.1": ("usr/share/doc/linux-doc-6.1/Documentation", "*.rst.gz"),
+    "postgresql-doc-15": ("usr/share/doc/postgresql-doc-15/html", "*.html"),
+    "bible-kjv-text": ("usr/lib", "bible.data"),
 }
+# the reader program for bible-kjv-text's compressed data (run from its unpacked package)
+HELPERS = ["bible-kjv"]
 
 _RULE = re.compile(r"^\s*([=\-~^\"'`#*+_.:])\1{2,}\s*$")        # reST heading under/overlines
 _TABLE = re.compile(r"^\s*[+|]")                                 # grid tables
@@ -63,18 +68,49 @@ def _paragraphs(text: str) -> Iterator[list[str]]:
         yield block
 
 
+_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+(?:\|[^|]*\|\s+)?([\w:-]+)::")
+# directives whose body is code, markup or a listing, not prose
+_CODE_DIRECTIVES = {"code-block", "code", "sourcecode", "literalinclude", "doctest", "testcode", "testoutput",
+                    "testsetup", "testcleanup", "productionlist", "highlight", "toctree", "index", "image",
+                    "figure", "raw", "kernel-doc", "kernel-abi", "kernel-feat", "include", "csv-table",
+                    "list-table", "table", "flat-table", "math", "graphviz", "only", "cfunction", "c:macro",
+                    "tabularcolumns", "contents", "sectionauthor", "moduleauthor", "opcode", "cmdoption",
+                    "option", "envvar", "describe", "audit-event", "impl-detail", "literal", "parsed-literal"}
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
 def rst_to_text(text: str) -> str:
-    """The prose paragraphs of a reST file: no code, directives, tables or heading rules."""
+    """The prose paragraphs of a reST file: no code, code-like directives, tables or heading rules.
+
+    Prose inside directives (function descriptions, notes, warnings) is kept; a paragraph indented
+    under a `::` paragraph or a code directive, a doctest and a comment are dropped."""
     out = []
-    after_literal = False
+    skip_deeper = None  # drop blocks indented deeper than this (the body of code or a comment)
     for block in _paragraphs(text):
         first = block[0]
-        literal = after_literal
-        after_literal = block[-1].rstrip().endswith("::")
-        if literal and first[:1].isspace():
-            continue  # the indented code block that a "::" paragraph introduces
-        if first.lstrip().startswith(".. ") or first.startswith(("   ", "\t")) or _TABLE.match(first):
-            continue  # directive, comment, indented body or table
+        indent = _indent(first)
+        if skip_deeper is not None:
+            if indent > skip_deeper:
+                continue
+            skip_deeper = None
+        directive = _DIRECTIVE.match(first)
+        if directive:
+            if directive.group(2) in _CODE_DIRECTIVES:
+                skip_deeper = indent
+                continue
+            block = [ln for ln in block if not ln.lstrip().startswith(".. ") and not ln.lstrip().startswith(":")]
+            if not block:
+                continue
+        elif first.lstrip().startswith(".."):
+            skip_deeper = indent  # a comment, target or substitution definition and its body
+            continue
+        if first.lstrip().startswith(">>>") or _TABLE.match(first):
+            continue
+        if block[-1].rstrip().endswith("::"):
+            skip_deeper = indent  # the literal block that follows is code
         lines = [ln.strip() for ln in block if not _RULE.match(ln) and not _TABLE.match(ln)]
         para = " ".join(ln for ln in lines if ln)
         para = _ROLE.sub(r"\1", para)
@@ -107,6 +143,70 @@ def pod_to_text(text: str) -> str:
     return "\n\n".join(out)
 
 
+class _HTMLProse(html.parser.HTMLParser):
+    """Text of an HTML page's paragraphs, list items, definitions and headings; <pre> and tables dropped."""
+
+    BLOCKS = {"p", "li", "dd", "dt", "h1", "h2", "h3", "h4", "h5", "title"}
+    SKIP = {"pre", "script", "style", "table", "head"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip = 0
+        self.paras: list[str] = []
+        self.current: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in self.SKIP:
+            self.skip += 1
+        if tag in self.BLOCKS:
+            self.flush()
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIP:
+            self.skip = max(0, self.skip - 1)
+        if tag in self.BLOCKS:
+            self.flush()
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.current.append(data)
+
+    def flush(self) -> None:
+        para = " ".join("".join(self.current).split())
+        self.current = []
+        if len(para.split()) >= 4:
+            self.paras.append(para)
+
+
+def html_to_text(text: str) -> str:
+    parser = _HTMLProse()
+    parser.feed(text)
+    parser.close()
+    parser.flush()
+    return "\n\n".join(parser.paras)
+
+
+def kjv_books(root: Path, data: Path) -> Iterator[tuple[str, str]]:
+    """(book, text) of the King James Bible, read by the bible-kjv program from its data file."""
+    program = root / "bible-kjv" / "usr" / "bin" / "bible"
+    done = subprocess.run([str(program), "-p", str(data.parent), "Gen1:1-Rev22:21"],
+                          capture_output=True, text=True, check=True)
+    book, verses = None, []
+    for line in done.stdout.splitlines():
+        head = re.fullmatch(r"(\S.*?) \d+", line.strip()) if line and not line[0].isspace() else None
+        if head:
+            if head.group(1) != book and verses:
+                yield book, " ".join(verses)
+                verses = []
+            book = head.group(1)
+            continue
+        verse = re.sub(r"^\s*\d+\s+", "", line).strip()
+        if verse:
+            verses.append(verse)
+    if verses:
+        yield book, " ".join(verses)
+
+
 def fetch(package: str, dest: Path) -> Path:
     """Download one Debian package (no install) and unpack it under dest/package."""
     target = dest / package
@@ -133,10 +233,15 @@ def documents(root: Path) -> Iterator[dict[str, str]]:
         files = sorted(base.rglob(pattern))
         if not files:
             raise UserError(f"{package} has no {pattern} under {under}: not the expected package version")
+        if package == "bible-kjv-text":
+            for book, text in kjv_books(root, files[0]):
+                yield {"source": f"{package}:{book}", "text": text}
+            continue
         for path in files:
             raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
             raw_text = raw.decode("utf-8", errors="replace")
-            text = pod_to_text(raw_text) if path.suffix == ".pod" else rst_to_text(raw_text)
+            text = (pod_to_text(raw_text) if path.suffix == ".pod" else
+                    html_to_text(raw_text) if path.suffix == ".html" else rst_to_text(raw_text))
             if len(text.split()) >= 20:
                 yield {"source": f"{package}:{path.relative_to(base)}", "text": text}
 
@@ -148,7 +253,7 @@ def build_text(out: Path) -> Path:
         return corpus
     debs = out / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    for package in PACKAGES:
+    for package in [*PACKAGES, *HELPERS]:
         fetch(package, debs)
     partial = corpus.with_suffix(".partial")
     words = docs = 0
