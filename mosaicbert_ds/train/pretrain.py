@@ -288,7 +288,7 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
                                         num_canonical_nodes=cfg.data.num_canonical_nodes,
                                         accumulation_steps=accum)
     eval_loader = None
-    if cfg.eval.interval:
+    if cfg.eval.interval or cfg.eval.interval_seconds:
         eval_loader = build_mlm_dataloader(cfg.data.path, split=cfg.data.eval_split, batch_size=micro,
                                            mlm_probability=cfg.data.eval_mlm_probability, seed=cfg.seed,
                                            shuffle=False, padded=cfg.data.padded, num_workers=0,
@@ -323,15 +323,28 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
     window = Window(engine.device)
     last: dict[str, float] = {}
     stop_step = total_steps if stop_after is None else min(total_steps, state.step + stop_after)
+    budget = cfg.duration.train_seconds
     while state.step < stop_step:
         train_step(engine, batches, accum, world, window, model_config, graphed)
         state.step += 1
         finished = state.step == stop_step
+        timed_eval = timed_ckpt = False
         if state.step % cfg.log.interval == 0 or finished:
             metrics, totals = interval_metrics(engine, window, world, n_params, peak)
             state.samples += int(totals["samples"])
             state.tokens += int(totals["tokens"])
+            before = state.train_seconds
             state.train_seconds += totals["seconds"]
+            # --- wall-clock budget and timed eval/checkpoints (duration.train_seconds, *.interval_seconds) ---
+            timed_eval = _crossed(before, state.train_seconds, cfg.eval.interval_seconds)
+            timed_ckpt = _crossed(before, state.train_seconds, cfg.checkpoint.interval_seconds)
+            if budget:
+                if state.train_seconds >= budget:
+                    finished, stop_step = True, state.step
+                else:
+                    _fit_schedule_to_budget(engine, state, budget, total_steps, cfg.schedule.warmup_fraction)
+            metrics["progress/train_seconds"] = state.train_seconds
+            # --- end of the wall-clock budget block ---
             metrics["progress/samples"] = state.samples
             metrics["progress/tokens"] = state.tokens
             metrics["progress/train_hours"] = state.train_seconds / 3600
@@ -343,11 +356,11 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
         if bar is not None:
             bar.update(1)
         paused = time.perf_counter()  # eval and checkpoint time stay out of the throughput window
-        if eval_loader is not None and (state.step % cfg.eval.interval == 0 or state.step == total_steps):
+        if eval_loader is not None and (timed_eval or finished or (cfg.eval.interval and state.step % cfg.eval.interval == 0)):
             metrics = evaluate(engine, eval_loader, cfg.eval.batches)
             last.update(metrics)
             logger.log(state.step, metrics)
-        if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or finished:
+        if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or finished or timed_ckpt:
             state.train_loader = train_loader.state_dict()
             ckpt.save(engine, ckpt_root, f"step_{state.step:07d}", vars(state), rank)
             if rank == 0:
@@ -357,6 +370,24 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
         bar.close()
     logger.close()
     return {"step": state.step, "world_size": world, "checkpoint": str(ckpt_root), **last}
+
+
+def _crossed(before: float, after: float, interval: float) -> bool:
+    """Whether training seconds passed a multiple of `interval` between two log points."""
+    return bool(interval) and math.floor(after / interval) > math.floor(before / interval)
+
+
+def _fit_schedule_to_budget(engine: Any, state: TrainerState, budget: float, max_steps: int,
+                            warmup_fraction: float) -> None:
+    """Re-estimate the run's step count from the seconds per step so far, so that warmup and the
+    linear decay end at the wall-clock budget (the step cap `max_steps` still holds). Warmup is
+    re-fitted only while it lasts; the decay's end moves with every estimate."""
+    schedule = engine.lr_scheduler.lr_lambdas[0]
+    estimate = state.step + (budget - state.train_seconds) * state.step / state.train_seconds
+    total = max(state.step + 1, min(max_steps, round(estimate)))
+    if state.step < schedule.warmup_steps:
+        schedule.warmup_steps = max(1, round(total * warmup_fraction))
+    schedule.total_steps = total
 
 
 def main(args: argparse.Namespace) -> int:

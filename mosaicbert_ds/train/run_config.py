@@ -83,6 +83,11 @@ class DurationSection:
     steps: int | None = None
     samples: int | None = None
     """Alternative to steps: the step count is samples / global batch, rounded up."""
+    # --- wall-clock budget (time-to-loss benchmark) ---
+    train_seconds: float | None = None
+    """Stop once this many seconds of training (eval and checkpoint time excluded) have passed,
+    checked at log intervals; steps/samples then bound the run and seed the step estimate, and the
+    lr schedule is re-fitted at each log interval to end at the budget (train.schedule)."""
 
 
 @dataclass
@@ -91,6 +96,8 @@ class EvalSection:
     """Evaluate every this many optimizer steps (and at the end); 0 turns evaluation off."""
     batches: int = 100
     """Micro batches per rank per evaluation; 0 means the whole held-out split."""
+    interval_seconds: float = 0.0
+    """Also evaluate each time training seconds pass a multiple of this (checked at log intervals); 0: off."""
 
 
 @dataclass
@@ -99,6 +106,8 @@ class CheckpointSection:
     """Save every this many optimizer steps (and at the end); 0 saves only at the end."""
     keep_last: int = 0
     """Delete older checkpoints beyond this many (0 keeps all)."""
+    interval_seconds: float = 0.0
+    """Also save each time training seconds pass a multiple of this (checked at log intervals); 0: off."""
     resume: str = "auto"
     """auto (latest checkpoint in output_dir, if any), none, or a checkpoint folder."""
 
@@ -157,6 +166,10 @@ class RunConfig:
         need((self.duration.steps is None) != (self.duration.samples is None),
              "set exactly one of duration.steps and duration.samples")
         need((self.duration.steps or self.duration.samples or 0) > 0, "the duration must be positive")
+        need(self.duration.train_seconds is None or self.duration.train_seconds > 0,
+             "duration.train_seconds must be positive")
+        need(self.eval.interval_seconds >= 0 and self.checkpoint.interval_seconds >= 0,
+             "eval.interval_seconds and checkpoint.interval_seconds must be >= 0")
         need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         for name in ("eval.interval", "eval.batches", "checkpoint.interval", "checkpoint.keep_last"):
             section, key = name.split(".")

@@ -1,0 +1,81 @@
+"""`bench convergence` end to end on the CPU: two tiny models through the real pretrain command.
+
+Both models (a tiny MosaicBERT at 30% masking on the packed stream, a tiny BERT-architecture
+model at 15% on padded batches) train for the same few seconds on the bundled Jargon File; their
+held-out MLM loss must end well below the unigram baseline computed from the same data, i.e. they
+learned more than token frequencies. The report must be complete (table, JSON, plot).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.data import convert_docs, jargon_docs, tokenizer_dir
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_BERT = ("bert=bert-base,model.preset=tiny,model.overrides.position_embedding_type=learned,"
+             "model.overrides.mlp_type=gelu,model.overrides.unpad=false,"
+             "model.overrides.attention_probs_dropout_prob=0.1")
+TINY_MOSAIC = "mosaicbert=mosaicbert-base,model.preset=tiny"
+CPU_ARGS = ["--seconds", "25", "--eval-every", "8", "--checkpoint-every", "12", "--global-batch", "32",
+            "--micro-batch", "32", "--lr", "3e-3", "--num-workers", "0", "--log-interval", "5",
+            "--eval-batches", "0", "--precision", "fp32"]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.convergence", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    tokenizer_dir(tmp_path_factory)
+    return convert_docs(tmp_path_factory.mktemp("conv"), jargon_docs(4000), val_docs=200)
+
+
+def test_both_models_learn_beyond_unigram(dataset: Path, tmp_path: Path) -> None:
+    from benchmarks.convergence import unigram_loss
+
+    out = tmp_path / "conv"
+    for name in ("mosaicbert", "bert"):  # one model per call, as on the GPU
+        done = run(["--data", str(dataset), "--out", str(out), "--model", TINY_MOSAIC, "--model", TINY_BERT,
+                    "--only", name, *CPU_ARGS])
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run(["--out", str(out), "--report"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "convergence.json").read_text())
+    assert (out / "convergence.png").stat().st_size > 1000 and "| mosaicbert |" in (out / "convergence.md").read_text()
+    unigram = unigram_loss(dataset)
+    assert result["unigram_loss"] == pytest.approx(unigram)
+    for name, m in result["models"].items():
+        assert m["train_seconds"] >= 25 and m["train_seconds"] < 40, (name, m["train_seconds"])
+        seconds = [p["seconds"] for p in m["points"]]
+        assert len(seconds) >= 3 and seconds == sorted(seconds)
+        assert m["final_loss"] < unigram - 0.3, (name, m["final_loss"], unigram, m["points"])
+        assert set(m["time_to_final_of"]) == {"mosaicbert", "bert"} - {name}
+    # checkpoints at the timed points and at the end, listed for `mosaicbert-ds pareto`
+    done = run(["--out", str(out), "--pareto-listing"])
+    assert done.returncode == 0, done.stderr
+    listing = json.loads((out / "pareto_listing.json").read_text())
+    for name in ("mosaicbert", "bert"):
+        hours = [e["hours"] for e in listing if e["run"] == name]
+        assert len(hours) >= 3 and hours == sorted(hours) and hours[-1] * 3600 >= 25
+
+
+def test_refuses_a_used_folder_and_bad_model_spec(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "mosaicbert").mkdir()
+    (tmp_path / "mosaicbert" / "keep.txt").write_text("not ours")
+    done = run(["--data", str(dataset), "--out", str(tmp_path), "--only", "mosaicbert"])
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert (tmp_path / "mosaicbert" / "keep.txt").read_text() == "not ours"
+    done = run(["--data", str(dataset), "--out", str(tmp_path / "x"), "--model", "bad name=bert-base"])
+    assert done.returncode == 2 and "NAME=RECIPE" in done.stderr
+    done = run(["--out", str(tmp_path / "empty"), "--report"])
+    assert done.returncode == 2 and "no finished model runs" in done.stderr
