@@ -199,3 +199,25 @@ def test_export_refuses_a_layout_that_cannot_hold_the_model(tmp_path):
     with pytest.raises(UserError, match="hf-bert layout needs a bert-base-style model"):
         export_checkpoint(tmp_path / "a", tmp_path / "theirs", layout="hf-bert")
     assert not (tmp_path / "theirs").exists()
+
+
+def test_glue_loader_imports_the_authors_layout_and_refuses_partial_weights(tmp_path):
+    from mosaicbert_ds.glue.models import load_for_task, resolve_model_dir
+    from mosaicbert_ds.glue.tasks import get_task
+    from mosaicbert_ds.model import MosaicBertForSequenceClassification
+
+    sd, cfg, src = _hub_folder(tmp_path)
+    model_dir = resolve_model_dir(src, tmp_path / "ft")
+    assert model_dir == tmp_path / "ft" / "imported"
+    model = load_for_task(model_dir, get_task("rte"))
+    assert isinstance(model, MosaicBertForSequenceClassification)
+    assert torch.equal(model.bert.layers[1].mlp.Wo.weight, sd["bert.encoder.layer.1.mlp.wo.weight"])
+
+    _, hf = _hf_bert(tmp_path)
+    assert resolve_model_dir(hf, tmp_path / "ft2") == hf  # transformers' own BERT loads it whole
+    load_for_task(hf, get_task("rte"))
+    state = load_file(hf / "model.safetensors")
+    state = {k.replace("layer.1.", "block.1."): v for k, v in state.items()}  # not BERT's names any more
+    save_file(state, str(hf / "model.safetensors"))
+    with pytest.raises(UserError, match="does not fit the chosen model: it has no weight for 'bert.encoder.layer.1"):
+        load_for_task(hf, get_task("rte"))
