@@ -117,7 +117,7 @@ def flash_attn_varlen_func(
         if dropout_p != 0.0:
             raise ValueError("the Triton attention kernel has no dropout; set attention_probs_dropout_prob=0")
         # imported by name at call time: an exported model's copy of this file runs without the package
-        triton_varlen = importlib.import_module("mosaicbert_ds.kernels").flash_attn_varlen_func
+        triton_varlen = importlib.import_module("mosaicbert_ds.kernels.flash_attn").flash_attn_varlen_func
         return triton_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              softmax_scale=softmax_scale, causal=causal, alibi_slopes=alibi_slopes)
     return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
