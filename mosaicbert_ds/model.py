@@ -178,6 +178,11 @@ class MosaicBertPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, MosaicBertLMHead):
             nn.init.zeros_(module.bias)
+        elif isinstance(module, MosaicBertAttention) and module.alibi_slopes is not None:
+            # a computed buffer: transformers 5 builds models on the meta device and fills
+            # non-persistent buffers through this method
+            with torch.no_grad():
+                module.alibi_slopes.copy_(alibi_slopes(module.n_heads).to(module.alibi_slopes.device))
 
 
 @dataclass
