@@ -4,12 +4,13 @@ Importing the package registers the model with transformers' Auto classes, so th
 `AutoModelForMaskedLM.from_pretrained(dir)` loads a saved MosaicBERT without trust_remote_code.
 """
 
-from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM,
-                          AutoModelForSequenceClassification)
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
+                          AutoModelForSequenceClassification, AutoModelForTokenClassification)
 
 from .attention import alibi_slopes, flash_attn_varlen_func, varlen_attention_reference
 from .config import PRESETS, MosaicBertConfig
-from .model import (MosaicBertForMaskedLM, MosaicBertForSequenceClassification, MosaicBertModel,
+from .model import (MosaicBertForMaskedLM, MosaicBertForQuestionAnswering,
+                    MosaicBertForSequenceClassification, MosaicBertForTokenClassification, MosaicBertModel,
                     MosaicBertPreTrainedModel)
 from .padding import pad_output, unpad_input
 
@@ -19,9 +20,12 @@ AutoConfig.register(MosaicBertConfig.model_type, MosaicBertConfig, exist_ok=True
 AutoModel.register(MosaicBertConfig, MosaicBertModel, exist_ok=True)
 AutoModelForMaskedLM.register(MosaicBertConfig, MosaicBertForMaskedLM, exist_ok=True)
 AutoModelForSequenceClassification.register(MosaicBertConfig, MosaicBertForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(MosaicBertConfig, MosaicBertForTokenClassification, exist_ok=True)
+AutoModelForQuestionAnswering.register(MosaicBertConfig, MosaicBertForQuestionAnswering, exist_ok=True)
 
 __all__ = [
     "MosaicBertConfig", "PRESETS", "MosaicBertModel", "MosaicBertForMaskedLM",
-    "MosaicBertForSequenceClassification", "MosaicBertPreTrainedModel", "alibi_slopes",
+    "MosaicBertForSequenceClassification", "MosaicBertForTokenClassification",
+    "MosaicBertForQuestionAnswering", "MosaicBertPreTrainedModel", "alibi_slopes",
     "flash_attn_varlen_func", "varlen_attention_reference", "unpad_input", "pad_output",
 ]

@@ -11,6 +11,7 @@ The ALiBi bias of head h between query i and key j of one sequence is -slope[h] 
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -115,8 +116,8 @@ def flash_attn_varlen_func(
     if use_triton:
         if dropout_p != 0.0:
             raise ValueError("the Triton attention kernel has no dropout; set attention_probs_dropout_prob=0")
-        from mosaicbert_ds.kernels import flash_attn_varlen_func as triton_varlen
-
+        # imported by name at call time: an exported model's copy of this file runs without the package
+        triton_varlen = importlib.import_module("mosaicbert_ds.kernels.flash_attn").flash_attn_varlen_func
         return triton_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              softmax_scale=softmax_scale, causal=causal, alibi_slopes=alibi_slopes)
     return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

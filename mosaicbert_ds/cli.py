@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("mosaicbert_ds.data.tokenizer", "train a WordPiece tokenizer on a text corpus"),
     "convert": ("mosaicbert_ds.data.convert", "tokenize text into MDS shards for pretraining"),
     "pretrain": ("mosaicbert_ds.train.pretrain", "pretrain with DeepSpeed (one CPU, one GPU or many nodes)"),
+    "import": ("mosaicbert_ds.interop.cli", "convert a BERT or MosaicBERT transformers folder into this format"),
     "export": ("mosaicbert_ds.train.export", "turn a training checkpoint into a transformers folder"),
     "finetune-glue": ("mosaicbert_ds.glue.finetune", "finetune a checkpoint on GLUE and report the average"),
     "pareto": ("mosaicbert_ds.glue.pareto", "GLUE average vs pretraining hours for several checkpoints"),

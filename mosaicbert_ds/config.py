@@ -38,6 +38,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _ATTENTION_IMPLS = ("auto", "triton", "torch")
 
+RUNTIME_KEYS = ("attention_impl", "fused_ops")
+"""Config keys chosen where the model runs; they are not part of a saved architecture."""
+
+ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "position_embedding_type", "mlp_type", "max_position_embeddings",
+                     "type_vocab_size", "hidden_act", "layer_norm_eps", "head_layer_norm_eps")
+"""Keys that fix the shapes and the function of the weights (what `model.init_from` takes from its source)."""
+
 
 class MosaicBertConfig(PretrainedConfig):
     """Configuration of a MosaicBERT (or BERT-baseline) encoder.
@@ -56,6 +64,11 @@ class MosaicBertConfig(PretrainedConfig):
             or "torch".
         fused_ops: use the fused Triton elementwise kernels (GeGLU, residual + LayerNorm) where
             a CUDA device and Triton are present.
+        head_layer_norm_eps: the MLM head's LayerNorm eps when it differs from layer_norm_eps
+            (the authors' MosaicBERT fixes it at 1e-12); None means layer_norm_eps.
+
+    attention_impl and fused_ops are choices of the machine the model runs on, not of the
+    architecture (RUNTIME_KEYS): exported configs leave them out.
     """
 
     model_type = "mosaicbert"
@@ -84,6 +97,7 @@ class MosaicBertConfig(PretrainedConfig):
         attention_impl: str = "auto",
         fused_ops: bool = True,
         classifier_dropout: float | None = None,
+        head_layer_norm_eps: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -110,6 +124,7 @@ class MosaicBertConfig(PretrainedConfig):
         self.attention_impl = attention_impl
         self.fused_ops = bool(fused_ops)
         self.classifier_dropout = classifier_dropout
+        self.head_layer_norm_eps = head_layer_norm_eps
         self.validate()
 
     def validate(self) -> None:

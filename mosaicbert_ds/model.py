@@ -8,6 +8,14 @@ every layer (attention included, through flash_attn_varlen_func with cu_seqlens)
 (B, L, hidden) tensor with an additive attention mask.
 
 With labels, MosaicBertForMaskedLM runs its head only on the masked tokens.
+
+Heads: MaskedLM, SequenceClassification, TokenClassification, QuestionAnswering. Every model
+takes output_hidden_states (the embeddings' output and each layer's, laid out like
+last_hidden_state) and supports gradient_checkpointing_enable().
+
+This file, config.py, attention.py, ops.py and padding.py import nothing else of the package
+(the Triton kernels are looked up by name at run time), so an exported folder carries copies of
+them and loads with transformers alone (trust_remote_code=True).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import (BaseModelOutputWithPooling, MaskedLMOutput,
-                                           SequenceClassifierOutput)
+                                           QuestionAnsweringModelOutput, SequenceClassifierOutput,
+                                           TokenClassifierOutput)
 
 from .attention import alibi_bias, alibi_slopes, flash_attn_varlen_func, padded_attention
 from .config import MosaicBertConfig
@@ -150,7 +159,7 @@ class MosaicBertLayer(nn.Module):
 class MosaicBertPreTrainedModel(PreTrainedModel):
     config_class = MosaicBertConfig
     base_model_prefix = "bert"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["MosaicBertLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -169,6 +178,11 @@ class MosaicBertPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, MosaicBertLMHead):
             nn.init.zeros_(module.bias)
+        elif isinstance(module, MosaicBertAttention) and module.alibi_slopes is not None:
+            # a computed buffer: transformers 5 builds models on the meta device and fills
+            # non-persistent buffers through this method
+            with torch.no_grad():
+                module.alibi_slopes.copy_(alibi_slopes(module.n_heads).to(module.alibi_slopes.device))
 
 
 @dataclass
@@ -184,6 +198,21 @@ class Encoded:
     gather: torch.Tensor | None
     cu_seqlens: torch.Tensor | None
     padded_shape: tuple[int, int] | None
+    all_hidden: list[torch.Tensor] | None = None  # with output_hidden_states: embeddings, then each layer
+
+    def repad(self, h: torch.Tensor) -> torch.Tensor:
+        """Rows like `hidden` laid out like the input: (B, L, ...) for padded input, as is otherwise."""
+        if self.padded_shape is None:
+            return h
+        b, l = self.padded_shape
+        return pad_output(h, self.gather, b, l) if self.gather is not None else h.view(b, l, *h.shape[1:])
+
+    def hidden_states(self) -> tuple[torch.Tensor, ...] | None:
+        if self.all_hidden is None:
+            return None
+        if self.padded_shape is not None and self.gather is None:  # padded run: (B*L, d) rows
+            return tuple(self.repad(h.flatten(0, -2)) for h in self.all_hidden)
+        return tuple(self.repad(h) for h in self.all_hidden)
 
 
 class MosaicBertModel(MosaicBertPreTrainedModel):
@@ -194,6 +223,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         self.embeddings = MosaicBertEmbeddings(config)
         self.layers = nn.ModuleList([MosaicBertLayer(config) for _ in range(config.num_hidden_layers)])
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -213,8 +243,15 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-               max_seqlen: int | None = None) -> Encoded:
+               max_seqlen: int | None = None, output_hidden_states: bool = False) -> Encoded:
         """Run embeddings and layers; see `Encoded` for the layout of the result."""
+        enc = self._encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
+                           [] if output_hidden_states else None)
+        return enc
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                max_seqlen: int | None, keep: list[torch.Tensor] | None) -> Encoded:
         if cu_seqlens is not None:  # already unpadded
             if input_ids.dim() != 1:
                 raise ValueError("with cu_seqlens, input_ids must be the flat (total_tokens,) stream")
@@ -225,7 +262,7 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
                          if self.embeddings.position_embeddings is not None or not self.config.unpad else None)
             x = self.embeddings(input_ids, token_type_ids, positions)
             if self.config.unpad:
-                return Encoded(self._run(x, Packing(cu_seqlens, max_seqlen)), None, cu_seqlens, None)
+                return Encoded(self._run(x, Packing(cu_seqlens, max_seqlen), keep), None, cu_seqlens, None, keep)
             # unpad=False ablation on a packed batch: pad once, run padded, repack.
             batch = cu_seqlens.shape[0] - 1
             seq_idx = torch.repeat_interleave(torch.arange(batch, device=x.device),
@@ -234,8 +271,10 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             mask = torch.zeros(batch * max_seqlen, dtype=torch.long, device=x.device)
             mask[idx] = 1
             mask = mask.view(batch, max_seqlen)
-            h = self._run(pad_output(x, idx, batch, max_seqlen), Packing(bias=self._padded_bias(mask, x.dtype)))
-            return Encoded(h.flatten(0, 1)[idx], None, cu_seqlens, None)
+            h = self._run(pad_output(x, idx, batch, max_seqlen), Packing(bias=self._padded_bias(mask, x.dtype)), keep)
+            if keep is not None:
+                keep[:] = [t.flatten(0, 1)[idx] for t in keep]
+            return Encoded(h.flatten(0, 1)[idx], None, cu_seqlens, None, keep)
 
         if input_ids.dim() != 2:
             raise ValueError("padded input_ids must be (batch, seq_len); pass cu_seqlens for a flat batch")
@@ -248,17 +287,24 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             positions = (positions_from_cu_seqlens(cu, ids.shape[0])
                          if self.embeddings.position_embeddings is not None else None)
             x = self.embeddings(ids[:, 0], tt, positions)
-            return Encoded(self._run(x, Packing(cu, max_len)), gather, cu, (batch, seqlen))
+            return Encoded(self._run(x, Packing(cu, max_len), keep), gather, cu, (batch, seqlen), keep)
         positions = torch.arange(seqlen, device=input_ids.device).expand(batch, -1)
         x = self.embeddings(input_ids, token_type_ids, positions)
-        h = self._run(x, Packing(bias=self._padded_bias(attention_mask, x.dtype)))
-        return Encoded(h.flatten(0, 1), None, None, (batch, seqlen))
+        h = self._run(x, Packing(bias=self._padded_bias(attention_mask, x.dtype)), keep)
+        return Encoded(h.flatten(0, 1), None, None, (batch, seqlen), keep)
 
-    def _run(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, packing: Packing, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
         if packing.bias is not None and torch.is_autocast_enabled(x.device.type):
             packing.bias = packing.bias.to(torch.get_autocast_dtype(x.device.type))
+        if keep is not None:
+            keep.append(x)
         for layer in self.layers:
-            x = layer(x, packing)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(layer.__call__, x, packing)
+            else:
+                x = layer(x, packing)
+            if keep is not None:
+                keep.append(x)
         return x
 
     def pool(self, enc: Encoded) -> torch.Tensor:
@@ -271,15 +317,18 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, return_dict: bool | None = None, **_: object
-                ) -> BaseModelOutputWithPooling:
-        enc = self.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen)
-        hidden = enc.hidden
-        if enc.padded_shape is not None:  # padded input: padded output, re-padded once here
-            b, l = enc.padded_shape
-            hidden = pad_output(hidden, enc.gather, b, l) if enc.gather is not None else hidden.view(b, l, -1)
+                max_seqlen: int | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: object) -> BaseModelOutputWithPooling:
+        enc = self.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
+                          _hidden_states_wanted(self.config, output_hidden_states))
+        hidden = enc.repad(enc.hidden)  # padded input: padded output, re-padded once here
         pooled = self.pool(enc) if self.pooler is not None else None
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled,
+                                          hidden_states=enc.hidden_states())
+
+
+def _hidden_states_wanted(config: MosaicBertConfig, flag: bool | None) -> bool:
+    return bool(config.output_hidden_states if flag is None else flag)
 
 
 class MosaicBertLMHead(nn.Module):
@@ -289,7 +338,8 @@ class MosaicBertLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.act = config.hidden_act
-        self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps, config.low_precision_layernorm)
+        eps = config.layer_norm_eps if config.head_layer_norm_eps is None else config.head_layer_norm_eps
+        self.LayerNorm = LayerNorm(config.hidden_size, eps, config.low_precision_layernorm)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
@@ -305,6 +355,9 @@ class MosaicBertMaskedLMOutput(MaskedLMOutput):
 
 
 class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
+    # a pooler saved beside the MLM weights (imported from BERT) is for the classification heads
+    _keys_to_ignore_on_load_unexpected = [r"bert\.pooler\."]
+
     def __init__(self, config: MosaicBertConfig) -> None:
         super().__init__(config)
         self.bert = MosaicBertModel(config, add_pooling_layer=False)
@@ -314,19 +367,17 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                masked_positions: torch.Tensor | None = None, return_dict: bool | None = None, **_: object
-                ) -> MosaicBertMaskedLMOutput:
+                masked_positions: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: object) -> MosaicBertMaskedLMOutput:
         """labels: -100 where not masked, same shape as input_ids. masked_positions: optional
         (M,) indices of the masked tokens in the flattened input (T for a packed batch, B * L
         for a padded one), which saves a host sync."""
-        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen)
+        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
+                               _hidden_states_wanted(self.config, output_hidden_states))
         wte = self.bert.embeddings.word_embeddings.weight
         if labels is None:
-            logits = self.head(enc.hidden, wte)
-            if enc.padded_shape is not None:
-                b, l = enc.padded_shape
-                logits = pad_output(logits, enc.gather, b, l) if enc.gather is not None else logits.view(b, l, -1)
-            return MosaicBertMaskedLMOutput(logits=logits)
+            return MosaicBertMaskedLMOutput(logits=enc.repad(self.head(enc.hidden, wte)),
+                                            hidden_states=enc.hidden_states())
         flat_labels = labels.reshape(-1)
         if enc.gather is not None:
             flat_labels = flat_labels[enc.gather]
@@ -338,7 +389,8 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         masked_labels = flat_labels[masked_positions]
         logits = self.head(enc.hidden[masked_positions], wte)
         loss = cross_entropy(logits, masked_labels, fused=self.config.fused_ops)
-        return MosaicBertMaskedLMOutput(loss=loss, logits=logits, masked_labels=masked_labels)
+        return MosaicBertMaskedLMOutput(loss=loss, logits=logits, masked_labels=masked_labels,
+                                        hidden_states=enc.hidden_states())
 
 
 class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
@@ -356,8 +408,10 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                return_dict: bool | None = None, **_: object) -> SequenceClassifierOutput:
-        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen)
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, **_: object
+                ) -> SequenceClassifierOutput:
+        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
+                               _hidden_states_wanted(self.config, output_hidden_states))
         logits = self.classifier(self.dropout(self.bert.pool(enc)))
         loss = None
         if labels is not None:
@@ -370,4 +424,66 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
                 loss = F.cross_entropy(logits.float(), labels.long())
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=enc.hidden_states())
+
+
+class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
+    """Each token's hidden state -> dropout -> linear (NER-style tagging); labels -100 are ignored."""
+
+    _keys_to_ignore_on_load_unexpected = [r"bert\.pooler\.", r"^head\."]
+
+    def __init__(self, config: MosaicBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = MosaicBertModel(config, add_pooling_layer=False)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, **_: object
+                ) -> TokenClassifierOutput:
+        """logits are (B, L, num_labels) for padded input (zeros at the pads), (T, num_labels) for packed."""
+        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
+                               _hidden_states_wanted(self.config, output_hidden_states))
+        logits = self.classifier(self.dropout(enc.hidden))
+        loss = None
+        if labels is not None:
+            flat = labels.reshape(-1)
+            if enc.gather is not None:
+                flat = flat[enc.gather]
+            loss = F.cross_entropy(logits.float(), flat.long(), ignore_index=-100)
+        return TokenClassifierOutput(loss=loss, logits=enc.repad(logits), hidden_states=enc.hidden_states())
+
+
+class MosaicBertForQuestionAnswering(MosaicBertPreTrainedModel):
+    """Extractive QA: a linear layer gives each token a span-start and a span-end logit."""
+
+    _keys_to_ignore_on_load_unexpected = [r"bert\.pooler\.", r"^head\."]
+
+    def __init__(self, config: MosaicBertConfig) -> None:
+        super().__init__(config)
+        self.bert = MosaicBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: object) -> QuestionAnsweringModelOutput:
+        """Padded input only: start/end logits are (B, L), -inf-free (pads get 0 and should be masked)."""
+        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, None, None,
+                               _hidden_states_wanted(self.config, output_hidden_states))
+        start, end = enc.repad(self.qa_outputs(enc.hidden)).unbind(dim=-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            n = start.shape[1]  # positions outside the sequence are ignored, as in BERT
+            s_pos = start_positions.clamp(0, n).long()
+            e_pos = end_positions.clamp(0, n).long()
+            loss = (F.cross_entropy(start.float(), s_pos, ignore_index=n)
+                    + F.cross_entropy(end.float(), e_pos, ignore_index=n)) / 2
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end,
+                                            hidden_states=enc.hidden_states())

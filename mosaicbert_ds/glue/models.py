@@ -6,12 +6,18 @@ mosaicbert_ds.train.export.export_checkpoint into the output folder; the export 
 loaded like any transformers folder. The tokenizer comes from the model's folder unless
 --tokenizer names another, and must match the model's vocabulary.
 
+A folder in the paper authors' MosaicBERT layout (mosaicml/mosaic-bert-base) is imported once
+(mosaicbert_ds.interop) into the output folder and finetuned as this project's MosaicBERT.
+
 Each task gets `AutoModelForSequenceClassification` with its number of labels; a head whose
 shape differs from the saved one (the MNLI head when RTE starts from MNLI) is re-initialised.
+Every other weight must come from the folder: a model that would start with part of its encoder
+random (another architecture's names, a partial state dict) is refused with one line.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,10 @@ from . import atomic
 from .tasks import Task
 
 EXPORT_DIR = "pretrained"
+IMPORT_DIR = "imported"
+# Weights the classifier may lack (it adds them) or leave unused (the pretraining head).
+_NEW_OK = re.compile(r"^(classifier|bert\.pooler)\.")
+_UNUSED_OK = re.compile(r"^(cls|head)\.")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -58,7 +68,16 @@ def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is neither a transformers folder (config.json) nor a trainer "
                             f"checkpoint (latest)")
-        return path
+        from mosaicbert_ds.interop.folder import detect_layout
+
+        if detect_layout(path) != "mosaicbert-hub":
+            return path
+        target = Path(out_dir) / IMPORT_DIR  # transformers' BERT would load it with most weights random
+        if is_main and not (target / "config.json").is_file():
+            from mosaicbert_ds.interop.cli import import_folder
+
+            import_folder(path, target)
+        return target
     target = Path(out_dir) / EXPORT_DIR
     if is_main and not (target / "config.json").is_file():
         try:
@@ -104,10 +123,26 @@ def load_for_task(model_dir: Path, task: Task) -> torch.nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new or re-initialised head is expected, not news
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), config=config, ignore_mismatched_sizes=True, dtype=torch.float32).float()
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), config=config, ignore_mismatched_sizes=True, dtype=torch.float32,
+            output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_loading_info(model_dir, info)
+    return model.float()
+
+
+def check_loading_info(model_dir: Path, info: dict[str, Any]) -> None:
+    """Refuse a model whose encoder did not come entirely from `model_dir`."""
+    missing = [k for k in info.get("missing_keys", []) if not _NEW_OK.match(k)]
+    unused = [k for k in info.get("unexpected_keys", []) if not _UNUSED_OK.match(k)]
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
+    mismatched = [k for k in mismatched if not str(k).startswith("classifier.")]
+    for what, keys in (("has no weight for", missing), ("holds weights the model does not use, e.g.", unused),
+                       ("holds weights of another shape for", mismatched)):
+        if keys:
+            raise UserError(f"{model_dir} does not fit the chosen model: it {what} {sorted(keys)[0]!r} "
+                            f"({len(keys)} in all); convert it with `mosaicbert-ds import` or pick another model")
 
 
 def uses_packed_batches(model: torch.nn.Module) -> bool:

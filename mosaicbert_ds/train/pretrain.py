@@ -203,7 +203,9 @@ def forever(loader: Any) -> Iterator[dict[str, Any]]:
 
 def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], total_steps: int,
                  warmup_fraction: float, final_lr_ratio: float, seed: int = 17,
-                 compile_layers: bool = False, batched_optimizer: bool = True) -> tuple[Any, int]:
+                 compile_layers: bool = False, batched_optimizer: bool = True,
+                 init_state: dict[str, torch.Tensor] | None = None,
+                 gradient_checkpointing: bool = False) -> tuple[Any, int]:
     """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count.
 
     batched_optimizer: BF16_Optimizer's per-parameter loops (gradient accumulation, gradient norm,
@@ -214,6 +216,10 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
 
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = MosaicBertForMaskedLM(model_config)
+    if init_state is not None:  # model.init_from: every weight from the source, checked at import
+        model.load_state_dict(init_state, strict=True)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
     if compile_layers:
         for layer in model.bert.layers:
@@ -238,8 +244,14 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
     info = read_dataset_info(cfg.data.path, cfg.data.remote_cache)
     use_cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
-    model_config = MosaicBertConfig.from_name(cfg.model.preset, **{"vocab_size": info["vocab_size"],
-                                                                   **cfg.model.overrides})
+    init_state = None
+    if cfg.model.init_from:
+        from ..interop.init_from import config_and_weights
+
+        model_config, init_state = config_and_weights(cfg.model.init_from, cfg.model.preset, cfg.model.overrides)
+    else:
+        model_config = MosaicBertConfig.from_name(cfg.model.preset, **{"vocab_size": info["vocab_size"],
+                                                                       **cfg.model.overrides})
     if model_config.vocab_size < info["vocab_size"]:
         raise UserError(f"model vocab_size {model_config.vocab_size} is smaller than the dataset's "
                              f"tokenizer ({info['vocab_size']})")
@@ -277,7 +289,8 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     engine, n_params = build_engine(model_config, ds_config, total_steps, cfg.schedule.warmup_fraction,
-                                    cfg.schedule.final_lr_ratio, seed=cfg.seed, compile_layers=cfg.compile)
+                                    cfg.schedule.final_lr_ratio, seed=cfg.seed, compile_layers=cfg.compile,
+                                    init_state=init_state, gradient_checkpointing=cfg.model.gradient_checkpointing)
     torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
     graphed = GraphedEngineStep(engine) if cfg.cuda_graphs else None
 

@@ -25,10 +25,15 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 @dataclass
 class ModelSection:
-    preset: str = "base"
-    """Name of a MosaicBertConfig preset: tiny, base, large, bert-base, bert-large."""
+    preset: str | None = "base"
+    """Name of a MosaicBertConfig preset: tiny, base, large, bert-base, bert-large ('' with init_from)."""
     overrides: dict = field(default_factory=dict)
     """MosaicBertConfig keys that change the preset (the ablation switches, dropout, ...)."""
+    init_from: str = ""
+    """A model folder to start from (import, export, or a raw BERT / MosaicBERT folder): step 0,
+    fresh optimizer and schedule, the sizes from the source (a conflicting preset is an error; leave model.preset empty)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (less memory, about a third more compute)."""
 
 
 @dataclass
@@ -150,6 +155,8 @@ class RunConfig:
             if not cond:
                 raise UserError(message)
 
+        need(bool(self.model.preset) or bool(self.model.init_from),
+             "model.preset is empty: name a preset or set model.init_from")
         need(bool(self.data.path), "data.path is not set: point it at a dataset written by `mosaicbert-ds convert`")
         need(0.0 < self.data.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {self.data.mlm_probability}")
         need(0.0 < self.data.eval_mlm_probability < 1.0, "data.eval_mlm_probability must be in (0, 1)")

@@ -1,0 +1,200 @@
+"""Reading a model folder in any known layout, and writing one in any layout.
+
+A folder is config.json plus model.safetensors (or model.safetensors.index.json shards, or
+pytorch_model.bin). The layout is recognised from the state dict's keys; config.json only
+supplies what the weights cannot (heads, dropout, eps). The converted state dict must fill
+MosaicBertForMaskedLM exactly: every key present, none left over, every shape right.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RUNTIME_KEYS, MosaicBertConfig
+from ..errors import UserError
+from .layouts import LAYOUTS, KeyPool, Tensors
+
+OURS = "mosaicbert-ds"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+POOLER = ("bert.pooler.weight", "bert.pooler.bias")
+
+
+@dataclass
+class ConvertedModel:
+    """A model in this project's names: its config, its MosaicBertForMaskedLM state dict (plus
+    the pooler, when the source had one), where it came from and what was filled in."""
+
+    config: MosaicBertConfig
+    state: Tensors
+    layout: str
+    source: Path
+    notes: list[str] = field(default_factory=list)
+
+    def model(self) -> torch.nn.Module:
+        """The MosaicBertForMaskedLM holding these weights (strictly loaded)."""
+        from ..model import MosaicBertForMaskedLM
+
+        model = MosaicBertForMaskedLM(self.config)
+        model.load_state_dict({k: v for k, v in self.state.items() if k not in POOLER}, strict=True)
+        return model.eval()
+
+
+def _load_state(path: Path) -> Tensors:
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        state: Tensors = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(path / shard))
+        return state
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise UserError(f"{path} has no weights (model.safetensors, its index, or pytorch_model.bin)")
+
+
+def _with_prefix(state: Tensors) -> Tensors:
+    """A bare BertModel's keys (embeddings., encoder., pooler.) under the `bert.` prefix."""
+    if any(k.startswith("bert.") for k in state):
+        return state
+    return {f"bert.{k}": v for k, v in state.items()}
+
+
+def _check_against_model(config: MosaicBertConfig, state: Tensors, where: str, notes: list[str],
+                         fill_head: bool) -> Tensors:
+    """Every key and shape of MosaicBertForMaskedLM(config); the head from a fresh init if allowed."""
+    from ..model import MosaicBertForMaskedLM
+
+    torch.manual_seed(0)
+    expected = MosaicBertForMaskedLM(config).state_dict()
+    out = dict(state)
+    if fill_head and not any(k.startswith("head.") for k in state):
+        out.update({k: v.clone() for k, v in expected.items() if k.startswith("head.")})
+    for key, ref in expected.items():
+        if key not in out:
+            raise UserError(f"{where}: missing weight for {key!r}")
+        if tuple(out[key].shape) != tuple(ref.shape):
+            raise UserError(f"{where}: {key} has shape {tuple(out[key].shape)} but the config "
+                            f"needs {tuple(ref.shape)}")
+    for key in out:
+        if key not in expected and key not in POOLER:
+            raise UserError(f"{where}: unexpected weight {key!r}")
+    for key in POOLER:
+        if key in out and tuple(out[key].shape[-1:]) != (config.hidden_size,):
+            raise UserError(f"{where}: {key} has shape {tuple(out[key].shape)}")
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def detect_layout(path: str | Path) -> str | None:
+    """The layout of a folder's weights, or None when it is not a model folder this reads."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except ValueError:
+        return None
+    if cfg.get("model_type") == MosaicBertConfig.model_type:
+        return OURS
+    try:
+        keys = set(_with_prefix(_load_state(path)))
+    except UserError:
+        return None
+    return next((name for name, layout in LAYOUTS.items() if layout.detect(keys)), None)
+
+
+def read_model_folder(path: str | Path) -> ConvertedModel:
+    """`path` converted to this project's names; UserError for anything that does not fit exactly."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model folder (no config.json)")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except ValueError as err:
+        raise UserError(f"{path}/config.json is not JSON ({err})") from None
+    where = str(path)
+    if cfg.get("model_type") == MosaicBertConfig.model_type:
+        try:
+            config = MosaicBertConfig.from_dict({k: v for k, v in cfg.items() if k not in RUNTIME_KEYS})
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{path}/config.json: {err}") from None
+        state = _check_against_model(config, _load_state(path), where, [], fill_head=False)
+        return ConvertedModel(config, state, OURS, path)
+    state = _with_prefix(_load_state(path))
+    keys = set(state)
+    layout_name = next((name for name, layout in LAYOUTS.items() if layout.detect(keys)), None)
+    if layout_name is None:
+        arch = cfg.get("architectures") or cfg.get("model_type") or "unknown"
+        raise UserError(f"{path} holds neither BERT nor MosaicBERT weights ({arch}; no "
+                        f"'bert.encoder.layer.0.attention.self.query.weight' or '...self.Wqkv.weight'); "
+                        f"layouts that import: {', '.join(LAYOUTS)}, {OURS}")
+    if cfg.get("model_type", "bert") != "bert":
+        raise UserError(f"{path}/config.json says model_type {cfg.get('model_type')!r}, not 'bert'")
+    layout = LAYOUTS[layout_name]
+    try:
+        config = MosaicBertConfig(**layout.config_to_ours(cfg))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}/config.json: {err}") from None
+    if config.vocab_size != int(cfg.get("vocab_size", config.vocab_size)):
+        raise UserError(f"{path}: vocab_size {cfg['vocab_size']} changed to {config.vocab_size} on import")
+    notes: list[str] = []
+    pool = KeyPool(state, where)
+    ours = layout.to_ours(pool, config.num_hidden_layers, notes)
+    pool.finish()
+    state = _check_against_model(config, ours, where, notes, fill_head=True)
+    return ConvertedModel(config, state, layout_name, path, notes)
+
+
+def _save_safetensors(state: Tensors, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # tied tensors (decoder = word embeddings) are written as separate copies, as BERT's files hold them
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        if v.data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def copy_tokenizer(src: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer files found in `src` (if any) into `dest`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def write_model_folder(model: ConvertedModel, dest: Path, layout: str = OURS,
+                       tokenizer_from: Path | None = None) -> None:
+    """Write `model` into the (already created, empty) folder `dest` in `layout`."""
+    if layout == OURS:
+        d = model.config.to_dict()
+        for k in RUNTIME_KEYS:
+            d.pop(k, None)
+        d["architectures"] = ["MosaicBertForMaskedLM"]
+        (dest / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        _save_safetensors(model.state, dest / "model.safetensors")
+    else:
+        if layout not in LAYOUTS:
+            raise UserError(f"unknown layout {layout!r}; choose one of {', '.join([OURS, *LAYOUTS])}")
+        target = LAYOUTS[layout]
+        cfg = target.config_from_ours(model.config)
+        (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        _save_safetensors(target.from_ours(model.state, model.config), dest / "model.safetensors")
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, dest)
