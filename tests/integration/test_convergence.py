@@ -25,10 +25,10 @@ TINY_BERT = ("bert=bert-base,model.preset=tiny,model.overrides.position_embeddin
              "model.overrides.attention_probs_dropout_prob=0.1")
 TINY_MOSAIC = "mosaicbert=mosaicbert-base,model.preset=tiny"
 # A step cap ends each run on an idle 2-core machine (~15 s); the 90 s budget ends it on a loaded one.
-CPU_ARGS = ["--seconds", "90", "--max-steps", "200", "--eval-every", "4", "--checkpoint-every", "6",
+CPU_ARGS = ["--seconds", "90", "--max-steps", "200", "--eval-every", "5", "--checkpoint-every", "8",
             "--global-batch", "32",
             "--micro-batch", "32", "--lr", "3e-3", "--num-workers", "0", "--log-interval", "5",
-            "--eval-batches", "0", "--precision", "fp32"]
+            "--eval-batches", "4", "--precision", "fp32"]
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
