@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mosaicbert_ds.data.unigram import unigram_loss
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.outputs import atomic_write_json, atomic_write_text
 
@@ -114,41 +115,6 @@ def read_curve(run_dir: Path) -> dict[str, Any]:
             "final_loss": points[-1]["loss"] if points else None,
             "train_seconds": last_train.get("progress/train_seconds"), "tokens": last_train.get("progress/tokens"),
             "steps": last_train.get("step"), "final_train_loss": last_train.get("loss/train")}
-
-
-def read_samples(path: str | Path, split: str) -> list[Any]:
-    """Every stored sample of a split of a `convert` dataset, as token-id arrays."""
-    import numpy as np
-    from streaming.base.format import reader_from_json
-
-    root = Path(path)
-    dtype = np.dtype(json.loads((root / "mosaicbert_index.json").read_text())["token_dtype"]).newbyteorder("<")
-    index = json.loads((root / split / "index.json").read_text())
-    samples = []
-    for info in index["shards"]:
-        shard = reader_from_json(str(root), split, info)
-        for i in range(shard.samples):
-            samples.append(np.frombuffer(shard.get_item(i)["input_ids"], dtype=dtype))
-    return samples
-
-
-def unigram_loss(path: str | Path, train_split: str = "train", eval_split: str = "val") -> float:
-    """Cross-entropy (nats per token) on the held-out split of the best model that ignores context:
-    token frequencies counted on the training split (add-one smoothed). [CLS] and [SEP], never
-    masked, are left out. An MLM eval loss below it means the model uses the context."""
-    import numpy as np
-
-    def counts(split: str) -> Any:
-        samples = read_samples(path, split)
-        ids = np.concatenate([s[1:-1] for s in samples]).astype(np.int64)
-        return np.bincount(ids)
-
-    train, held = counts(train_split), counts(eval_split)
-    size = max(len(train), len(held))
-    train = np.pad(train, (0, size - len(train))) + 1.0
-    held = np.pad(held, (0, size - len(held)))
-    logp = np.log(train / train.sum())
-    return float(-(held * logp).sum() / held.sum())
 
 
 def time_to_loss(points: list[dict[str, Any]], target: float) -> float | None:

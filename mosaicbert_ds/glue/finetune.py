@@ -172,7 +172,8 @@ def finetune_glue(model: Path, out: Path, *, tasks: str | list[str] = "all", dat
         raise UserError(f"model {model} does not exist")
     meta = {"model": str(model), "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
             "data": str(Path(data_dir).resolve()) if data_dir else "hub:nyu-mll/glue",
-            "limit_train": limit_train, "limit_eval": limit_eval, "mnli_start": mnli_start}
+            "limit_train": limit_train, "limit_eval": limit_eval, "mnli_start": mnli_start,
+            "pretrain_seconds": _pretrain_seconds(model)}
     _check_run_file(out, meta)
 
     # What is finished already (and made the same way), what is left to run.
@@ -215,6 +216,23 @@ def finetune_glue(model: Path, out: Path, *, tasks: str | list[str] = "all", dat
     finally:
         if runtime is None:
             rt.close()
+
+
+def _pretrain_seconds(model: Path) -> float | None:
+    """Training seconds of a trainer checkpoint (its trainer_state.json), for the results table."""
+    from .models import TRAINER_STATE, trainer_checkpoint
+
+    found = trainer_checkpoint(model)
+    if found is None:
+        return None
+    root, tag = found
+    if tag is None:
+        tag = (root / "latest").read_text().strip()
+    state = root / tag / TRAINER_STATE
+    try:
+        return float(json.loads(state.read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) -> tuple[Path, Any]:

@@ -31,8 +31,10 @@ def _spread(values: list[float]) -> dict[str, Any]:
 def summarize_task(task: Task, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread of each metric over the seeds' result dicts."""
     metrics = {key: _spread([r["metrics"][key] for r in results]) for key in task.metric_keys()}
+    seconds = [r.get("seconds") for r in results]
     return {"display": task.display, "seeds": [r["seed"] for r in results], "metrics": metrics,
-            "score_metric": task.score_metric, "score": metrics[task.score_metric]}
+            "score_metric": task.score_metric, "score": metrics[task.score_metric],
+            "finetune_seconds": sum(seconds) if all(isinstance(x, (int, float)) for x in seconds) else None}
 
 
 def glue_average(tasks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -71,16 +73,22 @@ def to_markdown(summary: dict[str, Any]) -> str:
     meta = summary.get("meta") or {}
     if meta.get("model"):
         lines += [f"Model: `{meta['model']}`", ""]
-    lines += ["| task | metrics (mean ± std over seeds) | score in average | seeds |",
-              "|------|--------------------------------|------------------|-------|"]
+    if meta.get("pretrain_seconds") is not None:
+        lines += [f"Pretraining: {meta['pretrain_seconds']:.0f} s ({meta['pretrain_seconds'] / 3600:.3f} h) of training", ""]
+    lines += ["| task | metrics (mean ± std over seeds) | score in average | seeds | finetune s |",
+              "|------|--------------------------------|------------------|-------|------------|"]
     for task in summary["tasks"].values():
         metrics = ", ".join(f"{_metric_label(k)} {_fmt(v)}" for k, v in task["metrics"].items())
         score = f"{_metric_label(task['score_metric'])} {task['score']['mean']:.2f}"
-        lines.append(f"| {task['display']} | {metrics} | {score} | {len(task['seeds'])} |")
+        ft = task.get("finetune_seconds")
+        lines.append(f"| {task['display']} | {metrics} | {score} | {len(task['seeds'])} | "
+                     f"{'-' if ft is None else format(ft, '.1f')} |")
     avg = summary["glue_average"]
     if avg is not None:
         label = "GLUE average" if avg["complete"] else f"partial average ({len(avg['tasks'])} of {len(TASKS)} tasks)"
-        lines.append(f"| **{label}** | | **{avg['mean']:.2f}** ± {avg['sem']:.2f} (s.e.) | |")
+        total = [t.get("finetune_seconds") for t in summary["tasks"].values()]
+        ft = f"{sum(total):.1f}" if all(x is not None for x in total) else "-"
+        lines.append(f"| **{label}** | | **{avg['mean']:.2f}** ± {avg['sem']:.2f} (s.e.) | | {ft} |")
     lines += ["", "Average: MNLI-m acc, QNLI acc, QQP F1, SST-2 acc, CoLA MCC, RTE acc, MRPC F1, STS-B Spearman; "
               "± after the average is its standard error over finetuning seeds."]
     return "\n".join(lines) + "\n"
