@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -55,9 +56,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight names and config of the output (default: %(default)s)")
 
 
+def _bf16_optimizer_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint (bf16 training; DeepSpeed's
+    zero_to_fp32 does not read these). Each rank saves its flat partition of every parameter group;
+    concatenated in rank order they are the group's parameters back to back (padding at the end),
+    in the order and shapes that the model-states file records in `param_shapes`."""
+    def rank_of(path: Path) -> int:
+        return int(path.name.split("_pp_rank_")[1].split("_")[0])
+
+    files = sorted((root / tag).glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
+    if [rank_of(f) for f in files] != list(range(len(files))):
+        raise UserError(f"checkpoint {root / tag} lacks some ranks' optimizer files")
+    model_states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    partitions = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+                  ["single_partition_of_fp32_groups"] for f in files]
+    state: dict[str, torch.Tensor] = {}
+    for g, shapes in enumerate(model_states["param_shapes"]):
+        flat = torch.cat([parts[g].float() for parts in partitions])
+        offset = 0
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            state[name] = flat[offset:offset + n].view(shape).clone()
+            offset += n
+        if offset > flat.numel():
+            raise UserError(f"checkpoint {root / tag}: parameter group {g} is shorter than its parameters")
+    for name, target in model_states.get("shared_params", {}).items():
+        state[name] = state[target]
+    for name in model_states.get("buffer_names", []):
+        state[name] = model_states["module"][name].float()
+    return state
+
+
 def _fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if list((root / tag).glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return _bf16_optimizer_state_dict(root, tag)
     if list((root / tag).glob("*optim_states.pt")):
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     # ZeRO stage 0: the module in the model-states file is the full (fp32) model.

@@ -122,3 +122,26 @@ def test_resume_refuses_a_checkpoint_of_another_model_shape(dataset, tmp_path):
     res = pretrain("tiny-cpu", f"data.path={dataset}", f"output_dir={tmp_path / 'run'}")
     assert res.returncode == 2
     assert "another model shape" in res.stderr and "hidden_size" in res.stderr
+
+
+def test_bf16_checkpoint_exports_its_fp32_master_weights(dataset, tmp_path):
+    """bf16 runs save through BF16_Optimizer, whose files DeepSpeed's zero_to_fp32 cannot read:
+    export takes the fp32 masters, which round to exactly the bf16 weights the engine trained."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    res = pretrain("tiny-cpu", f"data.path={dataset}", f"output_dir={run}", "duration.steps=2", "eval.interval=0",
+                   "precision=bf16")
+    assert res.returncode == 0, res.stderr[-3000:]
+    tag = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert list(tag.glob("bf16_zero_pp_rank_0_*optim_states.pt")), "expected a BF16_Optimizer checkpoint"
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "mosaicbert_ds.cli", "export", str(run), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(out / "model.safetensors")
+    module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert set(module) <= set(exported)
+    for name, bf16 in module.items():
+        assert exported[name].dtype == torch.float32
+        assert torch.equal(exported[name].to(torch.bfloat16), bf16), name
