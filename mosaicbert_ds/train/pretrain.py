@@ -203,15 +203,18 @@ def forever(loader: Any) -> Iterator[dict[str, Any]]:
 
 def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], total_steps: int,
                  warmup_fraction: float, final_lr_ratio: float, seed: int = 17,
-                 compile_layers: bool = False, batched_optimizer: bool = True) -> tuple[Any, int]:
+                 compile_layers: bool = False, batched_optimizer: bool = False) -> tuple[Any, int]:
     """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count.
 
+    On one rank the engine's gradient all-reduce is skipped (train.deepspeed_internals).
     batched_optimizer: BF16_Optimizer's per-parameter loops (gradient accumulation, gradient norm,
-    clipping) replaced by foreach ops (train.ds_patches; the same numbers, less host time)."""
+    clipping) replaced by foreach ops (train.deepspeed_internals; the same numbers; off by default:
+    no measured gain on an H200)."""
     import deepspeed
 
-    from .ds_patches import batch_bf16_optimizer, is_bf16_optimizer
+    from .deepspeed_internals import check_version, prepare_engine
 
+    check_version()
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = MosaicBertForMaskedLM(model_config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -220,12 +223,7 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
             layer.compile(dynamic=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                       lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio))
-    if batched_optimizer:
-        batch_bf16_optimizer(engine)
-    if engine.dp_world_size == 1 and is_bf16_optimizer(engine.optimizer):
-        # one rank has nothing to reduce, but DeepSpeed would still flatten every gradient, scale it
-        # by 1 and copy it back at each accumulation boundary (the ZeRO optimizers need that call)
-        engine.enable_backward_allreduce = False
+    prepare_engine(engine, batched_optimizer=batched_optimizer)
     return engine, n_params
 
 
