@@ -19,7 +19,11 @@ match them and are chosen only when `fused` is True and the tensors live on a CU
 
 from __future__ import annotations
 
-import importlib
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn as nn
@@ -30,17 +34,45 @@ def _gelu_approximate(act: str) -> str:
     return "tanh" if act == "gelu_tanh" else "none"
 
 
-def _kernels(name: str = "fused"):
-    """mosaicbert_ds.kernels.<name>, or None where Triton is not importable."""
+def _register_source_tree_kernels() -> None:
+    """Run from a source checkout without installing (PYTHONPATH=<repo>), the repo's kernels/ folder
+    sits beside the package rather than inside it; register it under its installed name,
+    mosaicbert_ds.kernels, so that it is never importable as a top-level `kernels`."""
+    source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if "mosaicbert_ds.kernels" in sys.modules or importlib.util.find_spec("mosaicbert_ds.kernels") is not None:
+        return
+    if not source.is_file():
+        return
+    spec = importlib.util.spec_from_file_location("mosaicbert_ds.kernels", source,
+                                                  submodule_search_locations=[str(source.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mosaicbert_ds.kernels"] = module
     try:
-        return importlib.import_module(f"mosaicbert_ds.kernels.{name}")
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["mosaicbert_ds.kernels"]
+        raise
+    sys.modules["mosaicbert_ds"].kernels = module
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """The Triton kernels (mosaicbert_ds.kernels: flash_attn, fused, cross_entropy), or None where
+    they cannot be imported (no Triton). The one availability check for every kernel user."""
+    _register_source_tree_kernels()
+    try:
+        from mosaicbert_ds import kernels
+        from mosaicbert_ds.kernels import cross_entropy, fused  # noqa: F401
     except ImportError:
         return None
+    return kernels
 
 
-def kernels_for(t: torch.Tensor, fused: bool, name: str = "fused"):
+def kernels_for(t: torch.Tensor, fused: bool, name: str = "fused") -> ModuleType | None:
     """The kernel module to run on tensors like t: only when asked (`fused`), on CUDA, with Triton."""
-    return _kernels(name) if fused and t.is_cuda else None
+    if not (fused and t.is_cuda) or (kernels := triton_kernels()) is None:
+        return None
+    return getattr(kernels, name)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, fused: bool = False) -> torch.Tensor:
