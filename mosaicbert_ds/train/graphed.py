@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..batch import PackedBatch
 from ..errors import UserError
 from ..graphs import GraphedMLMStep
 from .deepspeed_internals import check_graphable, graphed_backward_epilogue
@@ -43,7 +44,7 @@ class GraphedEngineStep:
         self.step = GraphedMLMStep(engine.module, token_step, mask_step, forward=engine.module.forward,
                                    accumulate=False)
 
-    def __call__(self, batch: dict[str, Any], loss_scale: float | torch.Tensor) -> Any:
+    def __call__(self, batch: PackedBatch, loss_scale: float | torch.Tensor) -> Any:
         """`engine.backward(engine(**batch).loss * loss_scale)`; returns the model output (valid until
         the next call)."""
         engine = self.engine

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from ..batch import MLMBatch, is_packed
 from ..errors import UserError
 from ..config import MosaicBertConfig
 from ..flops import mfu, paper_flops_per_token, peak_flops, training_flops
@@ -76,9 +77,9 @@ class Window:
         self.start = time.perf_counter()
 
 
-def batch_stats(batch: dict[str, Any]) -> tuple[int, int, int, list[int]]:
+def batch_stats(batch: MLMBatch) -> tuple[int, int, int, list[int]]:
     """(sequences, real tokens, masked tokens, sequence lengths), read from CPU tensors."""
-    if "cu_seqlens" in batch:
+    if is_packed(batch):
         cu = batch["cu_seqlens"]
         lens = (cu[1:] - cu[:-1]).tolist()
         return len(lens), batch["input_ids"].numel(), batch["masked_positions"].numel(), lens
@@ -86,7 +87,7 @@ def batch_stats(batch: dict[str, Any]) -> tuple[int, int, int, list[int]]:
     return len(lens), sum(lens), batch["masked_positions"].numel(), lens
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: MLMBatch, device: torch.device) -> MLMBatch:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
