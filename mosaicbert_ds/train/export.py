@@ -21,6 +21,10 @@ from .checkpoint import latest_tag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds export runs/base/checkpoints runs/base/hf\n"
+                     "    mosaicbert-ds export runs/base/checkpoints runs/base/hf-step1000 --tag step_0001000")
     parser.add_argument("checkpoint", help="a run's checkpoints/ folder (or the run folder)")
     parser.add_argument("out", help="output folder for the transformers model")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_0001000 (default: latest)")

@@ -40,6 +40,13 @@ from .schedule import make_scheduler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds pretrain tiny-cpu data.path=runs/data                       # CPU smoke run\n"
+                     "    mosaicbert-ds pretrain mosaicbert-base data.path=/data/c4-mds duration.steps=1000   # 1 GPU\n"
+                     "    mosaicbert-ds pretrain my_run.yaml --dry-run                              # check, then exit\n"
+                     "    deepspeed --num_gpus 8 --no_local_rank --module mosaicbert_ds.cli pretrain mosaicbert-base \\\n"
+                     "        data.path=/data/c4-mds                                                # 1 node, 8 GPUs")
     parser.add_argument("run", help="run file (YAML/JSON) or bundled recipe name, e.g. mosaicbert-base")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. duration.steps=100")
     parser.add_argument("--dry-run", action="store_true", help="check the run file, data and ds_config, then exit")
