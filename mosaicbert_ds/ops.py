@@ -20,10 +20,12 @@ match them and are chosen only when `fused` is True and the tensors live on a CU
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,32 +36,28 @@ def _gelu_approximate(act: str) -> str:
     return "tanh" if act == "gelu_tanh" else "none"
 
 
-def _register_source_tree_kernels() -> None:
+class _SourceTreeKernels(importlib.abc.MetaPathFinder):
     """Run from a source checkout without installing (PYTHONPATH=<repo>), the repo's kernels/ folder
-    sits beside the package rather than inside it; register it under its installed name,
-    mosaicbert_ds.kernels, so that it is never importable as a top-level `kernels`."""
+    sits beside the package rather than inside it: this finds it under its installed name,
+    mosaicbert_ds.kernels, so that it is never imported as a top-level `kernels`."""
+
     source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-    if "mosaicbert_ds.kernels" in sys.modules or importlib.util.find_spec("mosaicbert_ds.kernels") is not None:
-        return
-    if not source.is_file():
-        return
-    spec = importlib.util.spec_from_file_location("mosaicbert_ds.kernels", source,
-                                                  submodule_search_locations=[str(source.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mosaicbert_ds.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["mosaicbert_ds.kernels"]
-        raise
-    sys.modules["mosaicbert_ds"].kernels = module
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "mosaicbert_ds.kernels":
+            return None
+        return importlib.util.spec_from_file_location(name, self.source,
+                                                      submodule_search_locations=[str(self.source.parent)])
+
+
+if importlib.util.find_spec("mosaicbert_ds.kernels") is None and _SourceTreeKernels.source.is_file():
+    sys.meta_path.append(_SourceTreeKernels())
 
 
 @functools.cache
 def triton_kernels() -> ModuleType | None:
     """The Triton kernels (mosaicbert_ds.kernels: flash_attn, fused, cross_entropy), or None where
     they cannot be imported (no Triton). The one availability check for every kernel user."""
-    _register_source_tree_kernels()
     try:
         from mosaicbert_ds import kernels
         from mosaicbert_ds.kernels import cross_entropy, fused  # noqa: F401
