@@ -47,7 +47,8 @@ RUN_FILE = "run.json"
 
 def add_finetune_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by finetune-glue and pareto."""
-    parser.add_argument("--tasks", default="all", help=f"comma-separated GLUE tasks ({','.join(TASKS)}), or 'all' (default)")
+    parser.add_argument("--tasks", default="all",
+                        help=f"comma-separated GLUE tasks ({','.join(TASKS)}), or 'all' (default)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="local GLUE TSV or JSONL files (DIR/MNLI/train.tsv ...); default: the hub's nyu-mll/glue")
     parser.add_argument("--seeds", default=None,
