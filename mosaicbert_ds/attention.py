@@ -11,11 +11,12 @@ The ALiBi bias of head h between query i and key j of one sequence is -slope[h] 
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
+
+from .ops import triton_kernels
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -92,11 +93,7 @@ def varlen_attention_reference(
 def _triton_available(q: torch.Tensor) -> bool:
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (32, 64, 128):
         return False
-    try:
-        from mosaicbert_ds import kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_kernels() is not None
 
 
 @torch.compiler.disable  # a graph break: the Triton kernel is launched eagerly inside compiled layers
@@ -116,9 +113,10 @@ def flash_attn_varlen_func(
     if use_triton:
         if dropout_p != 0.0:
             raise ValueError("the Triton attention kernel has no dropout; set attention_probs_dropout_prob=0")
-        # imported by name at call time: an exported model's copy of this file runs without the package
-        triton_varlen = importlib.import_module("mosaicbert_ds.kernels.flash_attn").flash_attn_varlen_func
-        return triton_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        kernels = triton_kernels()
+        if kernels is None:
+            raise RuntimeError("impl='triton': the Triton kernels cannot be imported (is Triton installed?)")
+        return kernels.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              softmax_scale=softmax_scale, causal=causal, alibi_slopes=alibi_slopes)
     return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,

@@ -26,17 +26,16 @@ from typing import Any, Callable
 import torch
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
 
-IGNORE_INDEX = -100
+from .batch import IGNORE_INDEX, PackedBatch
 
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def pad_packed(batch: dict[str, Any], token_step: int = 256, mask_step: int = 256, pad_id: int = 0
-               ) -> dict[str, Any]:
-    """A packed MLM batch (input_ids (T,), cu_seqlens (B+1,), max_seqlen, labels (T,),
-    masked_positions (M,), optional token_type_ids (T,)) padded to static bucket shapes.
+def pad_packed(batch: PackedBatch, token_step: int = 256, mask_step: int = 256, pad_id: int = 0
+               ) -> PackedBatch:
+    """A PackedBatch (mosaicbert_ds.batch) padded to static bucket shapes.
 
     T grows to the next multiple of token_step above T (at least one dummy token, which the padded
     masked positions point at), split into ceil(token_step / max_seqlen) dummy sequences (some of
@@ -161,7 +160,7 @@ class GraphedMLMStep:
         output = type(output)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in output.items()})
         return _Captured(graph, {k: v for k, v in inputs.items() if torch.is_tensor(v)}, output, kept)
 
-    def __call__(self, batch: dict[str, Any], grad_scale: float | torch.Tensor = 1.0) -> Any:
+    def __call__(self, batch: PackedBatch, grad_scale: float | torch.Tensor = 1.0) -> Any:
         if self.accumulate and any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise RuntimeError("a parameter's .grad was replaced or set to None; with CUDA graphs zero the "
                                "gradients in place (optimizer.zero_grad(set_to_none=False))")

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import (BaseModelOutputWithPooling, MaskedLMO
                                            TokenClassifierOutput)
 
 from .attention import alibi_bias, alibi_slopes, flash_attn_varlen_func, padded_attention
+from .batch import IGNORE_INDEX
 from .config import MosaicBertConfig
 from .ops import LayerNorm, ResidualSplit, cross_entropy, gelu, geglu, linear_dropout_add_layer_norm
 from .padding import pad_output, positions_from_cu_seqlens, unpad_input
@@ -369,9 +370,10 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 masked_positions: torch.Tensor | None = None, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None, **_: object) -> MosaicBertMaskedLMOutput:
-        """labels: -100 where not masked, same shape as input_ids. masked_positions: optional
-        (M,) indices of the masked tokens in the flattened input (T for a packed batch, B * L
-        for a padded one), which saves a host sync."""
+        """Takes a mosaicbert_ds.batch.PackedBatch or PaddedBatch as keyword arguments (shapes
+        there). labels: IGNORE_INDEX where not masked, same shape as input_ids. masked_positions:
+        optional (M,) indices of the masked tokens in the flattened input (T for a packed batch,
+        B * L for a padded one), which saves a host sync."""
         enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
                                _hidden_states_wanted(self.config, output_hidden_states))
         wte = self.bert.embeddings.word_embeddings.weight
@@ -382,7 +384,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         if enc.gather is not None:
             flat_labels = flat_labels[enc.gather]
         if masked_positions is None:
-            masked_positions = torch.nonzero(flat_labels != -100, as_tuple=False).flatten()
+            masked_positions = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
         elif enc.gather is not None:  # positions in the padded (B * L) input -> rows of the packed stream
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             masked_positions = (mask.flatten().cumsum(0) - 1)[masked_positions]

@@ -19,7 +19,13 @@ match them and are chosen only when `fused` is True and the tensors live on a CU
 
 from __future__ import annotations
 
-import importlib
+import functools
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,17 +36,41 @@ def _gelu_approximate(act: str) -> str:
     return "tanh" if act == "gelu_tanh" else "none"
 
 
-def _kernels(name: str = "fused"):
-    """mosaicbert_ds.kernels.<name>, or None where Triton is not importable."""
+class _SourceTreeKernels(importlib.abc.MetaPathFinder):
+    """Run from a source checkout without installing (PYTHONPATH=<repo>), the repo's kernels/ folder
+    sits beside the package rather than inside it: this finds it under its installed name,
+    mosaicbert_ds.kernels, so that it is never imported as a top-level `kernels`."""
+
+    source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "mosaicbert_ds.kernels":
+            return None
+        return importlib.util.spec_from_file_location(name, self.source,
+                                                      submodule_search_locations=[str(self.source.parent)])
+
+
+if importlib.util.find_spec("mosaicbert_ds.kernels") is None and _SourceTreeKernels.source.is_file():
+    sys.meta_path.append(_SourceTreeKernels())
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """The Triton kernels (mosaicbert_ds.kernels: flash_attn, fused, cross_entropy), or None where
+    they cannot be imported (no Triton). The one availability check for every kernel user."""
     try:
-        return importlib.import_module(f"mosaicbert_ds.kernels.{name}")
+        from mosaicbert_ds import kernels
+        from mosaicbert_ds.kernels import cross_entropy, fused  # noqa: F401
     except ImportError:
         return None
+    return kernels
 
 
-def kernels_for(t: torch.Tensor, fused: bool, name: str = "fused"):
+def kernels_for(t: torch.Tensor, fused: bool, name: str = "fused") -> ModuleType | None:
     """The kernel module to run on tensors like t: only when asked (`fused`), on CUDA, with Triton."""
-    return _kernels(name) if fused and t.is_cuda else None
+    if not (fused and t.is_cuda) or (kernels := triton_kernels()) is None:
+        return None
+    return getattr(kernels, name)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, fused: bool = False) -> torch.Tensor:

@@ -24,6 +24,10 @@ QUICKSTART_VOCAB = 2048
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds quickstart                     # into runs/quickstart\n"
+                     "    mosaicbert-ds quickstart runs/qs duration.steps=50 --keep")
     parser.add_argument("out", nargs="?", default="runs/quickstart", help="output folder (default runs/quickstart)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart recipe")
     parser.add_argument("--keep", action="store_true", help="resume an earlier quickstart run instead of restarting")

@@ -1,7 +1,5 @@
 """The data pipeline: text -> MDS shards (`convert`, `tokenizer`) -> masked MLM batches.
 
-Public names are imported lazily, so `mosaicbert-ds tokenizer` does not pay for streaming/torch.
-
     read_dataset_info(path, remote_cache=None) -> dict
     load_tokenizer(path, remote_cache=None) -> transformers tokenizer
     build_mlm_dataloader(path, *, split, batch_size, mlm_probability, seed, ...) -> MLMDataLoader
@@ -12,22 +10,18 @@ Public names are imported lazily, so `mosaicbert-ds tokenizer` does not pay for 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .collator import MLMCollator
+from .convert import ConvertConfig, convert_corpus
+from .dataset import (MLMDataLoader, TokenSampleDataset, build_mlm_dataloader, build_mlm_dataset,
+                      default_num_canonical_nodes, sample_tokens)
+from .default_corpus import bundled_corpus_path, prepare_default_corpus
+from .info import INDEX_NAME, load_tokenizer, read_dataset_info
+from .sources import SourceConfig
+from .tokenizer import train_tokenizer
 
-_EXPORTS = {
-    "read_dataset_info": "info", "load_tokenizer": "info", "INDEX_NAME": "info",
-    "MLMCollator": "collator",
-    "TokenSampleDataset": "dataset", "MLMDataLoader": "dataset", "build_mlm_dataloader": "dataset",
-    "build_mlm_dataset": "dataset", "default_num_canonical_nodes": "dataset", "sample_tokens": "dataset",
-    "ConvertConfig": "convert", "convert_corpus": "convert", "SourceConfig": "sources",
-    "train_tokenizer": "tokenizer",
-    "prepare_default_corpus": "default_corpus", "bundled_corpus_path": "default_corpus",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__all__ = [
+    "INDEX_NAME", "ConvertConfig", "MLMCollator", "MLMDataLoader", "SourceConfig", "TokenSampleDataset",
+    "build_mlm_dataloader", "build_mlm_dataset", "bundled_corpus_path", "convert_corpus",
+    "default_num_canonical_nodes", "load_tokenizer", "prepare_default_corpus", "read_dataset_info",
+    "sample_tokens", "train_tokenizer",
+]

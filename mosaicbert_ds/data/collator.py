@@ -1,15 +1,8 @@
 """MLM masking and batching: token-id samples -> the batch MosaicBertForMaskedLM consumes.
 
-Unpadded batch (default), B samples with T real tokens in all:
-    input_ids         int64 (T,)    every sample's tokens, concatenated, after masking
-    cu_seqlens        int32 (B+1,)  sample boundaries in the flat stream, cu_seqlens[0] = 0
-    max_seqlen        int           longest sample of this batch
-    labels            int64 (T,)    the original id where a token was chosen, -100 elsewhere
-    masked_positions  int64 (M,)    sorted indices where labels != -100
-Padded batch (padded=True; the BERT baseline and the unpadding ablation):
-    input_ids (B, L), attention_mask (B, L), labels (B, L) with -100 at unchosen and pad slots;
-    L is the batch maximum, or `pad_to` if given; masked_positions int64 (M,), indices into the
-    flattened (B * L) batch where labels != -100.
+The batch is a mosaicbert_ds.batch.PackedBatch (default) or, with padded=True (the BERT baseline
+and the unpadding ablation), a PaddedBatch whose width L is the batch maximum, or `pad_to` if
+given; mosaicbert_ds/batch.py documents the fields and shapes.
 
 Masking follows BERT: each non-special token is chosen with probability `mlm_probability`
 (0.30 for MosaicBERT, 0.15 for BERT and for evaluation); a chosen token becomes [MASK] 80% of
@@ -31,9 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..batch import IGNORE_INDEX, MLMBatch, PackedBatch, PaddedBatch
 from .hashing import combine, to_unit
-
-IGNORE_INDEX = -100
 
 
 class MLMCollator:
@@ -105,14 +97,14 @@ class MLMCollator:
         return np.split(inputs, cuts), np.split(labels, cuts)
 
     # ---- batching -----------------------------------------------------------------------
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: list[dict[str, Any]]) -> MLMBatch:
         if not samples:
             raise ValueError("empty batch")
         inputs, labels = self.mask(samples)
         masked = list(zip(inputs, labels))
         return self._padded(masked) if self.padded else self._unpadded(masked)
 
-    def _unpadded(self, masked: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    def _unpadded(self, masked: list[tuple[np.ndarray, np.ndarray]]) -> PackedBatch:
         lengths = np.array([len(inputs) for inputs, _ in masked], dtype=np.int64)
         labels = torch.from_numpy(np.concatenate([lab for _, lab in masked]))
         cu_seqlens = torch.zeros(len(masked) + 1, dtype=torch.int32)
@@ -125,7 +117,7 @@ class MLMCollator:
             "masked_positions": torch.nonzero(labels != IGNORE_INDEX).flatten(),
         }
 
-    def _padded(self, masked: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    def _padded(self, masked: list[tuple[np.ndarray, np.ndarray]]) -> PaddedBatch:
         longest = max(len(inputs) for inputs, _ in masked)
         width = longest if self.pad_to is None else self.pad_to
         if width < longest:

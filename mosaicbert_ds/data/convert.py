@@ -77,6 +77,12 @@ class ConvertConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds convert data/*.jsonl --tokenizer bert-base-uncased --out /data/mds\n"
+                     "    mosaicbert-ds convert --hf-dataset allenai/c4 --hf-config en --val-docs 20000 \\\n"
+                     "        --tokenizer bert-base-uncased --out /data/c4-128\n"
+                     "    mosaicbert-ds convert notes.txt.gz --text-unit paragraph --split-long --tokenizer ./tok --out ./mds")
     parser.add_argument("inputs", nargs="*", metavar="FILE_OR_GLOB",
                         help="text (.txt, .txt.gz), JSONL or Parquet files, or globs of them")
     hf = parser.add_argument_group("Hugging Face source (instead of files)")

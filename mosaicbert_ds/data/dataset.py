@@ -47,6 +47,7 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader
 
+from ..batch import IGNORE_INDEX
 from ..errors import UserError
 from .collator import MLMCollator
 from .info import default_cache_dir, is_remote, read_dataset_info
@@ -199,7 +200,7 @@ def build_mlm_dataloader(path: str, *, split: str | None, batch_size: int, mlm_p
 def sample_tokens(batch: dict[str, Any]) -> list[np.ndarray]:
     """The original (unmasked) token ids of each sample of a batch, for tests and debugging."""
     labels, inputs = batch["labels"], batch["input_ids"]
-    original = torch.where(labels != -100, labels, inputs)
+    original = torch.where(labels != IGNORE_INDEX, labels, inputs)
     if "cu_seqlens" in batch:
         cu = batch["cu_seqlens"].tolist()
         return [original[a:b].numpy() for a, b in zip(cu[:-1], cu[1:])]

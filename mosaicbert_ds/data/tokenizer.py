@@ -72,6 +72,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds tokenizer corpus/*.txt --vocab-size 30522 --out ./tokenizer\n"
+                     "    mosaicbert-ds tokenizer notes.jsonl.gz --text-field body --vocab-size 8192 --out ./tok")
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_GLOB", help="text, JSONL or Parquet files")
     parser.add_argument("--out", required=True, help="folder to save the tokenizer in")
     parser.add_argument("--vocab-size", type=int, default=30522, help="rounded up to a multiple of 64 (default: 30522)")

@@ -47,7 +47,8 @@ RUN_FILE = "run.json"
 
 def add_finetune_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by finetune-glue and pareto."""
-    parser.add_argument("--tasks", default="all", help="comma-separated GLUE tasks, or 'all' (default)")
+    parser.add_argument("--tasks", default="all",
+                        help=f"comma-separated GLUE tasks ({','.join(TASKS)}), or 'all' (default)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="local GLUE TSV or JSONL files (DIR/MNLI/train.tsv ...); default: the hub's nyu-mll/glue")
     parser.add_argument("--seeds", default=None,
@@ -67,6 +68,13 @@ def add_finetune_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds finetune-glue runs/base/hf --out runs/glue                 # all eight tasks\n"
+                     "    mosaicbert-ds finetune-glue runs/base/checkpoints --out runs/glue --tasks rte,mrpc,stsb --seeds 3\n"
+                     "    torchrun --nproc_per_node 8 -m mosaicbert_ds.cli finetune-glue runs/base/hf --out runs/glue\n"
+                     "\n"
+                     "GLUE tasks: " + ", ".join(TASKS))
     parser.add_argument("model", type=Path, help="transformers folder or trainer checkpoint folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder (re-use it to resume)")
     add_finetune_options(parser)

@@ -46,6 +46,10 @@ SECONDS_KEYS = ("train_seconds", "elapsed_s", "wall_clock_s", "time/elapsed_s", 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds pareto checkpoints.json --out runs/pareto            # finetune each, then plot\n"
+                     "    mosaicbert-ds pareto checkpoints.csv --out runs/pareto --metrics run/metrics.jsonl --seeds 3")
     parser.add_argument("listing", type=Path, help="JSON or CSV: path, hours (or step), optional label/run/results")
     parser.add_argument("--out", type=Path, required=True, help="output folder, one subfolder per checkpoint")
     parser.add_argument("--metrics", type=Path, default=None, help="trainer metrics JSONL, for hours by step")

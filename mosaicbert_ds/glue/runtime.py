@@ -1,9 +1,10 @@
 """Where finetuning runs: one process (CPU or one GPU) or plain torch DDP over several.
 
 Several processes are recognised by WORLD_SIZE > 1 in the environment, as torchrun and the
-deepspeed launcher set it (with RANK and LOCAL_RANK); each process then drives the GPU
-LOCAL_RANK (NCCL) or, without CUDA, a CPU process (gloo). DeepSpeed itself is not used for
-finetuning: a 137M-parameter model fits one GPU, and DDP is all the paper's recipe needs.
+deepspeed launcher set it (with RANK and LOCAL_RANK); the process group then starts as for
+pretraining (mosaicbert_ds.train.distributed.init_distributed) and each process drives its GPU
+(NCCL) or, without CUDA, a CPU process (gloo). DeepSpeed's engine is not used for finetuning: a
+137M-parameter model fits one GPU, and DDP is all the paper's recipe needs.
 
 Precision: bf16 autocast on CUDA with fp32 master weights; plain fp32 on CPU.
 """
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..train.distributed import init_distributed
 
 
 @dataclass
@@ -69,11 +71,8 @@ def setup_runtime(device: str = "auto") -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Runtime(torch.device("cuda") if use_cuda else torch.device("cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
     owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if owns:  # the trainer's process-group setup (it also picks this rank's GPU)
+        init_distributed(use_cuda=use_cuda)
+    dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return Runtime(dev, dist.get_rank(), dist.get_world_size(), owns)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
 from ..train.checkpoint import rng_state, set_rng_state
+from ..train.schedule import WarmupLinearDecay
 from . import atomic
 from .data import Tokenized
 from .metrics import predictions, task_metrics
@@ -63,14 +64,6 @@ class SeedRun:
     def signature(self, train_examples: int) -> dict[str, Any]:
         return {"task": self.task.name, "seed": self.seed, "hparams": dataclasses.asdict(self.hparams),
                 "init": str(self.init_dir), "train_examples": train_examples}
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Multiplier of the peak LR for the update at `step` (0-based): rises linearly over the first
-    `warmup` updates, then falls linearly to reach 0 after the last one."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def schedule(train_examples: int, hp: Hparams, world_size: int) -> tuple[int, int]:
@@ -131,7 +124,6 @@ def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tu
     started = time.perf_counter()
     signature = run.signature(len(train))
     per_epoch, total = schedule(len(train), hp, rt.world_size)
-    warmup = round(hp.warmup_fraction * total)
 
     torch.manual_seed(run.seed)  # a re-initialised head is the same on every rank and every resume
     model = load_for_task(run.init_dir, task)
@@ -140,7 +132,9 @@ def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tu
     model.to(rt.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
                                   weight_decay=hp.weight_decay / hp.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    # warmup, then linear decay to 0 one step after the last update
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupLinearDecay(total, hp.warmup_fraction, 0.0, floor_after_last_step=True))
     torch.manual_seed(run.seed * 1000 + rt.rank)  # dropout differs across ranks
 
     state_path = run.out_dir / STATE_FILE

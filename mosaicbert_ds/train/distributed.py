@@ -134,15 +134,18 @@ def _from_mpi(env: MutableMapping[str, str]) -> tuple[int, int, int, int, int]:
     return rank, world, local_rank, local_world, node_rank
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
+def init_distributed(backend: str | None = None, use_cuda: bool | None = None) -> DistInfo:
     """Discover the job (see `discover`), pick the CUDA device and start the process group.
 
-    backend: "nccl" on CUDA and "gloo" on CPU when None.
+    backend: "nccl" on CUDA and "gloo" on CPU when None. use_cuda: whether this process drives a
+    GPU (default: when one is visible). Pretraining and finetuning both start their groups here.
     """
     import torch
 
     info = discover()
-    if torch.cuda.is_available():
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
+    if use_cuda:
         count = torch.cuda.device_count()
         # One visible GPU per task (srun --gpus-per-task) means device 0 whatever the local rank.
         device = 0 if count == 1 else info.local_rank
@@ -150,7 +153,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
             raise UserError(f"local rank {info.local_rank} but only {count} GPUs are visible on this node")
         torch.cuda.set_device(device)
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if use_cuda else "gloo"
 
     import deepspeed
 

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from mosaicbert_ds.errors import UserError
+from mosaicbert_ds.train.deepspeed_internals import dtype_name, parse_with_deepspeed  # noqa: F401 (re-exported)
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -209,7 +210,7 @@ def precision_path(config: dict[str, Any]) -> str:
     bf16 = bool(config.get("bf16", config.get("bfloat16", {})).get("enabled", False))
     fp16 = bool(config.get("fp16", {}).get("enabled", False))
     model = "bf16" if bf16 else "fp16" if fp16 else "fp32"
-    accum = _dtype_name(config.get("data_types", {}).get("grad_accum_dtype")) or model
+    accum = dtype_name(config.get("data_types", {}).get("grad_accum_dtype")) or model
     if zero > 0:
         if model == "bf16" and accum == "fp32" and zero == 1:
             return "BF16_Optimizer"
@@ -221,18 +222,6 @@ def precision_path(config: dict[str, Any]) -> str:
         return "none"
     # FP16_Optimizer only for DeepSpeed's FusedAdam, which these configs never select.
     return "FP16_UnfusedOptimizer"
-
-
-def _dtype_name(value: Any) -> str | None:
-    if value is None:
-        return None
-    from deepspeed.runtime.config import DtypeEnum
-
-    try:
-        return DtypeEnum(value).name
-    except ValueError:
-        raise ValueError(f"data_types.grad_accum_dtype {value!r} is not a dtype DeepSpeed knows "
-                        f"(use \"fp32\" or \"bf16\")") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,34 +320,6 @@ def _check_optimizer(config: dict[str, Any], src: str) -> None:
     if unknown:
         raise UserError(f"{src}: optimizer {section['type']} does not take {', '.join(unknown)} "
                         f"(it takes {', '.join(sorted(allowed))})")
-
-
-class _ConfigAtWorldSize:
-    """DeepSpeed's own parser, run for a given world size without a process group.
-
-    DeepSpeedConfig.__init__ asks torch.distributed for the world size and falls back to 1 when
-    no group exists (an `mpu` is only consulted after that call succeeds), so there is no argument
-    that sets it. This runs the constructor's steps with world_size set first; a test checks that
-    at world size 1 the result equals a real DeepSpeedConfig, so a DeepSpeed change shows up.
-    """
-
-    def __new__(cls, config: dict[str, Any], world_size: int):
-        from deepspeed.runtime import config as ds_config_module
-
-        parsed = object.__new__(ds_config_module.DeepSpeedConfig)
-        parsed._param_dict = config
-        ds_config_module._reject_removed_config_keys(config)
-        parsed.global_rank = 0
-        parsed.world_size = world_size
-        parsed._initialize_params(copy.copy(config))
-        parsed._configure_train_batch_size()
-        parsed._do_sanity_check()
-        return parsed
-
-
-def parse_with_deepspeed(config: dict[str, Any], world_size: int) -> Any:
-    """DeepSpeed's DeepSpeedConfig for `config` at `world_size` (raises what DeepSpeed raises)."""
-    return _ConfigAtWorldSize(copy.deepcopy(config), world_size)
 
 
 def _one_line(err: BaseException) -> str:

@@ -49,6 +49,10 @@ AUTO_MAP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds export runs/base runs/base/hf\n"
+                     "    mosaicbert-ds export runs/base/checkpoints runs/base/hf-step1000 --tag step_0001000")
     parser.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or a model folder")
     parser.add_argument("out", help="output folder for the transformers model")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_0001000 (default: latest)")

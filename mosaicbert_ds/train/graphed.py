@@ -14,7 +14,8 @@ precision path of bf16 with ZeRO stage 1 and fp32 gradient accumulation), minus 
                                        nothing needs zeroing first (BF16_Optimizer.backward_prologue)
     fp32 += bf16 gradients             (BF16_Optimizer.backward_epilogue)
     all-reduce at the boundary         (engine.allreduce_gradients)
-and `engine.step()` runs unchanged, DeepSpeed's `zero_grad(set_to_none=True)` included.
+and `engine.step()` runs unchanged, DeepSpeed's `zero_grad(set_to_none=True)` included. The two
+calls into DeepSpeed's internals are in train.deepspeed_internals (`graphed_backward_epilogue`).
 """
 
 from __future__ import annotations
@@ -23,34 +24,31 @@ from typing import Any
 
 import torch
 
+from ..batch import PackedBatch
 from ..errors import UserError
 from ..graphs import GraphedMLMStep
-from .ds_patches import is_bf16_optimizer
+from .deepspeed_internals import check_graphable, graphed_backward_epilogue
 
 
 class GraphedEngineStep:
     """Forward + backward of one packed micro batch through a DeepSpeed engine, as a graph replay."""
 
     def __init__(self, engine: Any, token_step: int = 256, mask_step: int = 256) -> None:
-        opt = engine.optimizer
         if engine.device.type != "cuda":
             raise UserError("cuda_graphs needs a CUDA device")
-        if not is_bf16_optimizer(opt) or getattr(opt, "immediate_grad_update", True):
-            raise UserError("cuda_graphs needs DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1, fp32 "
-                            f"gradient accumulation, no immediate_grad_update); this engine has {type(opt).__name__}")
+        if (why := check_graphable(engine)) is not None:
+            raise UserError(why)
         self.engine = engine
         # the module's own forward, without the hooks DeepSpeed hangs on it: its throughput timer
         # synchronises the device (by default), which is illegal inside a capture
         self.step = GraphedMLMStep(engine.module, token_step, mask_step, forward=engine.module.forward,
                                    accumulate=False)
 
-    def __call__(self, batch: dict[str, Any], loss_scale: float | torch.Tensor) -> Any:
+    def __call__(self, batch: PackedBatch, loss_scale: float | torch.Tensor) -> Any:
         """`engine.backward(engine(**batch).loss * loss_scale)`; returns the model output (valid until
         the next call)."""
         engine = self.engine
         out = self.step(batch, grad_scale=loss_scale / engine.gradient_accumulation_steps())
-        engine.optimizer.backward_epilogue()
-        if engine.enable_backward_allreduce:
-            engine.allreduce_gradients()  # a no-op except at accumulation boundaries
+        graphed_backward_epilogue(engine)  # fp32 accumulation, all-reduce at boundaries
         return out
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from ..batch import MLMBatch, is_packed
 from ..errors import UserError
 from ..config import MosaicBertConfig
 from ..flops import mfu, paper_flops_per_token, peak_flops, training_flops
@@ -39,6 +40,13 @@ from .schedule import make_scheduler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "    mosaicbert-ds pretrain tiny-cpu data.path=runs/data                       # CPU smoke run\n"
+                     "    mosaicbert-ds pretrain mosaicbert-base data.path=/data/c4-mds duration.steps=1000   # 1 GPU\n"
+                     "    mosaicbert-ds pretrain my_run.yaml --dry-run                              # check, then exit\n"
+                     "    deepspeed --num_gpus 8 --no_local_rank --module mosaicbert_ds.cli pretrain mosaicbert-base \\\n"
+                     "        data.path=/data/c4-mds                                                # 1 node, 8 GPUs")
     parser.add_argument("run", help="run file (YAML/JSON) or bundled recipe name, e.g. mosaicbert-base")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. duration.steps=100")
     parser.add_argument("--dry-run", action="store_true", help="check the run file, data and ds_config, then exit")
@@ -76,9 +84,9 @@ class Window:
         self.start = time.perf_counter()
 
 
-def batch_stats(batch: dict[str, Any]) -> tuple[int, int, int, list[int]]:
+def batch_stats(batch: MLMBatch) -> tuple[int, int, int, list[int]]:
     """(sequences, real tokens, masked tokens, sequence lengths), read from CPU tensors."""
-    if "cu_seqlens" in batch:
+    if is_packed(batch):
         cu = batch["cu_seqlens"]
         lens = (cu[1:] - cu[:-1]).tolist()
         return len(lens), batch["input_ids"].numel(), batch["masked_positions"].numel(), lens
@@ -86,7 +94,7 @@ def batch_stats(batch: dict[str, Any]) -> tuple[int, int, int, list[int]]:
     return len(lens), sum(lens), batch["masked_positions"].numel(), lens
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: MLMBatch, device: torch.device) -> MLMBatch:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -203,17 +211,20 @@ def forever(loader: Any) -> Iterator[dict[str, Any]]:
 
 def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], total_steps: int,
                  warmup_fraction: float, final_lr_ratio: float, seed: int = 17,
-                 compile_layers: bool = False, batched_optimizer: bool = True,
+                 compile_layers: bool = False, batched_optimizer: bool = False,
                  init_state: dict[str, torch.Tensor] | None = None,
                  gradient_checkpointing: bool = False) -> tuple[Any, int]:
     """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count.
 
+    On one rank the engine's gradient all-reduce is skipped (train.deepspeed_internals).
     batched_optimizer: BF16_Optimizer's per-parameter loops (gradient accumulation, gradient norm,
-    clipping) replaced by foreach ops (train.ds_patches; the same numbers, less host time)."""
+    clipping) replaced by foreach ops (train.deepspeed_internals; the same numbers; off by default:
+    no measured gain on an H200)."""
     import deepspeed
 
-    from .ds_patches import batch_bf16_optimizer, is_bf16_optimizer
+    from .deepspeed_internals import check_version, prepare_engine
 
+    check_version()
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = MosaicBertForMaskedLM(model_config)
     if init_state is not None:  # model.init_from: every weight from the source, checked at import
@@ -226,12 +237,7 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
             layer.compile(dynamic=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                       lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio))
-    if batched_optimizer:
-        batch_bf16_optimizer(engine)
-    if engine.dp_world_size == 1 and is_bf16_optimizer(engine.optimizer):
-        # one rank has nothing to reduce, but DeepSpeed would still flatten every gradient, scale it
-        # by 1 and copy it back at each accumulation boundary (the ZeRO optimizers need that call)
-        engine.enable_backward_allreduce = False
+    prepare_engine(engine, batched_optimizer=batched_optimizer)
     return engine, n_params
 
 

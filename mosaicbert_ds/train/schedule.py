@@ -1,4 +1,5 @@
-"""The paper's learning-rate schedule: linear warmup, then linear decay to a floor."""
+"""The paper's learning-rate schedule, for pretraining and finetuning alike: linear warmup, then
+linear decay to a floor."""
 
 from __future__ import annotations
 
@@ -9,18 +10,22 @@ class WarmupLinearDecay:
     """Multiplier of the peak lr for optimizer step t (0-based), for torch's LambdaLR.
 
     Warmup rises linearly over the first `warmup_fraction` of the steps, reaching the peak at the
-    end of warmup; then the multiplier falls linearly to `final_ratio` at the last step.
+    end of warmup; then the multiplier falls linearly to `final_ratio` at the last step
+    (pretraining: the paper's floor of 0.02), or with `floor_after_last_step` one step after the
+    last (finetuning: decay to 0 while every update still has a non-zero rate).
     """
 
-    def __init__(self, total_steps: int, warmup_fraction: float, final_ratio: float) -> None:
+    def __init__(self, total_steps: int, warmup_fraction: float, final_ratio: float,
+                 floor_after_last_step: bool = False) -> None:
         self.total_steps = total_steps
         self.warmup_steps = round(total_steps * warmup_fraction)
         self.final_ratio = final_ratio
+        self.floor_step = total_steps if floor_after_last_step else total_steps - 1
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        decay_steps = max(1, self.total_steps - 1 - self.warmup_steps)
+        decay_steps = max(1, self.floor_step - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return 1.0 - (1.0 - self.final_ratio) * progress
 

@@ -1,4 +1,4 @@
-"""The batched BF16_Optimizer loops (mosaicbert_ds.train.ds_patches: gradient accumulation,
+"""The batched BF16_Optimizer loops (mosaicbert_ds.train.deepspeed_internals: gradient accumulation,
 gradient norm, clipping) against DeepSpeed's own: a real engine (bf16, ZeRO-1, fp32 accumulation)
 on the CPU, in a fresh process per run, two micro batches per step, with clipping that always
 and that never applies; gradient norms and fp32 master weights must match bitwise, with torch's AdamW and its fused kernel
@@ -62,7 +62,7 @@ def test_batched_optimizer_matches_deepspeed_bitwise(clip, fused):
     assert ours["optimizer"] == theirs["optimizer"] == "BF16_Optimizer"
     assert ours["fused"] is theirs["fused"] is fused
     assert ours["allreduce"] is theirs["allreduce"] is False  # one rank: nothing to reduce
-    assert ours["patched"] == ours["patched_step"] == "mosaicbert_ds.train.ds_patches"
+    assert ours["patched"] == ours["patched_step"] == "mosaicbert_ds.train.deepspeed_internals"
     assert theirs["patched"].startswith("deepspeed.") and theirs["patched_step"].startswith("deepspeed.")
     assert ours["norms"] == theirs["norms"]
     assert (min(ours["norms"]) > clip) if clip < 1 else (max(ours["norms"]) < clip)  # the branch under test

@@ -22,7 +22,8 @@ from mosaicbert_ds.glue.data import load_split, tokenize
 from mosaicbert_ds.glue.finetune import finetune_glue
 from mosaicbert_ds.glue.models import load_for_task, uses_packed_batches
 from mosaicbert_ds.glue.tasks import TASKS
-from mosaicbert_ds.glue.trainer import Hooks, lr_factor
+from mosaicbert_ds.glue.trainer import Hooks
+from mosaicbert_ds.train.schedule import WarmupLinearDecay
 from tests.helpers.glue import TSV, make_bert_model, make_mosaic_model, make_trainer_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,11 +40,12 @@ def ft(model: Path, out: Path, **kwargs) -> dict:
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
-    factors = [lr_factor(s, 6, 100) for s in range(100)]
+    lr_factor = WarmupLinearDecay(100, 0.06, 0.0, floor_after_last_step=True)  # the finetuning schedule
+    factors = [lr_factor(s) for s in range(100)]
     assert factors[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
     assert factors[6] == pytest.approx(94 / 94) and factors[-1] == pytest.approx(1 / 94)
     assert all(a >= b for a, b in zip(factors[5:], factors[6:]))
-    assert lr_factor(100, 6, 100) == 0.0
+    assert lr_factor(100) == 0.0
 
 
 def test_tiny_model_learns_the_keyword_rule(mosaic_dir: Path, tmp_path: Path) -> None:
