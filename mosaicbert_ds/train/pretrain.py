@@ -519,15 +519,15 @@ def save_checkpoint(run: Run) -> None:
 
 
 def describe_os_error(err: BaseException, where: Path) -> str:
-    errno_ = getattr(err, "errno", None)
+    """One phrase for a failed save. torch.save reports a full disk as a RuntimeError without an
+    errno, so little free space left after the failure counts as a full disk too."""
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     try:
         free = shutil.disk_usage(where).free
     except OSError:
         free = None
-    if errno_ == errno.ENOSPC or (free is not None and free < 64 * 2**20 and "write" in text.lower()):
-        return f"no space left on device ({free / 2**20:.0f} MiB free under {where})" if free is not None \
-            else "no space left on device"
+    if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2**20):
+        return "no space left on device" + (f" ({free / 2**20:.0f} MiB free under {where})" if free is not None else "")
     return text[:200]
 
 

@@ -195,3 +195,53 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_pa
     root = kept / "checkpoints"
     assert ckpt.complete_tags(root) == ["step_0000001"] and not (root / "step_0000002").exists()
     assert ckpt.resolve_tag(root) == "step_0000001"
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def rank_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), None)
+
+
+def test_torchrun_restarts_a_killed_rank_and_reproduces_the_losses(dataset, tmp_path):
+    """2 CPU ranks under torchrun --max-restarts 1: rank 1 is killed (SIGKILL) after step 3; torchrun
+    restarts both, they resume from the newest complete checkpoint, and every logged loss equals the
+    uninterrupted run's."""
+    def torchrun(out: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "mosaicbert_ds.cli", "pretrain",
+                *common(dataset, out, "duration.steps=6", "checkpoint.interval=1", "batch.global_batch=32",
+                        "batch.micro_batch=8")]
+
+    full = subprocess.run(torchrun(tmp_path / "full"), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=900)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun(run), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_for_step(run, 3, proc)
+        victim = next(p for p in children(proc.pid) if rank_of(p) == "1")
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    a = {r["step"]: r["loss/train"] for r in rows(tmp_path / "full")}
+    b = {}
+    for r in rows(run):  # the restart logs the steps after its checkpoint again: the last entry counts
+        b[r["step"]] = r["loss/train"]
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (step, a, b)
+    assert ckpt.complete_tags(run / "checkpoints")[-1] == "step_0000006"
