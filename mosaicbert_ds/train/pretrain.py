@@ -8,9 +8,11 @@ One CPU (smoke run, gloo), one GPU, or many nodes:
         data.path=/data/c4-mds                                                 # 1 node
     launch/deepspeed_hostfile.sh mosaicbert-base data.path=... deepspeed_config=ds_configs/mosaicbert-base_64gpu.json
 
-The loop reads top to bottom: `train` (resume, loop, eval, checkpoint), `train_step`
-(accumulation over micro batches, optimizer step), `forward_backward` (one micro batch).
-The host waits for the GPU only at log, eval and checkpoint intervals.
+`setup` (config, data, engine, resume) returns a `Run`; the loop then reads top to bottom:
+`train` (loop, eval, checkpoint, stop), `train_step` (accumulation over micro batches, optimizer
+step), `forward_backward` (one micro batch). The host waits for the GPU only at log, eval and
+checkpoint intervals; those are also where ranks agree to stop (a signal, duration.wall_time,
+divergence: train.stops, train.health). Exit codes: train.stops and docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -596,7 +598,8 @@ class OutputLock:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 fd = None
-        busy = torch.tensor([float(rank == 0 and fd is None)])
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        busy = torch.tensor([float(rank == 0 and fd is None)], device=device)  # NCCL needs a GPU tensor
         if dist.is_initialized():
             dist.all_reduce(busy)
         if busy.item():
