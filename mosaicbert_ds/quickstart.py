@@ -59,6 +59,25 @@ def _fill_mask(model_dir: Path, text: str) -> str:
     return ", ".join(tok.convert_ids_to_tokens(top))
 
 
+RUN_KIND = "quickstart-pretrain"
+
+
+def start_over(run_dir: Path) -> None:
+    """Remove an earlier quickstart's pretraining folder (marked as such); refuse anything else that
+    is not empty, so that a folder of the user's is never deleted. Then mark the fresh folder."""
+    from .errors import UserError
+    from .outputs import MARKER, atomic_write_json, output_kind
+
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise UserError(f"refusing to use {run_dir}: it is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if output_kind(run_dir) != RUN_KIND:
+            raise UserError(f"refusing to replace {run_dir}: it is not a quickstart run folder; choose another "
+                            "OUT, remove it yourself, or pass --keep to resume a run there")
+        shutil.rmtree(run_dir)
+    atomic_write_json(run_dir / MARKER, {"kind": RUN_KIND})
+
+
 def main(args: argparse.Namespace) -> int:
     from .data import prepare_default_corpus
 
@@ -69,8 +88,8 @@ def main(args: argparse.Namespace) -> int:
     # a vocabulary sized to the 1.7 MB corpus: with 8192 entries most pieces are too rare to learn in minutes
     data = prepare_default_corpus(out / "data", vocab_size=QUICKSTART_VOCAB, progress=True)
     run_dir = out / "pretrain"
-    if run_dir.exists() and not args.keep:
-        shutil.rmtree(run_dir)
+    if not args.keep:
+        start_over(run_dir)
     recipe = "quickstart-gpu" if n_gpus else "quickstart-cpu"
     print(f"[2/4] pretraining ({recipe}) on {where} -> {run_dir}")
     summary = _pretrain(recipe, [f"data.path={data}", f"output_dir={run_dir}", *args.overrides], n_gpus)

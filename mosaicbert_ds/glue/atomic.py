@@ -1,58 +1,62 @@
-"""Writes that either happen whole or not at all: a tmp file (or folder) and then a rename.
+"""The GLUE code's names for the project's atomic writes (mosaicbert_ds.outputs).
 
 A result file's presence is what marks a task seed as finished, so it must never exist
-half-written; a folder that is replaced (the MNLI model) is complete before it gets its name.
+half-written; a folder that is replaced (the MNLI model) is complete before it gets its name, and
+an existing folder there is replaced only if this project wrote it (outputs' marker file).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..outputs import atomic_torch_save, atomic_write_json, atomic_write_text, output_kind
+from ..outputs import MARKER, check_replaceable
 
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+MODEL_KIND = "glue-model"
 
 
 def write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_json(path, obj)
 
 
 def torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(obj, path)
 
 
 def tmp_dir_for(path: Path) -> Path:
-    """An empty sibling folder to fill before `replace_dir` gives it `path`'s name."""
-    tmp = _tmp(Path(path))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished folder `tmp` to `path`, replacing an older one there."""
+    """A fresh, uniquely named empty sibling folder to fill before `replace_dir` gives it `path`'s name."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+
+
+def replace_dir(tmp: Path, path: Path, kind: str | None = None) -> None:
+    """Publish the finished folder `tmp` as `path`. An existing `path` is replaced only if it is
+    this project's output of the same kind (default: the kind `tmp` is marked with, else a GLUE
+    model folder); anything else is refused with a UserError and `tmp` is removed."""
+    import json
+    import os
+    import shutil
+
+    tmp, path = Path(tmp), Path(path)
+    kind = kind or output_kind(tmp) or MODEL_KIND
+    try:
+        check_replaceable(path, kind)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if output_kind(tmp) is None:
+        (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
     if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

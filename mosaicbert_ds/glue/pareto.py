@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from . import atomic
+from ..outputs import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .finetune import add_finetune_options, finetune_glue, finetune_options
 from .models import TRAINER_STATE, trainer_checkpoint
 from .runtime import Runtime, setup_runtime
@@ -192,9 +192,9 @@ def plot(points: list[dict[str, Any]], path: Path, title: str | None = None) -> 
     if any(runs):
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def to_markdown(points: list[dict[str, Any]]) -> str:
@@ -218,8 +218,8 @@ def main(args: argparse.Namespace) -> int:
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         plot(points, out / "pareto.png", args.title)
-        atomic.write_json(out / "pareto.json", {"points": points})
-        atomic.write_text(out / "pareto.md", to_markdown(points))
+        atomic_write_json(out / "pareto.json", {"points": points})
+        atomic_write_text(out / "pareto.md", to_markdown(points))
         print(to_markdown(points))
         print(f"wrote {out / 'pareto.png'}, pareto.json and pareto.md", file=sys.stderr)
     return 0

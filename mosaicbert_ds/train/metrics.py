@@ -1,7 +1,9 @@
 """One metrics dict per log interval, sent to TensorBoard, a JSON-lines file and the console.
 
 Keys are namespaced ("loss/train", "throughput/tokens_per_sec", "memory/peak_gib", ...) so the
-three sinks show the same numbers under the same names. Only rank 0 writes.
+three sinks show the same numbers under the same names. Only rank 0 writes. A NaN or inf is
+logged as what it is: TensorBoard gets the value itself; metrics.jsonl (strict JSON) gets `null`
+and the key is listed under "nonfinite" in the same row. A None value (not measured) is left out.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
+        row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
+        if nonfinite:
+            row["nonfinite"] = nonfinite
+        self.jsonl.write(json.dumps(row) + "\n")
         if self.writer is not None:
-            for key, value in clean.items():
+            for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
 

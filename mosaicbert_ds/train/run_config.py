@@ -87,8 +87,11 @@ class ScheduleSection:
 class DurationSection:
     steps: int | None = None
     samples: int | None = None
-    """Alternative to steps: the step count is samples / global batch, rounded up."""
-    # --- wall-clock budget (time-to-loss benchmark) ---
+    """Alternative to steps: the step count is samples / global batch, rounded up. Raising steps or
+    samples on resume recomputes the learning-rate schedule for the new total."""
+    wall_time: str | None = None
+    """Stop, save and exit (code 4) once this much wall-clock time has passed since the start, e.g.
+    3h50m under a 4-hour job limit: leave room for one log interval and one save."""
     train_seconds: float | None = None
     """Stop once this many seconds of training (eval and checkpoint time excluded) have passed,
     checked at log intervals; steps/samples then bound the run and seed the step estimate, and the
@@ -118,6 +121,15 @@ class CheckpointSection:
 
 
 @dataclass
+class DivergenceSection:
+    max_nonfinite_steps: int = 3
+    """Stop (exit 3) after this many consecutive optimizer steps with a NaN/inf loss or gradient
+    norm; such steps are skipped by the optimizer and counted in optim/nonfinite_steps."""
+    spike_factor: float = 0.0
+    """Warn when an interval's loss exceeds this factor times its running mean (0: off)."""
+
+
+@dataclass
 class LogSection:
     interval: int = 50
     """Log every this many optimizer steps: the only points where the host waits for the GPU."""
@@ -136,6 +148,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    divergence: DivergenceSection = field(default_factory=DivergenceSection)
     output_dir: str = "runs/mosaicbert"
     seed: int = 17
     precision: str = "auto"
@@ -182,6 +195,16 @@ class RunConfig:
             section, key = name.split(".")
             need(getattr(getattr(self, section), key) >= 0, f"{name} must be >= 0")
         need(self.log.interval > 0, "log.interval must be positive")
+        need(self.divergence.max_nonfinite_steps > 0, "divergence.max_nonfinite_steps must be positive")
+        need(self.divergence.spike_factor == 0 or self.divergence.spike_factor > 1,
+             "divergence.spike_factor must be 0 (off) or above 1")
+        if self.duration.wall_time is not None:
+            from .stops import parse_duration
+
+            try:
+                need(parse_duration(self.duration.wall_time) > 0, "duration.wall_time must be positive")
+            except ValueError as err:
+                raise UserError(f"duration.wall_time: {err}") from None
         if self.cuda_graphs:
             need(not self.data.padded, "cuda_graphs needs packed batches (data.padded: false)")
             need(not self.compile, "cuda_graphs and compile are exclusive: pick one")

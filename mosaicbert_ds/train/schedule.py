@@ -37,3 +37,20 @@ def make_scheduler(total_steps: int, warmup_fraction: float, final_ratio: float)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(total_steps, warmup_fraction, final_ratio))
 
     return build
+
+
+def retarget_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, warmup_fraction: float,
+                      final_ratio: float) -> int:
+    """Set a (resumed) scheduler's schedule to this run's duration; returns the total it had.
+
+    A LambdaLR checkpoint restores its lambda's fields, so a resumed run would keep the old total
+    (and sit at the floor past it). The learning rate of the current step is recomputed at once."""
+    fn = scheduler.lr_lambdas[0]
+    old = fn.total_steps
+    scheduler.lr_lambdas = [WarmupLinearDecay(total_steps, warmup_fraction, final_ratio)
+                            for _ in scheduler.lr_lambdas]
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    return old

@@ -69,5 +69,8 @@ def make_trainer_checkpoint(run_dir: Path, step: int, train_seconds: float, seed
     config.to_json_file(str(root / "model_config.json"))
     torch.save({"module": MosaicBertForMaskedLM(config).state_dict()}, root / tag / "mp_rank_00_model_states.pt")
     (root / tag / "trainer_state.json").write_text(json.dumps({"step": step, "train_seconds": train_seconds}))
+    from mosaicbert_ds.train.checkpoint import mark_complete
+
+    mark_complete(root, tag, 1)  # written last, as the trainer does
     (root / "latest").write_text(tag)
     return root

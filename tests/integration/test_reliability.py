@@ -1,0 +1,251 @@
+"""Failures a run must survive or report, each on the CPU with the tiny model and the real engine:
+divergence, signals and time limits, damaged checkpoints, a second run on the same folder, a full
+disk during a save. Every case checks the exit code, the one-line message and what was there before."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mosaicbert_ds.train import checkpoint as ckpt
+from mosaicbert_ds.train.schedule import WarmupLinearDecay
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args]
+
+
+def env() -> dict:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def pretrain(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+def common(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["tiny-cpu", f"data.path={data}", f"output_dir={out}", "log.interval=1", "eval.interval=0",
+            "log.progress_bar=false", "log.tensorboard=false", *extra]
+
+
+def last_line(res: subprocess.CompletedProcess) -> str:
+    return res.stderr.strip().splitlines()[-1]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        path = run / "metrics.jsonl"
+        if path.is_file() and any(json.loads(r)["step"] >= step for r in path.read_text().splitlines() if r):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from mosaicbert_ds.data import prepare_default_corpus
+
+    return prepare_default_corpus(tmp_path_factory.mktemp("data") / "jargon")
+
+
+def test_divergence_is_logged_and_stops_the_run_with_the_last_good_checkpoint(dataset, tmp_path):
+    run = tmp_path / "run"
+    # lr 1e30: step 1 blows the weights up, every later loss is NaN and the optimizer skips the step
+    res = pretrain(*common(dataset, run, "duration.steps=20", "checkpoint.interval=1", "optimizer.lr=1e30",
+                           "schedule.warmup_fraction=0", "divergence.max_nonfinite_steps=3"))
+    assert res.returncode == 3, res.stderr[-3000:]
+    line = last_line(res)
+    assert line.startswith("mosaicbert-ds pretrain: diverged at step 4: 3 consecutive non-finite steps from step 2"), line
+    assert "rank(s) 0" in line and f"last good checkpoint: {run / 'checkpoints' / 'step_0000003'}" in line, line
+    assert "Traceback" not in res.stderr
+    log = {r["step"]: r for r in rows(run)}
+    assert log[1]["loss/train"] is not None and "nonfinite" not in log[1]
+    assert log[2]["loss/train"] is None and "loss/train" in log[2]["nonfinite"]  # logged as what it is
+    assert [log[s]["optim/nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    root = run / "checkpoints"
+    assert ckpt.complete_tags(root) == ["step_0000001", "step_0000002", "step_0000003"]  # none after step 3
+
+
+def test_second_run_on_the_folder_refuses_and_sigterm_saves_and_exits_4(dataset, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(cmd(*common(dataset, run, "duration.steps=200", "checkpoint.interval=0")), cwd=ROOT,
+                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(run, 1, first)
+        second = pretrain(*common(dataset, run, "duration.steps=200"))
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "is in use by another run (pid" in last_line(second), last_line(second)
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 4, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mosaicbert-ds pretrain: stopped at step ") and "(SIGTERM)" in line, line
+    assert "Traceback" not in err
+    step = int(line.split("stopped at step ")[1].split()[0])
+    assert ckpt.complete_tags(run / "checkpoints") == [f"step_{step:07d}"]
+    assert max(r["step"] for r in rows(run)) == step
+
+
+def test_wall_time_stops_like_a_signal(dataset, tmp_path):
+    run = tmp_path / "run"
+    res = pretrain(*common(dataset, run, "duration.steps=200", "duration.wall_time=1s"))
+    assert res.returncode == 4, res.stderr[-3000:]
+    assert "stopped at step 1 (duration.wall_time 1s reached)" in last_line(res), last_line(res)
+    assert ckpt.complete_tags(run / "checkpoints") == ["step_0000001"]
+
+
+@pytest.fixture(scope="module")
+def three_tags(dataset, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("tags") / "run"
+    res = pretrain(*common(dataset, run, "duration.steps=3", "checkpoint.interval=1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / ".run.lock").unlink(missing_ok=True)
+    return dst
+
+
+def test_every_save_is_complete_and_latest_is_only_a_hint(three_tags, tmp_path, capsys):
+    root = copy_run(three_tags, tmp_path / "run") / "checkpoints"
+    assert ckpt.complete_tags(root) == ["step_0000001", "step_0000002", "step_0000003"]
+    assert (root / "latest").read_text() == "step_0000003"
+    for text in ("", "step_00000", "\x00\x00garbage"):  # empty or corrupt latest: the folders decide
+        (root / "latest").write_text(text)
+        assert ckpt.resolve_tag(root) == "step_0000003"
+    (root / "latest").unlink()
+    assert ckpt.resolve_resume("auto", root) == (root, "step_0000003")
+    assert "using the newest complete checkpoint step_0000003" in capsys.readouterr().err
+
+
+def test_damaged_newest_falls_back_and_explicit_tags_must_be_complete(three_tags, tmp_path, capsys):
+    from mosaicbert_ds.errors import UserError
+
+    root = copy_run(three_tags, tmp_path / "run") / "checkpoints"
+    shard = next((root / "step_0000003").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    (root / "step_0000002" / "rng_rank0.pt").unlink()  # a missing per-rank file
+    assert ckpt.resolve_tag(root) == "step_0000001"
+    err = capsys.readouterr().err
+    assert "skipping damaged checkpoint" in err and "truncated" in err and "rng_rank0.pt is missing" in err
+    with pytest.raises(UserError, match="step_0000003 is not complete: .*truncated"):
+        ckpt.resolve_resume(str(root / "step_0000003"), root)
+    with pytest.raises(UserError, match="rng_rank0.pt is missing"):
+        ckpt.resolve_tag(root, "step_0000002")
+    for tag in ("step_0000001", "step_0000002", "step_0000003"):
+        (root / tag / ckpt.COMPLETE).unlink()
+    with pytest.raises(UserError, match="none is complete"):  # never a silent restart from step 0
+        ckpt.resolve_resume("auto", root)
+
+
+def test_resume_skips_a_damaged_tag_and_recomputes_the_schedule_for_a_longer_run(three_tags, tmp_path):
+    run = copy_run(three_tags, tmp_path / "run")
+    root = run / "checkpoints"
+    next(iter((root / "step_0000003").glob("*optim_states.pt"))).unlink()  # a missing shard
+    before = (root / "step_0000002" / ckpt.COMPLETE).read_text()
+    res = pretrain(*common(Path(json.loads((run / "run_config.json").read_text())["data"]["path"]), run,
+                           "duration.steps=6", "checkpoint.interval=0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "skipping damaged checkpoint" in res.stderr and "optim_states.pt is missing" in res.stderr
+    assert "the duration changes from 3 to 6 steps" in res.stderr
+    assert (root / "step_0000002" / ckpt.COMPLETE).read_text() == before  # the resumed tag is untouched
+    lr = json.loads((run / "run_config.json").read_text())["optimizer"]["lr"]
+    resumed = [r for r in rows(run) if r["step"] == 3][-1]  # the re-run step 3, after the fallback to 2
+    schedule = WarmupLinearDecay(6, 0.06, 0.02)
+    assert resumed["optim/lr"] == pytest.approx(lr * schedule(3), rel=1e-6)  # lr after the step-3 update
+    assert ckpt.complete_tags(root)[-1] == "step_0000006"
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path):
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root to mount a small tmpfs")
+    mnt, kept = tmp_path / "mnt", tmp_path / "kept"
+    mnt.mkdir()
+    run = mnt / "run"
+    # one checkpoint of the tiny model is about 10 MB: the first fits, the second does not
+    script = ('mount -t tmpfs -o size=16m tmpfs "$1" && shift && "$@"; rc=$?; cp -a "$MNT/run" "$KEPT"; exit $rc')
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(mnt),
+                          *cmd(*common(dataset, run, "duration.steps=4", "checkpoint.interval=1"))],
+                         cwd=ROOT, env={**env(), "MNT": str(mnt), "KEPT": str(kept)}, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 5, res.stderr[-3000:]
+    line = last_line(res)
+    assert "could not save checkpoint step_0000002 at step 2: no space left on device" in line, line
+    assert f"{run / 'checkpoints' / 'step_0000001'} is intact" in line, line
+    root = kept / "checkpoints"
+    assert ckpt.complete_tags(root) == ["step_0000001"] and not (root / "step_0000002").exists()
+    assert ckpt.resolve_tag(root) == "step_0000001"
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def rank_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), None)
+
+
+def test_a_killed_rank_is_resumed_by_rerunning_and_reproduces_the_losses(dataset, tmp_path):
+    """2 CPU ranks under torchrun (gloo): rank 1 is killed (SIGKILL) after step 3, the launcher ends
+    the job, the same command is run again (what a job script, Slurm's requeue or a DeepSpeed
+    launcher re-run does); it resumes from the newest complete checkpoint and every logged loss
+    equals the uninterrupted run's."""
+    def torchrun(out: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "mosaicbert_ds.cli", "pretrain",
+                *common(dataset, out, "duration.steps=6", "checkpoint.interval=1", "batch.global_batch=32",
+                        "batch.micro_batch=8")]
+
+    full = subprocess.run(torchrun(tmp_path / "full"), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=900)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun(run), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_for_step(run, 3, proc)
+        victim = next(p for p in children(proc.pid) if rank_of(p) == "1")
+        os.kill(victim, signal.SIGKILL)
+        proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    killed_at = max(r["step"] for r in rows(run))
+    again = subprocess.run(torchrun(run), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, "\n".join(l for l in again.stderr.splitlines() if "Error" in l)[-3000:]
+    a = {r["step"]: r["loss/train"] for r in rows(tmp_path / "full")}
+    b = {}
+    for r in rows(run):  # the re-run logs the steps after its checkpoint again: the last entry counts
+        b[r["step"]] = r["loss/train"]
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and killed_at < 6
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (step, a, b)
+    assert ckpt.complete_tags(run / "checkpoints")[-1] == "step_0000006"
