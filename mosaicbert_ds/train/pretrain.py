@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from .metrics import MetricsLogger, console_line
 from .run_config import RunConfig, load_run_config
 from .graphed import GraphedEngineStep
+from .preflight import check_run
 from .schedule import make_scheduler
 
 
@@ -263,6 +264,7 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
     micro = ds_config["train_micro_batch_size_per_gpu"]
     accum = ds_config["gradient_accumulation_steps"]
     total_steps = cfg.duration.steps or math.ceil(cfg.duration.samples / global_batch)
+    check_run(cfg, model_config, ds_config, info)  # data, vocabulary, output folder: before any GPU time
     if dry_run:
         return {"ok": True, "world_size": world, "total_steps": total_steps, "ds_config": ds_config}
 
