@@ -227,6 +227,8 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            continue  # construct_mapping reports unhashable keys itself
         if key in seen:
             raise _DuplicateKey(f"line {line}: duplicate key {key!r} (first on line {seen[key]}); "
                                 "give each section and key once")

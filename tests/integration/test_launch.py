@@ -274,3 +274,36 @@ def test_bad_launch_variables_are_one_line_before_any_launcher(tmp_path, script,
     assert proc.stderr.strip().splitlines() == [f"{script}: error: {message}"] or \
         (proc.stderr.strip().count("\n") == 0 and message in proc.stderr), proc.stderr
     assert not marker.exists() and not list(tmp_path.glob("mbds-*"))  # no launcher, no temporary files left
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_host_train_as_documented(tmp_path):
+    """launch/README.md's two-"nodes"-on-one-host example for real: both node launchers share this
+    host's /dev/shm (no private mount), node 1 through deepspeed_no_ssh.sh, node 0 through the plain
+    deepspeed command without --no_local_rank. Streaming must not collide (FileExistsError) and
+    `pretrain` must accept --local_rank=N."""
+    from mosaicbert_ds.data import prepare_default_corpus
+
+    data = prepare_default_corpus(tmp_path / "data")
+    run = ["tiny-cpu", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "duration.steps=2",
+           "log.interval=1", "eval.interval=2", "eval.batches=1", "checkpoint.interval=0"]
+    port = str(_free_port())
+    env = launch_env(tmp_path, NUM_NODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                     MBDS_MODULE="mosaicbert_ds.cli", CUDA_VISIBLE_DEVICES="")
+    hostfile = _hostfile(tmp_path, "node0 slots=1\nnode1 slots=1\n")
+    plain = ["deepspeed", "--no_ssh", "--node_rank", "0", "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
+             "--master_port", port, "--module", "mosaicbert_ds.cli", "pretrain", *run]
+    logs = [open(tmp_path / f"node{n}.log", "w+") for n in (0, 1)]
+    procs = [subprocess.Popen([str(LAUNCH / "deepspeed_no_ssh.sh"), *run], env={**env, "NODE_RANK": "1"}, cwd=ROOT,
+                              stdout=logs[1], stderr=subprocess.STDOUT),
+             subprocess.Popen(plain, env=env, cwd=ROOT, stdout=logs[0], stderr=subprocess.STDOUT)]
+    for proc in procs:
+        proc.wait(timeout=900)
+    text = ""
+    for log in logs:
+        log.seek(0)
+        text += log.read()
+    assert all(p.returncode == 0 for p in procs), text[-4000:]
+    assert "FileExistsError" not in text and "--local_rank=0" in text  # DeepSpeed did pass it
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/train" in r] == [1, 2] and any("loss/eval" in r for r in rows)
