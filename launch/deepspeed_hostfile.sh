@@ -8,8 +8,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 mbds_usage "$@"
 run_file="$1"; shift
-: "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (see launch/hostfile.example)}"
+mbds_require HOSTFILE "a DeepSpeed hostfile, see launch/hostfile.example"
 mbds_check_hostfile "$HOSTFILE"
+mbds_check_int NUM_NODES 1 "$HOSTFILE_NODES" "the hostfile lists $HOSTFILE_NODES hosts"
 
 # pdsh starts a fresh shell on each node: DeepSpeed exports what its env file lists there (it
 # forwards only NCCL_*, PYTHON*, UCX*, ... on its own). DS_ENV_FILE is read by the deepspeed runner.

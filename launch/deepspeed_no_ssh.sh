@@ -9,17 +9,19 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 mbds_usage "$@"
 run_file="$1"; shift
-: "${NODE_RANK:?set NODE_RANK (0 on the master node)}"
-: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
+mbds_require NODE_RANK "0 on the master node"
+mbds_require MASTER_ADDR "the address of node 0"
 
 hostfile="${HOSTFILE:-}"
 if [ -z "$hostfile" ]; then
-  : "${NUM_NODES:?set NUM_NODES and GPUS_PER_NODE, or HOSTFILE}" "${GPUS_PER_NODE:?set GPUS_PER_NODE}"
+  mbds_require NUM_NODES "and GPUS_PER_NODE, or HOSTFILE"
+  mbds_require GPUS_PER_NODE "GPUs, or CPU ranks, per node"
   hostfile="$(mktemp "${TMPDIR:-/tmp}/mbds-hostfile.XXXXXX")"
   trap 'rm -f "$hostfile"' EXIT
-  for ((i = 0; i < NUM_NODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$hostfile"
+  for ((i = 0; i < 10#$NUM_NODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$hostfile"
 fi
 mbds_check_hostfile "$hostfile"
+mbds_check_int NODE_RANK 0 $((HOSTFILE_NODES - 1)) "$HOSTFILE_NODES nodes: 0 is the master"
 
 # Under --no_ssh DeepSpeed neither writes nor reads .deepspeed_env: the ranks inherit this
 # shell's environment, so everything env.sh exported reaches them as it is.

@@ -5,7 +5,9 @@
 set -euo pipefail
 out="${1:-runs/smoke_gpu}"; shift || true
 python="${PYTHON:-python}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
+# MBDS_DISABLE_NVLS=1: NVLink SHARP / multicast off, as in launch/env.sh
+if [ "${MBDS_DISABLE_NVLS:-0}" = 1 ]; then export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1; fi
 "$python" -c "import sys; from mosaicbert_ds.data import prepare_default_corpus; prepare_default_corpus(sys.argv[1])" "$out/data"
 "$python" -m mosaicbert_ds.cli pretrain quickstart-gpu "data.path=$out/data" "output_dir=$out/run" \
     duration.steps=300 batch.global_batch=256 batch.micro_batch=128 log.interval=20 eval.interval=150 \

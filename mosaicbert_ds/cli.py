@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from mosaicbert_ds.errors import UserError  # absolute: cli may run as __main__
+from mosaicbert_ds.train.distributed import take_local_rank_arg
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # the deepspeed launcher without --no_local_rank adds --local_rank=N before the command
+        argv = take_local_rank_arg(list(sys.argv[1:] if argv is None else argv))
+    except UserError as err:
+        print(f"mosaicbert-ds: error: {err}", file=sys.stderr)
+        return 2
     if not argv or argv[0] not in COMMANDS:
         parser = build_parser()
         if argv and not argv[0].startswith("-"):

@@ -60,10 +60,34 @@ def _int(env: Mapping[str, str], *names: str) -> int | None:
 def _expand_slurm_counts(spec: str) -> list[int]:
     """'4(x2),2' -> [4, 4, 2] (SLURM_STEP_TASKS_PER_NODE's format)."""
     counts: list[int] = []
-    for part in spec.split(","):
-        count, _, repeat = part.partition("(x")
-        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    try:
+        for part in spec.split(","):
+            count, _, repeat = part.partition("(x")
+            counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    except ValueError:
+        raise UserError(f"SLURM_STEP_TASKS_PER_NODE={spec!r} is not of the form N or N(xK),M") from None
     return counts
+
+
+def take_local_rank_arg(argv: list[str]) -> list[str]:
+    """Remove `--local_rank=N` / `--local_rank N` (the deepspeed launcher without --no_local_rank
+    puts it before the command) and export it as LOCAL_RANK where the launcher did not."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            if not value.isdigit():
+                raise UserError(f"{name} must be a non-negative integer, got {value!r}")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 def _free_port() -> int:
@@ -106,9 +130,9 @@ def discover(env: MutableMapping[str, str] | None = None) -> DistInfo:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
 
-    if not (0 <= rank < world and 0 <= local_rank < local_world):
+    if not (0 <= rank < world and 0 <= local_rank < local_world and 0 <= node_rank):
         raise UserError(f"inconsistent launcher variables: rank {rank} of {world}, local rank {local_rank} "
-                        f"of {local_world}")
+                        f"of {local_world}, node rank {node_rank}")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
@@ -158,7 +182,54 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None) -
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    share_host_memory(info)
     return info
+
+
+def ranks_per_host(hosts: list[str], node_rank_of: list[int]) -> int | None:
+    """Ranks per host when several node ranks share a host (else None), from every rank's host id.
+
+    mosaicml-streaming keeps one set of shared-memory names per node (/dev/shm is per host), so
+    node ranks on one host must count as one streaming node: each host a contiguous block of the
+    same number of ranks. Raises UserError when the hosts are not laid out that way."""
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        by_host.setdefault(host, []).append(rank)
+    if all(len({node_rank_of[r] for r in ranks}) == 1 for ranks in by_host.values()):
+        return None
+    sizes = {len(ranks) for ranks in by_host.values()}
+    blocks = all(ranks == list(range(ranks[0], ranks[0] + len(ranks))) for ranks in by_host.values())
+    if len(sizes) != 1 or not blocks:
+        shared = next(h for h, ranks in by_host.items() if len({node_rank_of[r] for r in ranks}) > 1)
+        raise UserError(f"node ranks {sorted({node_rank_of[r] for r in by_host[shared]})} share host {shared!r}, "
+                        "but not as equal, contiguous blocks of ranks per host; streaming's shared memory is per "
+                        "host: give every host the same number of consecutive node ranks")
+    return sizes.pop()
+
+
+def shared_memory_id() -> str:
+    """This host's name and the device of its /dev/shm: ranks with equal ids share POSIX shared memory
+    (a rank in a private /dev/shm mount, as a container has, gets another id)."""
+    try:
+        device = os.stat("/dev/shm").st_dev
+    except OSError:
+        device = 0
+    return f"{socket.gethostname()}:{device}"
+
+
+def share_host_memory(info: DistInfo) -> None:
+    """Where several node ranks run on one host (two `--no_ssh` launchers on one machine), set
+    LOCAL_WORLD_SIZE to the ranks of the host, so streaming makes one set of shared memory per host
+    (otherwise both node leaders create the same names: FileExistsError). One all-gather at start."""
+    import torch.distributed as dist
+
+    if info.world_size == 1:
+        return
+    pairs: list[tuple[str, int] | None] = [None] * info.world_size
+    dist.all_gather_object(pairs, (shared_memory_id(), info.node_rank))
+    per_host = ranks_per_host([p[0] for p in pairs], [p[1] for p in pairs])
+    if per_host is not None:
+        os.environ["LOCAL_WORLD_SIZE"] = str(per_host)
 
 
 # Variables a launch must hand to every rank (launch/env.sh sets them); the check reports them.
@@ -180,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = take_local_rank_arg(list(sys.argv[1:] if argv is None else argv))
     info = init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     total = torch.tensor([float(info.rank + 1)], device=device)

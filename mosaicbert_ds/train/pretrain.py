@@ -47,6 +47,7 @@ from .metrics import MetricsLogger, console_line
 from .run_config import RunConfig, load_run_config
 from .schedule import make_scheduler, retarget_schedule
 from .stops import SIGNAL, WALL_TIME, ExitCode, RunStopped, StopRequests, parse_duration
+from .preflight import check_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -344,10 +345,11 @@ def setup(cfg: RunConfig, dry_run: bool = False) -> Run | dict[str, Any]:
             ckpt.check_model_matches(root, model_config.to_dict())
     env = init_distributed()
     world, rank = env.world_size, env.rank
+    ds_config, total_steps = run_ds_config(cfg, world)
+    check_run(cfg, model_config, ds_config, info)  # data, vocabulary, output folder: before any GPU time
     # the lock comes before reading checkpoints that another run may be writing
     lock = OutputLock.acquire_on_rank0(out_dir, rank) if not dry_run else OutputLock(None)
     resume = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    ds_config, total_steps = run_ds_config(cfg, world)
     if dry_run:
         return {"ok": True, "world_size": world, "total_steps": total_steps, "ds_config": ds_config}
     accum = ds_config["gradient_accumulation_steps"]

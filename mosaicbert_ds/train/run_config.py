@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,15 +232,79 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return int(value)
     if base is float and number:
         return float(value)
+    if base is float and isinstance(value, str) and _as_float(value) is not None:
+        return _as_float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if base is str and isinstance(value, str):
         return value
-    if base is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
-        return tuple(float(v) for v in value)
+    if base is tuple and isinstance(value, (list, tuple)):
+        numbers = [v if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   else _as_float(v) if isinstance(v, str) else None for v in value]
+        if all(v is not None for v in numbers):
+            return tuple(float(v) for v in numbers)
     if base is dict and isinstance(value, dict):
         return value
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             tuple: "a list of numbers", dict: "a mapping"}[base]
     raise UserError(f"{where} must be {kind}, got {value!r}")
+
+
+def _as_float(text: str) -> float | None:
+    """A number written as text (`1e-3`, ` 5E-4 `), or None; nan/inf spellings are not numbers here."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping of a run file."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            continue  # construct_mapping reports unhashable keys itself
+        if key in seen:
+            raise _DuplicateKey(f"line {line}: duplicate key {key!r} (first on line {seen[key]}); "
+                                "give each section and key once")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _unique_json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key {key!r}; give each section and key once")
+        out[key] = value
+    return out
+
+
+def check_model_config(cfg: RunConfig) -> None:
+    """Build the model config once (with a stand-in vocabulary unless overridden), so that an unknown
+    preset, an unknown override or an inconsistent size is one line before the data is opened."""
+    from ..config import MosaicBertConfig
+
+    overrides = dict(cfg.model.overrides)
+    overrides.setdefault("vocab_size", 1024)
+    try:
+        MosaicBertConfig.from_name(cfg.model.preset, **overrides)
+    except (ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = ("model.preset" if message.startswith("unknown model preset")
+                 else "model.overrides" if cfg.model.overrides else "model")
+        raise UserError(f"{where}: {message}") from None
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -305,7 +370,10 @@ def load_run_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
     path = resolve_run_file(name_or_path)
     try:
         text = path.read_text()
-        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        tree = (json.loads(text, object_pairs_hook=_unique_json_pairs) if path.suffix == ".json"
+                else yaml.load(text, Loader=_UniqueKeyLoader))
+    except _DuplicateKey as err:
+        raise UserError(f"run file {path}, {err}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
         raise UserError(f"cannot read run file {path}: {str(err).splitlines()[0]}") from None
     tree = tree or {}
@@ -321,4 +389,5 @@ def load_run_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
             tree.get("duration", {}).pop(_ALTERNATIVES[key], None)
     cfg = _from_dict(RunConfig, tree)
     cfg.validate()
+    check_model_config(cfg)
     return cfg

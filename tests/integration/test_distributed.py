@@ -82,3 +82,53 @@ def test_mpirun_two_processes(tmp_path):
     assert_every_rank_ok(records, 2, ["pretrain", "run.yaml", "k=v"], per_node=2)
     assert {r["env"]["MASTER_ADDR"] for r in records} == {socket.gethostname()}  # broadcast from rank 0
     assert len({r["env"]["MASTER_PORT"] for r in records}) == 1
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_SIZE": "1", "CROSS_RANK": "-1"}, "node rank -1"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2(xa)"},
+     "SLURM_STEP_TASKS_PER_NODE='2(xa)' is not of the form"),
+])
+def test_more_bad_variables(env, message):
+    import re
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        discover(env)
+
+
+def test_node_ranks_sharing_a_host_count_as_one_streaming_node():
+    from mosaicbert_ds.train.distributed import ranks_per_host
+
+    assert ranks_per_host(["a", "a", "b", "b"], [0, 0, 1, 1]) is None        # one node rank per host
+    assert ranks_per_host(["a"] * 4, [0, 0, 1, 1]) == 4                      # two launchers on one host
+    assert ranks_per_host(["a", "a", "a", "a", "b", "b", "b", "b"], [0, 0, 1, 1, 2, 2, 3, 3]) == 4
+    with pytest.raises(UserError, match=r"node ranks \[0, 2\] share host 'a', but not as equal, contiguous"):
+        ranks_per_host(["a", "b", "a", "b"], [0, 1, 2, 3])
+    with pytest.raises(UserError, match="not as equal, contiguous blocks"):
+        ranks_per_host(["a", "a", "a", "b"], [0, 1, 2, 3])
+
+
+def test_local_rank_argument_is_taken_and_exported(monkeypatch):
+    from mosaicbert_ds.train.distributed import take_local_rank_arg
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert take_local_rank_arg(["--local_rank=3", "pretrain", "run", "a=1"]) == ["pretrain", "run", "a=1"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "3"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the launcher's variable wins
+    assert take_local_rank_arg(["pretrain", "--local-rank", "5", "run"]) == ["pretrain", "run"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    with pytest.raises(UserError, match="--local_rank must be a non-negative integer, got 'x'"):
+        take_local_rank_arg(["--local_rank=x", "pretrain"])
+
+
+def test_cli_accepts_the_local_rank_argument(capsys):
+    from tests.helpers.data import run_cli
+
+    code, _, err = run_cli(["--local_rank=0", "pretrain", "tiny-cpu", "data.path=/d", "model.preset=huge"], capsys)
+    assert code == 2 and err.strip().splitlines() == [  # reached pretrain's own checks
+        "mosaicbert-ds pretrain: error: model.preset: unknown model preset 'huge'; choose one of "
+        "['base', 'bert-base', 'bert-large', 'large', 'tiny']"]
+    code, _, err = run_cli(["--local_rank=x", "pretrain"], capsys)
+    assert code == 2 and err.strip() == "mosaicbert-ds: error: --local_rank must be a non-negative integer, got 'x'"

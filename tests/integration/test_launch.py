@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
 SCRIPTS = ["deepspeed_hostfile.sh", "deepspeed_no_ssh.sh", "mpirun.sh", "slurm.sbatch", "env.sh"]
 H200_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+"""What MBDS_DISABLE_NVLS=1 sets (the tests opt in, as the project's H200 machine needs)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,9 +119,10 @@ def assert_every_rank_ok(records: list[dict], world: int, argv: list[str], *, pe
         assert r["node_rank"] == r["rank"] // per_node, r
         assert r["argv"] == argv, r
         env = r["env"]
-        assert {k: env[k] for k in H200_ENV} == H200_ENV, env  # always set, whatever the launch mode
+        assert {k: env[k] for k in H200_ENV} == H200_ENV, env  # the opt-in reaches every rank in every mode
         assert env["NCCL_SOCKET_IFNAME"] == "^lo,docker0" and env["DEEPSPEED_TIMEOUT"] == "30", env
-        assert env["LOCAL_WORLD_SIZE"] == str(per_node) and env["NODE_RANK"] == str(r["node_rank"]), env
+        # every "node" of these tests is on this one host: streaming sees the host's ranks as one node
+        assert env["LOCAL_WORLD_SIZE"] == str(world) and env["NODE_RANK"] == str(r["node_rank"]), env
 
 
 def test_bad_hostfile_stops_the_launch_before_deepspeed(tmp_path):
@@ -148,7 +150,8 @@ def test_script_without_run_file_prints_usage(tmp_path):
 
 def test_env_file_lines(tmp_path):
     """What deepspeed_hostfile.sh writes for DeepSpeed's env file: KEY=VALUE lines only."""
-    env = launch_env(tmp_path, NCCL_IB_HCA="mlx5_0,mlx5_1", MBDS_EXTRA_ENV="MY_SETTING", MY_SETTING="x y")
+    env = launch_env(tmp_path, NCCL_IB_HCA="mlx5_0,mlx5_1", MBDS_EXTRA_ENV="MY_SETTING", MY_SETTING="x y",
+                     MBDS_DISABLE_NVLS="1")
     out = subprocess.run(["bash", "-c", f"source {LAUNCH / 'env.sh'} && mbds_env_lines"], env=env,
                          capture_output=True, text=True, check=True).stdout
     pairs = dict(line.split("=", 1) for line in out.splitlines())  # DeepSpeed's reader does exactly this
@@ -162,7 +165,7 @@ def test_env_file_lines(tmp_path):
 def test_deepspeed_no_ssh_two_nodes(tmp_path):
     """The real deepspeed launcher, --no_ssh, one invocation per "node" (2 x 1 rank on localhost)."""
     env = launch_env(tmp_path, NUM_NODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port()))
+                     MASTER_PORT=str(_free_port()), MBDS_DISABLE_NVLS="1")
     procs = [subprocess.Popen([str(LAUNCH / "deepspeed_no_ssh.sh"), "run.yaml", "a=1", "b=two words"],
                               env={**env, "NODE_RANK": str(node)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for node in (1, 0)]
@@ -204,7 +207,7 @@ def test_deepspeed_hostfile_pdsh_mode(tmp_path):
         (bin_dir / name).chmod(0o755)
     hostfile = _hostfile(tmp_path, "localhost slots=1\nlocalnode1 slots=1\n")
     env = launch_env(tmp_path, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                     NCCL_IB_HCA="mlx5_test")
+                     NCCL_IB_HCA="mlx5_test", MBDS_DISABLE_NVLS="1")
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(ROOT)  # DeepSpeed forwards PYTHON* itself
     proc = subprocess.run([str(LAUNCH / "deepspeed_hostfile.sh"), "run.yaml", "x=1"], env=env, cwd=ROOT,
@@ -214,3 +217,93 @@ def test_deepspeed_hostfile_pdsh_mode(tmp_path):
     assert_every_rank_ok(records, 2, ["pretrain", "run.yaml", "x=1"], per_node=1)
     assert all(r["env"]["NCCL_IB_HCA"] == "mlx5_test" for r in records)  # optional NCCL settings too
     assert not list(tmp_path.glob("mbds-deepspeed-env.*"))  # the env file is removed afterwards
+
+
+def test_nvlink_sharp_is_left_on_unless_opted_out(tmp_path):
+    """By default env.sh sets none of the NVLS switches; MBDS_DISABLE_NVLS=1 sets all three."""
+    script = f"source {LAUNCH / 'env.sh'} && mbds_env_lines"
+    default = subprocess.run(["bash", "-c", script], env=launch_env(tmp_path), capture_output=True, text=True,
+                             check=True).stdout
+    assert not set(H200_ENV) & {line.split("=", 1)[0] for line in default.splitlines()}, default
+    off = subprocess.run(["bash", "-c", script], env=launch_env(tmp_path, MBDS_DISABLE_NVLS="1"),
+                         capture_output=True, text=True, check=True).stdout
+    assert H200_ENV.items() <= dict(line.split("=", 1) for line in off.splitlines()).items()
+    bad = subprocess.run(["bash", "-c", script], env=launch_env(tmp_path, MBDS_DISABLE_NVLS="yes"),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "bash: error: MBDS_DISABLE_NVLS='yes' must be 0 (default: NVLink SHARP as NCCL chooses) or 1 (off)"]
+
+
+NO_SSH = dict(NODE_RANK="0", MASTER_ADDR="127.0.0.1", NUM_NODES="2", GPUS_PER_NODE="1")
+
+
+@pytest.mark.parametrize("script, variables, message", [
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, NUM_NODES="two"), "NUM_NODES='two' is not a non-negative integer"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, NUM_NODES="0"), "NUM_NODES=0 is out of range: it must be 1 or more"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK="x"), "NODE_RANK='x' is not a non-negative integer"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK="-1"), "NODE_RANK='-1' is not a non-negative integer"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK="2"),
+     "NODE_RANK=2 is out of range: it must be between 0 and 1 (2 nodes: 0 is the master)"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK=""), "set NODE_RANK (0 on the master node)"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, GPUS_PER_NODE="1.5"), "GPUS_PER_NODE='1.5' is not a non-negative integer"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, GPUS_PER_NODE="0"), "GPUS_PER_NODE=0 is out of range: it must be 1 or more"),
+    ("deepspeed_no_ssh.sh", {k: v for k, v in NO_SSH.items() if k != "GPUS_PER_NODE"},
+     "set GPUS_PER_NODE (GPUs, or CPU ranks, per node)"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, MASTER_PORT="70000"),
+     "MASTER_PORT=70000 is out of range: it must be between 1 and 65535"),
+    ("deepspeed_hostfile.sh", dict(HOSTFILE=str(LAUNCH / "hostfile.example"), NUM_NODES="3"),
+     "NUM_NODES=3 is out of range: it must be between 1 and 2 (the hostfile lists 2 hosts)"),
+    ("deepspeed_hostfile.sh", dict(HOSTFILE=str(LAUNCH / "hostfile.example"), GPUS_PER_NODE="all"),
+     "GPUS_PER_NODE='all' is not a non-negative integer"),
+    ("deepspeed_hostfile.sh", {}, "set HOSTFILE (a DeepSpeed hostfile, see launch/hostfile.example)"),
+    ("mpirun.sh", dict(NP="0"), "NP=0 is out of range: it must be 1 or more"),
+    ("mpirun.sh", dict(NP="eight"), "NP='eight' is not a non-negative integer"),
+    ("deepspeed_no_ssh.sh", dict(NO_SSH, DEEPSPEED_TIMEOUT="30m"), "DEEPSPEED_TIMEOUT='30m' is not a non-negative"),
+])
+def test_bad_launch_variables_are_one_line_before_any_launcher(tmp_path, script, variables, message):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "launcher-was-called"
+    for name in ("deepspeed", "mpirun"):
+        (bin_dir / name).write_text(f"#!/bin/sh\ntouch {marker}\n")
+        (bin_dir / name).chmod(0o755)
+    env = launch_env(tmp_path, **variables)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([str(LAUNCH / script), "run.yaml"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"{script}: error: {message}"] or \
+        (proc.stderr.strip().count("\n") == 0 and message in proc.stderr), proc.stderr
+    assert not marker.exists() and not list(tmp_path.glob("mbds-*"))  # no launcher, no temporary files left
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_host_train_as_documented(tmp_path):
+    """launch/README.md's two-"nodes"-on-one-host example for real: both node launchers share this
+    host's /dev/shm (no private mount), node 1 through deepspeed_no_ssh.sh, node 0 through the plain
+    deepspeed command without --no_local_rank. Streaming must not collide (FileExistsError) and
+    `pretrain` must accept --local_rank=N."""
+    from mosaicbert_ds.data import prepare_default_corpus
+
+    data = prepare_default_corpus(tmp_path / "data")
+    run = ["tiny-cpu", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "duration.steps=2",
+           "log.interval=1", "eval.interval=2", "eval.batches=1", "checkpoint.interval=0"]
+    port = str(_free_port())
+    env = launch_env(tmp_path, NUM_NODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                     MBDS_MODULE="mosaicbert_ds.cli", CUDA_VISIBLE_DEVICES="")
+    hostfile = _hostfile(tmp_path, "node0 slots=1\nnode1 slots=1\n")
+    plain = ["deepspeed", "--no_ssh", "--node_rank", "0", "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
+             "--master_port", port, "--module", "mosaicbert_ds.cli", "pretrain", *run]
+    logs = [open(tmp_path / f"node{n}.log", "w+") for n in (0, 1)]
+    procs = [subprocess.Popen([str(LAUNCH / "deepspeed_no_ssh.sh"), *run], env={**env, "NODE_RANK": "1"}, cwd=ROOT,
+                              stdout=logs[1], stderr=subprocess.STDOUT),
+             subprocess.Popen(plain, env=env, cwd=ROOT, stdout=logs[0], stderr=subprocess.STDOUT)]
+    for proc in procs:
+        proc.wait(timeout=900)
+    text = ""
+    for log in logs:
+        log.seek(0)
+        text += log.read()
+    assert all(p.returncode == 0 for p in procs), text[-4000:]
+    assert "FileExistsError" not in text and "--local_rank=0" in text  # DeepSpeed did pass it
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/train" in r] == [1, 2] and any("loss/eval" in r for r in rows)

@@ -97,6 +97,8 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(dataset, tm
     (["tiny-cpu", "data.path={data}", "batch.global_batch=30"], "not a multiple of batch.micro_batch"),
     (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
     (["no-such-recipe"], "not found"),
+    (["tiny-cpu", "data.path={data}", "data.eval_split=heldout"], "data.eval_split: "),  # preflight.check_run
+    (["tiny-cpu", "data.path={data}", "model.overrides.num_attention_heads=3"], "must divide hidden_size"),
     (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
 ])
 def test_bad_input_fails_with_one_clear_line(dataset, tmp_path, args, message):

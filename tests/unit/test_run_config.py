@@ -99,3 +99,71 @@ def test_cuda_graphs_refuses_what_it_cannot_run(overrides, message):
     with pytest.raises(UserError, match=message):
         load_run_config("tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=auto", *overrides])
     load_run_config("tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=auto"])  # accepted
+
+
+RUN_FILE = """\
+model:
+  preset: tiny
+data:
+  path: /d
+optimizer:
+  lr: 1e-3
+  eps: 1E-8
+  betas: [0.9, 9.8e-1]
+duration:
+  steps: 3
+"""
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 as the string '1e-3'; float fields take it as the number it means."""
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN_FILE)
+    cfg = load_run_config(str(path))
+    assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.eps == 1e-8 and cfg.optimizer.betas == (0.9, 0.98)
+    assert isinstance(cfg.optimizer.lr, float)
+    for bad, message in (("lr: 1e-3", "lr: fast"), ("lr: 1e-3", "lr: nan")):
+        path.write_text(RUN_FILE.replace(bad, message))
+        with pytest.raises(UserError, match="optimizer.lr must be a number"):
+            load_run_config(str(path))
+    path.write_text(RUN_FILE.replace("steps: 3", "steps: '3'"))
+    with pytest.raises(UserError, match="duration.steps must be an integer"):  # only float fields read text
+        load_run_config(str(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    (RUN_FILE + "optimizer:\n  lr: 2e-3\n", "line 11: duplicate key 'optimizer' (first on line 5)"),
+    (RUN_FILE.replace("  eps: 1E-8\n", "  eps: 1E-8\n  lr: 5e-4\n"), "line 8: duplicate key 'lr' (first on line 6)"),
+    (RUN_FILE.replace("preset: tiny", "preset: tiny\n  preset: base"), "duplicate key 'preset'"),
+])
+def test_duplicate_sections_and_keys_are_errors(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_run_config(str(path))
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+    assert path.read_text() == text
+
+
+def test_duplicate_keys_in_a_json_run_file(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"data": {"path": "/d"}, "duration": {"steps": 3}, "seed": 1, "seed": 2}')
+    with pytest.raises(UserError, match="duplicate key 'seed'"):
+        load_run_config(str(path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.preset=huge"], "model.preset: unknown model preset 'huge'"),
+    (["model.overrides.hiden_size=64"], "model.overrides: unknown model config key(s) ['hiden_size']"),
+    (["model.overrides.num_attention_heads=3"], "model.overrides: num_attention_heads (3) must divide hidden_size (64)"),
+    (["model.overrides.hidden_size=big"], "model.overrides: "),
+    (["model.overrides.mlp_type=swiglu"], "mlp_type must be 'glu' or 'gelu'"),
+])
+def test_model_config_mistakes_are_one_line(overrides, message, capsys):
+    with pytest.raises(UserError) as err:
+        load_run_config("tiny-cpu", ["data.path=/d", *overrides])
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    from tests.helpers.data import run_cli
+
+    code, out, errtext = run_cli(["pretrain", "tiny-cpu", "data.path=/d", *overrides, "--dry-run"], capsys)
+    assert code == 2 and errtext.strip().splitlines() == [f"mosaicbert-ds pretrain: error: {err.value}"]
