@@ -123,3 +123,29 @@ def test_rerun_over_a_damaged_dataset_rebuilds_it(corpus, tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[:100])        # truncated: size check, no hashing needed
     with pytest.raises(UserError, match="bytes, the index says"):
         check_dataset(str(out))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_shard_during_training_stops_with_one_line(single, tmp_path, workers, damage):
+    import shutil
+
+    data = tmp_path / "ds"
+    shutil.copytree(single, data)
+    victim = sorted((data / "train").rglob("*.mds.zstd"))[5]
+    raw = bytearray(victim.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+    else:
+        raw = raw[: len(raw) // 2]
+    victim.write_bytes(bytes(raw))
+    loader = build_mlm_dataloader(str(data), split="train", batch_size=4, mlm_probability=0.3, seed=1,
+                                  num_workers=workers)
+    with pytest.raises(UserError) as caught:
+        for _ in range(3):          # a few epochs: the shard is reached whatever the order
+            for _ in loader:
+                pass
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1
+    assert "shard " in message and str(victim.relative_to(data / "train")) in message, message
