@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,9 +36,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import UserError
-from .blocks import SHARD_HASH, BlockSpec, block_name, init_writer, merge_split, verify_split, write_block, write_block_in_worker
+from .blocks import (SHARD_HASH, BlockSpec, block_name, init_writer, merge_split, verify_split, write_block,
+                     write_block_in_worker)
 from .encode import SampleSpec, load_backend_tokenizer
-from .info import FORMAT, INDEX_NAME, PARTIAL_MARKER, TOKENIZER_DIR, dataset_problems, first_line, token_dtype
+from .info import (FORMAT, INDEX_NAME, PARTIAL_MARKER, TOKENIZER_DIR, dataset_problems, first_line, is_remote,
+                   token_dtype)
 from .sources import DocumentSource, SourceConfig
 
 
@@ -49,7 +51,9 @@ class ConvertConfig:
     source: SourceConfig
     """Where the documents come from."""
     out: str
-    """Output folder (local). Upload it afterwards to read it from object storage."""
+    """Output folder, or a URL (s3://bucket/prefix, gs://...): written to `stage` and uploaded."""
+    stage: str | None = None
+    """Local folder for a remote `out` (default: a per-URL folder under the temp dir)."""
     tokenizer: str
     """Hugging Face tokenizer name or folder (must be a fast tokenizer)."""
     max_seq_len: int = 128
@@ -98,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop lines with box-drawing characters and collapse whitespace")
     parser.add_argument("--min-words", type=int, default=1, help="skip documents with fewer words (default: 1)")
     parser.add_argument("--tokenizer", help="tokenizer name or folder (e.g. bert-base-uncased); required")
-    parser.add_argument("--out", help="output folder; required")
+    parser.add_argument("--out", help="output folder or URL (s3://bucket/prefix, gs://...); required")
+    parser.add_argument("--stage", help="local folder for a URL --out (default: under the temp dir)")
     parser.add_argument("--max-seq-len", type=int, default=128, help="tokens per sample with [CLS]/[SEP] (default: 128)")
     parser.add_argument("--split-long", action="store_true",
                         help="cut long documents into windows instead of truncating them")
@@ -149,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
                            val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
                            val_docs=args.val_docs, workers=args.workers, shard_size=args.shard_size,
                            block_docs=args.block_docs, part=parse_part(args.part) if args.part else None,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, progress=not args.quiet, stage=args.stage)
     convert_corpus(config)
     return 0
 
@@ -158,6 +163,14 @@ def main(args: argparse.Namespace) -> int:
 def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
     """Convert `config.source` into a finished dataset at `config.out`; returns its index."""
     _check_options(config)
+    if is_remote(config.out):    # write and publish locally, then upload (index last)
+        from .upload import stage_dir, upload_dataset
+
+        local = replace(config, out=config.stage or stage_dir(config.out))
+        index = convert_corpus(local)
+        files = upload_dataset(local.out, config.out)
+        print(f"uploaded {files} files to {config.out} (local copy: {local.out})")
+        return index
     reader = DocumentSource(config.source)       # validates files, globs, formats, columns
     tokenizer = _load_tokenizer(config.tokenizer)
     out = Path(config.out).resolve()
