@@ -52,10 +52,10 @@ class ConvertConfig:
     """Where the documents come from."""
     out: str
     """Output folder, or a URL (s3://bucket/prefix, gs://...): written to `stage` and uploaded."""
-    stage: str | None = None
-    """Local folder for a remote `out` (default: a per-URL folder under the temp dir)."""
     tokenizer: str
     """Hugging Face tokenizer name or folder (must be a fast tokenizer)."""
+    stage: str | None = None
+    """Local folder for a remote `out` (default: a per-URL folder under the temp dir)."""
     max_seq_len: int = 128
     """Tokens per sample including [CLS] and [SEP]."""
     split_long: bool = False
