@@ -7,6 +7,7 @@
     mosaicbert-ds bench scaling [ARGS]      python -m benchmarks.scaling ARGS (1 GPU, or --merge;
                                             N GPUs: under the deepspeed launcher, see its doc)
     mosaicbert-ds bench tiling [ARGS]       python -m benchmarks.fused_tiling ARGS
+    mosaicbert-ds bench convert [ARGS]      python -m benchmarks.convert ARGS (CPU: convert vs writers)
     mosaicbert-ds bench model --from scaling.json [throughput.json] [network options]
     mosaicbert-ds bench model --compute-sec-per-micro 0.03 --micro 128 --optimizer-sec 0.004
     mosaicbert-ds bench report throughput.json ablations.json scaling.json [--hardware h200]
@@ -40,6 +41,7 @@ RUNNERS: dict[str, tuple[str, list[str]]] = {
     "ablations": ("benchmarks.throughput", ["--ablations"]),
     "scaling": ("benchmarks.scaling", []),
     "tiling": ("benchmarks.fused_tiling", []),
+    "convert": ("benchmarks.convert", []),
 }
 LOCAL = ("model", "report")
 
