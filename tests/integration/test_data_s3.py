@@ -160,3 +160,32 @@ def test_a_bucket_without_split_index_and_an_unreachable_store(s3, remote, tmp_p
                    f"data.remote_cache={tmp_path / 'c2'}", "--dry-run", env=dead, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "holds no finished mosaicbert_ds dataset" in res.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_shard_lost_from_the_store_mid_run_stops_cleanly_and_resume_continues(s3, remote, tmp_path):
+    client = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"])
+    common = ["tiny-cpu", "data.path=s3://data/lossy", "duration.steps=10", "log.interval=1", "eval.interval=0",
+              "checkpoint.interval=0", f"output_dir={tmp_path / 'run'}"]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="data", Prefix="jargon/")["Contents"]]
+    for key in keys:
+        client.copy_object(Bucket="data", Key=key.replace("jargon/", "lossy/", 1),
+                           CopySource={"Bucket": "data", "Key": key})
+    first = pretrain(*common, f"data.remote_cache={tmp_path / 'c1'}", "--stop-after", "3", env=s3)
+    assert first.returncode == 0, first.stderr[-3000:]
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    assert latest.read_text().strip() == "step_0000003"
+
+    lost = sorted(k for k in keys if k.startswith("jargon/train/b") and k.endswith(".zstd"))[-1]
+    saved = client.get_object(Bucket="data", Key=lost.replace("jargon/", "lossy/", 1))["Body"].read()
+    client.delete_object(Bucket="data", Key=lost.replace("jargon/", "lossy/", 1))
+    second = pretrain(*common, f"data.remote_cache={tmp_path / 'c2'}", env=s3)  # fresh cache: must download
+    assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert "shard s3://data/lossy/train/" in line and lost.rsplit("/", 1)[-1] in line, second.stderr[-2000:]
+    assert latest.read_text().strip() == "step_0000003"        # the finished checkpoint is intact
+
+    client.put_object(Bucket="data", Key=lost.replace("jargon/", "lossy/", 1), Body=saved)
+    third = pretrain(*common, f"data.remote_cache={tmp_path / 'c2'}", env=s3)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert sorted(losses(tmp_path / "run"))[-1] == 10
