@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -50,7 +51,9 @@ def provenance() -> dict:
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
             "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.convert", *sys.argv[1:]]),
             "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_cores_usable": len(__import__("os").sched_getaffinity(0)),
+            "cpu_cores_usable": len(os.sched_getaffinity(0)),
+            # other processes on the machine slow every writer: read the rates against this
+            "load_average_1m_at_start": round(os.getloadavg()[0], 2),
             "versions": {"mosaicml-streaming": streaming.__version__, "tokenizers": tokenizers.__version__,
                          "transformers": transformers.__version__, "numpy": numpy.__version__}}
 
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
               "c4_en": {"documents": C4_DOCUMENTS, "tokens": C4_TOKENS, "efficiency": args.efficiency,
                         "estimates": estimates}}
     (out / "convert.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# convert throughput ({result['platform']}, {result['cpu_cores_usable']} usable cores)", "",
+    lines = [f"# convert throughput ({result['platform']}, {result['cpu_cores_usable']} usable cores, "
+             f"load average {result['load_average_1m_at_start']} at start)", "",
              f"Command: `{result['command']}`  ", f"Commit: {result['git_commit']}"
              + (" (dirty)" if result["git_dirty"] else ""), "",
              f"Input: {args.docs} documents, {result['input']['chars_per_doc']} characters and "
