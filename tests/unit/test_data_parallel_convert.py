@@ -149,3 +149,20 @@ def test_a_damaged_shard_during_training_stops_with_one_line(single, tmp_path, w
     message = str(caught.value)
     assert len(message.splitlines()) == 1
     assert "shard " in message and str(victim.relative_to(data / "train")) in message, message
+
+
+def test_convert_benchmark_writes_rates_estimates_and_provenance(corpus, tmp_path):
+    from benchmarks.convert import main as bench_main
+
+    _, tok = corpus
+    assert bench_main(["--docs", "60", "--doc-chars", "300", "--block-docs", "16", "--writers", "1", "2",
+                       "--tokenizer", str(tok), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "convert.json").read_text())
+    assert [r["writers"] for r in result["rows"]] == [1, 2]
+    assert all(r["documents"] == 60 and r["tokens_per_s"] > 0 for r in result["rows"])
+    assert len(result["git_commit"]) == 40 and isinstance(result["git_dirty"], bool)
+    assert "benchmarks.convert" in result["command"] and result["versions"]["mosaicml-streaming"]
+    one_node, eight = result["c4_en"]["estimates"]
+    assert (one_node["cores"], eight["cores"]) == (64, 512)
+    assert one_node["hours_from_tokens"] == pytest.approx(8 * eight["hours_from_tokens"], rel=0.02)
+    assert "| 2 |" in (tmp_path / "convert.md").read_text()
