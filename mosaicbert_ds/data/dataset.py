@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -98,6 +99,11 @@ class TokenSampleDataset(StreamingDataset):
                 sys.stderr.write(f"data loader worker: {message}\n")
                 os._exit(3)
             self._failure = message
+            if threading.current_thread() is not threading.main_thread():
+                # streaming's prepare thread: stop its threads quietly (a raise here is logged
+                # as a traceback by concurrent.futures); the loader raises the line
+                self._event.set()
+                return
             raise UserError(message) from None
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
@@ -133,16 +139,21 @@ class MLMDataLoader(StreamingDataLoader):
         failure = _failure_file(os.getpid())
         try:
             yield from self._iter_steps()
-        except RuntimeError as err:   # a worker that exited on a damaged shard left its line
-            if os.path.exists(failure):
+        except RuntimeError:
+            if os.path.exists(failure):   # a worker that exited on a damaged shard left its line
                 with open(failure, encoding="utf-8") as f:
                     message = f.read()
                 os.remove(failure)
                 raise UserError(message) from None
+            self._raise_shard_failure()   # num_workers=0: streaming refuses the next epoch
             raise
-        if getattr(self.dataset, "_event", None) is not None and self.dataset._event.is_set():
-            # num_workers=0: the shard failed in streaming's thread, which stops the epoch early
-            raise UserError(getattr(self.dataset, "_failure", "a background data thread failed"))
+        # num_workers=0: the shard failed in streaming's thread, which ends the epoch early
+        self._raise_shard_failure()
+
+    def _raise_shard_failure(self) -> None:
+        message = self.dataset.__dict__.get("_failure")
+        if message:
+            raise UserError(message) from None
 
     def _iter_steps(self) -> Iterator[Any]:
         resumed, self._resumed = self._resumed, False
