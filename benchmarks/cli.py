@@ -11,6 +11,7 @@
     mosaicbert-ds bench profile [ARGS]      python -m benchmarks.profile_step ARGS
     mosaicbert-ds bench dropout-cost [ARGS] python -m benchmarks.dropout_cost ARGS
     mosaicbert-ds bench convergence [ARGS]  python -m benchmarks.convergence ARGS (time to loss)
+    mosaicbert-ds bench convert [ARGS]      python -m benchmarks.convert ARGS (CPU: convert vs writers)
     mosaicbert-ds bench model --from scaling.json [throughput.json] [network options]
     mosaicbert-ds bench model --compute-sec-per-micro 0.03 --micro 128 --optimizer-sec 0.004
     mosaicbert-ds bench report [step.json] throughput.json ablations.json scaling.json [--hardware h200]
@@ -52,6 +53,7 @@ RUNNERS: dict[str, tuple[str, list[str]]] = {
     "profile": ("benchmarks.profile_step", []),
     "dropout-cost": ("benchmarks.dropout_cost", []),
     "convergence": ("benchmarks.convergence", []),
+    "convert": ("benchmarks.convert", []),
 }
 LOCAL = ("model", "report")
 

@@ -1,27 +1,30 @@
 """The data pipeline: text -> MDS shards (`convert`, `tokenizer`) -> masked MLM batches.
 
     read_dataset_info(path, remote_cache=None) -> dict
+    check_dataset(path, splits=None, remote_cache=None, hashes=False) -> dict   (UserError if unusable)
     load_tokenizer(path, remote_cache=None) -> transformers tokenizer
     build_mlm_dataloader(path, *, split, batch_size, mlm_probability, seed, ...) -> MLMDataLoader
     MLMCollator, TokenSampleDataset, MLMDataLoader, default_num_canonical_nodes
-    convert_corpus(ConvertConfig) -> index dict;  train_tokenizer(texts, out_dir, vocab_size) -> Path
+    convert_corpus(ConvertConfig) -> index dict;  merge_parts(out, part_dirs) -> index dict
+    upload_dataset(local, url) -> files uploaded;  train_tokenizer(texts, out_dir, vocab_size) -> Path
     prepare_default_corpus(out_dir) -> Path   (the bundled Jargon File, for the quickstart)
 """
 
 from __future__ import annotations
 
 from .collator import MLMCollator
-from .convert import ConvertConfig, convert_corpus
+from .convert import ConvertConfig, convert_corpus, merge_parts
 from .dataset import (MLMDataLoader, TokenSampleDataset, build_mlm_dataloader, build_mlm_dataset,
                       default_num_canonical_nodes, sample_tokens)
 from .default_corpus import bundled_corpus_path, prepare_default_corpus
-from .info import INDEX_NAME, load_tokenizer, read_dataset_info
+from .info import INDEX_NAME, check_dataset, load_tokenizer, read_dataset_info
 from .sources import SourceConfig
 from .tokenizer import train_tokenizer
+from .upload import upload_dataset
 
 __all__ = [
-    "INDEX_NAME", "ConvertConfig", "MLMCollator", "MLMDataLoader", "SourceConfig", "TokenSampleDataset",
+    "INDEX_NAME", "check_dataset", "ConvertConfig", "MLMCollator", "MLMDataLoader", "SourceConfig", "TokenSampleDataset",
     "build_mlm_dataloader", "build_mlm_dataset", "bundled_corpus_path", "convert_corpus",
-    "default_num_canonical_nodes", "load_tokenizer", "prepare_default_corpus", "read_dataset_info",
-    "sample_tokens", "train_tokenizer",
+    "default_num_canonical_nodes", "load_tokenizer", "merge_parts", "prepare_default_corpus", "read_dataset_info",
+    "sample_tokens", "train_tokenizer", "upload_dataset",
 ]

@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,9 +36,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import UserError
-from .encode import SampleSpec, encode_documents, encode_in_worker, init_worker, load_backend_tokenizer
-from .hashing import splitmix64, to_unit
-from .info import FORMAT, INDEX_NAME, PARTIAL_MARKER, TOKENIZER_DIR, first_line, token_dtype
+from .blocks import (SHARD_HASH, BlockSpec, block_name, init_writer, merge_split, verify_split, write_block,
+                     write_block_in_worker)
+from .encode import SampleSpec, load_backend_tokenizer
+from .info import (FORMAT, INDEX_NAME, PARTIAL_MARKER, TOKENIZER_DIR, dataset_problems, first_line, is_remote,
+                   token_dtype)
 from .sources import DocumentSource, SourceConfig
 
 
@@ -49,9 +51,11 @@ class ConvertConfig:
     source: SourceConfig
     """Where the documents come from."""
     out: str
-    """Output folder (local). Upload it afterwards to read it from object storage."""
+    """Output folder, or a URL (s3://bucket/prefix, gs://...): written to `stage` and uploaded."""
     tokenizer: str
     """Hugging Face tokenizer name or folder (must be a fast tokenizer)."""
+    stage: str | None = None
+    """Local folder for a remote `out` (default: a per-URL folder under the temp dir)."""
     max_seq_len: int = 128
     """Tokens per sample including [CLS] and [SEP]."""
     split_long: bool = False
@@ -61,7 +65,11 @@ class ConvertConfig:
     val_docs: int | None = None
     """Hold out exactly the first N documents instead (good for already-shuffled corpora like C4)."""
     workers: int | None = None
-    """Tokenization processes; default: every core this process may use."""
+    """Writer processes (each tokenizes and writes whole blocks); default: every usable core."""
+    block_docs: int = 32768
+    """Documents per block, the unit of parallel work and of the shard layout (see blocks.py)."""
+    part: tuple[int, int] | None = None
+    """(I, N): write only blocks b with b % N == I; `merge_parts` joins the N parts."""
     shard_size: str = "64mb"
     """Uncompressed bytes per MDS shard."""
     overwrite: bool = False
@@ -69,7 +77,7 @@ class ConvertConfig:
     progress: bool = True
     """Show a progress bar on stderr."""
     chunk_docs: int = 512
-    """Documents per task handed to a worker."""
+    """Documents per tokenizer call inside a block."""
     tokenizer_label: str | None = None
     """How the index names the tokenizer (default: `tokenizer`; e.g. when it is a temp folder)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -99,8 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean", action="store_true",
                         help="drop lines with box-drawing characters and collapse whitespace")
     parser.add_argument("--min-words", type=int, default=1, help="skip documents with fewer words (default: 1)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer name or folder (e.g. bert-base-uncased)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--tokenizer", help="tokenizer name or folder (e.g. bert-base-uncased); required")
+    parser.add_argument("--out", help="output folder or URL (s3://bucket/prefix, gs://...); required")
+    parser.add_argument("--stage", help="local folder for a URL --out (default: under the temp dir)")
     parser.add_argument("--max-seq-len", type=int, default=128, help="tokens per sample with [CLS]/[SEP] (default: 128)")
     parser.add_argument("--split-long", action="store_true",
                         help="cut long documents into windows instead of truncating them")
@@ -108,13 +117,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--val-fraction", type=float, default=None,
                      help="fraction of documents held out in val/ (default: 0.01; 0 for no val/)")
     val.add_argument("--val-docs", type=int, default=None, help="hold out exactly the first N documents")
-    parser.add_argument("--workers", type=int, default=None, help="tokenization processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="writer processes, each tokenizing and writing whole blocks (default: all cores)")
+    parser.add_argument("--block-docs", type=int, default=32768,
+                        help="documents per block, the unit of parallel work and of the layout (default: 32768)")
+    parser.add_argument("--part", metavar="I/N", default=None,
+                        help="convert only the I-th of N disjoint slices (blocks b with b %% N == I), "
+                             "for several nodes; join them with --merge")
+    parser.add_argument("--merge", nargs="+", metavar="OUT PART_DIR", default=None,
+                        help="join finished parts: --merge OUT PART_DIR... (no other input options)")
     parser.add_argument("--shard-size", default="64mb", help="uncompressed bytes per shard (default: 64mb)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset already at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def parse_part(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise UserError(f"--part {text}: need 0 <= I < N")
+    return i, n
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.merge is not None:
+        if len(args.merge) < 2:
+            raise UserError("--merge needs OUT and at least one PART_DIR")
+        merge_parts(args.merge[0], args.merge[1:], overwrite=args.overwrite)
+        return 0
+    if not args.tokenizer or not args.out:
+        raise UserError("the following arguments are required: " +
+                        ", ".join(f"--{n}" for n in ("tokenizer", "out") if not getattr(args, n)))
     source = SourceConfig(paths=list(args.inputs), hf_dataset=args.hf_dataset, hf_config=args.hf_config,
                           hf_split=args.hf_split, text_field=args.text_field, format=args.format,
                           text_unit=args.text_unit, on_bad_utf8=args.on_bad_utf8, clean=args.clean,
@@ -123,7 +159,8 @@ def main(args: argparse.Namespace) -> int:
                            split_long=args.split_long,
                            val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
                            val_docs=args.val_docs, workers=args.workers, shard_size=args.shard_size,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           block_docs=args.block_docs, part=parse_part(args.part) if args.part else None,
+                           overwrite=args.overwrite, progress=not args.quiet, stage=args.stage)
     convert_corpus(config)
     return 0
 
@@ -132,6 +169,14 @@ def main(args: argparse.Namespace) -> int:
 def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
     """Convert `config.source` into a finished dataset at `config.out`; returns its index."""
     _check_options(config)
+    if is_remote(config.out):    # write and publish locally, then upload (index last)
+        from .upload import stage_dir, upload_dataset
+
+        local = replace(config, out=config.stage or stage_dir(config.out))
+        index = convert_corpus(local)
+        files = upload_dataset(local.out, config.out)
+        print(f"uploaded {files} files to {config.out} (local copy: {local.out})")
+        return index
     reader = DocumentSource(config.source)       # validates files, globs, formats, columns
     tokenizer = _load_tokenizer(config.tokenizer)
     out = Path(config.out).resolve()
@@ -141,9 +186,12 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         "max_seq_len": config.max_seq_len,
         "truncation": "split" if config.split_long else "truncate",
         "val": {"docs": config.val_docs} if config.val_docs is not None else {"fraction": config.val_fraction},
+        "layout": {"block_docs": config.block_docs, "shard_size": config.shard_size},
     }
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-    existing = _existing_dataset(out, fingerprint, config.overwrite)
+    if config.part is not None:     # a part is its own output; its dataset is `fingerprint`
+        description = {**description, "part": list(config.part)}
+    existing = _existing_dataset(out, _fingerprint(description), config.overwrite)
     if existing is not None:
         print(f"{out} already holds this dataset; nothing to do (--overwrite rebuilds it)")
         return existing
@@ -156,15 +204,24 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         (partial / PARTIAL_MARKER).write_text("conversion in progress\n")
         tokenizer.save_pretrained(str(partial / TOKENIZER_DIR))
         index = _write_splits(config, reader, tokenizer, partial)
-        index.update(format=FORMAT, fingerprint=fingerprint, description=description, **config.extra)
-        with open(partial / INDEX_NAME, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
+        index.update(format=FORMAT, fingerprint=_fingerprint(description), dataset_fingerprint=fingerprint,
+                     description=description, **config.extra)
+        _write_index(partial, index)
         _publish(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _print_summary(index, out)
     return index
+
+
+def _fingerprint(description: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def _write_index(root: Path, index: dict[str, Any]) -> None:
+    with open(root / INDEX_NAME, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
 
 
 def _check_options(config: ConvertConfig) -> None:
@@ -178,6 +235,10 @@ def _check_options(config: ConvertConfig) -> None:
         raise UserError(f"--min-words must be 0 or more, got {config.source.min_words}")
     if config.workers is not None and config.workers < 1:
         raise UserError(f"--workers must be at least 1, got {config.workers}")
+    if config.block_docs < 1:
+        raise UserError(f"--block-docs must be at least 1, got {config.block_docs}")
+    if config.part is not None and not 0 <= config.part[0] < config.part[1]:
+        raise UserError(f"--part {config.part[0]}/{config.part[1]}: need 0 <= I < N")
 
 
 def _load_tokenizer(name: str):
@@ -209,7 +270,12 @@ def _existing_dataset(out: Path, fingerprint: str, overwrite: bool) -> dict[str,
         except ValueError:
             index = {}
         if index.get("fingerprint") == fingerprint and not overwrite:
-            return index
+            problems = dataset_problems(out, index)
+            if not problems:
+                return index
+            print(f"{out} holds this dataset but it is damaged ({problems[0]}"
+                  + (f" and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilding it")
+            return None
         if not overwrite:
             raise UserError(f"{out} already holds a different dataset; pass --overwrite to replace it "
                             "or choose another --out")
@@ -234,106 +300,106 @@ def _publish(partial: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _val_mask(doc_numbers: np.ndarray, config: ConvertConfig) -> np.ndarray:
-    """Which documents are held out: a fixed hash of the document number, or the first N."""
-    if config.val_docs is not None:
-        return doc_numbers < config.val_docs
-    if config.val_fraction <= 0:
-        return np.zeros(len(doc_numbers), bool)
-    return to_unit(splitmix64(doc_numbers)) < config.val_fraction
-
-
 def _usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 
-def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
-    while chunk := list(islice(docs, size)):
-        yield chunk
+def _blocks(config: ConvertConfig, reader: DocumentSource) -> Iterator[tuple[int, int, list[str]]]:
+    """(block, first document number, texts) of the blocks this conversion (or part) writes."""
+    docs = iter(reader)
+    part, parts = config.part or (0, 1)
+    block = 0
+    while True:
+        if block % parts == part:
+            texts = list(islice(docs, config.block_docs))
+        else:   # another part's block: read past it (parsing is cheap next to tokenizing)
+            texts = [None] * sum(1 for _ in islice(docs, config.block_docs))
+        if not texts:
+            return
+        yield block, block * config.block_docs, texts
+        block += 1
 
 
-def _encoded_chunks(config: ConvertConfig, reader: DocumentSource, spec: SampleSpec, tokenizer_json: str):
-    """(texts, EncodedChunk) in input order, tokenized by a process pool when there are cores."""
+def _written_blocks(config: ConvertConfig, reader: DocumentSource, spec: BlockSpec, tokenizer_json: str):
+    """The counts of each block, in block order; blocks of other parts give None (still counted)."""
     workers = config.workers or _usable_cores()
-    chunks = _chunks(iter(reader), config.chunk_docs)
+    blocks = _blocks(config, reader)
     if workers == 1:
         tok = load_backend_tokenizer(tokenizer_json)
-        for texts in chunks:
-            yield texts, encode_documents(tok, texts, spec)
+        for block, first, texts in blocks:
+            yield (None if texts[0] is None else write_block(tok, spec, block, first, texts)), len(texts)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, init_worker, (tokenizer_json, spec)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, init_writer, (tokenizer_json, spec)) as pool:
         pending: list = []
-        for texts in chunks:                  # keep at most 2 tasks per worker in flight
-            pending.append((texts, pool.apply_async(encode_in_worker, (texts,))))
-            if len(pending) >= 2 * workers:
-                texts0, result = pending.pop(0)
-                yield texts0, result.get()
-        for texts0, result in pending:
-            yield texts0, result.get()
+        for block, first, texts in blocks:          # at most 2 blocks per writer in flight
+            if texts[0] is None:
+                pending.append((None, len(texts)))
+            else:
+                pending.append((pool.apply_async(write_block_in_worker, (block, first, texts)), len(texts)))
+            while len(pending) > 2 * workers or (pending and pending[0][0] is None):
+                result, n = pending.pop(0)
+                yield (None if result is None else result.get()), n
+        for result, n in pending:
+            yield (None if result is None else result.get()), n
+
+
+def _split_names(config: ConvertConfig) -> list[str]:
+    has_val = config.val_docs or (config.val_docs is None and config.val_fraction > 0)
+    return ["train"] + (["val"] if has_val else [])
 
 
 def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root: Path) -> dict[str, Any]:
-    from streaming import MDSWriter
     from tqdm import tqdm
 
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
-    spec = SampleSpec(config.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                      config.split_long, dtype)
-    names = ["train"] + (["val"] if config.val_docs or (config.val_docs is None and config.val_fraction > 0) else [])
-    # Raw bytes of the dtype named in the index: MDS's generic ndarray encoding costs ~6x more
-    # per sample, and the single writer process is the converter's bottleneck.
-    columns = {"input_ids": "bytes", "length": "uint32"}
-    stored = np.dtype(dtype).newbyteorder("<")
-    writers = {n: MDSWriter(out=str(root / n), columns=columns, compression="zstd", size_limit=config.shard_size)
-               for n in names}
+    sample = SampleSpec(config.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id,
+                        config.split_long, dtype)
+    names = _split_names(config)
+    spec = BlockSpec(str(root), tuple(names), sample, config.shard_size, config.chunk_docs,
+                     config.val_docs, config.val_fraction)
     counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in names}
     kept = dropped = truncated_docs = 0
-    doc_number = 0
+    written: list[int] = []
+    blocks_total = 0
     started = time.time()
     bar = tqdm(desc="convert", unit=" doc", disable=not config.progress, mininterval=0.5, file=sys.stderr)
-    for texts, chunk in _encoded_chunks(config, reader, spec, str(root / TOKENIZER_DIR / "tokenizer.json")):
-        numbers = np.arange(doc_number, doc_number + len(texts))
-        to_val = _val_mask(numbers, config)
-        doc_number += len(texts)
-        kept += int(chunk.kept_per_doc.sum())
-        dropped += int(chunk.dropped_per_doc.sum())
-        truncated_docs += int((chunk.dropped_per_doc > 0).sum())
-        offsets = np.concatenate([[0], np.cumsum(chunk.sample_lengths)])
-        sample = 0
-        for d, n_samples in enumerate(chunk.samples_per_doc):
-            split = "val" if to_val[d] and "val" in writers else "train"
-            writer, count = writers[split], counts[split]
-            count["documents"] += int(n_samples > 0)
-            for s in range(sample, sample + int(n_samples)):
-                ids = chunk.tokens[offsets[s]:offsets[s + 1]]
-                writer.write({"input_ids": ids.astype(stored, copy=False).tobytes(), "length": len(ids)})
-                count["tokens"] += len(ids)
-            count["samples"] += int(n_samples)
-            sample += int(n_samples)
-        bar.update(len(texts))
-        bar.set_postfix_str(f"{(kept + dropped) / max(time.time() - started, 1e-9):,.0f} tok/s", refresh=False)
+    for result, n_docs in _written_blocks(config, reader, spec, str(root / TOKENIZER_DIR / "tokenizer.json")):
+        blocks_total += 1
+        if result is not None:
+            written.append(result["block"])
+            kept += result["tokens_kept"]
+            dropped += result["tokens_dropped"]
+            truncated_docs += result["documents_truncated"]
+            for name, count in result["splits"].items():
+                for key, value in count.items():
+                    counts[name][key] += value
+            bar.update(n_docs)
+            bar.set_postfix_str(f"{(kept + dropped) / max(time.time() - started, 1e-9):,.0f} tok/s", refresh=False)
     bar.close()
-    for writer in writers.values():
-        writer.finish()
 
     stats = reader.stats
     source_name = config.source.hf_dataset or ", ".join(config.source.paths)
-    if counts["train"]["samples"] == 0 and ("val" not in counts or counts["val"]["samples"] == 0):
-        raise UserError(f"no documents with text in {source_name} ({stats.too_short} empty or shorter than "
-                        f"--min-words {config.source.min_words}, {stats.bad_utf8} not UTF-8)")
+    if config.part is None:
+        if counts["train"]["samples"] == 0 and ("val" not in counts or counts["val"]["samples"] == 0):
+            raise UserError(f"no documents with text in {source_name} ({stats.too_short} empty or shorter than "
+                            f"--min-words {config.source.min_words}, {stats.bad_utf8} not UTF-8)")
+        for name in names:
+            if counts[name]["samples"] == 0:
+                hint = ("lower --val-docs or --val-fraction" if name == "train"
+                        else "raise --val-fraction, use --val-docs, or pass --val-fraction 0 for no val/")
+                raise UserError(f"the {name}/ split got no documents out of {stats.documents}; {hint}")
+    shards = {}
     for name in names:
-        if counts[name]["samples"] == 0:
-            hint = ("lower --val-docs or --val-fraction" if name == "train"
-                    else "raise --val-fraction, use --val-docs, or pass --val-fraction 0 for no val/")
-            raise UserError(f"the {name}/ split got no documents out of {stats.documents}; {hint}")
+        (root / name).mkdir(exist_ok=True)
+        shards[name] = merge_split(root / name, written)
 
     specials = sorted(set(tokenizer.all_special_ids))
     bracketed = [i for t, i in tokenizer.get_vocab().items() if len(t) > 2 and t[0] == "[" and t[-1] == "]"]
-    return {
+    index = {
         "tokenizer": {
             "name_or_path": config.tokenizer_label or config.tokenizer,
             "vocab_size": vocab_size,
@@ -351,6 +417,9 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
         "max_seq_len": config.max_seq_len,
         "truncation": "split" if config.split_long else "truncate",
         "token_dtype": dtype,
+        "shard_hash": SHARD_HASH,
+        "block_docs": config.block_docs,
+        "blocks": blocks_total,
         "documents": int(sum(c["documents"] for c in counts.values())),
         "samples": int(sum(c["samples"] for c in counts.values())),
         "tokens_kept": kept,
@@ -358,8 +427,12 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
         "documents_truncated": truncated_docs,
         "skipped": {"bad_utf8": stats.bad_utf8, "empty_or_short": stats.too_short},
         "splits": counts,
+        "shards": shards,
         "seconds": round(time.time() - started, 2),
     }
+    if config.part is not None:
+        index["part"] = {"index": config.part[0], "count": config.part[1], "written_blocks": written}
+    return index
 
 
 def _print_summary(index: dict[str, Any], out: Path) -> None:
@@ -374,4 +447,112 @@ def _print_summary(index: dict[str, Any], out: Path) -> None:
     skipped = index["skipped"]
     if skipped["bad_utf8"] or skipped["empty_or_short"]:
         print(f"skipped documents: {skipped['bad_utf8']:,} not UTF-8, {skipped['empty_or_short']:,} empty or short")
-    print(f"wrote {out} ({INDEX_NAME}, tokenizer/, {', '.join(n + '/' for n in index['splits'])})")
+    part = index.get("part")
+    what = f"part {part['index']}/{part['count']} " if part else ""
+    print(f"wrote {what}{out} ({INDEX_NAME}, tokenizer/, {', '.join(n + '/' for n in index['splits'])})")
+
+
+# ---- joining parts ------------------------------------------------------------------------
+def _read_part(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise UserError(f"part {path} does not exist (convert it with --part I/N first)")
+    if (path / PARTIAL_MARKER).exists() or not (path / INDEX_NAME).exists():
+        raise UserError(f"part {path} is unfinished (no {INDEX_NAME}); re-run its `convert --part`")
+    try:
+        index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise UserError(f"part {path}: unreadable {INDEX_NAME} ({err})") from None
+    if index.get("format") != FORMAT or "part" not in index:
+        raise UserError(f"{path} is not a part written by `mosaicbert-ds convert --part I/N`")
+    return index
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)             # parts on the same filesystem: no copy, parts stay intact
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def merge_parts(out: str, part_dirs: list[str], overwrite: bool = False) -> dict[str, Any]:
+    """Join the finished parts 0..N-1 of one conversion into one dataset at `out`; returns its index.
+
+    Refuses (UserError) missing, duplicate, unfinished or foreign parts before writing anything.
+    The result is the dataset one `convert` without --part would have written.
+    """
+    paths = [Path(p).resolve() for p in part_dirs]
+    parts = {}
+    for path in paths:
+        index = _read_part(path)
+        i, n = index["part"]["index"], index["part"]["count"]
+        if i in parts:
+            raise UserError(f"part {i}/{n} given twice: {parts[i][0]} and {path}")
+        parts[i] = (path, index)
+    first_path, first = next(iter(parts.values()))
+    count = first["part"]["count"]
+    for path, index in parts.values():
+        if index["dataset_fingerprint"] != first["dataset_fingerprint"]:
+            raise UserError(f"{path} and {first_path} are parts of different conversions "
+                            "(input, tokenizer or options differ)")
+    missing = sorted(set(range(count)) - set(parts))
+    if missing:
+        raise UserError(f"cannot merge: part(s) {', '.join(f'{m}/{count}' for m in missing)} missing "
+                        f"(got {len(parts)} of {count})")
+    blocks = sorted(b for _, index in parts.values() for b in index["part"]["written_blocks"])
+    totals = {index["blocks"] for _, index in parts.values()}
+    if len(totals) != 1 or blocks != list(range(totals.pop())):
+        raise UserError("cannot merge: the parts disagree on the input's blocks; re-run the parts")
+    owner = {b: parts[b % count][0] for b in blocks}
+
+    description = {k: v for k, v in first["description"].items() if k != "part"}
+    fingerprint = first["dataset_fingerprint"]
+    dest = Path(out).resolve()
+    if any(dest == p or p in dest.parents for p in paths):
+        raise UserError(f"--merge OUT ({dest}) must not be one of the parts or inside one")
+    existing = _existing_dataset(dest, fingerprint, overwrite)
+    if existing is not None:
+        print(f"{dest} already holds this dataset; nothing to do (--overwrite rebuilds it)")
+        return existing
+
+    index = {k: v for k, v in first.items() if k != "part"}
+    names = list(first["splits"])
+    counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in names}
+    for key in ("documents", "samples", "tokens_kept", "tokens_dropped", "documents_truncated"):
+        index[key] = sum(ix[key] for _, ix in parts.values())
+    for _, ix in parts.values():
+        for name in names:
+            for key in counts[name]:
+                counts[name][key] += ix["splits"][name][key]
+    for name in names:
+        if counts[name]["samples"] == 0:
+            raise UserError(f"the merged {name}/ split has no documents; convert again with other val options")
+
+    partial = dest.with_name(dest.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        (partial / PARTIAL_MARKER).write_text("merge in progress\n")
+        shutil.copytree(first_path / TOKENIZER_DIR, partial / TOKENIZER_DIR)
+        shards = {}
+        for name in names:
+            (partial / name).mkdir()
+            for b in blocks:
+                src = owner[b] / name / block_name(b)
+                if src.is_dir():
+                    for f in sorted(src.iterdir()):
+                        _link_or_copy(f, partial / name / block_name(b) / f.name)
+            shards[name] = merge_split(partial / name, blocks)
+        problems = [p for name in names for p in verify_split(partial / name, hashes=False)]
+        if problems:
+            raise UserError(f"cannot merge: {problems[0]}")
+        index.update(splits=counts, shards=shards, fingerprint=fingerprint, description=description,
+                     seconds=round(sum(ix["seconds"] for _, ix in parts.values()), 2))
+        _write_index(partial, index)
+        _publish(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _print_summary(index, dest)
+    return index

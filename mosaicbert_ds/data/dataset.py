@@ -40,6 +40,9 @@ epoch, the loader goes straight on to the next epoch.
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -50,7 +53,7 @@ from torch.utils.data import DataLoader
 from ..batch import IGNORE_INDEX
 from ..errors import UserError
 from .collator import MLMCollator
-from .info import default_cache_dir, is_remote, read_dataset_info
+from .info import default_cache_dir, first_line, is_remote, read_dataset_info
 
 MAX_DEFAULT_CANONICAL_NODES = 64
 SAMPLES_PER_DEFAULT_CANONICAL_NODE = 4096
@@ -75,6 +78,34 @@ class TokenSampleDataset(StreamingDataset):
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self._epoch = epoch
         return epoch, sample_in_epoch
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        # A shard that fails to download, verify or decompress must stop the run with one line.
+        # Streaming raises it inside a background thread's callback, where it is swallowed and
+        # other DataLoader workers may wait for that shard forever; so a worker reports the
+        # line through a file its parent reads, and exits at once.
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as err:  # any download, checksum or decompression failure
+            shard = self.shards[shard_id]
+            name = shard.file_pairs[0][1].basename if shard.file_pairs[0][1] else shard.file_pairs[0][0].basename
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            where = os.path.join(stream.remote or stream.local, stream.split or "", name)
+            message = f"shard {where} is unreadable or damaged ({first_line(err)})"
+            from torch.utils.data import get_worker_info
+
+            if get_worker_info() is not None:
+                with open(_failure_file(os.getppid()), "w", encoding="utf-8") as f:
+                    f.write(message)
+                sys.stderr.write(f"data loader worker: {message}\n")
+                os._exit(3)
+            self._failure = message
+            if threading.current_thread() is not threading.main_thread():
+                # streaming's prepare thread: stop its threads quietly (a raise here is logged
+                # as a traceback by concurrent.futures); the loader raises the line
+                self._event.set()
+                return
+            raise UserError(message) from None
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         sample = super().get_item(sample_id, retry)
@@ -106,6 +137,26 @@ class MLMDataLoader(StreamingDataLoader):
         self._resumed = True
 
     def __iter__(self) -> Iterator[Any]:
+        failure = _failure_file(os.getpid())
+        try:
+            yield from self._iter_steps()
+        except RuntimeError:
+            if os.path.exists(failure):   # a worker that exited on a damaged shard left its line
+                with open(failure, encoding="utf-8") as f:
+                    message = f.read()
+                os.remove(failure)
+                raise UserError(message) from None
+            self._raise_shard_failure()   # num_workers=0: streaming refuses the next epoch
+            raise
+        # num_workers=0: the shard failed in streaming's thread, which ends the epoch early
+        self._raise_shard_failure()
+
+    def _raise_shard_failure(self) -> None:
+        message = self.dataset.__dict__.get("_failure")
+        if message:
+            raise UserError(message) from None
+
+    def _iter_steps(self) -> Iterator[Any]:
         resumed, self._resumed = self._resumed, False
         for _ in range(2 if resumed else 1):
             self.num_samples_yielded = 0
@@ -119,6 +170,11 @@ class MLMDataLoader(StreamingDataLoader):
                     group = []
             if self.num_samples_yielded:
                 return
+
+
+def _failure_file(main_pid: int) -> str:
+    """Where a DataLoader worker of process `main_pid` leaves the line that stopped it."""
+    return os.path.join(tempfile.gettempdir(), f"mosaicbert_ds_loader_failure.{main_pid}")
 
 
 def default_num_canonical_nodes(num_samples: int) -> int:
@@ -142,8 +198,8 @@ def _ensure_local_world_size() -> None:
 
 
 def build_mlm_dataset(path: str, *, split: str | None, batch_size: int, seed: int, shuffle: bool = True,
-                      remote_cache: str | None = None, num_canonical_nodes: int | None = None
-                      ) -> tuple[TokenSampleDataset, dict[str, Any]]:
+                      remote_cache: str | None = None, num_canonical_nodes: int | None = None,
+                      verify_hashes: bool = True) -> tuple[TokenSampleDataset, dict[str, Any]]:
     """The streaming dataset of one split and the dataset's index."""
     _ensure_local_world_size()
     info = read_dataset_info(path, remote_cache)
@@ -163,15 +219,17 @@ def build_mlm_dataset(path: str, *, split: str | None, batch_size: int, seed: in
     else:   # a URL, or a local folder read like one: shards are copied into the cache
         location = {"local": remote_cache or default_cache_dir(path), "remote": str(path)}
     dataset = TokenSampleDataset(**location, split=split, shuffle=shuffle, shuffle_seed=seed,
-                                 batch_size=batch_size, num_canonical_nodes=ncn, token_dtype=info["token_dtype"])
+                                 batch_size=batch_size, num_canonical_nodes=ncn, token_dtype=info["token_dtype"],
+                                 # checked as each compressed shard is decompressed (once per node)
+                                 validate_hash=info.get("shard_hash") if verify_hashes else None)
     return dataset, info
 
 
 def build_mlm_dataloader(path: str, *, split: str | None, batch_size: int, mlm_probability: float, seed: int,
                          shuffle: bool = True, padded: bool = False, num_workers: int = 0,
                          remote_cache: str | None = None, num_canonical_nodes: int | None = None,
-                         drop_last: bool = True, pad_to: int | None = None, accumulation_steps: int = 1
-                         ) -> MLMDataLoader:
+                         drop_last: bool = True, pad_to: int | None = None, accumulation_steps: int = 1,
+                         verify_hashes: bool = True) -> MLMDataLoader:
     """A resumable loader of masked batches for this rank (batch_size is the per-rank micro batch).
 
     `path` is a converted dataset folder or URL; it is read in place when local and
@@ -179,14 +237,18 @@ def build_mlm_dataloader(path: str, *, split: str | None, batch_size: int, mlm_p
     the shuffle and the masks; with shuffle=True (training) samples are re-masked every epoch,
     with shuffle=False (evaluation) every pass sees the same order and the same masks.
     `pad_to` fixes the padded width; `accumulation_steps` makes the loader yield only complete
-    optimizer steps. See the module docstring for world sizes and resumption.
+    optimizer steps. `verify_hashes` checks each shard's hash from the index as it is
+    decompressed. A shard that cannot be fetched, verified or decompressed raises UserError
+    naming it (also from DataLoader workers). See the module docstring for world sizes and
+    resumption.
     """
     if not 0.0 < mlm_probability < 1.0:
         raise UserError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
     if accumulation_steps < 1:
         raise UserError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
     dataset, info = build_mlm_dataset(path, split=split, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                                      remote_cache=remote_cache, num_canonical_nodes=num_canonical_nodes)
+                                      remote_cache=remote_cache, num_canonical_nodes=num_canonical_nodes,
+                                      verify_hashes=verify_hashes)
     collator = MLMCollator.from_dataset_info(info, mlm_probability=mlm_probability, seed=seed, padded=padded,
                                              pad_to=pad_to, remask_each_epoch=shuffle)
     return MLMDataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers,

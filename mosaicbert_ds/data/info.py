@@ -93,6 +93,9 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
         raise UserError(f"{local_index} is not a readable dataset index ({err})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise UserError(f"{local_index} is not a {FORMAT} index")
+    if "part" in info:
+        raise UserError(f"{path} is part {info['part']['index']}/{info['part']['count']} of a conversion, not a "
+                        "whole dataset; join the parts with `mosaicbert-ds convert --merge OUT PART_DIR...`")
     if is_remote(path):
         folder = os.path.join(cache, TOKENIZER_DIR)
         for name in info["tokenizer"]["files"]:
@@ -119,3 +122,46 @@ def token_dtype(vocab_size: int) -> str:
         if vocab_size <= limit:
             return name
     raise ValueError(f"vocabulary of {vocab_size} tokens is too large")
+
+
+def dataset_problems(root: Path, index: dict[str, Any], hashes: bool = True) -> list[str]:
+    """What is wrong with a local finished dataset's shards (missing, resized, bad hash); [] if nothing."""
+    from .blocks import verify_split
+
+    problems = []
+    for split in index.get("splits", {}):
+        problems += verify_split(Path(root) / split, hashes=hashes)
+    return problems
+
+
+def check_dataset(path: str, splits: list[str] | None = None, remote_cache: str | None = None,
+                  hashes: bool = False) -> dict[str, Any]:
+    """Check that a (local or remote) dataset is readable and every split in `splits` has an index.
+
+    For a URL it fetches our index, the tokenizer and each split's `index.json` (small files,
+    no shards) into the cache, so unreachable stores, wrong credentials and buckets without an
+    index fail here with one UserError line. For a local folder it also checks that every shard
+    file exists with the size the index gives (and, with `hashes`, its xxh64 hash). Returns the
+    dataset info as `read_dataset_info` does.
+    """
+    info = read_dataset_info(path, remote_cache)
+    splits = list(info["splits"]) if splits is None else splits
+    for split in splits:
+        if split not in info["splits"]:
+            raise UserError(f"{path} has no {split!r} split (it has: {', '.join(info['splits'])})")
+        if is_remote(path):
+            local = os.path.join(remote_cache or default_cache_dir(path), split, "index.json")
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            try:
+                _fetch(f"{str(path).rstrip('/')}/{split}/index.json", local)
+                json.loads(Path(local).read_text())["shards"]
+            except Exception as err:  # any backend error: unreachable, denied, missing
+                raise UserError(f"{path}: cannot read {split}/index.json ({first_line(err)})") from None
+        else:
+            from .blocks import verify_split
+
+            problems = verify_split(Path(path) / split, hashes=hashes)
+            if problems:
+                more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+                raise UserError(f"{path} is damaged: {problems[0]}{more}; re-run `mosaicbert-ds convert`")
+    return info

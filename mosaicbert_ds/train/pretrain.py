@@ -380,13 +380,14 @@ def setup(cfg: RunConfig, dry_run: bool = False) -> Run | dict[str, Any]:
                                         padded=cfg.data.padded, num_workers=cfg.data.num_workers,
                                         remote_cache=cfg.data.remote_cache,
                                         num_canonical_nodes=cfg.data.num_canonical_nodes,
-                                        accumulation_steps=accum)
+                                        accumulation_steps=accum, verify_hashes=cfg.data.verify_hashes)
     eval_loader = None
     if cfg.eval.interval or cfg.eval.interval_seconds:
         eval_loader = build_mlm_dataloader(cfg.data.path, split=cfg.data.eval_split, batch_size=micro,
                                            mlm_probability=cfg.data.eval_mlm_probability, seed=cfg.seed,
                                            shuffle=False, padded=cfg.data.padded, num_workers=0,
-                                           remote_cache=cfg.data.remote_cache, drop_last=False)
+                                           remote_cache=cfg.data.remote_cache, drop_last=False,
+                                           verify_hashes=cfg.data.verify_hashes)
 
     if resume:
         engine.load_checkpoint(str(resume[0]), tag=resume[1])

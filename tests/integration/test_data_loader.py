@@ -209,7 +209,7 @@ def test_remote_style_read_through_a_cache(data, index_of, tmp_path):
     local = [ids_of(b, index_of) for b in loader(data)]
     cached = loader(data, remote_cache=str(tmp_path / "cache"))
     assert [ids_of(b, index_of) for b in cached] == local
-    assert list((tmp_path / "cache" / "train").glob("shard.*"))
+    assert list((tmp_path / "cache" / "train").rglob("shard.*"))
 
 
 def test_default_canonical_nodes_depend_on_size_only():

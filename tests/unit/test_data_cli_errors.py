@@ -143,7 +143,7 @@ def test_killed_conversion_leaves_nothing_finished_and_reruns(tmp_path, tok_dir,
     partial_train = tmp_path / "out.partial" / "train"
     try:
         deadline = time.time() + 120
-        while not list(partial_train.glob("shard.*")) and proc.poll() is None and time.time() < deadline:
+        while not list(partial_train.rglob("shard.*")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, "conversion ended before it could be interrupted: " + proc.stderr.read().decode()
         os.killpg(proc.pid, signal.SIGKILL)   # the converter and its pool, mid-write

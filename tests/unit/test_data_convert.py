@@ -47,7 +47,7 @@ def test_truncate_round_trip_is_token_exact(tmp_path, hf_tok):
     assert info["token_dtype"] == "uint16" and info["vocab_size"] == len(hf_tok) == 2048
     t = info["tokenizer"]
     assert (t["cls_token_id"], t["sep_token_id"], t["pad_token_id"], t["mask_token_id"]) == (2, 3, 0, 4)
-    assert len(list((out / "train").glob("shard.*.mds.zstd"))) > 1
+    assert len(list((out / "train").rglob("shard.*.mds.zstd"))) > 1
     # the tokenizer travels with the data and loads offline
     assert load_tokenizer(str(out))(docs[0])["input_ids"] == hf_tok(docs[0])["input_ids"]
 
