@@ -33,7 +33,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 
 from ..errors import UserError
 from .blocks import (SHARD_HASH, BlockSpec, block_name, init_writer, merge_split, verify_split, write_block,

@@ -21,7 +21,7 @@ boto3 = pytest.importorskip("boto3")
 
 from mosaicbert_ds.data.info import check_dataset  # noqa: E402
 from mosaicbert_ds.errors import UserError  # noqa: E402
-from tests.helpers.data import jargon_docs, run_cli, tokenizer_dir, write_jsonl  # noqa: E402
+from tests.helpers.data import jargon_docs, tokenizer_dir, write_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RANK_SCRIPT = ROOT / "tests" / "helpers" / "loader_rank.py"

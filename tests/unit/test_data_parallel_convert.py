@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from mosaicbert_ds.data import INDEX_NAME, build_mlm_dataloader, read_dataset_info, sample_tokens
