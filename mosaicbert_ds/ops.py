@@ -50,7 +50,14 @@ class _SourceTreeKernels(importlib.abc.MetaPathFinder):
                                                       submodule_search_locations=[str(self.source.parent)])
 
 
-if importlib.util.find_spec("mosaicbert_ds.kernels") is None and _SourceTreeKernels.source.is_file():
+def _kernels_installed() -> bool:
+    try:
+        return importlib.util.find_spec("mosaicbert_ds.kernels") is not None
+    except ImportError:  # a copy of this file in an exported model folder: no mosaicbert_ds at all
+        return True
+
+
+if _SourceTreeKernels.source.is_file() and not _kernels_installed():
     sys.meta_path.append(_SourceTreeKernels())
 
 

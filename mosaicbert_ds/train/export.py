@@ -5,7 +5,7 @@ or a model folder (an import or an earlier export). The weights are DeepSpeed's 
 copy (ZeRO shards merged by deepspeed.utils.zero_to_fp32), not the bf16 working copy.
 
 --layout mosaicbert-ds (default): model.safetensors, config.json with `auto_map`, the tokenizer,
-and this package's modeling files (config.py, model.py, attention.py, ops.py, padding.py), so
+and this package's modeling files (config.py, model.py, attention.py, ops.py, padding.py, batch.py), so
 the folder loads with transformers alone:
     AutoModelForMaskedLM.from_pretrained(OUT, trust_remote_code=True)   # also AutoModel, ...
 and, where mosaicbert_ds is imported, without trust_remote_code. There the Triton kernels are
@@ -37,7 +37,7 @@ from ..outputs import output_folder
 from .checkpoint import latest_tag
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-MODELING_FILES = ("config.py", "model.py", "attention.py", "ops.py", "padding.py")
+MODELING_FILES = ("config.py", "model.py", "attention.py", "ops.py", "padding.py", "batch.py")
 AUTO_MAP = {
     "AutoConfig": "config.MosaicBertConfig",
     "AutoModel": "model.MosaicBertModel",
