@@ -31,7 +31,7 @@ Tested
     Any Tiling gives the same masks and results (tests/kernels/test_kernels.py, interpreter and H200).
     H200, batch 256 x 128 (~29k real tokens), per step of 12 layers (profile_step --graphs): GeGLU
     with dropout 2.4 ms forward, 3.2 ms backward; the LayerNorm kernels 1.3 / 1.7 ms (24 calls
-    each, run Y). Untiled (one row per program) they took 2.5 / 3.2 and 1.3 / 2.0 ms; with one Philox
+    each). Untiled (one row per program) they took 2.5 / 3.2 and 1.3 / 2.0 ms; with one Philox
     counter per four elements (tl.rand4x) 3.0 / 3.6 and 1.5 / 2.1 ms; with one per element
     4.8 / 5.4 ms for GeGLU.
 Known risks
@@ -200,7 +200,7 @@ class Tiling:
     geglu_warps: int = 4
     geglu_bwd_rows: int = 1
     geglu_bwd_warps: int = 4
-    ln_rows: int = 2  # alone as fast as 1 row (2 warps); in the step 1.3 instead of 1.5 ms (runs Y, AA)
+    ln_rows: int = 2  # alone as fast as 1 row (2 warps); in the step 1.3 instead of 1.5 ms
     ln_elems_per_warp: int = 512  # a LayerNorm tile of rows x block elements gets this many per warp
     ln_bwd_rows: int = 1
     ln_bwd_elems_per_warp: int = 512
