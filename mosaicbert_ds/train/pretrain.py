@@ -45,7 +45,7 @@ from .graphed import GraphedEngineStep
 from .health import MAX_STREAK, SLOTS, STOP, Health, describe_divergence, weights_finite
 from .metrics import MetricsLogger, console_line
 from .run_config import RunConfig, load_run_config
-from .schedule import make_scheduler, retarget_schedule
+from .schedule import fit_schedule_to_budget, make_scheduler, retarget_schedule
 from .stops import SIGNAL, WALL_TIME, ExitCode, RunStopped, StopRequests, parse_duration
 from .preflight import check_run
 
@@ -176,18 +176,21 @@ def interval_metrics(engine: Any, window: Window, world: int, n_params: int, pea
     rows = torch.zeros(world, health.numel(), dtype=torch.float64, device=engine.device)
     rows[rank] = health
     sums = torch.stack([window.loss, window.correct]).to(torch.float64)
-    host = torch.tensor([window.micro, window.masked, window.tokens, window.samples, window.flops],
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    # The mean of the ranks' clocks: every rank then takes the same time-based decisions (timed
+    # eval and checkpoints, the budget's end), which would hang collectives if they differed.
+    seconds = time.perf_counter() - window.start
+    host = torch.tensor([window.micro, window.masked, window.tokens, window.samples, window.flops, seconds],
                         dtype=torch.float64).to(engine.device)
     reduced = torch.cat([sums, host, rows.flatten()])
     if dist.is_initialized():
         dist.all_reduce(reduced)
     reduced = reduced.tolist()
-    loss, correct, micro, masked, tokens, samples, flops = reduced[:7]
+    loss, correct, micro, masked, tokens, samples, flops, seconds = reduced[:8]
+    seconds /= world
     width = health.numel()
-    health_rows = [reduced[7 + r * width: 7 + (r + 1) * width] for r in range(world)]
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - window.start
+    health_rows = [reduced[8 + r * width: 8 + (r + 1) * width] for r in range(world)]
     steps = micro / (world * engine.gradient_accumulation_steps())
     grad_norm = engine.get_global_grad_norm()
     metrics = {
@@ -206,7 +209,7 @@ def interval_metrics(engine: Any, window: Window, world: int, n_params: int, pea
     metrics["optim/nonfinite_steps"] = max(r[0] for r in health_rows)
     if engine.device.type == "cuda":
         metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return metrics, {"samples": samples, "tokens": tokens, "seconds": seconds}, health_rows
+    return metrics, {"samples": samples, "tokens": tokens, "seconds": seconds, "steps": steps}, health_rows
 
 
 @torch.no_grad()
@@ -480,7 +483,7 @@ def log_interval(run: Run, window: Window) -> tuple[dict[str, float], str | None
     state.tokens += int(totals["tokens"])
     before = state.train_seconds
     state.train_seconds += totals["seconds"]
-    check_train_seconds(run, before)
+    check_train_seconds(run, before, totals["seconds"] / max(totals["steps"], 1))
     metrics["progress/train_seconds"] = state.train_seconds
     metrics["progress/samples"] = state.samples
     metrics["progress/tokens"] = state.tokens
@@ -647,9 +650,9 @@ class OutputLock:
             self.fd = None
 
 
-def check_train_seconds(run: Run, before: float) -> None:
+def check_train_seconds(run: Run, before: float, step_seconds: float) -> None:
     """Wall-clock points in training seconds (eval and checkpoint time excluded): timed eval and
-    checkpoints, and the duration.train_seconds budget, whose schedule is re-fitted to end there."""
+    checkpoints, and the duration.train_seconds budget, whose schedule is fitted to end there."""
     cfg, state = run.cfg, run.state
     run.timed_eval = _crossed(before, state.train_seconds, cfg.eval.interval_seconds)
     run.timed_ckpt = _crossed(before, state.train_seconds, cfg.checkpoint.interval_seconds)
@@ -657,26 +660,15 @@ def check_train_seconds(run: Run, before: float) -> None:
     if budget:
         if state.train_seconds >= budget:
             run.budget_reached = True
-        else:
-            _fit_schedule_to_budget(run.engine, state, budget, run.total_steps, cfg.schedule.warmup_fraction)
+        elif before > 0:  # the first interval holds start-up and compilation: not a step time
+            fit_schedule_to_budget(run.engine.lr_scheduler.lr_lambdas[0], state.step,
+                                   (budget - state.train_seconds) / step_seconds, run.total_steps,
+                                   cfg.schedule.warmup_fraction)
 
 
 def _crossed(before: float, after: float, interval: float) -> bool:
     """Whether training seconds passed a multiple of `interval` between two log points."""
     return bool(interval) and math.floor(after / interval) > math.floor(before / interval)
-
-
-def _fit_schedule_to_budget(engine: Any, state: TrainerState, budget: float, max_steps: int,
-                            warmup_fraction: float) -> None:
-    """Re-estimate the run's step count from the seconds per step so far, so that warmup and the
-    linear decay end at the wall-clock budget (the step cap `max_steps` still holds). Warmup is
-    re-fitted only while it lasts; the decay's end moves with every estimate."""
-    schedule = engine.lr_scheduler.lr_lambdas[0]
-    estimate = state.step + (budget - state.train_seconds) * state.step / state.train_seconds
-    total = max(state.step + 1, min(max_steps, round(estimate)))
-    if state.step < schedule.warmup_steps:
-        schedule.warmup_steps = max(1, round(total * warmup_fraction))
-    schedule.total_steps = total
 
 
 def main(args: argparse.Namespace) -> int:

@@ -298,6 +298,8 @@ def check_model_config(cfg: RunConfig) -> None:
     preset, an unknown override or an inconsistent size is one line before the data is opened."""
     from ..config import MosaicBertConfig
 
+    if cfg.model.init_from and not cfg.model.preset:
+        return  # the sizes come from the source, checked when it is read
     overrides = dict(cfg.model.overrides)
     overrides.setdefault("vocab_size", 1024)
     try:

@@ -20,14 +20,29 @@ class WarmupLinearDecay:
         self.total_steps = total_steps
         self.warmup_steps = round(total_steps * warmup_fraction)
         self.final_ratio = final_ratio
-        self.floor_step = total_steps if floor_after_last_step else total_steps - 1
+        self.floor_offset = 0 if floor_after_last_step else 1
+        self.budget_fitted = False  # warmup fixed once by fit_schedule_to_budget
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        decay_steps = max(1, self.floor_step - self.warmup_steps)
+        decay_steps = max(1, self.total_steps - self.floor_offset - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return 1.0 - (1.0 - self.final_ratio) * progress
+
+
+def fit_schedule_to_budget(schedule: WarmupLinearDecay, step: int, steps_left: float, max_steps: int,
+                           warmup_fraction: float) -> None:
+    """Fit a schedule to a wall-clock budget from the latest estimate of the steps it has left.
+
+    The warmup length is set once, from the first estimate (after the start-up interval), so that
+    the rate only rises during warmup; the end of the decay follows every later estimate. The
+    step cap `max_steps` still holds."""
+    total = max(step + 1, min(max_steps, step + round(steps_left)))
+    if not schedule.budget_fitted:
+        schedule.warmup_steps = max(1, round(total * warmup_fraction))
+        schedule.budget_fitted = True
+    schedule.total_steps = total
 
 
 def make_scheduler(total_steps: int, warmup_fraction: float, final_ratio: float):

@@ -1,20 +1,24 @@
 """Shared helpers for the data tests: real text, a trained tokenizer, converted datasets.
 
 Everything is made from the bundled Jargon File or written by the tests themselves; nothing
-touches the network. Expensive artefacts (the tokenizer, the loader dataset) are built once per
-session and reused.
+touches the network. The session tokenizer is the one shipped in tests/data/tokenizer (WordPiece
+trained on the Jargon File, vocab_size=2000 rounded to 2048), not one trained per run: tokenizers'
+WordPiece trainer breaks count ties in hash-map order, so two trainings on the same text can give
+different vocabularies, and the loss-curve reference needs the same token ids on every machine.
+Expensive artefacts (the loader dataset) are built once per session and reused.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mosaicbert_ds import cli
-from mosaicbert_ds.data import ConvertConfig, SourceConfig, bundled_corpus_path, convert_corpus, train_tokenizer
+from mosaicbert_ds.data import ConvertConfig, SourceConfig, bundled_corpus_path, convert_corpus
 
 _cache: dict[str, Any] = {}
 
@@ -29,10 +33,13 @@ def jargon_docs(n: int = 4000) -> list[str]:
     return _cache["docs"][:n]
 
 
+SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
+
+
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A 2048-token WordPiece tokenizer trained on the corpus (once per session)."""
+    """A copy of the shipped 2048-token WordPiece tokenizer (once per session)."""
     if "tokenizer" not in _cache:
-        _cache["tokenizer"] = train_tokenizer(jargon_docs(), tmp_path_factory.mktemp("tokenizer"), vocab_size=2000)
+        _cache["tokenizer"] = Path(shutil.copytree(SHIPPED_TOKENIZER, tmp_path_factory.mktemp("tokenizer") / "tok"))
     return _cache["tokenizer"]
 
 
