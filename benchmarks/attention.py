@@ -22,10 +22,11 @@ TFLOP/s counts attention FLOPs over real token pairs only: 4 * sum(L_i^2) * H * 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
+
 from .provenance import write_result
 
 N_HEADS, HEAD_DIM = 12, 64
@@ -116,12 +117,15 @@ class Methods:
         dpad[valid] = self.dout
         self.pdout = dpad.transpose(1, 2).contiguous()
         neg = torch.finfo(torch.bfloat16).min
-        self.bias = ((~valid)[:, None, None, :].to(torch.bfloat16) * neg
-                     + alibi_bias(self.slopes, width).to(torch.bfloat16)[None]).contiguous()
+        self.bias = (
+            (~valid)[:, None, None, :].to(torch.bfloat16) * neg
+            + alibi_bias(self.slopes, width).to(torch.bfloat16)[None]
+        ).contiguous()
 
         # packed (1, H, T, D) for FlexAttention
-        self.fq, self.fk, self.fv = (self.qkv.detach()[:, i].transpose(0, 1)[None].contiguous().requires_grad_(True)
-                                     for i in range(3))
+        self.fq, self.fk, self.fv = (
+            self.qkv.detach()[:, i].transpose(0, 1)[None].contiguous().requires_grad_(True) for i in range(3)
+        )
         self.fdout = self.dout.transpose(0, 1)[None].contiguous()
         self.flex_fn = flex_fn
 
@@ -199,8 +203,12 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool, profile_host:
     bandwidth = _copy_bandwidth()
     slopes = alibi_slopes(N_HEADS).to(DEVICE)
     flex_fn, set_lengths = make_flex(total_tokens, slopes) if baselines else (None, None)
-    results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__,
-               "copy_bandwidth_TBps": bandwidth / 1e12, "regimes": []}
+    results = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+        "torch": torch.__version__,
+        "copy_bandwidth_TBps": bandwidth / 1e12,
+        "regimes": [],
+    }
     for regime in regimes:
         lengths = regime_lengths(regime, total_tokens)
         if baselines:
@@ -211,9 +219,15 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool, profile_host:
         tensor_bytes = sum(lengths) * N_HEADS * HEAD_DIM * 2
         floor_fwd_ms = 4 * tensor_bytes / bandwidth * 1e3
         floor_fb_ms = floor_fwd_ms + 8 * tensor_bytes / bandwidth * 1e3
-        row = {"regime": asdict(regime), "sequences": len(lengths), "tokens": sum(lengths),
-               "fwd_gflop": fwd_flops / 1e9, "floor_fwd_ms": floor_fwd_ms, "floor_fwd_bwd_ms": floor_fb_ms,
-               "methods": {}}
+        row = {
+            "regime": asdict(regime),
+            "sequences": len(lengths),
+            "tokens": sum(lengths),
+            "fwd_gflop": fwd_flops / 1e9,
+            "floor_fwd_ms": floor_fwd_ms,
+            "floor_fwd_bwd_ms": floor_fb_ms,
+            "methods": {},
+        }
         pairs = m.pairs()
         if not baselines:
             pairs = {"triton": pairs["triton"]}
@@ -223,10 +237,14 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool, profile_host:
                 torch.cuda.synchronize()
             t_fwd, t_fb = _bench(fwd), _bench(fwd_bwd, grads)
             g_fwd, g_fb = _bench_graph(fwd), _bench_graph(fwd_bwd, grads)
-            row["methods"][name] = {"fwd_ms": t_fwd, "fwd_bwd_ms": t_fb,
-                                    "fwd_tflops": fwd_flops / t_fwd / 1e9,
-                                    "fwd_bwd_tflops": 3.5 * fwd_flops / t_fb / 1e9,
-                                    "graph_fwd_ms": g_fwd, "graph_fwd_bwd_ms": g_fb}
+            row["methods"][name] = {
+                "fwd_ms": t_fwd,
+                "fwd_bwd_ms": t_fb,
+                "fwd_tflops": fwd_flops / t_fwd / 1e9,
+                "fwd_bwd_tflops": 3.5 * fwd_flops / t_fb / 1e9,
+                "graph_fwd_ms": g_fwd,
+                "graph_fwd_bwd_ms": g_fb,
+            }
         if baselines:
             row["rel_err_vs_sdpa_bias"] = m.agreement()
         if profile_host:  # where the host time of one eager forward+backward goes
@@ -240,11 +258,16 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool, profile_host:
                 torch.cuda.synchronize()
             print(f"host profile, 50 x triton fwd+bwd at {regime.name}:")
             pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-        row["triton_configs"] = {str(k): str(v) for k, v in flash_attn.chosen_configs().items()
-                                 if k[1] == flash_attn._bucket(regime.max_seqlen)}
-        row["triton_tuning_ms"] = {str(k): [(str(c), round(t, 4)) for c, t in v]
-                                   for k, v in flash_attn.tuning_timings().items()
-                                   if k[1] == flash_attn._bucket(regime.max_seqlen)}
+        row["triton_configs"] = {
+            str(k): str(v)
+            for k, v in flash_attn.chosen_configs().items()
+            if k[1] == flash_attn._bucket(regime.max_seqlen)
+        }
+        row["triton_tuning_ms"] = {
+            str(k): [(str(c), round(t, 4)) for c, t in v]
+            for k, v in flash_attn.tuning_timings().items()
+            if k[1] == flash_attn._bucket(regime.max_seqlen)
+        }
         results["regimes"].append(row)
         del m
         if DEVICE == "cuda":
@@ -259,21 +282,27 @@ def table(results: dict) -> str:
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:6.2f}" if a is not None and b is not None else f"{'-':>6}"
 
-    lines = [f"{results['device']}, torch {results['torch']}, copy {results['copy_bandwidth_TBps']:.2f} TB/s; "
-             f"bf16, {N_HEADS} heads x {HEAD_DIM}; median ms (eager: launched from Python as in training; "
-             "graph: CUDA-graph replay, GPU time only); TFLOP/s over real pairs, eager; x = method / triton",
-             f"{'regime':>6} {'method':>10} {'fwd':>8} {'f+b':>8} {'fwd TF/s':>8} {'f+b TF/s':>8} "
-             f"{'g fwd':>8} {'g f+b':>8} {'x fwd':>6} {'x f+b':>6} {'xg f+b':>6}"]
+    lines = [
+        f"{results['device']}, torch {results['torch']}, copy {results['copy_bandwidth_TBps']:.2f} TB/s; "
+        f"bf16, {N_HEADS} heads x {HEAD_DIM}; median ms (eager: launched from Python as in training; "
+        "graph: CUDA-graph replay, GPU time only); TFLOP/s over real pairs, eager; x = method / triton",
+        f"{'regime':>6} {'method':>10} {'fwd':>8} {'f+b':>8} {'fwd TF/s':>8} {'f+b TF/s':>8} "
+        f"{'g fwd':>8} {'g f+b':>8} {'x fwd':>6} {'x f+b':>6} {'xg f+b':>6}",
+    ]
     for row in results["regimes"]:
         ours = row["methods"]["triton"]
         for name, r in row["methods"].items():
-            lines.append(f"{row['regime']['name']:>6} {name:>10} {ms(r['fwd_ms'])} {ms(r['fwd_bwd_ms'])} "
-                         f"{r['fwd_tflops']:8.1f} {r['fwd_bwd_tflops']:8.1f} {ms(r['graph_fwd_ms'])} "
-                         f"{ms(r['graph_fwd_bwd_ms'])} {ratio(r['fwd_ms'], ours['fwd_ms'])} "
-                         f"{ratio(r['fwd_bwd_ms'], ours['fwd_bwd_ms'])} "
-                         f"{ratio(r['graph_fwd_bwd_ms'], ours['graph_fwd_bwd_ms'])}")
-        lines.append(f"{row['regime']['name']:>6} {'floor':>10} {ms(row['floor_fwd_ms'])} {ms(row['floor_fwd_bwd_ms'])}"
-                     "   (memory: each tensor read or written once)")
+            lines.append(
+                f"{row['regime']['name']:>6} {name:>10} {ms(r['fwd_ms'])} {ms(r['fwd_bwd_ms'])} "
+                f"{r['fwd_tflops']:8.1f} {r['fwd_bwd_tflops']:8.1f} {ms(r['graph_fwd_ms'])} "
+                f"{ms(r['graph_fwd_bwd_ms'])} {ratio(r['fwd_ms'], ours['fwd_ms'])} "
+                f"{ratio(r['fwd_bwd_ms'], ours['fwd_bwd_ms'])} "
+                f"{ratio(r['graph_fwd_bwd_ms'], ours['graph_fwd_bwd_ms'])}"
+            )
+        lines.append(
+            f"{row['regime']['name']:>6} {'floor':>10} {ms(row['floor_fwd_ms'])} {ms(row['floor_fwd_bwd_ms'])}"
+            "   (memory: each tensor read or written once)"
+        )
     return "\n".join(lines)
 
 

@@ -59,15 +59,26 @@ def parse_model(spec: str) -> tuple[str, str, list[str]]:
 def shared_overrides(args: argparse.Namespace, out_dir: Path) -> list[str]:
     """The settings every model shares: data, batch, optimizer, schedule, budget, eval and logging."""
     return [
-        f"data.path={args.data}", f"data.eval_mlm_probability={args.eval_mlm}",
+        f"data.path={args.data}",
+        f"data.eval_mlm_probability={args.eval_mlm}",
         f"data.num_workers={args.num_workers}",
-        f"batch.global_batch={args.global_batch}", f"batch.micro_batch={args.micro_batch}",
-        f"optimizer.lr={args.lr}", f"schedule.warmup_fraction={args.warmup_fraction}",
-        f"duration.steps={args.max_steps}", f"duration.train_seconds={args.seconds}",
-        "eval.interval=0", f"eval.interval_seconds={args.eval_every}", f"eval.batches={args.eval_batches}",
-        "checkpoint.interval=0", f"checkpoint.interval_seconds={args.checkpoint_every}", "checkpoint.resume=none",
-        f"log.interval={args.log_interval}", "log.progress_bar=false", "log.tensorboard=false",
-        f"output_dir={out_dir}", f"seed={args.seed}",
+        f"batch.global_batch={args.global_batch}",
+        f"batch.micro_batch={args.micro_batch}",
+        f"optimizer.lr={args.lr}",
+        f"schedule.warmup_fraction={args.warmup_fraction}",
+        f"duration.steps={args.max_steps}",
+        f"duration.train_seconds={args.seconds}",
+        "eval.interval=0",
+        f"eval.interval_seconds={args.eval_every}",
+        f"eval.batches={args.eval_batches}",
+        "checkpoint.interval=0",
+        f"checkpoint.interval_seconds={args.checkpoint_every}",
+        "checkpoint.resume=none",
+        f"log.interval={args.log_interval}",
+        "log.progress_bar=false",
+        "log.tensorboard=false",
+        f"output_dir={out_dir}",
+        f"seed={args.seed}",
         *([f"precision={args.precision}"] if args.precision else []),
     ]
 
@@ -78,16 +89,32 @@ def train_model(args: argparse.Namespace, spec: str) -> Path:
     run_dir = Path(args.out) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty: pick another --out or remove it (this command never overwrites)")
-    cmd = [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", recipe,
-           *shared_overrides(args, run_dir), *overrides, *args.override]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mosaicbert_ds.cli",
+        "pretrain",
+        recipe,
+        *shared_overrides(args, run_dir),
+        *overrides,
+        *args.override,
+    ]
     print("$ " + shlex.join(cmd), flush=True)
     done = subprocess.run(cmd)
     if done.returncode:
         raise UserError(f"training {name} failed (exit {done.returncode}); its log is in {run_dir}")
-    atomic_write_json(run_dir / RESULT, {"name": name, "recipe": recipe, "overrides": overrides,
-                                         "train_command": shlex.join(cmd), "budget_seconds": args.seconds,
-                                         "data": str(args.data),
-                                         **provenance(sys.argv[1:])})
+    atomic_write_json(
+        run_dir / RESULT,
+        {
+            "name": name,
+            "recipe": recipe,
+            "overrides": overrides,
+            "train_command": shlex.join(cmd),
+            "budget_seconds": args.seconds,
+            "data": str(args.data),
+            **provenance(sys.argv[1:]),
+        },
+    )
     return run_dir
 
 
@@ -103,18 +130,31 @@ def read_curve(run_dir: Path) -> dict[str, Any]:
             mfu.append(row.get("throughput/mfu"))
             mfu_exact.append(row.get("throughput/mfu_exact"))
         if "loss/eval" in row and last_train.get("step") == row["step"]:
-            points.append({"step": row["step"], "seconds": last_train["progress/train_seconds"],
-                           "tokens": last_train["progress/tokens"], "loss": row["loss/eval"],
-                           "accuracy": row.get("accuracy/eval")})
+            points.append(
+                {
+                    "step": row["step"],
+                    "seconds": last_train["progress/train_seconds"],
+                    "tokens": last_train["progress/tokens"],
+                    "loss": row["loss/eval"],
+                    "accuracy": row.get("accuracy/eval"),
+                }
+            )
 
     def median(values: list[Any]) -> float | None:
         kept = [v for v in values[1:] or values if v is not None]
         return statistics.median(kept) if kept else None
 
-    return {"points": points, "tokens_per_sec": median(tok_s), "mfu": median(mfu), "mfu_exact": median(mfu_exact),
-            "final_loss": points[-1]["loss"] if points else None,
-            "train_seconds": last_train.get("progress/train_seconds"), "tokens": last_train.get("progress/tokens"),
-            "steps": last_train.get("step"), "final_train_loss": last_train.get("loss/train")}
+    return {
+        "points": points,
+        "tokens_per_sec": median(tok_s),
+        "mfu": median(mfu),
+        "mfu_exact": median(mfu_exact),
+        "final_loss": points[-1]["loss"] if points else None,
+        "train_seconds": last_train.get("progress/train_seconds"),
+        "tokens": last_train.get("progress/tokens"),
+        "steps": last_train.get("step"),
+        "final_train_loss": last_train.get("loss/train"),
+    }
 
 
 def time_to_loss(points: list[dict[str, Any]], target: float) -> float | None:
@@ -146,9 +186,13 @@ def provenance(argv: list[str]) -> dict[str, Any]:
         except Exception:  # absent or broken: recorded as such
             versions[mod] = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-            "command": shlex.join([sys.executable, "-m", "benchmarks.convergence", *argv]),
-            "device": gpu, "versions": versions}
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
+        "command": shlex.join([sys.executable, "-m", "benchmarks.convergence", *argv]),
+        "device": gpu,
+        "versions": versions,
+    }
 
 
 def report(out: Path, argv: list[str]) -> dict[str, Any]:
@@ -161,12 +205,20 @@ def report(out: Path, argv: list[str]) -> dict[str, Any]:
         meta = json.loads((run_dir / RESULT).read_text())
         models[meta["name"]] = {**meta, **read_curve(run_dir)}
     for name, m in models.items():
-        m["time_to_final_of"] = {other: time_to_loss(m["points"], o["final_loss"])
-                                 for other, o in models.items() if other != name and o["final_loss"] is not None}
+        m["time_to_final_of"] = {
+            other: time_to_loss(m["points"], o["final_loss"])
+            for other, o in models.items()
+            if other != name and o["final_loss"] is not None
+        }
     # where the runs were measured (each model's own record) and where the report was merged
     first = next(iter(models.values()))
-    result = {"models": models, "device": first.get("device"), "git_commit": first.get("git_commit", ""),
-              "git_dirty": first.get("git_dirty"), "report": provenance(argv)}
+    result = {
+        "models": models,
+        "device": first.get("device"),
+        "git_commit": first.get("git_commit", ""),
+        "git_dirty": first.get("git_dirty"),
+        "report": provenance(argv),
+    }
     result["command"] = "; ".join(m.get("command", "") for m in models.values())
     data = first.get("data")
     result["unigram_loss"] = unigram_loss(data) if data and (Path(data) / "val").is_dir() else None
@@ -217,22 +269,53 @@ def _fmt(v: float | None, spec: str) -> str:
 def markdown(result: dict[str, Any]) -> str:
     models = result["models"]
     names = list(models)
-    head = ["model", "recipe", "train s", "steps", "tokens", "final eval loss", "tokens/s", "MFU",
-            *[f"s to {n}'s final" for n in names]]
-    lines = [f"# Time to loss ({result['device']}, commit {result['git_commit'][:10]}"
-             f"{', dirty' if result['git_dirty'] else ''})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "model",
+        "recipe",
+        "train s",
+        "steps",
+        "tokens",
+        "final eval loss",
+        "tokens/s",
+        "MFU",
+        *[f"s to {n}'s final" for n in names],
+    ]
+    lines = [
+        f"# Time to loss ({result['device']}, commit {result['git_commit'][:10]}"
+        f"{', dirty' if result['git_dirty'] else ''})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for name, m in models.items():
         recipe = " ".join([m["recipe"], *m["overrides"]])
-        cells = [name, recipe, _fmt(m["train_seconds"], ".0f"), str(m["steps"]), _fmt(m["tokens"], ",.0f"),
-                 _fmt(m["final_loss"], ".4f"), _fmt(m["tokens_per_sec"], ",.0f"), _fmt(m["mfu"], ".1%"),
-                 *[("(own)" if n == name else _fmt(m["time_to_final_of"].get(n), ".0f")) for n in names]]
+        cells = [
+            name,
+            recipe,
+            _fmt(m["train_seconds"], ".0f"),
+            str(m["steps"]),
+            _fmt(m["tokens"], ",.0f"),
+            _fmt(m["final_loss"], ".4f"),
+            _fmt(m["tokens_per_sec"], ",.0f"),
+            _fmt(m["mfu"], ".1%"),
+            *[("(own)" if n == name else _fmt(m["time_to_final_of"].get(n), ".0f")) for n in names],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if result.get("unigram_loss") is not None:
-        lines += ["", f"Unigram baseline (token frequencies of train/, cross-entropy on val/): "
-                      f"{result['unigram_loss']:.4f} nats per token."]
-    lines += ["", *[f"- {n}: `{m.get('command', '')}` (commit {m.get('git_commit', '')[:10]}"
-                   f"{', dirty' if m.get('git_dirty') else ''}, {m.get('device')})" for n, m in models.items()], ""]
+        lines += [
+            "",
+            f"Unigram baseline (token frequencies of train/, cross-entropy on val/): "
+            f"{result['unigram_loss']:.4f} nats per token.",
+        ]
+    lines += [
+        "",
+        *[
+            f"- {n}: `{m.get('command', '')}` (commit {m.get('git_commit', '')[:10]}"
+            f"{', dirty' if m.get('git_dirty') else ''}, {m.get('device')})"
+            for n, m in models.items()
+        ],
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -261,24 +344,44 @@ def plot(models: dict[str, Any], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mosaicbert-ds bench convergence", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="mosaicbert-ds bench convergence",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--out", required=True, help="output folder: one sub-folder per model, the report at the top")
     p.add_argument("--data", help="dataset written by `mosaicbert-ds convert` (train/ and val/)")
-    p.add_argument("--model", action="append", default=None, metavar="NAME=RECIPE[,k=v...]",
-                   help=f"a model to train (repeatable; default: {' '.join(DEFAULT_MODELS)})")
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="train only these of the models (one call per model), then stop without a report")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME=RECIPE[,k=v...]",
+        help=f"a model to train (repeatable; default: {' '.join(DEFAULT_MODELS)})",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="train only these of the models (one call per model), then stop without a report",
+    )
     p.add_argument("--report", action="store_true", help="only merge the finished runs under --out")
-    p.add_argument("--pareto-listing", action="store_true",
-                   help="only write OUT/pareto_listing.json (the --only models' checkpoints, or all) for `mosaicbert-ds pareto`")
+    p.add_argument(
+        "--pareto-listing",
+        action="store_true",
+        help="only write OUT/pareto_listing.json (the --only models' checkpoints, or all) for `mosaicbert-ds pareto`",
+    )
     p.add_argument("--seconds", type=float, default=300.0, help="training seconds per model (default 300)")
     p.add_argument("--eval-every", type=float, default=30.0, help="eval every this many training seconds")
     p.add_argument("--eval-batches", type=int, default=8, help="micro batches per eval (0: the whole val split)")
     p.add_argument("--eval-mlm", type=float, default=0.15, help="masking rate at eval, the same for every model")
-    p.add_argument("--checkpoint-every", type=float, default=75.0,
-                   help="save a checkpoint every this many training seconds (for the Pareto plot); 0: only at the end")
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=75.0,
+        help="save a checkpoint every this many training seconds (for the Pareto plot); 0: only at the end",
+    )
     p.add_argument("--global-batch", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -288,8 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None)
     p.add_argument("--seed", type=int, default=17)
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="pretrain override for every model (e.g. cuda_graphs=true)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pretrain override for every model (e.g. cuda_graphs=true)",
+    )
     return p
 
 

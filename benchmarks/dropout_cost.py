@@ -38,22 +38,44 @@ def measure(tokens: int, bandwidth: float) -> dict:
     rows = []
     for approx in ("none", "tanh"):
         for p in (0.0, 0.1):
+
             def f(approx: str = approx, p: float = p) -> torch.Tensor:
                 return fused.geglu(h, approx, p)
-            rows.append({"kernel": "geglu", "gelu": approx, "p": p, "fwd_ms": graph_time_ms(forward_case(f)),
-                         "bwd_ms": graph_time_ms(backward_case(f, [h], d_ff)),
-                         "fwd_floor_ms": tokens * (6144 + 3072) * 2 / bandwidth * 1e3})
+
+            rows.append(
+                {
+                    "kernel": "geglu",
+                    "gelu": approx,
+                    "p": p,
+                    "fwd_ms": graph_time_ms(forward_case(f)),
+                    "bwd_ms": graph_time_ms(backward_case(f, [h], d_ff)),
+                    "fwd_floor_ms": tokens * (6144 + 3072) * 2 / bandwidth * 1e3,
+                }
+            )
     for p in (0.0, 0.1):
+
         def f(p: float = p) -> torch.Tensor:
             return fused.dropout_add_layer_norm(x, r, w, b, 1e-12, p, True, lb)
-        rows.append({"kernel": "dropout_add_layer_norm", "gelu": None, "p": p, "fwd_ms": graph_time_ms(forward_case(f)),
-                     "bwd_ms": graph_time_ms(backward_case(f, [x, r, w, b, lb], d_h)),
-                     "fwd_floor_ms": tokens * 768 * 2 * 4 / bandwidth * 1e3})
+
+        rows.append(
+            {
+                "kernel": "dropout_add_layer_norm",
+                "gelu": None,
+                "p": p,
+                "fwd_ms": graph_time_ms(forward_case(f)),
+                "bwd_ms": graph_time_ms(backward_case(f, [x, r, w, b, lb], d_h)),
+                "fwd_floor_ms": tokens * 768 * 2 * 4 / bandwidth * 1e3,
+            }
+        )
     src = torch.empty(tokens * 6144, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    copy_ms = graph_time_ms(lambda: (lambda: dst.copy_(src)))
-    return {"device": torch.cuda.get_device_name(), "tokens": tokens, "rows": rows,
-            "copy": {"bytes": src.numel() * 2, "ms": copy_ms, "tbps": 2 * src.numel() * 2 / copy_ms / 1e9}}
+    copy_ms = graph_time_ms(lambda: lambda: dst.copy_(src))
+    return {
+        "device": torch.cuda.get_device_name(),
+        "tokens": tokens,
+        "rows": rows,
+        "copy": {"bytes": src.numel() * 2, "ms": copy_ms, "tbps": 2 * src.numel() * 2 / copy_ms / 1e9},
+    }
 
 
 def main() -> None:

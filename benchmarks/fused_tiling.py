@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, replace
-from typing import Callable
 
 import torch
+
 from .provenance import write_result
 
 DEVICE = "cuda"
@@ -55,11 +56,13 @@ def forward_case(fwd: Callable[[], torch.Tensor]) -> Callable[[], Callable[[], o
     return lambda: fwd
 
 
-def backward_case(fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], dout: torch.Tensor
-              ) -> Callable[[], Callable[[], object]]:
+def backward_case(
+    fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], dout: torch.Tensor
+) -> Callable[[], Callable[[], object]]:
     def make() -> Callable[[], object]:
         out = fwd()
         return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
+
     return make
 
 
@@ -89,14 +92,22 @@ SPACE = {
     "geglu fwd": {"geglu_rows": [1, 2, 4, 8], "geglu_warps": [2, 4, 8]},
     "geglu bwd": {"geglu_bwd_rows": [1, 2], "geglu_bwd_warps": [2, 4, 8]},
     "ln fwd": {"ln_rows": [1, 2, 4], "ln_elems_per_warp": [256, 512, 1024]},
-    "ln bwd": {"ln_bwd_rows": [1, 2], "ln_bwd_elems_per_warp": [256, 512, 1024],
-               "ln_bwd_programs": [1024, 2048, 4096]},
+    "ln bwd": {"ln_bwd_rows": [1, 2], "ln_bwd_elems_per_warp": [256, 512, 1024], "ln_bwd_programs": [1024, 2048, 4096]},
 }
 
 
 # the kernels before they were tiled: one row per program, 4 warps for GeGLU and for a row of 768
-UNTILED = dict(geglu_rows=1, geglu_warps=4, geglu_bwd_rows=1, geglu_bwd_warps=4, ln_rows=1, ln_elems_per_warp=256,
-               ln_bwd_rows=1, ln_bwd_elems_per_warp=256, ln_bwd_programs=1024)
+UNTILED = dict(
+    geglu_rows=1,
+    geglu_warps=4,
+    geglu_bwd_rows=1,
+    geglu_bwd_warps=4,
+    ln_rows=1,
+    ln_elems_per_warp=256,
+    ln_bwd_rows=1,
+    ln_bwd_elems_per_warp=256,
+    ln_bwd_programs=1024,
+)
 
 
 def _lookup(rows: list[dict], fields: dict) -> dict[str, float]:
@@ -123,8 +134,12 @@ def sweep(tokens: int) -> tuple[list[dict], dict]:
                 best[kernel] = (choice, ms)
     fused.TILING = base
     tiling = replace(base, **{k: v for choice, _ in best.values() for k, v in choice.items()})
-    return rows, {"tiling": asdict(tiling), "best_ms": {k: ms for k, (_, ms) in best.items()},
-                  "default_ms": _lookup(rows, asdict(base)), "untiled_ms": _lookup(rows, UNTILED)}
+    return rows, {
+        "tiling": asdict(tiling),
+        "best_ms": {k: ms for k, (_, ms) in best.items()},
+        "default_ms": _lookup(rows, asdict(base)),
+        "untiled_ms": _lookup(rows, UNTILED),
+    }
 
 
 def main() -> None:
@@ -133,8 +148,10 @@ def main() -> None:
     parser.add_argument("--out", help="write the table and the best tiling as JSON")
     args = parser.parse_args()
     rows, result = sweep(args.tokens)
-    print(f"\n{torch.cuda.get_device_name()}, {args.tokens} tokens; ms per call (the LayerNorm rows sum "
-          "the p=0.1 and p=0 calls)")
+    print(
+        f"\n{torch.cuda.get_device_name()}, {args.tokens} tokens; ms per call (the LayerNorm rows sum "
+        "the p=0.1 and p=0 calls)"
+    )
     print(f"{'kernel':10s} {'untiled':>9s} {'default':>9s} {'best':>9s} {'untiled/default':>16s}")
     for kernel, ms in result["best_ms"].items():
         untiled, default = (result[k].get(kernel, float("nan")) for k in ("untiled_ms", "default_ms"))

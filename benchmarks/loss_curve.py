@@ -30,13 +30,29 @@ from typing import Any
 WINDOW = 10
 PROFILES: dict[str, dict[str, Any]] = {
     # 2 CPU cores, about 15 s a run
-    "cpu-tiny": {"recipe": "tiny-cpu", "floor": 1e-5,
-                 "overrides": ["duration.steps=40", "batch.global_batch=16", "batch.micro_batch=16",
-                               "optimizer.lr=2e-3", "precision=fp32"]},
+    "cpu-tiny": {
+        "recipe": "tiny-cpu",
+        "floor": 1e-5,
+        "overrides": [
+            "duration.steps=40",
+            "batch.global_batch=16",
+            "batch.micro_batch=16",
+            "optimizer.lr=2e-3",
+            "precision=fp32",
+        ],
+    },
     # one H200, about 40 s of training + start-up: MosaicBERT-Base in bf16 with its fused kernels
-    "gpu-base": {"recipe": "mosaicbert-base", "floor": 0.02,
-                 "overrides": ["duration.steps=300", "batch.global_batch=256", "batch.micro_batch=256",
-                               "optimizer.lr=5e-4", "precision=bf16"]},
+    "gpu-base": {
+        "recipe": "mosaicbert-base",
+        "floor": 0.02,
+        "overrides": [
+            "duration.steps=300",
+            "batch.global_batch=256",
+            "batch.micro_batch=256",
+            "optimizer.lr=5e-4",
+            "precision=bf16",
+        ],
+    },
 }
 
 
@@ -44,10 +60,25 @@ def run_once(data: str, profile: str, workdir: Path, extra: list[str]) -> list[f
     """One fixed-seed run through the pretrain command; the training loss of every step."""
     spec = PROFILES[profile]
     out = workdir / "run"
-    cmd = [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", spec["recipe"], f"data.path={data}",
-           *spec["overrides"], "seed=17", "log.interval=1", "log.progress_bar=false", "log.tensorboard=false",
-           "eval.interval=0", "checkpoint.interval=0", "checkpoint.resume=none", "data.num_workers=0",
-           f"output_dir={out}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mosaicbert_ds.cli",
+        "pretrain",
+        spec["recipe"],
+        f"data.path={data}",
+        *spec["overrides"],
+        "seed=17",
+        "log.interval=1",
+        "log.progress_bar=false",
+        "log.tensorboard=false",
+        "eval.interval=0",
+        "checkpoint.interval=0",
+        "checkpoint.resume=none",
+        "data.num_workers=0",
+        f"output_dir={out}",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # thread count changes CPU sums
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -57,7 +88,7 @@ def run_once(data: str, profile: str, workdir: Path, extra: list[str]) -> list[f
 
 
 def windows(losses: list[float]) -> list[float]:
-    return [sum(losses[i:i + WINDOW]) / len(losses[i:i + WINDOW]) for i in range(0, len(losses), WINDOW)]
+    return [sum(losses[i : i + WINDOW]) / len(losses[i : i + WINDOW]) for i in range(0, len(losses), WINDOW)]
 
 
 def make_reference(runs: list[list[float]], profile: str, floor: float) -> dict[str, Any]:
@@ -66,11 +97,19 @@ def make_reference(runs: list[list[float]], profile: str, floor: float) -> dict[
     spread = max((max(col) - min(col)) for col in zip(*per_run))
     import torch
 
-    return {"profile": profile, "recipe": PROFILES[profile]["recipe"], "overrides": PROFILES[profile]["overrides"],
-            "window": WINDOW, "runs": runs, "window_mean": mean, "spread": spread,
-            "bitwise_identical": all(r == runs[0] for r in runs), "tolerance": max(3 * spread, floor),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__}
+    return {
+        "profile": profile,
+        "recipe": PROFILES[profile]["recipe"],
+        "overrides": PROFILES[profile]["overrides"],
+        "window": WINDOW,
+        "runs": runs,
+        "window_mean": mean,
+        "spread": spread,
+        "bitwise_identical": all(r == runs[0] for r in runs),
+        "tolerance": max(3 * spread, floor),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
 
 
 def compare(reference: dict[str, Any], losses: list[float]) -> list[str]:
@@ -80,14 +119,19 @@ def compare(reference: dict[str, Any], losses: list[float]) -> list[str]:
     if len(got) != len(expected):
         return [f"{len(losses)} steps, the reference has {len(reference['runs'][0])}"]
     tol = reference["tolerance"]
-    return [f"steps {i * WINDOW + 1}-{(i + 1) * WINDOW}: mean loss {g:.6f}, reference {e:.6f} (tolerance {tol:.2g})"
-            for i, (g, e) in enumerate(zip(got, expected)) if abs(g - e) > tol]
+    return [
+        f"steps {i * WINDOW + 1}-{(i + 1) * WINDOW}: mean loss {g:.6f}, reference {e:.6f} (tolerance {tol:.2g})"
+        for i, (g, e) in enumerate(zip(got, expected))
+        if abs(g - e) > tol
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--data", required=True, help="dataset written by `mosaicbert-ds convert`")
     parser.add_argument("--profile", choices=list(PROFILES), default="cpu-tiny")
     parser.add_argument("--repeat", type=int, default=3, help="identical runs for a reference")
@@ -114,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = make_reference(runs, args.profile, floor)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(reference, indent=1) + "\n")
-    print(f"wrote {args.out}: spread {reference['spread']:.3g}, tolerance {reference['tolerance']:.3g}, "
-          f"bitwise identical: {reference['bitwise_identical']}")
+    print(
+        f"wrote {args.out}: spread {reference['spread']:.3g}, tolerance {reference['tolerance']:.3g}, "
+        f"bitwise identical: {reference['bitwise_identical']}"
+    )
     return 0
 
 

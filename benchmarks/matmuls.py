@@ -13,7 +13,7 @@ inputs. A GEMM well below its neighbours points at a layout or shape worth chang
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -22,8 +22,13 @@ from .provenance import write_result
 
 # (name, in features, out features, rows): the layer's four projections at the step's token
 # count; the MLM decoder runs on the masked tokens only (30% of them)
-PROJECTIONS = (("Wqkv", 768, 2304, 1.0), ("out_proj", 768, 768, 1.0), ("Wi", 768, 6144, 1.0),
-               ("Wo", 3072, 768, 1.0), ("decoder", 768, 30528, 0.3))
+PROJECTIONS = (
+    ("Wqkv", 768, 2304, 1.0),
+    ("out_proj", 768, 768, 1.0),
+    ("Wi", 768, 6144, 1.0),
+    ("Wo", 3072, 768, 1.0),
+    ("decoder", 768, 30528, 0.3),
+)
 
 
 def _time(fn: Callable[[], object], calls: int = 20) -> float:

@@ -28,11 +28,15 @@ from .provenance import describe, provenance
 from .synthetic import FINETUNE, PRETRAIN, make_batch, to_device
 
 # first match wins: the fused elementwise kernels' names also end in _fwd_kernel/_bwd_kernel
-KINDS = (("layernorm/geglu (triton)", ("_ln_", "geglu", "layer_norm", "_dal_", "_ce_", "cross_entropy")),
-         ("attention", ("_attn_", "flash", "_fwd_kernel", "_bwd_")), ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet")),
-         ("optimizer", ("adam",)),
-         ("loss/softmax", ("softmax", "nll", "cross_entropy", "log_softmax")),
-         ("copy/cast", ("copy", "cast", "convert", "to_copy")), ("index/gather", ("index", "gather", "scatter")))
+KINDS = (
+    ("layernorm/geglu (triton)", ("_ln_", "geglu", "layer_norm", "_dal_", "_ce_", "cross_entropy")),
+    ("attention", ("_attn_", "flash", "_fwd_kernel", "_bwd_")),
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet")),
+    ("optimizer", ("adam",)),
+    ("loss/softmax", ("softmax", "nll", "cross_entropy", "log_softmax")),
+    ("copy/cast", ("copy", "cast", "convert", "to_copy")),
+    ("index/gather", ("index", "gather", "scatter")),
+)
 
 
 def kind_of(name: str) -> str:
@@ -63,8 +67,10 @@ def host_view(step, batches: list[dict], n: int = 5) -> None:
     step(batches[0])
     issue = time.perf_counter() - start
     torch.cuda.synchronize()
-    print(f"wall {wall * 1e3:.2f} ms/step; host issue time {issue * 1e3:.2f} ms/step "
-          f"({issue / wall:.0%} of the wall time; near 100% means host-bound)")
+    print(
+        f"wall {wall * 1e3:.2f} ms/step; host issue time {issue * 1e3:.2f} ms/step "
+        f"({issue / wall:.0%} of the wall time; near 100% means host-bound)"
+    )
 
 
 def idle_gaps(spans: list[tuple[float, float, str]]) -> tuple[list[tuple[float, str, str]], float, float]:
@@ -86,8 +92,10 @@ def gap_report(prof: profile, steps: int, top: int = 12) -> None:
     spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == "CUDA"]
     gaps, busy, span = idle_gaps(spans)
     idle = sum(g for g, *_ in gaps)
-    print(f"\nGPU timeline per step: {span / steps / 1e3:.2f} ms, busy {busy / steps / 1e3:.2f}, "
-          f"idle {idle / steps / 1e3:.2f} ms in {len(gaps) // steps} gaps; {len(spans) // steps} kernels/copies")
+    print(
+        f"\nGPU timeline per step: {span / steps / 1e3:.2f} ms, busy {busy / steps / 1e3:.2f}, "
+        f"idle {idle / steps / 1e3:.2f} ms in {len(gaps) // steps} gaps; {len(spans) // steps} kernels/copies"
+    )
     print(f"{'gap size (us)':<16}{'gaps/step':>10}{'ms/step':>9}")
     for lo, hi in ((0, 2), (2, 5), (5, 20), (20, 100), (100, float("inf"))):
         sel = [g for g, *_ in gaps if lo <= g < hi]
@@ -102,15 +110,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--finetune", action="store_true", help="the finetuning-like length mix")
-    parser.add_argument("--graphs", action="store_true", help="forward + backward as CUDA graphs (mosaicbert_ds.graphs)")
+    parser.add_argument(
+        "--graphs", action="store_true", help="forward + backward as CUDA graphs (mosaicbert_ds.graphs)"
+    )
     parser.add_argument("--gaps", action="store_true", help="only where the GPU idles between kernels")
     args = parser.parse_args()
     print(describe(provenance()))  # the log's first line: commit, dirty flag, versions, command
     model = MosaicBertForMaskedLM(MosaicBertConfig.from_name("base")).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     mix = FINETUNE if args.finetune else PRETRAIN
-    batches = [to_device(make_batch(mix, args.batch, 30522, seed=i)["packed"], torch.device("cuda"))
-               for i in range(3)]
+    batches = [to_device(make_batch(mix, args.batch, 30522, seed=i)["packed"], torch.device("cuda")) for i in range(3)]
 
     graphed = GraphedMLMStep(model, autocast_dtype=torch.bfloat16, accumulate=False) if args.graphs else None
 
@@ -146,8 +155,14 @@ def main() -> None:
     # and so do the GPU copies of host ranges such as "Optimizer.step#AdamW.step" (same name)
     host_ranges = {e.key for e in prof.key_averages() if e.device_type.name == "CPU"}
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.key not in host_ranges]
-    per_kernel = sorted(((e.key, e.self_device_time_total / steps / 1e3, e.count // steps) for e in events
-                         if e.self_device_time_total > 0), key=lambda x: -x[1])
+    per_kernel = sorted(
+        (
+            (e.key, e.self_device_time_total / steps / 1e3, e.count // steps)
+            for e in events
+            if e.self_device_time_total > 0
+        ),
+        key=lambda x: -x[1],
+    )
     total = sum(t for _, t, _ in per_kernel)
     by_kind: dict[str, float] = defaultdict(float)
     for name, t, _ in per_kernel:
@@ -157,14 +172,20 @@ def main() -> None:
     for kind, t in sorted(by_kind.items(), key=lambda x: -x[1]):
         print(f"{kind:<28}{t:>9.2f}{t / total:>8.1%}")
     print(f"\n{'kernel':<90}{'ms/step':>9}{'calls':>7}")
-    for name, t, calls in per_kernel[:args.rows]:
+    for name, t, calls in per_kernel[: args.rows]:
         print(f"{name[:88]:<90}{t:>9.3f}{calls:>7}")
     # the host's side: ops by their own CPU time (the profiler adds a few microseconds to each)
-    cpu = sorted(((e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
-                  if e.device_type.name == "CPU" and e.self_cpu_time_total > 0), key=lambda x: -x[1])
+    cpu = sorted(
+        (
+            (e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps)
+            for e in prof.key_averages()
+            if e.device_type.name == "CPU" and e.self_cpu_time_total > 0
+        ),
+        key=lambda x: -x[1],
+    )
     print(f"\nhost: {sum(t for _, t, _ in cpu):.2f} ms/step of op self time in {sum(c for *_, c in cpu)} op calls")
     print(f"{'op (host self time)':<90}{'ms/step':>9}{'calls':>7}")
-    for name, t, calls in cpu[:args.rows]:
+    for name, t, calls in cpu[: args.rows]:
         print(f"{name[:88]:<90}{t:>9.3f}{calls:>7}")
 
 

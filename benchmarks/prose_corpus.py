@@ -35,8 +35,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mosaicbert_ds.errors import UserError
 
@@ -52,13 +52,13 @@ PACKAGES = {
 # the reader program for bible-kjv-text's compressed data (run from its unpacked package)
 HELPERS = ["bible-kjv"]
 
-_RULE = re.compile(r"^\s*([=\-~^\"'`#*+_.:])\1{2,}\s*$")        # reST heading under/overlines
-_TABLE = re.compile(r"^\s*[+|]")                                 # grid tables
-_ROLE = re.compile(r":[\w:+-]+:`([^`<]*?)(?:\s*<[^>]*>)?`")      # :func:`name <target>` -> name
+_RULE = re.compile(r"^\s*([=\-~^\"'`#*+_.:])\1{2,}\s*$")  # reST heading under/overlines
+_TABLE = re.compile(r"^\s*[+|]")  # grid tables
+_ROLE = re.compile(r":[\w:+-]+:`([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`name <target>` -> name
 _LITERAL = re.compile(r"``([^`]*)``")
-_LINK = re.compile(r"`([^`<]*?)\s*<[^>]*>`_+")                   # `text <url>`_ -> text
+_LINK = re.compile(r"`([^`<]*?)\s*<[^>]*>`_+")  # `text <url>`_ -> text
 _REF = re.compile(r"`([^`]+)`_*")
-_POD_CODE = re.compile(r"[A-Z]<+\s*([^<>]*?)\s*>+")               # C<x>, B<< x >>, L<text|target>
+_POD_CODE = re.compile(r"[A-Z]<+\s*([^<>]*?)\s*>+")  # C<x>, B<< x >>, L<text|target>
 
 
 def _paragraphs(text: str) -> Iterator[list[str]]:
@@ -75,12 +75,50 @@ def _paragraphs(text: str) -> Iterator[list[str]]:
 
 _DIRECTIVE = re.compile(r"^(\s*)\.\.\s+(?:\|[^|]*\|\s+)?([\w:-]+)::")
 # directives whose body is code, markup or a listing, not prose
-_CODE_DIRECTIVES = {"code-block", "code", "sourcecode", "literalinclude", "doctest", "testcode", "testoutput",
-                    "testsetup", "testcleanup", "productionlist", "highlight", "toctree", "index", "image",
-                    "figure", "raw", "kernel-doc", "kernel-abi", "kernel-feat", "include", "csv-table",
-                    "list-table", "table", "flat-table", "math", "graphviz", "only", "cfunction", "c:macro",
-                    "tabularcolumns", "contents", "sectionauthor", "moduleauthor", "opcode", "cmdoption",
-                    "option", "envvar", "describe", "audit-event", "impl-detail", "literal", "parsed-literal"}
+_CODE_DIRECTIVES = {
+    "code-block",
+    "code",
+    "sourcecode",
+    "literalinclude",
+    "doctest",
+    "testcode",
+    "testoutput",
+    "testsetup",
+    "testcleanup",
+    "productionlist",
+    "highlight",
+    "toctree",
+    "index",
+    "image",
+    "figure",
+    "raw",
+    "kernel-doc",
+    "kernel-abi",
+    "kernel-feat",
+    "include",
+    "csv-table",
+    "list-table",
+    "table",
+    "flat-table",
+    "math",
+    "graphviz",
+    "only",
+    "cfunction",
+    "c:macro",
+    "tabularcolumns",
+    "contents",
+    "sectionauthor",
+    "moduleauthor",
+    "opcode",
+    "cmdoption",
+    "option",
+    "envvar",
+    "describe",
+    "audit-event",
+    "impl-detail",
+    "literal",
+    "parsed-literal",
+}
 
 
 def _indent(line: str) -> int:
@@ -136,7 +174,7 @@ def pod_to_text(text: str) -> str:
             continue  # verbatim paragraph (code)
         if first.startswith("="):
             if first.startswith(("=head", "=item")):
-                words = first.split(None, 1)[1:] 
+                words = first.split(None, 1)[1:]
                 if words:
                     out.append(_POD_CODE.sub(lambda m: m.group(1).split("|")[0], words[0]).strip())
             continue
@@ -148,8 +186,8 @@ def pod_to_text(text: str) -> str:
     return "\n\n".join(out)
 
 
-_FONT = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)")       # \fB, \fI, \f(CW, \f[R]
-_ESCAPE = re.compile(r"\\(?:\(..|\[[^\]]*\]|[&|^%:])")   # \(em, \[rs], zero-width escapes
+_FONT = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)")  # \fB, \fI, \f(CW, \f[R]
+_ESCAPE = re.compile(r"\\(?:\(..|\[[^\]]*\]|[&|^%:])")  # \(em, \[rs], zero-width escapes
 _TEXT_MACROS = {"B", "I", "BR", "IR", "RB", "BI", "IB", "RI", "SH", "SS", "SM", "SB", "TP", "IP", "UR", "MT"}
 _BREAK_MACROS = {"PP", "LP", "P", "TP", "IP", "SH", "SS", "HP", "RS", "RE", "sp", "br"}
 
@@ -236,8 +274,9 @@ def html_to_text(text: str) -> str:
 def kjv_books(root: Path, data: Path) -> Iterator[tuple[str, str]]:
     """(book, text) of the King James Bible, read by the bible-kjv program from its data file."""
     program = root / "bible-kjv" / "usr" / "bin" / "bible"
-    done = subprocess.run([str(program), "-p", str(data.parent), "Gen1:1-Rev22:21"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [str(program), "-p", str(data.parent), "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True
+    )
     book, verses = None, []
     for line in done.stdout.splitlines():
         head = re.fullmatch(r"(\S.*?) \d+", line.strip()) if line and not line[0].isspace() else None
@@ -265,8 +304,10 @@ def fetch(package: str, dest: Path) -> Path:
         done = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
         debs = list(Path(tmp).glob("*.deb"))
         if done.returncode or not debs:
-            raise UserError(f"apt-get download {package} failed (run apt-get update first?): "
-                            f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            raise UserError(
+                f"apt-get download {package} failed (run apt-get update first?): "
+                f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+            )
         unpacked = Path(tmp) / "x"
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True)
         unpacked.rename(target)
@@ -293,8 +334,13 @@ def documents(root: Path) -> Iterator[dict[str, str]]:
                     continue
                 yield {"source": f"{package}:{path.relative_to(base)}", "text": text}
                 continue
-            text = (pod_to_text(raw_text) if path.suffix == ".pod" else
-                    html_to_text(raw_text) if path.suffix == ".html" else rst_to_text(raw_text))
+            text = (
+                pod_to_text(raw_text)
+                if path.suffix == ".pod"
+                else html_to_text(raw_text)
+                if path.suffix == ".html"
+                else rst_to_text(raw_text)
+            )
             if len(text.split()) >= 20:
                 yield {"source": f"{package}:{path.relative_to(base)}", "text": text}
 
@@ -325,19 +371,36 @@ def build_dataset(out: Path, corpus: Path, vocab_size: int, max_seq_len: int, va
     tokenizer, mds = out / "tokenizer", out / "mds"
     cli = [sys.executable, "-m", "mosaicbert_ds.cli"]
     if not (tokenizer / "tokenizer.json").exists():
-        subprocess.run([*cli, "tokenizer", str(corpus), "--out", str(tokenizer), "--vocab-size", str(vocab_size)],
-                       check=True)
+        subprocess.run(
+            [*cli, "tokenizer", str(corpus), "--out", str(tokenizer), "--vocab-size", str(vocab_size)], check=True
+        )
     if not (mds / "dataset.json").exists() and not (mds / "index.json").exists():
-        subprocess.run([*cli, "convert", str(corpus), "--tokenizer", str(tokenizer), "--out", str(mds),
-                        "--max-seq-len", str(max_seq_len), "--split-long", "--val-fraction", str(val_fraction)],
-                       check=True)
+        subprocess.run(
+            [
+                *cli,
+                "convert",
+                str(corpus),
+                "--tokenizer",
+                str(tokenizer),
+                "--out",
+                str(mds),
+                "--max-seq-len",
+                str(max_seq_len),
+                "--split-long",
+                "--val-fraction",
+                str(val_fraction),
+            ],
+            check=True,
+        )
     return mds
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--out", required=True, help="folder for debs/, corpus.jsonl.gz, tokenizer/, mds/")
     parser.add_argument("--vocab-size", type=int, default=30522)
     parser.add_argument("--max-seq-len", type=int, default=128)

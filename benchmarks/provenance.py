@@ -25,8 +25,9 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from mosaicbert_ds.outputs import atomic_write_json
 
@@ -81,9 +82,16 @@ def provenance(argv: Sequence[str] | None = None, device: str | None = None) -> 
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             device = torch.cuda.get_device_name()
-    return {"commit": commit, "dirty": dirty, "command": command_line(argv), "cwd": str(Path.cwd()),
-            "host": platform.node(), "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(), "device": device}
+    return {
+        "commit": commit,
+        "dirty": dirty,
+        "command": command_line(argv),
+        "cwd": str(Path.cwd()),
+        "host": platform.node(),
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "device": device,
+    }
 
 
 def write_result(path: str | Path, result: Mapping[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:

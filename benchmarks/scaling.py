@@ -30,8 +30,8 @@ from mosaicbert_ds.flops import mfu, paper_flops_per_token, peak_flops
 from mosaicbert_ds.train.ds_config import build_ds_config
 from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
 
-from .synthetic import PRETRAIN, make_batch
 from .provenance import write_result
+from .synthetic import PRETRAIN, make_batch
 
 PER_GPU = 512  # sequences per GPU per step: ds_configs/mosaicbert-base_8gpu.json, 512 x 8 = 4096
 GLOBAL = 4096
@@ -52,8 +52,13 @@ def allreduce_busbw(n_elements: int, dtype: torch.dtype, iters: int = 20) -> dic
     seconds = statistics.median(times)
     nbytes = n_elements * buf.element_size()
     busbw = 2 * (world - 1) / world * nbytes / seconds if world > 1 else float("nan")
-    return {"world_size": world, "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes, "seconds": seconds,
-            "busbw_gbps": busbw / 1e9}
+    return {
+        "world_size": world,
+        "dtype": str(dtype).replace("torch.", ""),
+        "bytes": nbytes,
+        "seconds": seconds,
+        "busbw_gbps": busbw / 1e9,
+    }
 
 
 def run_steps(config: MosaicBertConfig, micro: int, accum: int, warmup: int, steps: int) -> dict[str, Any]:
@@ -84,9 +89,16 @@ def run_steps(config: MosaicBertConfig, micro: int, accum: int, warmup: int, ste
     del engine
     torch.cuda.empty_cache()
     tps = tokens.item() / seconds
-    return {"world_size": world, "global_batch": micro * accum * world, "micro_batch": micro, "accumulation": accum,
-            "real_tokens_per_sec": tps, "step_time_sec": seconds / steps, "params": n_params,
-            "mfu": mfu(paper_flops_per_token(n_params) * tps, world, peak_flops())}
+    return {
+        "world_size": world,
+        "global_batch": micro * accum * world,
+        "micro_batch": micro,
+        "accumulation": accum,
+        "real_tokens_per_sec": tps,
+        "step_time_sec": seconds / steps,
+        "params": n_params,
+        "mfu": mfu(paper_flops_per_token(n_params) * tps, world, peak_flops()),
+    }
 
 
 def measure(warmup: int, steps: int, micro: int = 256) -> dict[str, Any]:
@@ -95,8 +107,13 @@ def measure(warmup: int, steps: int, micro: int = 256) -> dict[str, Any]:
     init_distributed()
     world = dist.get_world_size()
     config = MosaicBertConfig.from_name("base")
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "model": "base", "points": [], "allreduce": [],
-                           "micro_batch": micro}
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "model": "base",
+        "points": [],
+        "allreduce": [],
+        "micro_batch": micro,
+    }
     accum = PER_GPU // micro
     weak = run_steps(config, micro, accum, warmup, steps)
     out["points"].append({**weak, "mode": "weak"})
@@ -116,8 +133,13 @@ def measure(warmup: int, steps: int, micro: int = 256) -> dict[str, Any]:
 
 def merge(paths: list[str]) -> dict[str, Any]:
     parts = [json.load(open(p)) for p in paths]
-    merged = {"device": parts[0]["device"], "model": "base", "points": [], "allreduce": [],
-              "micro_batch": parts[0].get("micro_batch", 128)}
+    merged = {
+        "device": parts[0]["device"],
+        "model": "base",
+        "points": [],
+        "allreduce": [],
+        "micro_batch": parts[0].get("micro_batch", 128),
+    }
     for part in parts:
         merged["points"] += part["points"]
         merged["allreduce"] += part["allreduce"]
@@ -133,19 +155,29 @@ def merge(paths: list[str]) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\nscaling on one host ({result['device']}, MosaicBERT-Base, micro {result.get('micro_batch', 128)}, "
-          "C4-like lengths)")
-    print(f"{'GPUs':>5}{'mode':>8}{'global':>8}{'accum':>7}{'real tok/s':>13}{'step ms':>10}{'MFU':>7}{'efficiency':>12}")
+    print(
+        f"\nscaling on one host ({result['device']}, MosaicBERT-Base, micro {result.get('micro_batch', 128)}, "
+        "C4-like lengths)"
+    )
+    print(
+        f"{'GPUs':>5}{'mode':>8}{'global':>8}{'accum':>7}{'real tok/s':>13}{'step ms':>10}{'MFU':>7}{'efficiency':>12}"
+    )
     for p in sorted(result["points"], key=lambda p: (p["mode"], p["world_size"])):
         eff = f"{p['efficiency']:.1%}" if "efficiency" in p else "-"
-        print(f"{p['world_size']:>5}{p['mode']:>8}{p['global_batch']:>8}{p['accumulation']:>7}"
-              f"{p['real_tokens_per_sec']:>13,.0f}{p['step_time_sec'] * 1e3:>10.1f}{p['mfu']:>7.1%}{eff:>12}")
+        print(
+            f"{p['world_size']:>5}{p['mode']:>8}{p['global_batch']:>8}{p['accumulation']:>7}"
+            f"{p['real_tokens_per_sec']:>13,.0f}{p['step_time_sec'] * 1e3:>10.1f}{p['mfu']:>7.1%}{eff:>12}"
+        )
     for a in result["allreduce"]:
-        print(f"all-reduce {a['dtype']:>8} {a['bytes'] / 1e6:8.0f} MB on {a['world_size']} GPUs: "
-              f"{a['seconds'] * 1e3:.2f} ms, bus bandwidth {a['busbw_gbps']:.0f} GB/s")
+        print(
+            f"all-reduce {a['dtype']:>8} {a['bytes'] / 1e6:8.0f} MB on {a['world_size']} GPUs: "
+            f"{a['seconds'] * 1e3:.2f} ms, bus bandwidth {a['busbw_gbps']:.0f} GB/s"
+        )
     if "compute_sec_per_micro" in result:
-        print(f"1 GPU: {result['compute_sec_per_micro'] * 1e3:.1f} ms per micro batch (fwd+bwd), "
-              f"{result['optimizer_sec'] * 1e3:.1f} ms per optimizer step")
+        print(
+            f"1 GPU: {result['compute_sec_per_micro'] * 1e3:.1f} ms per micro batch (fwd+bwd), "
+            f"{result['optimizer_sec'] * 1e3:.1f} ms per optimizer step"
+        )
 
 
 def main() -> None:
@@ -153,8 +185,13 @@ def main() -> None:
     parser.add_argument("--out", default="scaling.json")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--micro", type=int, default=256, choices=(128, 256, 512),
-                        help="micro batch; accumulation makes up 512 sequences per GPU")
+    parser.add_argument(
+        "--micro",
+        type=int,
+        default=256,
+        choices=(128, 256, 512),
+        help="micro batch; accumulation makes up 512 sequences per GPU",
+    )
     parser.add_argument("--merge", nargs="*", help="merge per-world-size JSON files instead of measuring")
     args = parser.parse_args()
     if args.merge:

@@ -56,10 +56,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 RUN_SAMPLES = 70_000 * 4096  # the paper's sample budget, 286,720,000 sequences
@@ -117,11 +118,19 @@ class Network:
         return self.intra_latency if n <= self.gpus_per_node else self.inter_latency
 
 
-def make_network(inter: str = "ib-8x400g", intra: str = "nvlink4", *, gpus_per_node: int = 8,
-                 efficiency: float = 0.8, intra_busbw: float | None = None,
-                 allreduce: Iterable[Mapping[str, Any]] | None = None, inter_bw_per_node: float | None = None,
-                 inter_bw_per_gpu: float | None = None, inter_latency: float | None = None,
-                 intra_latency: float = INTRA_LATENCY) -> Network:
+def make_network(
+    inter: str = "ib-8x400g",
+    intra: str = "nvlink4",
+    *,
+    gpus_per_node: int = 8,
+    efficiency: float = 0.8,
+    intra_busbw: float | None = None,
+    allreduce: Iterable[Mapping[str, Any]] | None = None,
+    inter_bw_per_node: float | None = None,
+    inter_bw_per_gpu: float | None = None,
+    inter_latency: float | None = None,
+    intra_latency: float = INTRA_LATENCY,
+) -> Network:
     """A Network from named presets and overrides (bytes/s, seconds).
 
     Intra-node bus bandwidth, first that applies: `intra_busbw`; the measured all-reduce busbw
@@ -147,9 +156,16 @@ def make_network(inter: str = "ib-8x400g", intra: str = "nvlink4", *, gpus_per_n
         node_bw, name = inter_bw_per_node, f"{inter_bw_per_node * 8 / 1e9:g} Gb/s per node"
     elif inter_bw_per_gpu is not None:
         node_bw, name = inter_bw_per_gpu * gpus_per_node, f"{gpus_per_node} x {inter_bw_per_gpu * 8 / 1e9:g} Gb/s"
-    return Network(name=name, gpus_per_node=gpus_per_node, intra_busbw=busbw, inter_node_bw=node_bw,
-                   efficiency=efficiency, intra_latency=intra_latency,
-                   inter_latency=preset.latency if inter_latency is None else inter_latency, intra_source=source)
+    return Network(
+        name=name,
+        gpus_per_node=gpus_per_node,
+        intra_busbw=busbw,
+        inter_node_bw=node_bw,
+        efficiency=efficiency,
+        intra_latency=intra_latency,
+        inter_latency=preset.latency if inter_latency is None else inter_latency,
+        intra_source=source,
+    )
 
 
 def allreduce_busbw(entry: Mapping[str, Any]) -> float | None:
@@ -162,8 +178,9 @@ def allreduce_busbw(entry: Mapping[str, Any]) -> float | None:
     return value * 1e9 if value and math.isfinite(value) and value > 0 else None
 
 
-def measured_busbw(allreduce: Iterable[Mapping[str, Any]], world_size: int | None = None,
-                   nbytes: float | None = None) -> tuple[float, str] | None:
+def measured_busbw(
+    allreduce: Iterable[Mapping[str, Any]], world_size: int | None = None, nbytes: float | None = None
+) -> tuple[float, str] | None:
     """(busbw bytes/s, description) of the measured all-reduce that best stands for a message of
     `nbytes` on `world_size` GPUs: that world size (else the largest measured), the message size
     nearest in log scale (else the largest)."""
@@ -219,8 +236,7 @@ class CommPlan:
     optimizer_sharded: bool
 
 
-_DTYPE_BYTES = {"fp32": 4, "float32": 4, "float": 4, "fp16": 2, "float16": 2, "half": 2, "bf16": 2,
-                "bfloat16": 2}
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "float": 4, "fp16": 2, "float16": 2, "half": 2, "bf16": 2, "bfloat16": 2}
 
 
 def bf16_zero1_plan(params: int, comm_bytes: int = 2) -> CommPlan:
@@ -267,8 +283,9 @@ def read_ds_configs(directory: str | Path = DS_CONFIG_DIR) -> list[DsConfigRun]:
             continue
         config = json.loads(path.read_text())
         gpus = int(match["gpus"])
-        g, m, a = (config.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                                            "gradient_accumulation_steps"))
+        g, m, a = (
+            config.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+        )
         if not (g and m and a) or g != m * a * gpus:
             raise ValueError(f"{path.name}: train_batch_size {g} != micro {m} x accumulation {a} x {gpus} GPUs")
         runs.append(DsConfigRun(path.name, match["model"], gpus, g, m, a, config))
@@ -318,12 +335,12 @@ class ComputeProfile:
 
 
 def normalise_model(name: str) -> str:
-    """"mosaicbert-base" and "base" are the same model; "bert-base" stays the baseline."""
+    """ "mosaicbert-base" and "base" are the same model; "bert-base" stays the baseline."""
     name = str(name).lower()
-    return name[len("mosaicbert-"):] if name.startswith("mosaicbert-") else name
+    return name[len("mosaicbert-") :] if name.startswith("mosaicbert-") else name
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_params(model: str) -> int:
     """Parameter count of a MosaicBertConfig preset (MLM head included), built on the meta device."""
     import torch
@@ -413,16 +430,21 @@ def profiles_from_results(*results: Mapping[str, Any] | None) -> dict[str, Compu
     profiles = {}
     for model, sizes in micro.items():
         n_params = params.get(model) or model_params(model)
-        t_opt, how = (opt.get(model) or _optimizer_estimate(model, opt, params)
-                      or (0.0, "not separated: counted in every micro batch"))
+        t_opt, how = (
+            opt.get(model)
+            or _optimizer_estimate(model, opt, params)
+            or (0.0, "not separated: counted in every micro batch")
+        )
         note = "; ".join(sources.get(model, [])) + ("" if how == "measured" else f"; optimizer {how}")
-        profiles[model] = ComputeProfile(model, n_params, t_opt, tuple(sorted(sizes.items())),
-                                         tau.get(model), f"measured: {note}")
+        profiles[model] = ComputeProfile(
+            model, n_params, t_opt, tuple(sorted(sizes.items())), tau.get(model), f"measured: {note}"
+        )
     return profiles
 
 
-def _optimizer_estimate(model: str, opt: Mapping[str, tuple[float, str]], params: Mapping[str, int]
-                        ) -> tuple[float, str] | None:
+def _optimizer_estimate(
+    model: str, opt: Mapping[str, tuple[float, str]], params: Mapping[str, int]
+) -> tuple[float, str] | None:
     if model in opt:
         return opt[model]
     ref = next((r for r in ("base", *opt) if r in opt and opt[r][1] == "measured" and r in params), None)
@@ -437,9 +459,14 @@ def scaled_profile(reference: ComputeProfile, model: str, params: int | None = N
     (equal MFU assumed: 6 P FLOPs per token on both). A stated estimate, not a measurement."""
     n_params = params or model_params(model)
     ratio = n_params / reference.params
-    return ComputeProfile(model, n_params, reference.optimizer_sec * ratio,
-                          tuple((m, s * ratio) for m, s in reference.micro_sec), reference.tokens_per_sample,
-                          f"estimate: {reference.model} scaled by parameter count (equal MFU assumed), not measured")
+    return ComputeProfile(
+        model,
+        n_params,
+        reference.optimizer_sec * ratio,
+        tuple((m, s * ratio) for m, s in reference.micro_sec),
+        reference.tokens_per_sample,
+        f"estimate: {reference.model} scaled by parameter count (equal MFU assumed), not measured",
+    )
 
 
 def complete_profiles(profiles: Mapping[str, ComputeProfile], models: Iterable[str]) -> dict[str, ComputeProfile]:
@@ -497,8 +524,17 @@ class StepTime:
         return self.compute + self.optimizer + self.exposed_comm
 
 
-def step_time(micro_sec: float, accumulation: int, optimizer_sec: float, n: int, plan: CommPlan,
-              network: Network, *, overlap: bool, assumptions: Assumptions = Assumptions()) -> StepTime:
+def step_time(
+    micro_sec: float,
+    accumulation: int,
+    optimizer_sec: float,
+    n: int,
+    plan: CommPlan,
+    network: Network,
+    *,
+    overlap: bool,
+    assumptions: Assumptions = Assumptions(),
+) -> StepTime:
     """t_step = A t_micro + t_opt(n) + t_comm (module doc for each term)."""
     busbw, alpha = network.busbw(n), network.latency(n)
     t_ar = ring_allreduce_time(plan.allreduce_bytes, n, busbw, alpha)
@@ -540,34 +576,64 @@ class Prediction:
     kind: str = "prediction"
 
 
-def predict(profile: ComputeProfile, network: Network, *, gpus: int, global_batch: int, micro_batch: int,
-            plan: CommPlan | None = None, overlap: bool = False, assumptions: Assumptions = Assumptions(),
-            config: str = "") -> Prediction:
+def predict(
+    profile: ComputeProfile,
+    network: Network,
+    *,
+    gpus: int,
+    global_batch: int,
+    micro_batch: int,
+    plan: CommPlan | None = None,
+    overlap: bool = False,
+    assumptions: Assumptions = Assumptions(),
+    config: str = "",
+) -> Prediction:
     """Predicted step time, throughput, MFU and cost of one configuration."""
     if global_batch % (micro_batch * gpus):
         raise ValueError(f"global batch {global_batch} is not a multiple of micro {micro_batch} x {gpus} GPUs")
     accumulation = global_batch // (micro_batch * gpus)
     plan = plan or bf16_zero1_plan(profile.params)
     micro_sec, how = profile.seconds_per_micro(micro_batch)
-    t = step_time(micro_sec, accumulation, profile.optimizer_sec, gpus, plan, network, overlap=overlap,
-                  assumptions=assumptions)
+    t = step_time(
+        micro_sec, accumulation, profile.optimizer_sec, gpus, plan, network, overlap=overlap, assumptions=assumptions
+    )
     samples = global_batch / t.total
     tokens = assumptions.tau(profile) * samples
     hours = assumptions.run_samples / samples / 3600
     note = how if profile.source.startswith("measured") else f"estimate, {how}"
     return Prediction(
-        config=config, model=profile.model, gpus=gpus, nodes=math.ceil(gpus / network.gpus_per_node),
-        global_batch=global_batch, micro_batch=micro_batch, accumulation=accumulation, path=plan.path,
-        overlap=overlap, step_time_sec=t.total, tokens_per_sec=tokens, samples_per_sec=samples,
-        mfu=6 * profile.params * tokens / (gpus * assumptions.peak_flops), train_hours=hours,
-        gpu_hours=hours * gpus, cost_usd=hours * gpus * assumptions.price_per_gpu_hour, compute_sec=t.compute,
-        optimizer_sec=t.optimizer, comm_exposed_sec=t.exposed_comm, allreduce_sec=t.allreduce,
-        allgather_sec=t.allgather, busbw_gbs=network.busbw(gpus) / 1e9 if gpus > 1 else None, compute_note=note)
+        config=config,
+        model=profile.model,
+        gpus=gpus,
+        nodes=math.ceil(gpus / network.gpus_per_node),
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        accumulation=accumulation,
+        path=plan.path,
+        overlap=overlap,
+        step_time_sec=t.total,
+        tokens_per_sec=tokens,
+        samples_per_sec=samples,
+        mfu=6 * profile.params * tokens / (gpus * assumptions.peak_flops),
+        train_hours=hours,
+        gpu_hours=hours * gpus,
+        cost_usd=hours * gpus * assumptions.price_per_gpu_hour,
+        compute_sec=t.compute,
+        optimizer_sec=t.optimizer,
+        comm_exposed_sec=t.exposed_comm,
+        allreduce_sec=t.allreduce,
+        allgather_sec=t.allgather,
+        busbw_gbs=network.busbw(gpus) / 1e9 if gpus > 1 else None,
+        compute_note=note,
+    )
 
 
-def predict_ds_configs(profiles: Mapping[str, ComputeProfile], network: Network,
-                       assumptions: Assumptions = Assumptions(), runs: Sequence[DsConfigRun] | None = None
-                       ) -> list[Prediction]:
+def predict_ds_configs(
+    profiles: Mapping[str, ComputeProfile],
+    network: Network,
+    assumptions: Assumptions = Assumptions(),
+    runs: Sequence[DsConfigRun] | None = None,
+) -> list[Prediction]:
     """Two predictions (no overlap, then overlap) per ds_config; models without a measured
     profile get a scaled estimate (`complete_profiles`), labelled as such."""
     runs = list(runs) if runs is not None else read_ds_configs()
@@ -577,9 +643,19 @@ def predict_ds_configs(profiles: Mapping[str, ComputeProfile], network: Network,
         profile = profiles[run.model]
         plan = comm_plan(run.config, profile.params)
         for overlap in (False, True):
-            out.append(predict(profile, network, gpus=run.gpus, global_batch=run.global_batch,
-                               micro_batch=run.micro_batch, plan=plan, overlap=overlap, assumptions=assumptions,
-                               config=run.file))
+            out.append(
+                predict(
+                    profile,
+                    network,
+                    gpus=run.gpus,
+                    global_batch=run.global_batch,
+                    micro_batch=run.micro_batch,
+                    plan=plan,
+                    overlap=overlap,
+                    assumptions=assumptions,
+                    config=run.file,
+                )
+            )
     return out
 
 
@@ -587,9 +663,16 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
     return next(d for d in range(min(n, cap), 0, -1) if n % d == 0)
 
 
-def predict_grid(profile: ComputeProfile, network: Network, assumptions: Assumptions = Assumptions(), *,
-                 gpu_counts: Sequence[int] = GPU_COUNTS, global_batches: Sequence[int] = (4096, 16384, 65536),
-                 per_gpu_batch: int = 512, micro_batch: int | None = None) -> list[dict[str, Any]]:
+def predict_grid(
+    profile: ComputeProfile,
+    network: Network,
+    assumptions: Assumptions = Assumptions(),
+    *,
+    gpu_counts: Sequence[int] = GPU_COUNTS,
+    global_batches: Sequence[int] = (4096, 16384, 65536),
+    per_gpu_batch: int = 512,
+    micro_batch: int | None = None,
+) -> list[dict[str, Any]]:
     """Prediction lines for the Appendix-G plot: one per fixed global batch, plus the ds_configs
     rule (`per_gpu_batch` sequences per GPU). The micro batch is the profile's largest measured
     one (or `micro_batch`), reduced to a divisor of the per-GPU batch when that is smaller; GPU
@@ -606,10 +689,22 @@ def predict_grid(profile: ComputeProfile, network: Network, assumptions: Assumpt
                 continue
             m = largest_divisor_at_most(g // n, micro)
             for overlap in (False, True):
-                points.append(asdict(predict(profile, network, gpus=n, global_batch=g, micro_batch=m,
-                                             overlap=overlap, assumptions=assumptions)))
-        lines.append({"label": label, "model": profile.model, "global_batch": fixed, "per_gpu_batch": per_gpu,
-                      "points": points})
+                points.append(
+                    asdict(
+                        predict(
+                            profile,
+                            network,
+                            gpus=n,
+                            global_batch=g,
+                            micro_batch=m,
+                            overlap=overlap,
+                            assumptions=assumptions,
+                        )
+                    )
+                )
+        lines.append(
+            {"label": label, "model": profile.model, "global_batch": fixed, "per_gpu_batch": per_gpu, "points": points}
+        )
     return lines
 
 
@@ -617,8 +712,12 @@ def predict_grid(profile: ComputeProfile, network: Network, assumptions: Assumpt
 # Validation against one host
 
 
-def validate(measured: Mapping[str, Any], network: Network | None = None, assumptions: Assumptions = Assumptions(),
-             target: float = 0.10) -> dict[str, Any]:
+def validate(
+    measured: Mapping[str, Any],
+    network: Network | None = None,
+    assumptions: Assumptions = Assumptions(),
+    target: float = 0.10,
+) -> dict[str, Any]:
     """Predict the measured 1/2/4-GPU points of a scaling JSON (intra-node network only) from its
     own single-GPU compute and optimizer times, and report the error per point.
 
@@ -639,25 +738,51 @@ def validate(measured: Mapping[str, Any], network: Network | None = None, assump
     for p in sorted(measured.get("points", []), key=lambda p: (p.get("mode", ""), p["world_size"])):
         n = int(p["world_size"])
         found = measured_busbw(measured.get("allreduce", []), n, plan.allreduce_bytes)
-        host = replace(network, gpus_per_node=max(network.gpus_per_node, n),
-                       intra_busbw=found[0] if found else network.intra_busbw)
-        tau = (p["real_tokens_per_sec"] * p["step_time_sec"] / p["global_batch"]
-               if p.get("real_tokens_per_sec") and p.get("step_time_sec") else assumptions.tau(profile))
-        pred = predict(profile, host, gpus=n, global_batch=int(p["global_batch"]), micro_batch=int(p["micro_batch"]),
-                       plan=plan, assumptions=replace(assumptions, tokens_per_sample=tau))
+        host = replace(
+            network, gpus_per_node=max(network.gpus_per_node, n), intra_busbw=found[0] if found else network.intra_busbw
+        )
+        tau = (
+            p["real_tokens_per_sec"] * p["step_time_sec"] / p["global_batch"]
+            if p.get("real_tokens_per_sec") and p.get("step_time_sec")
+            else assumptions.tau(profile)
+        )
+        pred = predict(
+            profile,
+            host,
+            gpus=n,
+            global_batch=int(p["global_batch"]),
+            micro_batch=int(p["micro_batch"]),
+            plan=plan,
+            assumptions=replace(assumptions, tokens_per_sample=tau),
+        )
         error = pred.tokens_per_sec / p["real_tokens_per_sec"] - 1
-        rows.append({"world_size": n, "mode": p.get("mode", "?"), "global_batch": p["global_batch"],
-                     "micro_batch": p["micro_batch"], "accumulation": pred.accumulation,
-                     "measured_tokens_per_sec": p["real_tokens_per_sec"],
-                     "predicted_tokens_per_sec": pred.tokens_per_sec,
-                     "measured_step_time_sec": p.get("step_time_sec"), "predicted_step_time_sec": pred.step_time_sec,
-                     "predicted_comm_sec": pred.comm_exposed_sec, "busbw_gbs": pred.busbw_gbs,
-                     "busbw_source": None if n == 1 else found[1] if found else host.intra_source, "error": error,
-                     "within_target": abs(error) <= target})
+        rows.append(
+            {
+                "world_size": n,
+                "mode": p.get("mode", "?"),
+                "global_batch": p["global_batch"],
+                "micro_batch": p["micro_batch"],
+                "accumulation": pred.accumulation,
+                "measured_tokens_per_sec": p["real_tokens_per_sec"],
+                "predicted_tokens_per_sec": pred.tokens_per_sec,
+                "measured_step_time_sec": p.get("step_time_sec"),
+                "predicted_step_time_sec": pred.step_time_sec,
+                "predicted_comm_sec": pred.comm_exposed_sec,
+                "busbw_gbs": pred.busbw_gbs,
+                "busbw_source": None if n == 1 else found[1] if found else host.intra_source,
+                "error": error,
+                "within_target": abs(error) <= target,
+            }
+        )
     multi = [abs(r["error"]) for r in rows if r["world_size"] > 1]
-    return {"kind": "scaling model vs measured points (one host)", "model": model, "target": target,
-            "points": rows, "max_abs_error_multi_gpu": max(multi) if multi else None,
-            "within_target": all(m <= target for m in multi) if multi else None}
+    return {
+        "kind": "scaling model vs measured points (one host)",
+        "model": model,
+        "target": target,
+        "points": rows,
+        "max_abs_error_multi_gpu": max(multi) if multi else None,
+        "within_target": all(m <= target for m in multi) if multi else None,
+    }
 
 
 def measured_efficiency(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -665,8 +790,16 @@ def measured_efficiency(points: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     for strong scaling the 1-GPU reference must have the same global batch."""
     out = []
     for p in points:
-        ref = next((q for q in points if q["world_size"] == 1 and q.get("mode") == p.get("mode")
-                    and (p.get("mode") != "strong" or q["global_batch"] == p["global_batch"])), None)
+        ref = next(
+            (
+                q
+                for q in points
+                if q["world_size"] == 1
+                and q.get("mode") == p.get("mode")
+                and (p.get("mode") != "strong" or q["global_batch"] == p["global_batch"])
+            ),
+            None,
+        )
         eff = p["real_tokens_per_sec"] / (p["world_size"] * ref["real_tokens_per_sec"]) if ref else None
         out.append({**p, "efficiency": eff})
     return out

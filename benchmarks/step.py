@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -23,8 +24,8 @@ from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_ds.flops import peak_flops
 from mosaicbert_ds.graphs import GraphedMLMStep
 
-from .synthetic import FINETUNE, PRETRAIN, LengthMix, make_batch, to_device
 from .provenance import write_result
+from .synthetic import FINETUNE, PRETRAIN, LengthMix, make_batch, to_device
 
 
 def hf_bert(compile_model: bool) -> torch.nn.Module:
@@ -71,9 +72,16 @@ class MasterWeightAdamW:
             torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
 
 
-def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: int, accum: int = 1,
-               master_weights: bool = False, graphs: bool = False, graph_accumulate: bool = False
-               ) -> tuple[float, float]:
+def time_steps(
+    model: torch.nn.Module,
+    batches: list[dict],
+    warmup: int,
+    iters: int,
+    accum: int = 1,
+    master_weights: bool = False,
+    graphs: bool = False,
+    graph_accumulate: bool = False,
+) -> tuple[float, float]:
     """Median seconds per micro batch (an optimizer step every `accum` micro batches), and peak GiB.
 
     Default: fp32 weights under bf16 autocast. master_weights: bf16 weights, no autocast, fp32
@@ -88,8 +96,11 @@ def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: 
     else:
         opt = torch.optim.AdamW(model.parameters(), **ADAMW)
     accumulate = graph_accumulate or accum > 1
-    graphed = GraphedMLMStep(model, autocast_dtype=None if master_weights else torch.bfloat16,
-                             accumulate=accumulate) if graphs else None
+    graphed = (
+        GraphedMLMStep(model, autocast_dtype=None if master_weights else torch.bfloat16, accumulate=accumulate)
+        if graphs
+        else None
+    )
 
     def step(i: int) -> None:
         for j in range(accum):
@@ -119,8 +130,14 @@ def time_steps(model: torch.nn.Module, batches: list[dict], warmup: int, iters: 
     return seconds, torch.cuda.max_memory_allocated() / 2**30
 
 
-def run(configs: dict[str, tuple[Callable[[], torch.nn.Module], str]], mix: LengthMix, batch: int,
-        n_batches: int, warmup: int, iters: int) -> list[dict[str, Any]]:
+def run(
+    configs: dict[str, tuple[Callable[[], torch.nn.Module], str]],
+    mix: LengthMix,
+    batch: int,
+    n_batches: int,
+    warmup: int,
+    iters: int,
+) -> list[dict[str, Any]]:
     """Each configuration's step on the same batches. A layout is the batch form ("packed" or
     "padded") with optional flags: "+bf16" for bf16 weights with fp32 master weights, "+graphs"
     for CUDA graphs, "+acc" for graphs adding into fixed .grad buffers (time_steps' master_weights,
@@ -135,17 +152,33 @@ def run(configs: dict[str, tuple[Callable[[], torch.nn.Module], str]], mix: Leng
         batches = [to_device(d[form], torch.device("cuda")) for d in data]
         tokens = statistics.mean(d["tokens"] for d in data)
         try:
-            seconds, mem = time_steps(model, batches, warmup, iters, master_weights="bf16" in flags,
-                                      graphs="graphs" in flags, graph_accumulate="acc" in flags)
+            seconds, mem = time_steps(
+                model,
+                batches,
+                warmup,
+                iters,
+                master_weights="bf16" in flags,
+                graphs="graphs" in flags,
+                graph_accumulate="acc" in flags,
+            )
         except Exception as err:  # one broken variant must not cost the whole (scarce) GPU run
             print(f"{name}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             del model, batches
             torch.cuda.empty_cache()
             continue
         tps = tokens / seconds
-        rows.append({"config": name, "layout": layout, "params_m": n_params / 1e6, "step_ms": seconds * 1e3,
-                     "real_tokens_per_sec": tps, "mfu": 6 * n_params * tps / peak if peak else None,
-                     "peak_mem_gib": mem, "real_token_fraction": tokens / (batch * mix.max_len)})
+        rows.append(
+            {
+                "config": name,
+                "layout": layout,
+                "params_m": n_params / 1e6,
+                "step_ms": seconds * 1e3,
+                "real_tokens_per_sec": tps,
+                "mfu": 6 * n_params * tps / peak if peak else None,
+                "peak_mem_gib": mem,
+                "real_token_fraction": tokens / (batch * mix.max_len),
+            }
+        )
         del model, batches
         torch.cuda.empty_cache()
     return rows
@@ -154,21 +187,29 @@ def run(configs: dict[str, tuple[Callable[[], torch.nn.Module], str]], mix: Leng
 def print_table(title: str, rows: list[dict[str, Any]], baselines: list[str]) -> None:
     print(f"\n{title}")
     head = f"{'config':<48}{'step ms':>9}{'real tok/s':>13}{'MFU':>7}{'mem GiB':>9}" + "".join(
-        f"{'x ' + b:>16}" for b in baselines)
+        f"{'x ' + b:>16}" for b in baselines
+    )
     print(head)
     by_name = {r["config"]: r for r in rows}
     for r in rows:
-        ratios = "".join(f"{r['real_tokens_per_sec'] / by_name[b]['real_tokens_per_sec']:>16.2f}" if b in by_name
-                         else f"{'-':>16}" for b in baselines)
+        ratios = "".join(
+            f"{r['real_tokens_per_sec'] / by_name[b]['real_tokens_per_sec']:>16.2f}" if b in by_name else f"{'-':>16}"
+            for b in baselines
+        )
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        print(f"{r['config']:<48}{r['step_ms']:>9.2f}{r['real_tokens_per_sec']:>13,.0f}{mfu:>7}"
-              f"{r['peak_mem_gib']:>9.1f}{ratios}")
+        print(
+            f"{r['config']:<48}{r['step_ms']:>9.2f}{r['real_tokens_per_sec']:>13,.0f}{mfu:>7}"
+            f"{r['peak_mem_gib']:>9.1f}{ratios}"
+        )
 
 
 def glu_sweep(batches: list[int], warmup: int, iters: int, out: str) -> None:
     """Appendix J: the fused (one d -> 2ff matmul + GeGLU kernel) and unfused (two matmuls) GLU
     trade places with the batch size; both at each size, on the same batches."""
-    configs = {"fused GLU": (lambda: mosaic(), "packed"), "GLU two matmuls": (lambda: mosaic(glu_fused=False), "packed")}
+    configs = {
+        "fused GLU": (lambda: mosaic(), "packed"),
+        "GLU two matmuls": (lambda: mosaic(glu_fused=False), "packed"),
+    }
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sweep": {}}
     print(f"\n{'batch':>6}{'fused tok/s':>14}{'two matmuls tok/s':>20}{'fused / two':>13}")
     for batch in batches:
@@ -187,8 +228,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--out", default="step_benchmark.json")
     parser.add_argument("--quick", action="store_true", help="only the main configuration and the baselines")
-    parser.add_argument("--glu-sweep", type=int, nargs="*", metavar="BATCH",
-                        help="Appendix J instead: fused GLU vs two matmuls at these batch sizes")
+    parser.add_argument(
+        "--glu-sweep",
+        type=int,
+        nargs="*",
+        metavar="BATCH",
+        help="Appendix J instead: fused GLU vs two matmuls at these batch sizes",
+    )
     args = parser.parse_args()
     if args.glu_sweep:
         glu_sweep(args.glu_sweep, args.warmup, args.iters, args.out)
@@ -206,19 +252,33 @@ def main() -> None:
         "hf-bert sdpa compiled": (lambda: hf_bert(True), "padded"),
     }
     if args.quick:
-        configs = {k: v for k, v in configs.items() if k in ("mosaicbert (fused GLU)", "mosaicbert (bf16 weights, fp32 master)",
-                                                             "mosaicbert (CUDA graphs)",
-                                                             "mosaicbert (CUDA graphs, in-place accumulation)",
-                                                             "hf-bert sdpa compiled")}
+        configs = {
+            k: v
+            for k, v in configs.items()
+            if k
+            in (
+                "mosaicbert (fused GLU)",
+                "mosaicbert (bf16 weights, fp32 master)",
+                "mosaicbert (CUDA graphs)",
+                "mosaicbert (CUDA graphs, in-place accumulation)",
+                "hf-bert sdpa compiled",
+            )
+        }
     results = {"kind": "step", "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     baselines = [b for b in ("hf-bert sdpa", "hf-bert sdpa compiled") if b in configs]
     results["pretrain"] = run(configs, PRETRAIN, args.batch, 6, args.warmup, args.iters)
     print_table(f"pretraining regime: seq 128, batch {args.batch}, {PRETRAIN}", results["pretrain"], baselines)
-    ft_configs = {k: v for k, v in configs.items()
-                  if k in ("mosaicbert (fused GLU)", "mosaicbert (CUDA graphs)", "hf-bert sdpa compiled")}
+    ft_configs = {
+        k: v
+        for k, v in configs.items()
+        if k in ("mosaicbert (fused GLU)", "mosaicbert (CUDA graphs)", "hf-bert sdpa compiled")
+    }
     results["finetune"] = run(ft_configs, FINETUNE, args.batch, 6, args.warmup, args.iters)
-    print_table(f"finetuning regime: max 256, mean ~64 real tokens, batch {args.batch}", results["finetune"],
-                [b for b in baselines if b in ft_configs])
+    print_table(
+        f"finetuning regime: max 256, mean ~64 real tokens, batch {args.batch}",
+        results["finetune"],
+        [b for b in baselines if b in ft_configs],
+    )
     for name in ("mosaicbert (fused GLU)", "mosaicbert (CUDA graphs)"):
         pre = {r["config"]: r["mfu"] for r in results["pretrain"]}.get(name)
         ft = {r["config"]: r["mfu"] for r in results["finetune"]}.get(name)

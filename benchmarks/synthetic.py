@@ -35,8 +35,9 @@ PRETRAIN = LengthMix(max_len=128, full_fraction=0.75, min_len=8, max_partial=127
 FINETUNE = LengthMix(max_len=256, full_fraction=0.0, min_len=8, max_partial=120)
 
 
-def make_batch(mix: LengthMix, batch: int, vocab: int, mask_rate: float = 0.3, seed: int = 0,
-               n_special: int = 5) -> dict[str, dict[str, torch.Tensor | int]]:
+def make_batch(
+    mix: LengthMix, batch: int, vocab: int, mask_rate: float = 0.3, seed: int = 0, n_special: int = 5
+) -> dict[str, dict[str, torch.Tensor | int]]:
     """One batch in both layouts: {"packed": {...}, "padded": {...}} on the CPU."""
     g = torch.Generator().manual_seed(seed)
     lens = mix.sample(batch, g)
@@ -47,8 +48,13 @@ def make_batch(mix: LengthMix, batch: int, vocab: int, mask_rate: float = 0.3, s
     labels = torch.where(masked, ids, torch.full_like(ids, -100))
     inputs = torch.where(masked, torch.full_like(ids, 4), ids)  # 4 plays [MASK]
     cu = cu_seqlens_from_lengths(lens)
-    packed = {"input_ids": inputs, "cu_seqlens": cu, "max_seqlen": int(lens.max()), "labels": labels,
-              "masked_positions": masked.nonzero().flatten()}
+    packed = {
+        "input_ids": inputs,
+        "cu_seqlens": cu,
+        "max_seqlen": int(lens.max()),
+        "labels": labels,
+        "masked_positions": masked.nonzero().flatten(),
+    }
     width = int(lens.max())
     mask = (torch.arange(width)[None, :] < lens[:, None]).long()
     pad_ids = torch.zeros(batch, width, dtype=torch.long)
@@ -56,6 +62,4 @@ def make_batch(mix: LengthMix, batch: int, vocab: int, mask_rate: float = 0.3, s
     pad_ids[mask.bool()] = inputs
     pad_labels[mask.bool()] = labels
     padded = {"input_ids": pad_ids, "attention_mask": mask, "labels": pad_labels}
-    return {"packed": packed, "padded": padded, "tokens": total, "masked": int(masked.sum()),
-            "lengths": lens.tolist()}
-
+    return {"packed": packed, "padded": padded, "tokens": total, "masked": int(masked.sum()), "lengths": lens.tolist()}

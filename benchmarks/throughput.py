@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections.abc import Iterator
 from itertools import cycle
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -28,9 +29,9 @@ from mosaicbert_ds.train.ds_config import build_ds_config
 from mosaicbert_ds.train.graphed import GraphedEngineStep
 from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
 
+from .provenance import write_result
 from .step import time_steps
 from .synthetic import PRETRAIN, make_batch, to_device
-from .provenance import write_result
 
 # Figure 4 of the paper: each row adds one MosaicBERT change to BERT-Base.
 ABLATIONS: list[tuple[str, dict[str, Any]]] = [
@@ -39,11 +40,27 @@ ABLATIONS: list[tuple[str, dict[str, Any]]] = [
     ("+ GLU", dict(attention_probs_dropout_prob=0.0, mlp_type="glu")),
     ("+ low-precision LayerNorm", dict(attention_probs_dropout_prob=0.0, mlp_type="glu", low_precision_layernorm=True)),
     ("+ unpadding", dict(attention_probs_dropout_prob=0.0, mlp_type="glu", low_precision_layernorm=True, unpad=True)),
-    ("+ ALiBi / flash", dict(attention_probs_dropout_prob=0.0, mlp_type="glu", low_precision_layernorm=True, unpad=True,
-                             position_embedding_type="alibi")),
-    ("MosaicBERT-Base (+ vocab 30528)", dict(attention_probs_dropout_prob=0.0, mlp_type="glu",
-                                             low_precision_layernorm=True, unpad=True,
-                                             position_embedding_type="alibi", pad_vocab_size_multiple=64)),
+    (
+        "+ ALiBi / flash",
+        dict(
+            attention_probs_dropout_prob=0.0,
+            mlp_type="glu",
+            low_precision_layernorm=True,
+            unpad=True,
+            position_embedding_type="alibi",
+        ),
+    ),
+    (
+        "MosaicBERT-Base (+ vocab 30528)",
+        dict(
+            attention_probs_dropout_prob=0.0,
+            mlp_type="glu",
+            low_precision_layernorm=True,
+            unpad=True,
+            position_embedding_type="alibi",
+            pad_vocab_size_multiple=64,
+        ),
+    ),
 ]
 
 
@@ -57,24 +74,44 @@ DS_VARIANTS: dict[str, tuple[dict[str, Any], bool, bool]] = {
 }
 
 
-def trainer_setup(config: MosaicBertConfig, micro: int, accum: int, ds_overrides: dict[str, Any] | None = None,
-                  batched_optimizer: bool = False, n_batches: int = 6
-                  ) -> tuple[Any, Iterator[dict[str, Any]], int]:
+def trainer_setup(
+    config: MosaicBertConfig,
+    micro: int,
+    accum: int,
+    ds_overrides: dict[str, Any] | None = None,
+    batched_optimizer: bool = False,
+    n_batches: int = 6,
+) -> tuple[Any, Iterator[dict[str, Any]], int]:
     """A one-GPU DeepSpeed engine as `pretrain` builds it, an endless cycle of pinned synthetic
     batches, and the parameter count."""
     ds_config = build_ds_config(global_batch=micro * accum, micro_batch=micro, world_size=1, lr=5e-4)
     ds_config.update(ds_overrides or {})
-    engine, n_params = build_engine(config, ds_config, total_steps=10**6, warmup_fraction=0.06, final_lr_ratio=0.02,
-                                    batched_optimizer=batched_optimizer)
+    engine, n_params = build_engine(
+        config,
+        ds_config,
+        total_steps=10**6,
+        warmup_fraction=0.06,
+        final_lr_ratio=0.02,
+        batched_optimizer=batched_optimizer,
+    )
     layout = "packed"  # unpad=False models pad the packed batch themselves, once, like a padded batch
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i)[layout] for i in range(n_batches)]
     batches = cycle([{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in data])
     return engine, batches, n_params
 
 
-def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
-            baseline: str | None = None, ds_overrides: dict[str, Any] | None = None,
-            batched_optimizer: bool = False, cuda_graphs: bool = False) -> dict[str, Any]:
+def measure(
+    name: str,
+    config: MosaicBertConfig,
+    micro: int,
+    warmup: int,
+    steps: int,
+    accum: int = 1,
+    baseline: str | None = None,
+    ds_overrides: dict[str, Any] | None = None,
+    batched_optimizer: bool = False,
+    cuda_graphs: bool = False,
+) -> dict[str, Any]:
     """Optimizer steps through the DeepSpeed trainer on one GPU; returns one result row."""
     engine, batches, n_params = trainer_setup(config, micro, accum, ds_overrides, batched_optimizer)
     graphed = GraphedEngineStep(engine) if cuda_graphs else None
@@ -90,48 +127,75 @@ def measure(name: str, config: MosaicBertConfig, micro: int, warmup: int, steps:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = peak_flops()
-    row = {"name": name, "micro_batch": micro, "accumulation": accum, "world_size": 1, "params": n_params,
-           "real_tokens_per_sec": window.tokens / seconds, "samples_per_sec": window.samples / seconds,
-           "step_time_sec": seconds / steps, "mfu": mfu(paper_flops_per_token(n_params) * window.tokens / seconds, 1, peak),
-           "mfu_exact": mfu(window.flops / seconds, 1, peak), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "baseline": baseline}
+    row = {
+        "name": name,
+        "micro_batch": micro,
+        "accumulation": accum,
+        "world_size": 1,
+        "params": n_params,
+        "real_tokens_per_sec": window.tokens / seconds,
+        "samples_per_sec": window.samples / seconds,
+        "step_time_sec": seconds / steps,
+        "mfu": mfu(paper_flops_per_token(n_params) * window.tokens / seconds, 1, peak),
+        "mfu_exact": mfu(window.flops / seconds, 1, peak),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "baseline": baseline,
+    }
     del engine
     gc.collect()
     torch.cuda.empty_cache()
     return row
 
 
-def bare_step(config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1,
-              graphs: bool = False) -> dict[str, Any]:
+def bare_step(
+    config: MosaicBertConfig, micro: int, warmup: int, steps: int, accum: int = 1, graphs: bool = False
+) -> dict[str, Any]:
     """The same model and batches without DeepSpeed: autocast bf16 + torch fused AdamW; with `graphs`,
     bf16 weights with fp32 master weights (the trainer's precision) and CUDA-graph replays."""
     model = MosaicBertForMaskedLM(config)
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i) for i in range(6)]
-    seconds, mem = time_steps(model, [to_device(d["packed"], torch.device("cuda")) for d in data], warmup, steps,
-                              accum, master_weights=graphs, graphs=graphs)
+    seconds, mem = time_steps(
+        model,
+        [to_device(d["packed"], torch.device("cuda")) for d in data],
+        warmup,
+        steps,
+        accum,
+        master_weights=graphs,
+        graphs=graphs,
+    )
     seconds *= accum  # per optimizer step
     tokens = sum(d["tokens"] for d in data) / len(data)
     n_params = sum(p.numel() for p in model.parameters())
     del model
     torch.cuda.empty_cache()
-    return {"name": f"bare step (no DeepSpeed) @{micro}", "micro_batch": micro, "accumulation": accum,
-            "params": n_params, "real_tokens_per_sec": tokens * accum / seconds, "step_time_sec": seconds,
-            "peak_mem_gib": mem,
-            "mfu": mfu(paper_flops_per_token(n_params) * tokens * accum / seconds, 1, peak_flops())}
+    return {
+        "name": f"bare step (no DeepSpeed) @{micro}",
+        "micro_batch": micro,
+        "accumulation": accum,
+        "params": n_params,
+        "real_tokens_per_sec": tokens * accum / seconds,
+        "step_time_sec": seconds,
+        "peak_mem_gib": mem,
+        "mfu": mfu(paper_flops_per_token(n_params) * tokens * accum / seconds, 1, peak_flops()),
+    }
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n{title}")
-    print(f"{'configuration':<36}{'micro':>6}{'real tok/s':>13}{'samples/s':>11}{'step ms':>9}{'MFU':>7}"
-          f"{'MFU exact':>10}{'mem GiB':>9}{'vs base':>9}")
+    print(
+        f"{'configuration':<36}{'micro':>6}{'real tok/s':>13}{'samples/s':>11}{'step ms':>9}{'MFU':>7}"
+        f"{'MFU exact':>10}{'mem GiB':>9}{'vs base':>9}"
+    )
     by_name = {r["name"]: r for r in rows}
     for r in rows:
         base = by_name.get(r.get("baseline") or "")
         ratio = f"{r['real_tokens_per_sec'] / base['real_tokens_per_sec']:.2f}x" if base else "-"
         exact = f"{r['mfu_exact']:.1%}" if r.get("mfu_exact") else "-"
-        print(f"{r['name']:<36}{r['micro_batch']:>6}{r['real_tokens_per_sec']:>13,.0f}"
-              f"{r.get('samples_per_sec', 0):>11,.0f}{r['step_time_sec'] * 1e3:>9.1f}{r['mfu']:>7.1%}{exact:>10}"
-              f"{r['peak_mem_gib']:>9.1f}{ratio:>9}")
+        print(
+            f"{r['name']:<36}{r['micro_batch']:>6}{r['real_tokens_per_sec']:>13,.0f}"
+            f"{r.get('samples_per_sec', 0):>11,.0f}{r['step_time_sec'] * 1e3:>9.1f}{r['mfu']:>7.1%}{exact:>10}"
+            f"{r['peak_mem_gib']:>9.1f}{ratio:>9}"
+        )
 
 
 def attempt(fn, *args, **kwargs) -> dict[str, Any] | None:
@@ -148,14 +212,21 @@ def attempt(fn, *args, **kwargs) -> dict[str, Any] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ablations", action="store_true", help="the Figure-4 ablation table instead")
-    parser.add_argument("--overhead", action="store_true",
-                        help="MosaicBERT-Base: bare step vs the trainer with each DeepSpeed variant, interleaved")
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="MosaicBERT-Base: bare step vs the trainer with each DeepSpeed variant, interleaved",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="--overhead: rounds of interleaved measurements")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--micro", type=int, nargs="*", default=None, help="micro batch sizes (default per model)")
-    parser.add_argument("--accum", type=int, default=4,
-                        help="micro batches per optimizer step (4: the per-GPU work of the 8-GPU recipe)")
+    parser.add_argument(
+        "--accum",
+        type=int,
+        default=4,
+        help="micro batches per optimizer step (4: the per-GPU work of the 8-GPU recipe)",
+    )
     parser.add_argument("--out", default="throughput.json")
     args = parser.parse_args()
     from mosaicbert_ds.train.distributed import init_distributed
@@ -173,13 +244,26 @@ def main() -> None:
                     bare.update(name=f"bare step{', CUDA graphs' if graphs else ''}, round {rnd + 1}", baseline=None)
                     rows.append(bare)
             for variant, (overrides, batched, graphs) in DS_VARIANTS.items():
-                row = attempt(measure, f"{variant}, round {rnd + 1}", config, micro, args.warmup, args.steps,
-                              args.accum, baseline=f"bare step{', CUDA graphs' if graphs else ''}, round {rnd + 1}",
-                              ds_overrides=overrides, batched_optimizer=batched, cuda_graphs=graphs)
+                row = attempt(
+                    measure,
+                    f"{variant}, round {rnd + 1}",
+                    config,
+                    micro,
+                    args.warmup,
+                    args.steps,
+                    args.accum,
+                    baseline=f"bare step{', CUDA graphs' if graphs else ''}, round {rnd + 1}",
+                    ds_overrides=overrides,
+                    batched_optimizer=batched,
+                    cuda_graphs=graphs,
+                )
                 if row:
                     rows.append(row)
-        print_rows(f"DeepSpeed overhead, MosaicBERT-Base micro {micro} x {args.accum} (C4-like lengths at 128); "
-                   "each trainer row against the bare step of its round and kind", rows)
+        print_rows(
+            f"DeepSpeed overhead, MosaicBERT-Base micro {micro} x {args.accum} (C4-like lengths at 128); "
+            "each trainer row against the bare step of its round and kind",
+            rows,
+        )
         by_name = {r["name"]: r["real_tokens_per_sec"] for r in rows}
         for rnd in range(1, args.rounds + 1):
             eager = by_name.get(f"bare step, round {rnd}")
@@ -195,16 +279,29 @@ def main() -> None:
                 row["model"] = "ablation"
                 rows.append(row)
                 print_rows("ablations so far", rows[-1:])
-        print_rows(f"Figure 4 ablations (bf16, DeepSpeed ZeRO-1, micro {micro} x {args.accum}, C4-like lengths at 128)",
-                   rows)
+        print_rows(
+            f"Figure 4 ablations (bf16, DeepSpeed ZeRO-1, micro {micro} x {args.accum}, C4-like lengths at 128)", rows
+        )
     else:
-        plan = [("base", "mosaicbert-base", [128, 256]), ("bert-base", "bert-base", [128, 256]),
-                ("large", "mosaicbert-large", [64, 128]), ("bert-large", "bert-large", [64])]
+        plan = [
+            ("base", "mosaicbert-base", [128, 256]),
+            ("bert-base", "bert-base", [128, 256]),
+            ("large", "mosaicbert-large", [64, 128]),
+            ("bert-large", "bert-large", [64]),
+        ]
         for preset, label, micros in plan:
             for micro in args.micro or micros:
                 baseline = None if preset.startswith("bert") else f"{label.replace('mosaicbert', 'bert')} @{micro}"
-                row = attempt(measure, f"{label} @{micro}", MosaicBertConfig.from_name(preset), micro, args.warmup,
-                              args.steps, args.accum, baseline=baseline)
+                row = attempt(
+                    measure,
+                    f"{label} @{micro}",
+                    MosaicBertConfig.from_name(preset),
+                    micro,
+                    args.warmup,
+                    args.steps,
+                    args.accum,
+                    baseline=baseline,
+                )
                 if row:
                     row["model"] = preset
                     rows.append(row)
@@ -219,8 +316,11 @@ def main() -> None:
                 if trainer:
                     ratios[micro] = trainer["real_tokens_per_sec"] / bare["real_tokens_per_sec"]
         result["trainer_vs_bare_step"] = ratios
-        print_rows(f"trainer throughput (bf16, DeepSpeed ZeRO-1 BF16_Optimizer, fused AdamW, accumulation "
-                   f"{args.accum}, C4-like lengths at 128)", rows)
+        print_rows(
+            f"trainer throughput (bf16, DeepSpeed ZeRO-1 BF16_Optimizer, fused AdamW, accumulation "
+            f"{args.accum}, C4-like lengths at 128)",
+            rows,
+        )
         for micro, ratio in ratios.items():
             print(f"DeepSpeed trainer / bare step, MosaicBERT-Base micro {micro} x {args.accum}: {ratio:.3f}")
     write_result(args.out, result)

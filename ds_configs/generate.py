@@ -72,8 +72,14 @@ class Plan:
         return f"{nodes} node{'s' if nodes > 1 else ''} x 8 GPUs (A100-80GB/H100/H200)"
 
     def config(self) -> dict:
-        return build_ds_config(global_batch=self.global_batch, micro_batch=self.micro_batch, world_size=self.gpus,
-                               lr=self.lr, optimizer=self.optimizer, fused=True)
+        return build_ds_config(
+            global_batch=self.global_batch,
+            micro_batch=self.micro_batch,
+            world_size=self.gpus,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            fused=True,
+        )
 
 
 def global_batch_for(gpus: int) -> int:
@@ -108,11 +114,15 @@ def render(plan: Plan) -> str:
 
 
 def table() -> str:
-    rows = ["| file | hardware | GPUs | global batch | micro | accum | optimizer | peak lr | steps | warmup steps |",
-            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    rows = [
+        "| file | hardware | GPUs | global batch | micro | accum | optimizer | peak lr | steps | warmup steps |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for p in plans():
-        rows.append(f"| `{p.filename}` | {p.hardware} | {p.gpus} | {p.global_batch:,} | {p.micro_batch} | "
-                    f"{p.accumulation} | {p.optimizer} | {p.lr:g} | {p.steps:,} | {p.warmup_steps:,} |")
+        rows.append(
+            f"| `{p.filename}` | {p.hardware} | {p.gpus} | {p.global_batch:,} | {p.micro_batch} | "
+            f"{p.accumulation} | {p.optimizer} | {p.lr:g} | {p.steps:,} | {p.warmup_steps:,} |"
+        )
     return "\n".join(rows)
 
 
@@ -136,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     expected = expected_files(HERE)
     if args.check:
-        problems = [f"{path.name}: {'differs' if path.exists() else 'missing'}"
-                    for path, text in expected.items() if not path.exists() or path.read_text() != text]
-        problems += [f"{path.name}: not written by generate.py" for path in sorted(HERE.glob("*.json"))
-                     if path not in expected]
+        problems = [
+            f"{path.name}: {'differs' if path.exists() else 'missing'}"
+            for path, text in expected.items()
+            if not path.exists() or path.read_text() != text
+        ]
+        problems += [
+            f"{path.name}: not written by generate.py" for path in sorted(HERE.glob("*.json")) if path not in expected
+        ]
         for line in problems:
             print(f"ds_configs: {line}", file=sys.stderr)
         if problems:

@@ -59,8 +59,9 @@ def _ce_fwd_kernel(LOGITS, LABELS, LSE, LOSS, n_cols, stride_row, ignore_index, 
 
 
 @triton.jit
-def _ce_bwd_kernel(LOGITS, LABELS, LSE, DLOSS, N_VALID, DLOGITS, n_cols, stride_row, stride_drow, ignore_index,
-                   BLOCK: tl.constexpr):
+def _ce_bwd_kernel(
+    LOGITS, LABELS, LSE, DLOSS, N_VALID, DLOGITS, n_cols, stride_row, stride_drow, ignore_index, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(LABELS + row).to(tl.int64)
     valid = label != ignore_index
@@ -110,8 +111,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         row_loss = torch.empty(rows, dtype=torch.float32, device=x.device)
         if rows:
             block, warps = _launch_config(n_cols, backward=False)
-            _ce_fwd_kernel[(rows,)](x, y, lse, row_loss, n_cols, x.stride(0), ignore_index,
-                                    BLOCK=block, num_warps=warps)
+            _ce_fwd_kernel[(rows,)](
+                x, y, lse, row_loss, n_cols, x.stride(0), ignore_index, BLOCK=block, num_warps=warps
+            )
         ctx.save_for_backward(x, y, lse, n_valid)
         ctx.ignore_index = ignore_index
         return row_loss.sum() / n_valid
@@ -123,8 +125,20 @@ class CrossEntropyFunction(torch.autograd.Function):
         dx = torch.empty((rows, n_cols), dtype=x.dtype, device=x.device)
         if rows:
             block, warps = _launch_config(n_cols, backward=True)
-            _ce_bwd_kernel[(rows,)](x, y, lse, dloss.float().contiguous(), n_valid, dx, n_cols, x.stride(0),
-                                    dx.stride(0), ctx.ignore_index, BLOCK=block, num_warps=warps)
+            _ce_bwd_kernel[(rows,)](
+                x,
+                y,
+                lse,
+                dloss.float().contiguous(),
+                n_valid,
+                dx,
+                n_cols,
+                x.stride(0),
+                dx.stride(0),
+                ctx.ignore_index,
+                BLOCK=block,
+                num_warps=warps,
+            )
         return dx, None, None
 
 

@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import triton
@@ -86,9 +86,27 @@ def _log2_slope(SLOPES, h, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, a_i, offs_m, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, seqlen,
-               qk_scale, slope, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_ALIBI: tl.constexpr):
+def _fwd_inner(
+    acc,
+    m_i,
+    l_i,
+    q,
+    a_i,
+    offs_m,
+    k_ptrs,
+    v_ptrs,
+    stride_kt,
+    stride_vt,
+    lo,
+    hi,
+    seqlen,
+    qk_scale,
+    slope,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -119,11 +137,32 @@ def _fwd_inner(acc, m_i, l_i, q, a_i, offs_m, k_ptrs, v_ptrs, stride_kt, stride_
 
 
 @triton.jit(do_not_specialize=["stride_lh", "n_mblocks"])
-def _fwd_kernel(Q, K, V, O, LSE, CU, SLOPES,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                stride_lh, n_heads, n_mblocks, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CU,
+    SLOPES,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_lh,
+    n_heads,
+    n_mblocks,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
     h, base, seqlen, m0 = _program_tile(CU, n_heads, n_mblocks, BLOCK_M)
     if m0 >= seqlen:
         return
@@ -152,18 +191,67 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, SLOPES,
         hi = seqlen
         full_hi = (seqlen // BLOCK_N) * BLOCK_N
     # key blocks every query of the block may see: no masks; then the ragged/diagonal tail
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, a_i, offs_m, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                               0, full_hi, seqlen, qk_scale, slope, BLOCK_N, False, CAUSAL, HAS_ALIBI)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, a_i, offs_m, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                               full_hi, hi, seqlen, qk_scale, slope, BLOCK_N, True, CAUSAL, HAS_ALIBI)
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        a_i,
+        offs_m,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        0,
+        full_hi,
+        seqlen,
+        qk_scale,
+        slope,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        HAS_ALIBI,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        a_i,
+        offs_m,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        full_hi,
+        hi,
+        seqlen,
+        qk_scale,
+        slope,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_ALIBI,
+    )
     o = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["stride_lh", "total"])
-def _bwd_delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh, total,
-                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+def _bwd_delta_kernel(
+    O,
+    DO,
+    DELTA,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    stride_lh,
+    total,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     h = tl.program_id(1)
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -175,13 +263,47 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh
 
 
 @triton.jit(do_not_specialize=["stride_lh", "n_nblocks"])
-def _bwd_kv_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, SLOPES,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                   stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-                   stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                   n_heads, n_nblocks, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DQ_MODE: tl.constexpr):
+def _bwd_kv_kernel(
+    Q,
+    K,
+    V,
+    O,
+    DO,
+    DQ,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    CU,
+    SLOPES,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    stride_lh,
+    n_heads,
+    n_nblocks,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DQ_MODE: tl.constexpr,
+):
     # DQ_MODE 0: the sequence fits this key block; store dQ, delta from P and dP in place.
     #         1: fp32 atomics into DQ, delta precomputed.  2: no dQ here (separate kernel).
     h, base, seqlen, n0 = _program_tile(CU, n_heads, n_nblocks, BLOCK_N)
@@ -242,24 +364,52 @@ def _bwd_kv_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, SLOPES,
         dk = tl.dot(dst, q, acc=dk)
         if DQ_MODE == 0:
             dq = tl.dot(tl.trans(dst), k) * sm_scale
-            tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                     mask=row_ok[:, None])
+            tl.store(
+                DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None]
+            )
         elif DQ_MODE == 1:
             dq = tl.dot(tl.trans(dst), k) * sm_scale
-            tl.atomic_add(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=row_ok[:, None],
-                          sem="relaxed")
+            tl.atomic_add(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
     dk = dk * sm_scale
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["stride_lh", "n_mblocks"])
-def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CU, SLOPES,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                   stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh,
-                   n_heads, n_mblocks, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr):
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    O,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    CU,
+    SLOPES,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    stride_lh,
+    n_heads,
+    n_mblocks,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
     # Also writes delta = rowsum(dO * O) for the dK/dV kernel that runs after it.
     h, base, seqlen, m0 = _program_tile(CU, n_heads, n_mblocks, BLOCK_M)
     if m0 >= seqlen:
@@ -358,8 +508,14 @@ def fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
     if bucket <= 64:
         return [FwdConfig(64, 32, 4, 2), FwdConfig(64, 64, 8, 2)]
     if bucket <= 128:
-        return [FwdConfig(64, 32, 4, 3), FwdConfig(64, 32, 4, 4), FwdConfig(64, 64, 4, 3), FwdConfig(64, 32, 4, 2),
-                FwdConfig(128, 32, 4, 2), FwdConfig(128, 64, 8, 2)]
+        return [
+            FwdConfig(64, 32, 4, 3),
+            FwdConfig(64, 32, 4, 4),
+            FwdConfig(64, 64, 4, 3),
+            FwdConfig(64, 32, 4, 2),
+            FwdConfig(128, 32, 4, 2),
+            FwdConfig(128, 64, 8, 2),
+        ]
     return [FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 4, 3), FwdConfig(128, 64, 8, 4)]
 
 
@@ -367,8 +523,8 @@ def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
     """Backward configurations worth timing for one length bucket; the first is the default.
 
     Up to 128 tokens a sequence fits one key block and dQ is stored directly ("store"; H200:
-    (32, 128) with 4 warps and 3 stages 0.21 ms, 2 stages 0.22, 8 warps 0.31 ms). Beyond, the separate dQ kernel (2.13 ms
-    at 2048 tokens) edged out fp32 atomics (2.22 ms) on the H200.
+    (32, 128) with 4 warps and 3 stages 0.21 ms, 2 stages 0.22, 8 warps 0.31 ms). Beyond, the separate dQ
+    kernel (2.13 ms at 2048 tokens) edged out fp32 atomics (2.22 ms) on the H200.
     """
     if head_dim == 128:
         if bucket <= 64:
@@ -377,11 +533,19 @@ def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
     if bucket <= 64:
         return [BwdConfig(16, 64, 8, 2, "store"), BwdConfig(32, 64, 8, 2, "store")]
     if bucket <= 128:
-        return [BwdConfig(32, 128, 4, 3, "store"), BwdConfig(32, 128, 4, 4, "store"),
-                BwdConfig(16, 128, 4, 3, "store"), BwdConfig(64, 128, 8, 3, "store"),
-                BwdConfig(32, 128, 4, 2, "store"), BwdConfig(32, 64, 4, 3, "kernel", 64, 32, 4, 3)]
-    return [BwdConfig(64, 128, 8, 2, "kernel", 128, 64, 8, 2), BwdConfig(64, 128, 8, 3, "kernel", 128, 32, 8, 3),
-            BwdConfig(64, 128, 8, 2, "atomic")]
+        return [
+            BwdConfig(32, 128, 4, 3, "store"),
+            BwdConfig(32, 128, 4, 4, "store"),
+            BwdConfig(16, 128, 4, 3, "store"),
+            BwdConfig(64, 128, 8, 3, "store"),
+            BwdConfig(32, 128, 4, 2, "store"),
+            BwdConfig(32, 64, 4, 3, "kernel", 64, 32, 4, 3),
+        ]
+    return [
+        BwdConfig(64, 128, 8, 2, "kernel", 128, 64, 8, 2),
+        BwdConfig(64, 128, 8, 3, "kernel", 128, 32, 8, 3),
+        BwdConfig(64, 128, 8, 2, "atomic"),
+    ]
 
 
 _chosen: dict[tuple, object] = {}
@@ -430,7 +594,7 @@ def _pick(kind: str, key: tuple, candidates: Callable[[], list], run: Callable[[
     for cfg in candidates:
         try:
             run(cfg)  # compile outside the timing
-            ms = do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
+            ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
         except Exception as exc:  # e.g. out of shared memory for this block shape
             if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc).lower():
                 raise
@@ -450,15 +614,18 @@ def _pick(kind: str, key: tuple, candidates: Callable[[], list], run: Callable[[
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    assert q.dim() == 3 and q.shape == k.shape == v.shape, \
+    assert q.dim() == 3 and q.shape == k.shape == v.shape, (
         f"q, k, v must be (T, H, D) alike: {tuple(q.shape)} {tuple(k.shape)} {tuple(v.shape)}"
-    assert q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype, \
+    )
+    assert q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype, (
         f"bf16/fp16 only, all alike: {q.dtype} {k.dtype} {v.dtype}"
+    )
     assert q.shape[-1] in (32, 64, 128), f"head_dim must be 32, 64 or 128, got {q.shape[-1]}"
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "head_dim must be contiguous"
     assert q.device == k.device == v.device == cu_seqlens.device, "all tensors on one device"
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1, \
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1, (
         "cu_seqlens must be int32 (batch + 1,)"
+    )
 
 
 def _slopes_arg(alibi_slopes: torch.Tensor | None, n_heads: int, ref: torch.Tensor) -> torch.Tensor:
@@ -473,17 +640,48 @@ def _launch_fwd(cfg: FwdConfig, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen,
     batch = cu_seqlens.numel() - 1
     n_mblocks = triton.cdiv(max_seqlen, cfg.block_m)
     grid = (n_heads * batch * n_mblocks,)
-    _fwd_kernel[grid](q, k, v, o, lse, cu_seqlens, slopes,
-                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      o.stride(0), o.stride(1), lse.stride(0), n_heads, n_mblocks, qk_scale,
-                      HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-                      HAS_ALIBI=has_alibi, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _fwd_kernel[grid](
+        q,
+        k,
+        v,
+        o,
+        lse,
+        cu_seqlens,
+        slopes,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        o.stride(0),
+        o.stride(1),
+        lse.stride(0),
+        n_heads,
+        n_mblocks,
+        qk_scale,
+        HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        CAUSAL=causal,
+        HAS_ALIBI=has_alibi,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
 
 
-def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                          max_seqlen: int, softmax_scale: float, causal: bool, alibi_slopes: torch.Tensor | None,
-                          out: torch.Tensor | None = None,
-                          lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attn_varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    causal: bool,
+    alibi_slopes: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher: out (T, H, D) and the base-2 logsumexp (H, T) fp32, allocated unless given."""
     _check_qkv(q, k, v, cu_seqlens)
     total, n_heads, head_dim = q.shape
@@ -502,8 +700,9 @@ def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     return o, lse
 
 
-def _launch_bwd(cfg: BwdConfig, do, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, sm_scale, causal, has_alibi,
-                dq, dk, dv) -> None:
+def _launch_bwd(
+    cfg: BwdConfig, do, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, sm_scale, causal, has_alibi, dq, dk, dv
+) -> None:
     total, n_heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     qk_scale = sm_scale * LOG2E
@@ -514,39 +713,126 @@ def _launch_bwd(cfg: BwdConfig, do, q, k, v, o, lse, cu_seqlens, slopes, max_seq
         delta = torch.empty_like(lse)
         block_t = 64
         _bwd_delta_kernel[(triton.cdiv(total, block_t), n_heads)](
-            o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), total,
-            HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=4)
+            o,
+            do,
+            delta,
+            o.stride(0),
+            o.stride(1),
+            do.stride(0),
+            do.stride(1),
+            delta.stride(0),
+            total,
+            HEAD_DIM=head_dim,
+            BLOCK_T=block_t,
+            num_warps=4,
+        )
         dq_out, mode = torch.zeros(q.shape, dtype=torch.float32, device=q.device), 1
     elif cfg.dq_mode == "kernel":
         delta = torch.empty_like(lse)
         n_mblocks = triton.cdiv(max_seqlen, cfg.dq_block_m)
         _bwd_dq_kernel[(n_heads * batch * n_mblocks,)](
-            q, k, v, o, do, dq, lse, delta, cu_seqlens, slopes,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-            n_heads, n_mblocks, qk_scale, sm_scale,
-            HEAD_DIM=head_dim, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, CAUSAL=causal,
-            HAS_ALIBI=has_alibi, num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages)
+            q,
+            k,
+            v,
+            o,
+            do,
+            dq,
+            lse,
+            delta,
+            cu_seqlens,
+            slopes,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            o.stride(0),
+            o.stride(1),
+            do.stride(0),
+            do.stride(1),
+            dq.stride(0),
+            dq.stride(1),
+            lse.stride(0),
+            n_heads,
+            n_mblocks,
+            qk_scale,
+            sm_scale,
+            HEAD_DIM=head_dim,
+            BLOCK_M=cfg.dq_block_m,
+            BLOCK_N=cfg.dq_block_n,
+            CAUSAL=causal,
+            HAS_ALIBI=has_alibi,
+            num_warps=cfg.dq_num_warps,
+            num_stages=cfg.dq_num_stages,
+        )
         dq_out, mode = dq, 2
     else:
         raise ValueError(f"unknown dq_mode {cfg.dq_mode!r}")
     n_nblocks = triton.cdiv(max_seqlen, cfg.block_n)
     _bwd_kv_kernel[(n_heads * batch * n_nblocks,)](
-        q, k, v, o, do, dq_out, dk, dv, lse, delta, cu_seqlens, slopes,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq_out.stride(0), dq_out.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-        n_heads, n_nblocks, qk_scale, sm_scale,
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-        HAS_ALIBI=has_alibi, DQ_MODE=mode, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q,
+        k,
+        v,
+        o,
+        do,
+        dq_out,
+        dk,
+        dv,
+        lse,
+        delta,
+        cu_seqlens,
+        slopes,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        o.stride(0),
+        o.stride(1),
+        do.stride(0),
+        do.stride(1),
+        dq_out.stride(0),
+        dq_out.stride(1),
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        lse.stride(0),
+        n_heads,
+        n_nblocks,
+        qk_scale,
+        sm_scale,
+        HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        CAUSAL=causal,
+        HAS_ALIBI=has_alibi,
+        DQ_MODE=mode,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if mode == 1:
         dq.copy_(dq_out)
 
 
-def flash_attn_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
-                          causal: bool, alibi_slopes: torch.Tensor | None,
-                          dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+def flash_attn_varlen_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    causal: bool,
+    alibi_slopes: torch.Tensor | None,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+) -> None:
     """Backward launcher: writes dq, dk, dv (any (T, H, D) views with a contiguous last dimension)."""
     _check_qkv(q, k, v, cu_seqlens)
     total, n_heads, head_dim = q.shape
@@ -560,12 +846,30 @@ def flash_attn_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             t.zero_()
         return
     slopes = _slopes_arg(alibi_slopes, n_heads, lse)
-    args = (do, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, softmax_scale, causal,
-            alibi_slopes is not None, dq, dk, dv)
+    args = (
+        do,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        cu_seqlens,
+        slopes,
+        max_seqlen,
+        softmax_scale,
+        causal,
+        alibi_slopes is not None,
+        dq,
+        dk,
+        dv,
+    )
     key = (_bucket(max_seqlen), head_dim, q.dtype, causal, alibi_slopes is not None)
-    cfg = _pick("bwd", key, lambda: [c for c in bwd_candidates(key[0], head_dim)
-                                     if c.dq_mode != "store" or c.block_n >= max_seqlen],
-                lambda c: _launch_bwd(c, *args))
+    cfg = _pick(
+        "bwd",
+        key,
+        lambda: [c for c in bwd_candidates(key[0], head_dim) if c.dq_mode != "store" or c.block_n >= max_seqlen],
+        lambda c: _launch_bwd(c, *args),
+    )
     _launch_bwd(cfg, *args)
 
 
@@ -595,8 +899,11 @@ def _packed_base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     if base.numel() != 3 * total * hd or base.data_ptr() != q.data_ptr():
         return None
     strides = (3 * hd, head_dim, 1)
-    if (k.data_ptr() != q.data_ptr() + hd * size or v.data_ptr() != q.data_ptr() + 2 * hd * size
-            or not q.stride() == k.stride() == v.stride() == strides):
+    if (
+        k.data_ptr() != q.data_ptr() + hd * size
+        or v.data_ptr() != q.data_ptr() + 2 * hd * size
+        or not q.stride() == k.stride() == v.stride() == strides
+    ):
         return None
     return base.view(total, 3, n_heads, head_dim)
 
@@ -618,8 +925,22 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens, alibi_slopes = ctx.saved_tensors
         dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-        flash_attn_varlen_bwd(_grad_ready(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale,
-                              ctx.causal, alibi_slopes, dq, dk, dv)
+        flash_attn_varlen_bwd(
+            _grad_ready(do),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            cu_seqlens,
+            ctx.max_seqlen,
+            ctx.softmax_scale,
+            ctx.causal,
+            alibi_slopes,
+            dq,
+            dk,
+            dv,
+        )
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -639,8 +960,22 @@ class FlashAttnVarlenQKVPackedFunc(torch.autograd.Function):
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         q, k, v = qkv.unbind(1)
         dq, dk, dv = dqkv.unbind(1)  # the kernels write straight into the packed gradient
-        flash_attn_varlen_bwd(_grad_ready(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale,
-                              ctx.causal, alibi_slopes, dq, dk, dv)
+        flash_attn_varlen_bwd(
+            _grad_ready(do),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            cu_seqlens,
+            ctx.max_seqlen,
+            ctx.softmax_scale,
+            ctx.causal,
+            alibi_slopes,
+            dq,
+            dk,
+            dv,
+        )
         return dqkv, None, None, None, None, None
 
 
@@ -649,11 +984,19 @@ class FlashAttnVarlenQKVPackedFunc(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
-                           softmax_scale: float | None = None, causal: bool = False,
-                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention over each sequence of a packed batch; q, k, v (T, H, D) -> (T, H, D)."""
     if dropout_p != 0.0:
         raise ValueError("the Triton flash kernel has no attention dropout: dropout_p must be 0")
@@ -661,19 +1004,26 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     qkv = _packed_base(q, k, v) if torch.is_grad_enabled() and q.requires_grad else None
     if qkv is not None:
-        return FlashAttnVarlenQKVPackedFunc.apply(qkv, cu_seqlens_q, int(max_seqlen_q), float(scale), bool(causal),
-                                                  alibi_slopes)
-    return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, int(max_seqlen_q), float(scale), bool(causal),
-                                     alibi_slopes)
+        return FlashAttnVarlenQKVPackedFunc.apply(
+            qkv, cu_seqlens_q, int(max_seqlen_q), float(scale), bool(causal), alibi_slopes
+        )
+    return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, int(max_seqlen_q), float(scale), bool(causal), alibi_slopes)
 
 
-def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                                     dropout_p: float = 0.0, softmax_scale: float | None = None,
-                                     causal: bool = False, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """As flash_attn_varlen_func with qkv (T, 3, H, D); the gradient lands in one (T, 3, H, D) tensor."""
     if dropout_p != 0.0:
         raise ValueError("the Triton flash kernel has no attention dropout: dropout_p must be 0")
     assert qkv.dim() == 4 and qkv.shape[1] == 3, f"qkv must be (T, 3, H, D), got {tuple(qkv.shape)}"
     scale = softmax_scale if softmax_scale is not None else qkv.shape[-1] ** -0.5
-    return FlashAttnVarlenQKVPackedFunc.apply(qkv, cu_seqlens, int(max_seqlen), float(scale), bool(causal),
-                                              alibi_slopes)
+    return FlashAttnVarlenQKVPackedFunc.apply(
+        qkv, cu_seqlens, int(max_seqlen), float(scale), bool(causal), alibi_slopes
+    )

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _gelu_and_grad(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
@@ -86,8 +87,21 @@ def _dropout(x, threshold, scale, SEED, block_ids, BLOCK: tl.constexpr, HAS_DROP
 
 
 @triton.jit
-def _geglu_fwd_kernel(H, OUT, n_rows, ff, stride_h, stride_o, threshold, scale, SEED, APPROX_TANH: tl.constexpr,
-                      HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _geglu_fwd_kernel(
+    H,
+    OUT,
+    n_rows,
+    ff,
+    stride_h,
+    stride_o,
+    threshold,
+    scale,
+    SEED,
+    APPROX_TANH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = (rows[:, None] < n_rows) & (cols[None, :] < ff)
@@ -100,8 +114,23 @@ def _geglu_fwd_kernel(H, OUT, n_rows, ff, stride_h, stride_o, threshold, scale, 
 
 
 @triton.jit
-def _geglu_bwd_kernel(H, DOUT, DH, n_rows, ff, stride_h, stride_do, stride_dh, threshold, scale, SEED,
-                      APPROX_TANH: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _geglu_bwd_kernel(
+    H,
+    DOUT,
+    DH,
+    n_rows,
+    ff,
+    stride_h,
+    stride_do,
+    stride_dh,
+    threshold,
+    scale,
+    SEED,
+    APPROX_TANH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = (rows[:, None] < n_rows) & (cols[None, :] < ff)
@@ -117,9 +146,31 @@ def _geglu_bwd_kernel(H, DOUT, DH, n_rows, ff, stride_h, stride_do, stride_dh, t
 
 
 @triton.jit
-def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_rows, n_cols, stride_x, stride_r, stride_o, stride_z,
-                    eps, threshold, scale, SEED, HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _dal_fwd_kernel(
+    X,
+    LB,
+    R,
+    W,
+    B,
+    OUT,
+    Z,
+    MEAN,
+    RSTD,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_z,
+    eps,
+    threshold,
+    scale,
+    SEED,
+    HAS_LINEAR_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     row_ok = rows < n_rows
@@ -143,10 +194,31 @@ def _dal_fwd_kernel(X, LB, R, W, B, OUT, Z, MEAN, RSTD, n_rows, n_cols, stride_x
 
 
 @triton.jit
-def _dal_bwd_kernel(DOUT, Z, W, MEAN, RSTD, DX, DR, PART, n_rows, n_cols, rows_per_prog,
-                    stride_do, stride_z, stride_dx, stride_dr, stride_part, threshold, scale, SEED,
-                    HAS_LINEAR_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
-                    ROWS: tl.constexpr):
+def _dal_bwd_kernel(
+    DOUT,
+    Z,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    DR,
+    PART,
+    n_rows,
+    n_cols,
+    rows_per_prog,
+    stride_do,
+    stride_z,
+    stride_dx,
+    stride_dr,
+    stride_part,
+    threshold,
+    scale,
+    SEED,
+    HAS_LINEAR_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     # each program takes a run of rows, ROWS at a time, and leaves its partial dW, dB (and
     # d linear_bias, the column sum of dX) in PART[k, program]; the host sums PART over programs
     # in one reduction
@@ -267,8 +339,21 @@ class GeGLUFunction(torch.autograd.Function):
         if rows and ff:
             t = TILING
             _geglu_fwd_kernel[(triton.cdiv(rows, t.geglu_rows), triton.cdiv(ff, _GEGLU_BLOCK))](
-                h2, out, rows, ff, h2.stride(0), out.stride(0), threshold, scale, seed, APPROX_TANH=tanh,
-                HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, ROWS=t.geglu_rows, num_warps=t.geglu_warps)
+                h2,
+                out,
+                rows,
+                ff,
+                h2.stride(0),
+                out.stride(0),
+                threshold,
+                scale,
+                seed,
+                APPROX_TANH=tanh,
+                HAS_DROPOUT=has_dropout,
+                BLOCK=_GEGLU_BLOCK,
+                ROWS=t.geglu_rows,
+                num_warps=t.geglu_warps,
+            )
         ctx.save_for_backward(h2, seed)
         ctx.tanh, ctx.shape, ctx.dropout = tanh, h.shape, (threshold, scale, has_dropout)
         return out.view(*h.shape[:-1], ff)
@@ -283,9 +368,23 @@ class GeGLUFunction(torch.autograd.Function):
         if rows and ff:
             t = TILING
             _geglu_bwd_kernel[(triton.cdiv(rows, t.geglu_bwd_rows), triton.cdiv(ff, _GEGLU_BLOCK))](
-                h2, d2, dh, rows, ff, h2.stride(0), d2.stride(0), dh.stride(0), threshold, scale, seed,
-                APPROX_TANH=ctx.tanh, HAS_DROPOUT=has_dropout, BLOCK=_GEGLU_BLOCK, ROWS=t.geglu_bwd_rows,
-                num_warps=t.geglu_bwd_warps)
+                h2,
+                d2,
+                dh,
+                rows,
+                ff,
+                h2.stride(0),
+                d2.stride(0),
+                dh.stride(0),
+                threshold,
+                scale,
+                seed,
+                APPROX_TANH=ctx.tanh,
+                HAS_DROPOUT=has_dropout,
+                BLOCK=_GEGLU_BLOCK,
+                ROWS=t.geglu_bwd_rows,
+                num_warps=t.geglu_bwd_warps,
+            )
         return dh.view(ctx.shape), None, None
 
 
@@ -296,9 +395,18 @@ def geglu(h: torch.Tensor, approximate: str = "none", p: float = 0.0) -> torch.T
 
 class DropoutAddLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                linear_bias: torch.Tensor | None, eps: float, p: float, out_dtype: torch.dtype,
-                residual_sink: object | None) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        linear_bias: torch.Tensor | None,
+        eps: float,
+        p: float,
+        out_dtype: torch.dtype,
+        residual_sink: object | None,
+    ) -> torch.Tensor:
         assert x.shape == residual.shape, f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ"
         n = x.shape[-1]
         assert weight.shape == (n,) and bias.shape == (n,), "weight and bias must be (hidden,)"
@@ -316,10 +424,31 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         if rows:
             tile = TILING.ln_rows
             _dal_fwd_kernel[(triton.cdiv(rows, tile),)](
-                x2, linear_bias if has_lb else weight, r2, weight, bias, out, z, mean, rstd, rows, n, x2.stride(0),
-                r2.stride(0), out.stride(0), z.stride(0), eps, threshold, scale, seed, HAS_LINEAR_BIAS=has_lb,
-                HAS_DROPOUT=has_dropout, BLOCK=block, ROWS=tile,
-                num_warps=_ln_warps(tile, block, TILING.ln_elems_per_warp))
+                x2,
+                linear_bias if has_lb else weight,
+                r2,
+                weight,
+                bias,
+                out,
+                z,
+                mean,
+                rstd,
+                rows,
+                n,
+                x2.stride(0),
+                r2.stride(0),
+                out.stride(0),
+                z.stride(0),
+                eps,
+                threshold,
+                scale,
+                seed,
+                HAS_LINEAR_BIAS=has_lb,
+                HAS_DROPOUT=has_dropout,
+                BLOCK=block,
+                ROWS=tile,
+                num_warps=_ln_warps(tile, block, TILING.ln_elems_per_warp),
+            )
         ctx.save_for_backward(z, weight, mean, rstd, seed)
         ctx.dropout = (threshold, scale, has_dropout)
         ctx.lb_dtype = linear_bias.dtype if has_lb else None
@@ -344,24 +473,51 @@ class DropoutAddLayerNormFunction(torch.autograd.Function):
         alloc = torch.empty if rows else torch.zeros
         part = alloc((3 if has_lb else 2, n_prog, n), dtype=torch.float32, device=z.device)
         if rows:
-            _dal_bwd_kernel[(n_prog,)](d2, z, weight, mean, rstd, dx, dr, part, rows, n, rows_per_prog,
-                                       d2.stride(0), z.stride(0), dx.stride(0), dr.stride(0), part.stride(0),
-                                       threshold, scale, seed, HAS_LINEAR_BIAS=has_lb, HAS_DROPOUT=has_dropout,
-                                       BLOCK=block, ROWS=tile,
-                                       num_warps=_ln_warps(tile, block, TILING.ln_bwd_elems_per_warp))
+            _dal_bwd_kernel[(n_prog,)](
+                d2,
+                z,
+                weight,
+                mean,
+                rstd,
+                dx,
+                dr,
+                part,
+                rows,
+                n,
+                rows_per_prog,
+                d2.stride(0),
+                z.stride(0),
+                dx.stride(0),
+                dr.stride(0),
+                part.stride(0),
+                threshold,
+                scale,
+                seed,
+                HAS_LINEAR_BIAS=has_lb,
+                HAS_DROPOUT=has_dropout,
+                BLOCK=block,
+                ROWS=tile,
+                num_warps=_ln_warps(tile, block, TILING.ln_bwd_elems_per_warp),
+            )
         sums = part.sum(1)  # one reduction for dW, dB (and d linear_bias)
         dlb = sums[2].to(ctx.lb_dtype) if has_lb else None
         dr = dr.view(ctx.shape)
         if ctx.residual_sink is not None and ctx.residual_sink.take(dr):
             dr = None  # handed over: the consumer adds it to the residual's other gradient itself
-        return (dx.view(ctx.shape), dr, sums[0].to(weight.dtype), sums[1].to(weight.dtype), dlb,
-                None, None, None, None)
+        return (dx.view(ctx.shape), dr, sums[0].to(weight.dtype), sums[1].to(weight.dtype), dlb, None, None, None, None)
 
 
-def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           eps: float, p: float, low_precision: bool = False,
-                           linear_bias: torch.Tensor | None = None, residual_sink: object | None = None
-                           ) -> torch.Tensor:
+def dropout_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    p: float,
+    low_precision: bool = False,
+    linear_bias: torch.Tensor | None = None,
+    residual_sink: object | None = None,
+) -> torch.Tensor:
     """LayerNorm(Dropout_p(x + linear_bias) + residual), with the output dtype mosaicbert_ds.ops.LayerNorm
     gives. residual_sink: an object whose take(grad) -> bool the backward offers the residual's
     gradient (a buffer it allocated, the consumer's to keep and modify); when it returns True the
@@ -371,5 +527,6 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
         out_dtype = torch.get_autocast_dtype(device_type) if low_precision else torch.float32
     else:
         out_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return DropoutAddLayerNormFunction.apply(x, residual, weight, bias, linear_bias, float(eps), float(p), out_dtype,
-                                             residual_sink)
+    return DropoutAddLayerNormFunction.apply(
+        x, residual, weight, bias, linear_bias, float(eps), float(p), out_dtype, residual_sink
+    )

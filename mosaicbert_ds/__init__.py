@@ -4,14 +4,25 @@ Importing the package registers the model with transformers' Auto classes, so th
 `AutoModelForMaskedLM.from_pretrained(dir)` loads a saved MosaicBERT without trust_remote_code.
 """
 
-from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
-                          AutoModelForSequenceClassification, AutoModelForTokenClassification)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .attention import alibi_slopes, flash_attn_varlen_func, varlen_attention_reference
 from .config import PRESETS, MosaicBertConfig
-from .model import (MosaicBertForMaskedLM, MosaicBertForQuestionAnswering,
-                    MosaicBertForSequenceClassification, MosaicBertForTokenClassification, MosaicBertModel,
-                    MosaicBertPreTrainedModel)
+from .model import (
+    MosaicBertForMaskedLM,
+    MosaicBertForQuestionAnswering,
+    MosaicBertForSequenceClassification,
+    MosaicBertForTokenClassification,
+    MosaicBertModel,
+    MosaicBertPreTrainedModel,
+)
 from .padding import pad_output, unpad_input
 
 __version__ = "0.1.0"
@@ -24,8 +35,17 @@ AutoModelForTokenClassification.register(MosaicBertConfig, MosaicBertForTokenCla
 AutoModelForQuestionAnswering.register(MosaicBertConfig, MosaicBertForQuestionAnswering, exist_ok=True)
 
 __all__ = [
-    "MosaicBertConfig", "PRESETS", "MosaicBertModel", "MosaicBertForMaskedLM",
-    "MosaicBertForSequenceClassification", "MosaicBertForTokenClassification",
-    "MosaicBertForQuestionAnswering", "MosaicBertPreTrainedModel", "alibi_slopes",
-    "flash_attn_varlen_func", "varlen_attention_reference", "unpad_input", "pad_output",
+    "MosaicBertConfig",
+    "PRESETS",
+    "MosaicBertModel",
+    "MosaicBertForMaskedLM",
+    "MosaicBertForSequenceClassification",
+    "MosaicBertForTokenClassification",
+    "MosaicBertForQuestionAnswering",
+    "MosaicBertPreTrainedModel",
+    "alibi_slopes",
+    "flash_attn_varlen_func",
+    "varlen_attention_reference",
+    "unpad_input",
+    "pad_output",
 ]

@@ -49,10 +49,16 @@ def alibi_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int | None = None)
 
 
 def varlen_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int,
-    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
     alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over each sequence of a packed batch, never padding.
@@ -64,7 +70,7 @@ def varlen_attention_reference(
     if not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise NotImplementedError("the reference supports self-attention only (cu_seqlens_q == cu_seqlens_k)")
     total, n_heads, head_dim = q.shape
-    scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+    scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
     cu = cu_seqlens_q.long()
     seqlens = cu[1:] - cu[:-1]
     acc_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax, fp64 for an oracle
@@ -98,11 +104,18 @@ def _triton_available(q: torch.Tensor) -> bool:
 
 @torch.compiler.disable  # a graph break: the Triton kernel is launched eagerly inside compiled layers
 def flash_attn_varlen_func(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int,
-    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
-    alibi_slopes: torch.Tensor | None = None, impl: str = "auto",
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Varlen attention with optional ALiBi; impl is "auto", "triton" or "torch".
 
@@ -116,15 +129,39 @@ def flash_attn_varlen_func(
         kernels = triton_kernels()
         if kernels is None:
             raise RuntimeError("impl='triton': the Triton kernels cannot be imported (is Triton installed?)")
-        return kernels.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             softmax_scale=softmax_scale, causal=causal, alibi_slopes=alibi_slopes)
-    return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                      dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                                      alibi_slopes=alibi_slopes)
+        return kernels.flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            alibi_slopes=alibi_slopes,
+        )
+    return varlen_attention_reference(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        alibi_slopes=alibi_slopes,
+    )
 
 
 def padded_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float = 0.0,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention on a padded batch, (B, L, H, D) in and out, for the unpad=False ablation.
 

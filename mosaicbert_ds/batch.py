@@ -26,7 +26,7 @@ the device.
 
 from __future__ import annotations
 
-from typing import TypedDict, Union
+from typing import TypedDict
 
 import torch
 from typing_extensions import NotRequired
@@ -51,7 +51,7 @@ class PaddedBatch(TypedDict):
     masked_positions: torch.Tensor
 
 
-MLMBatch = Union[PackedBatch, PaddedBatch]
+MLMBatch = PackedBatch | PaddedBatch
 """Either layout; a PackedBatch is the one with "cu_seqlens"."""
 
 

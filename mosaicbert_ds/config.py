@@ -21,19 +21,36 @@ from transformers import PretrainedConfig
 
 # Sizes from the paper (FACTS.md). "tiny" is for tests and CPU smoke runs.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                 vocab_size=1024),
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
     "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
     "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
     # The paper's BERT baseline: BERT's own architecture and padded execution (as in HF BERT).
-    "bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-                      vocab_size=30522, pad_vocab_size_multiple=1, position_embedding_type="learned",
-                      mlp_type="gelu", unpad=False, low_precision_layernorm=False,
-                      attention_probs_dropout_prob=0.1),
-    "bert-large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
-                       vocab_size=30522, pad_vocab_size_multiple=1, position_embedding_type="learned",
-                       mlp_type="gelu", unpad=False, low_precision_layernorm=False,
-                       attention_probs_dropout_prob=0.1),
+    "bert-base": dict(
+        num_hidden_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        vocab_size=30522,
+        pad_vocab_size_multiple=1,
+        position_embedding_type="learned",
+        mlp_type="gelu",
+        unpad=False,
+        low_precision_layernorm=False,
+        attention_probs_dropout_prob=0.1,
+    ),
+    "bert-large": dict(
+        num_hidden_layers=24,
+        hidden_size=1024,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        vocab_size=30522,
+        pad_vocab_size_multiple=1,
+        position_embedding_type="learned",
+        mlp_type="gelu",
+        unpad=False,
+        low_precision_layernorm=False,
+        attention_probs_dropout_prob=0.1,
+    ),
 }
 
 _ATTENTION_IMPLS = ("auto", "triton", "torch")
@@ -41,9 +58,20 @@ _ATTENTION_IMPLS = ("auto", "triton", "torch")
 RUNTIME_KEYS = ("attention_impl", "fused_ops")
 """Config keys chosen where the model runs; they are not part of a saved architecture."""
 
-ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "position_embedding_type", "mlp_type", "max_position_embeddings",
-                     "type_vocab_size", "hidden_act", "layer_norm_eps", "head_layer_norm_eps")
+ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "position_embedding_type",
+    "mlp_type",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "head_layer_norm_eps",
+)
 """Keys that fix the shapes and the function of the weights (what `model.init_from` takes from its source)."""
 
 
@@ -129,13 +157,20 @@ class MosaicBertConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Raise ValueError with one clear sentence for an inconsistent configuration."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "type_vocab_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "type_vocab_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must divide "
-                             f"hidden_size ({self.hidden_size})")
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})"
+            )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
@@ -143,8 +178,9 @@ class MosaicBertConfig(PretrainedConfig):
         if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
         if self.position_embedding_type not in ("alibi", "learned"):
-            raise ValueError(f"position_embedding_type must be 'alibi' or 'learned', "
-                             f"got {self.position_embedding_type!r}")
+            raise ValueError(
+                f"position_embedding_type must be 'alibi' or 'learned', got {self.position_embedding_type!r}"
+            )
         if self.mlp_type not in ("glu", "gelu"):
             raise ValueError(f"mlp_type must be 'glu' or 'gelu', got {self.mlp_type!r}")
         if self.attention_impl not in _ATTENTION_IMPLS:
@@ -159,7 +195,7 @@ class MosaicBertConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "MosaicBertConfig":
+    def from_name(cls, name: str, **overrides: Any) -> MosaicBertConfig:
         """A preset by name ("tiny", "base", "large", "bert-base", "bert-large") with overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")

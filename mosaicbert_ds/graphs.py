@@ -20,8 +20,9 @@ tensors allocated before capture or (accumulate=False) are the graph's own outpu
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
@@ -33,8 +34,7 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def pad_packed(batch: PackedBatch, token_step: int = 256, mask_step: int = 256, pad_id: int = 0
-               ) -> PackedBatch:
+def pad_packed(batch: PackedBatch, token_step: int = 256, mask_step: int = 256, pad_id: int = 0) -> PackedBatch:
     """A PackedBatch (mosaicbert_ds.batch) padded to static bucket shapes.
 
     T grows to the next multiple of token_step above T (at least one dummy token, which the padded
@@ -57,8 +57,9 @@ def pad_packed(batch: PackedBatch, token_step: int = 256, mask_step: int = 256, 
     if batch.get("token_type_ids") is not None:
         out["token_type_ids"] = torch.cat([batch["token_type_ids"], batch["token_type_ids"].new_zeros(extra)])
     out["cu_seqlens"] = torch.cat([cu, cu[-1:] + ends])
-    out["masked_positions"] = torch.cat([positions, positions.new_full((_round_up(n_masked, mask_step) - n_masked,),
-                                                                       total)])
+    out["masked_positions"] = torch.cat(
+        [positions, positions.new_full((_round_up(n_masked, mask_step) - n_masked,), total)]
+    )
     out["max_seqlen"] = max_seqlen
     return out
 
@@ -90,9 +91,16 @@ class GraphedMLMStep:
     `model(**batch)`, e.g. `model.forward` to leave out module hooks that cannot run in a capture.
     """
 
-    def __init__(self, model: torch.nn.Module, token_step: int = 256, mask_step: int = 256,
-                 autocast_dtype: torch.dtype | None = None, pad_id: int = 0,
-                 forward: Callable[..., Any] | None = None, accumulate: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        token_step: int = 256,
+        mask_step: int = 256,
+        autocast_dtype: torch.dtype | None = None,
+        pad_id: int = 0,
+        forward: Callable[..., Any] | None = None,
+        accumulate: bool = True,
+    ) -> None:
         self.model = model
         self.forward = forward or model  # e.g. model.forward, to leave out hooks that cannot be captured
         self.token_step, self.mask_step, self.pad_id = token_step, mask_step, pad_id
@@ -136,8 +144,10 @@ class GraphedMLMStep:
             used = [(acc, g) for acc, g in zip(self.grads, grads) if g is not None]
             torch._foreach_add_([acc for acc, _ in used], [g for _, g in used])
             return None
-        return [g if g is None or g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                for p, g in zip(self.params, grads)]
+        return [
+            g if g is None or g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+            for p, g in zip(self.params, grads)
+        ]
 
     def _capture(self, batch: dict[str, Any]) -> _Captured:
         device = self.params[0].device
@@ -162,8 +172,10 @@ class GraphedMLMStep:
 
     def __call__(self, batch: PackedBatch, grad_scale: float | torch.Tensor = 1.0) -> Any:
         if self.accumulate and any(p.grad is not g for p, g in zip(self.params, self.grads)):
-            raise RuntimeError("a parameter's .grad was replaced or set to None; with CUDA graphs zero the "
-                               "gradients in place (optimizer.zero_grad(set_to_none=False))")
+            raise RuntimeError(
+                "a parameter's .grad was replaced or set to None; with CUDA graphs zero the "
+                "gradients in place (optimizer.zero_grad(set_to_none=False))"
+            )
         if not self.model.training:
             raise RuntimeError("GraphedMLMStep captures training steps; call model.train() first")
         padded = pad_packed(batch, self.token_step, self.mask_step, self.pad_id)

@@ -26,14 +26,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import (BaseModelOutputWithPooling, MaskedLMOutput,
-                                           QuestionAnsweringModelOutput, SequenceClassifierOutput,
-                                           TokenClassifierOutput)
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 
 from .attention import alibi_bias, alibi_slopes, flash_attn_varlen_func, padded_attention
 from .batch import IGNORE_INDEX
 from .config import MosaicBertConfig
-from .ops import LayerNorm, ResidualSplit, cross_entropy, gelu, geglu, linear_dropout_add_layer_norm
+from .ops import LayerNorm, ResidualSplit, cross_entropy, geglu, gelu, linear_dropout_add_layer_norm
 from .padding import pad_output, positions_from_cu_seqlens, unpad_input
 
 
@@ -61,13 +65,17 @@ class MosaicBertEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.position_embeddings = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
-                                    if config.position_embedding_type == "learned" else None)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_embedding_type == "learned"
+            else None
+        )
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps, config.low_precision_layernorm)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
-                position_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         x = self.word_embeddings(input_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
@@ -103,13 +111,23 @@ class MosaicBertAttention(nn.Module):
         q, k, v = qkv.unbind(dim=-3)
         dropout_p = self.attn_dropout if self.training else 0.0
         if packing.packed:
-            o = flash_attn_varlen_func(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
-                                       packing.max_seqlen, dropout_p=dropout_p, alibi_slopes=self.alibi_slopes,
-                                       impl=self.impl)
+            o = flash_attn_varlen_func(
+                q,
+                k,
+                v,
+                packing.cu_seqlens,
+                packing.cu_seqlens,
+                packing.max_seqlen,
+                packing.max_seqlen,
+                dropout_p=dropout_p,
+                alibi_slopes=self.alibi_slopes,
+                impl=self.impl,
+            )
         else:
             o = padded_attention(q, k, v, packing.bias, dropout_p=dropout_p)
-        return linear_dropout_add_layer_norm(o.flatten(-2), self.out_proj, x, self.LayerNorm, self.hidden_dropout,
-                                             self.training, self.fused, split.sink)
+        return linear_dropout_add_layer_norm(
+            o.flatten(-2), self.out_proj, x, self.LayerNorm, self.hidden_dropout, self.training, self.fused, split.sink
+        )
 
 
 class MosaicBertMLP(nn.Module):
@@ -143,8 +161,9 @@ class MosaicBertMLP(nn.Module):
         else:
             h = F.dropout(gelu(self.Wi_gate(x), self.act) * self.Wi_up(x), p=self.dropout_p, training=self.training)
         p_after = 0.0 if self.glu else self.dropout_p
-        return linear_dropout_add_layer_norm(h, self.Wo, x, self.LayerNorm, p_after, self.training, self.fused,
-                                             split.sink)
+        return linear_dropout_add_layer_norm(
+            h, self.Wo, x, self.LayerNorm, p_after, self.training, self.fused, split.sink
+        )
 
 
 class MosaicBertLayer(nn.Module):
@@ -242,32 +261,49 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             bias = bias + alibi_bias(slopes, attention_mask.shape[1]).to(dtype)[None]
         return bias
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               token_type_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-               max_seqlen: int | None = None, output_hidden_states: bool = False) -> Encoded:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        output_hidden_states: bool = False,
+    ) -> Encoded:
         """Run embeddings and layers; see `Encoded` for the layout of the result."""
-        enc = self._encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
-                           [] if output_hidden_states else None)
+        enc = self._encode(
+            input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, [] if output_hidden_states else None
+        )
         return enc
 
-    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                max_seqlen: int | None, keep: list[torch.Tensor] | None) -> Encoded:
+    def _encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+        keep: list[torch.Tensor] | None,
+    ) -> Encoded:
         if cu_seqlens is not None:  # already unpadded
             if input_ids.dim() != 1:
                 raise ValueError("with cu_seqlens, input_ids must be the flat (total_tokens,) stream")
             if max_seqlen is None:
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
             total = input_ids.shape[0]
-            positions = (positions_from_cu_seqlens(cu_seqlens, total)
-                         if self.embeddings.position_embeddings is not None or not self.config.unpad else None)
+            positions = (
+                positions_from_cu_seqlens(cu_seqlens, total)
+                if self.embeddings.position_embeddings is not None or not self.config.unpad
+                else None
+            )
             x = self.embeddings(input_ids, token_type_ids, positions)
             if self.config.unpad:
                 return Encoded(self._run(x, Packing(cu_seqlens, max_seqlen), keep), None, cu_seqlens, None, keep)
             # unpad=False ablation on a packed batch: pad once, run padded, repack.
             batch = cu_seqlens.shape[0] - 1
-            seq_idx = torch.repeat_interleave(torch.arange(batch, device=x.device),
-                                              (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=total)
+            seq_idx = torch.repeat_interleave(
+                torch.arange(batch, device=x.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=total
+            )
             idx = seq_idx * max_seqlen + positions
             mask = torch.zeros(batch * max_seqlen, dtype=torch.long, device=x.device)
             mask[idx] = 1
@@ -285,8 +321,9 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         if self.config.unpad:
             ids, gather, cu, max_len = unpad_input(input_ids[..., None], attention_mask)
             tt = token_type_ids.reshape(-1)[gather] if token_type_ids is not None else None
-            positions = (positions_from_cu_seqlens(cu, ids.shape[0])
-                         if self.embeddings.position_embeddings is not None else None)
+            positions = (
+                positions_from_cu_seqlens(cu, ids.shape[0]) if self.embeddings.position_embeddings is not None else None
+            )
             x = self.embeddings(ids[:, 0], tt, positions)
             return Encoded(self._run(x, Packing(cu, max_len), keep), gather, cu, (batch, seqlen), keep)
         positions = torch.arange(seqlen, device=input_ids.device).expand(batch, -1)
@@ -316,16 +353,30 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
             first = enc.hidden.view(*enc.padded_shape, -1)[:, 0]
         return torch.tanh(self.pooler(first))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **_: object) -> BaseModelOutputWithPooling:
-        enc = self.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
-                          _hidden_states_wanted(self.config, output_hidden_states))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **_: object,
+    ) -> BaseModelOutputWithPooling:
+        enc = self.encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            cu_seqlens,
+            max_seqlen,
+            _hidden_states_wanted(self.config, output_hidden_states),
+        )
         hidden = enc.repad(enc.hidden)  # padded input: padded output, re-padded once here
         pooled = self.pool(enc) if self.pooler is not None else None
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled,
-                                          hidden_states=enc.hidden_states())
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden, pooler_output=pooled, hidden_states=enc.hidden_states()
+        )
 
 
 def _hidden_states_wanted(config: MosaicBertConfig, flag: bool | None) -> bool:
@@ -365,21 +416,36 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         self.head = MosaicBertLMHead(config)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                masked_positions: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **_: object) -> MosaicBertMaskedLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        masked_positions: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **_: object,
+    ) -> MosaicBertMaskedLMOutput:
         """Takes a mosaicbert_ds.batch.PackedBatch or PaddedBatch as keyword arguments (shapes
         there). labels: IGNORE_INDEX where not masked, same shape as input_ids. masked_positions:
         optional (M,) indices of the masked tokens in the flattened input (T for a packed batch,
         B * L for a padded one), which saves a host sync."""
-        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
-                               _hidden_states_wanted(self.config, output_hidden_states))
+        enc = self.bert.encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            cu_seqlens,
+            max_seqlen,
+            _hidden_states_wanted(self.config, output_hidden_states),
+        )
         wte = self.bert.embeddings.word_embeddings.weight
         if labels is None:
-            return MosaicBertMaskedLMOutput(logits=enc.repad(self.head(enc.hidden, wte)),
-                                            hidden_states=enc.hidden_states())
+            return MosaicBertMaskedLMOutput(
+                logits=enc.repad(self.head(enc.hidden, wte)), hidden_states=enc.hidden_states()
+            )
         flat_labels = labels.reshape(-1)
         if enc.gather is not None:
             flat_labels = flat_labels[enc.gather]
@@ -391,8 +457,9 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         masked_labels = flat_labels[masked_positions]
         logits = self.head(enc.hidden[masked_positions], wte)
         loss = cross_entropy(logits, masked_labels, fused=self.config.fused_ops)
-        return MosaicBertMaskedLMOutput(loss=loss, logits=logits, masked_labels=masked_labels,
-                                        hidden_states=enc.hidden_states())
+        return MosaicBertMaskedLMOutput(
+            loss=loss, logits=logits, masked_labels=masked_labels, hidden_states=enc.hidden_states()
+        )
 
 
 class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
@@ -407,19 +474,31 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None, **_: object
-                ) -> SequenceClassifierOutput:
-        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
-                               _hidden_states_wanted(self.config, output_hidden_states))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **_: object,
+    ) -> SequenceClassifierOutput:
+        enc = self.bert.encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            cu_seqlens,
+            max_seqlen,
+            _hidden_states_wanted(self.config, output_hidden_states),
+        )
         logits = self.classifier(self.dropout(self.bert.pool(enc)))
         loss = None
         if labels is not None:
             if self.config.problem_type is None:
-                self.config.problem_type = ("regression" if self.num_labels == 1 else
-                                            "single_label_classification")
+                self.config.problem_type = "regression" if self.num_labels == 1 else "single_label_classification"
             if self.config.problem_type == "regression":
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             elif self.config.problem_type == "single_label_classification":
@@ -443,14 +522,27 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None, **_: object
-                ) -> TokenClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **_: object,
+    ) -> TokenClassifierOutput:
         """logits are (B, L, num_labels) for padded input (zeros at the pads), (T, num_labels) for packed."""
-        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen,
-                               _hidden_states_wanted(self.config, output_hidden_states))
+        enc = self.bert.encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            cu_seqlens,
+            max_seqlen,
+            _hidden_states_wanted(self.config, output_hidden_states),
+        )
         logits = self.classifier(self.dropout(enc.hidden))
         loss = None
         if labels is not None:
@@ -472,20 +564,36 @@ class MosaicBertForQuestionAnswering(MosaicBertPreTrainedModel):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
-                end_positions: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **_: object) -> QuestionAnsweringModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **_: object,
+    ) -> QuestionAnsweringModelOutput:
         """Padded input only: start/end logits are (B, L), -inf-free (pads get 0 and should be masked)."""
-        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, None, None,
-                               _hidden_states_wanted(self.config, output_hidden_states))
+        enc = self.bert.encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            None,
+            None,
+            _hidden_states_wanted(self.config, output_hidden_states),
+        )
         start, end = enc.repad(self.qa_outputs(enc.hidden)).unbind(dim=-1)
         loss = None
         if start_positions is not None and end_positions is not None:
             n = start.shape[1]  # positions outside the sequence are ignored, as in BERT
             s_pos = start_positions.clamp(0, n).long()
             e_pos = end_positions.clamp(0, n).long()
-            loss = (F.cross_entropy(start.float(), s_pos, ignore_index=n)
-                    + F.cross_entropy(end.float(), e_pos, ignore_index=n)) / 2
-        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end,
-                                            hidden_states=enc.hidden_states())
+            loss = (
+                F.cross_entropy(start.float(), s_pos, ignore_index=n)
+                + F.cross_entropy(end.float(), e_pos, ignore_index=n)
+            ) / 2
+        return QuestionAnsweringModelOutput(
+            loss=loss, start_logits=start, end_logits=end, hidden_states=enc.hidden_states()
+        )

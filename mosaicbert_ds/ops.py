@@ -46,8 +46,9 @@ class _SourceTreeKernels(importlib.abc.MetaPathFinder):
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name != "mosaicbert_ds.kernels":
             return None
-        return importlib.util.spec_from_file_location(name, self.source,
-                                                      submodule_search_locations=[str(self.source.parent)])
+        return importlib.util.spec_from_file_location(
+            name, self.source, submodule_search_locations=[str(self.source.parent)]
+        )
 
 
 def _kernels_installed() -> bool:
@@ -87,8 +88,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, fused: bool = Fals
     return F.cross_entropy(logits.float(), labels)
 
 
-def geglu(h: torch.Tensor, act: str = "gelu", fused: bool = False, p: float = 0.0, training: bool = False
-          ) -> torch.Tensor:
+def geglu(
+    h: torch.Tensor, act: str = "gelu", fused: bool = False, p: float = 0.0, training: bool = False
+) -> torch.Tensor:
     """Gated GELU on the concatenated (gate, up) halves of the last dimension, then dropout."""
     if (k := kernels_for(h, fused)) is not None:
         return k.geglu(h, approximate=_gelu_approximate(act), p=p if training else 0.0)
@@ -120,34 +122,65 @@ class LayerNorm(nn.LayerNorm):
                 return super().forward(x)  # autocast runs it in fp32
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
-                return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
-                                    self.bias.to(dtype), self.eps)
+                return F.layer_norm(
+                    x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps
+                )
         if x.dtype in (torch.bfloat16, torch.float16) and not self.low_precision:
             # A model held in bf16 (DeepSpeed's bf16 mode): fp32 LayerNorm means computing in fp32.
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                                self.eps).to(x.dtype)
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
+                x.dtype
+            )
         return super().forward(x)
 
 
-def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: LayerNorm, p: float,
-                           training: bool, fused: bool = False, residual_sink: "_Box | None" = None
-                           ) -> torch.Tensor:
+def dropout_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    ln: LayerNorm,
+    p: float,
+    training: bool,
+    fused: bool = False,
+    residual_sink: _Box | None = None,
+) -> torch.Tensor:
     """LayerNorm(Dropout(x) + residual): the end of each post-LN sublayer. residual_sink: see
     ResidualSplit (used by the fused kernel only)."""
     if (k := kernels_for(x, fused)) is not None:
-        return k.dropout_add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps, p if training else 0.0,
-                                        low_precision=ln.low_precision, residual_sink=residual_sink)
+        return k.dropout_add_layer_norm(
+            x,
+            residual,
+            ln.weight,
+            ln.bias,
+            ln.eps,
+            p if training else 0.0,
+            low_precision=ln.low_precision,
+            residual_sink=residual_sink,
+        )
     return ln(F.dropout(x, p=p, training=training) + residual)
 
 
-def linear_dropout_add_layer_norm(h: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, ln: LayerNorm,
-                                  p: float, training: bool, fused: bool = False,
-                                  residual_sink: "_Box | None" = None) -> torch.Tensor:
+def linear_dropout_add_layer_norm(
+    h: torch.Tensor,
+    linear: nn.Linear,
+    residual: torch.Tensor,
+    ln: LayerNorm,
+    p: float,
+    training: bool,
+    fused: bool = False,
+    residual_sink: _Box | None = None,
+) -> torch.Tensor:
     """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer."""
     if linear.bias is not None and (k := kernels_for(h, fused)) is not None:
-        return k.dropout_add_layer_norm(_Linear.apply(h, linear.weight, None, None), residual, ln.weight, ln.bias,
-                                        ln.eps, p if training else 0.0, low_precision=ln.low_precision,
-                                        linear_bias=linear.bias, residual_sink=residual_sink)
+        return k.dropout_add_layer_norm(
+            _Linear.apply(h, linear.weight, None, None),
+            residual,
+            ln.weight,
+            ln.bias,
+            ln.eps,
+            p if training else 0.0,
+            low_precision=ln.low_precision,
+            linear_bias=linear.bias,
+            residual_sink=residual_sink,
+        )
     return dropout_add_layer_norm(linear(h), residual, ln, p, training, fused, residual_sink)
 
 
@@ -188,8 +221,9 @@ class _Linear(torch.autograd.Function):
     residual's gradient + dY @ W, one in-place addmm (see ResidualSplit)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, box: "_Box | None"
-                ) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, box: _Box | None
+    ) -> torch.Tensor:
         ctx.param_dtypes = weight.dtype, (bias.dtype if bias is not None else None)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):  # what autocast's linear does: cast, then bf16 math

@@ -17,8 +17,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import UserError
 
@@ -93,8 +94,10 @@ def check_replaceable(dest: str | os.PathLike, kind: str, sources: Iterable[str 
     if dest.exists() and any(dest.iterdir()) and output_kind(dest) != kind:
         found = output_kind(dest)
         what = f"a {found} folder" if found else "not a folder this tool wrote"
-        raise UserError(f"refusing to replace {dest}: it is {what} (expected a {kind} folder); "
-                        "choose another output folder or remove it yourself")
+        raise UserError(
+            f"refusing to replace {dest}: it is {what} (expected a {kind} folder); "
+            "choose another output folder or remove it yourself"
+        )
 
 
 @contextlib.contextmanager

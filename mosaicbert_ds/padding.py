@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def unpad_input(
+    hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Keep the rows where attention_mask is 1. Sequences must be left-aligned (pads at the end)."""
     seqlens = attention_mask.sum(dim=-1, dtype=torch.int32)
     indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-
 QUICKSTART_VOCAB = 2048
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("examples:\n"
-                     "    mosaicbert-ds quickstart                     # into runs/quickstart\n"
-                     "    mosaicbert-ds quickstart runs/qs duration.steps=50 --keep")
+    parser.epilog = (
+        "examples:\n"
+        "    mosaicbert-ds quickstart                     # into runs/quickstart\n"
+        "    mosaicbert-ds quickstart runs/qs duration.steps=50 --keep"
+    )
     parser.add_argument("out", nargs="?", default="runs/quickstart", help="output folder (default runs/quickstart)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart recipe")
     parser.add_argument("--keep", action="store_true", help="resume an earlier quickstart run instead of restarting")
@@ -35,8 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pretrain(recipe: str, overrides: list[str], n_gpus: int) -> dict:
     if n_gpus > 1:  # every GPU here: one rank per GPU through DeepSpeed's launcher
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n_gpus), "--no_local_rank",
-               "--module", "mosaicbert_ds.cli", "pretrain", recipe, *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(n_gpus),
+            "--no_local_rank",
+            "--module",
+            "mosaicbert_ds.cli",
+            "pretrain",
+            recipe,
+            *overrides,
+        ]
         subprocess.run(cmd, check=True)
         return {}
     from .train.pretrain import train
@@ -46,8 +58,9 @@ def _pretrain(recipe: str, overrides: list[str], n_gpus: int) -> dict:
 
 
 def _fill_mask(model_dir: Path, text: str) -> str:
-    import mosaicbert_ds  # noqa: F401  (Auto class registration)
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    import mosaicbert_ds  # noqa: F401  (Auto class registration)
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
@@ -72,8 +85,10 @@ def start_over(run_dir: Path) -> None:
         raise UserError(f"refusing to use {run_dir}: it is not a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if output_kind(run_dir) != RUN_KIND:
-            raise UserError(f"refusing to replace {run_dir}: it is not a quickstart run folder; choose another "
-                            "OUT, remove it yourself, or pass --keep to resume a run there")
+            raise UserError(
+                f"refusing to replace {run_dir}: it is not a quickstart run folder; choose another "
+                "OUT, remove it yourself, or pass --keep to resume a run there"
+            )
         shutil.rmtree(run_dir)
     atomic_write_json(run_dir / MARKER, {"kind": RUN_KIND})
 
@@ -118,8 +133,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"  steps              {summary.get('step')}")
     print(f"  train loss         {fmt('loss/train', '.3f')}   (MLM accuracy {fmt('accuracy/train', '.3f')})")
     print(f"  eval loss          {fmt('loss/eval', '.3f')}   (MLM accuracy {fmt('accuracy/eval', '.3f')}, 15% masking)")
-    print(f"  unigram baseline   {unigram:.3f}   (token frequencies alone; the eval loss below it is what the "
-          f"model learned from context)")
+    print(
+        f"  unigram baseline   {unigram:.3f}   (token frequencies alone; the eval loss below it is what the "
+        f"model learned from context)"
+    )
     print(f"  real tokens/s      {fmt('throughput/tokens_per_sec', ',.0f')}")
     print(f"  MFU (paper, App. H) {fmt('throughput/mfu', '.1%')}")
     print(f"  fill-mask          '{prompt}' -> {guesses}")

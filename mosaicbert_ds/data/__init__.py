@@ -18,14 +18,25 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "read_dataset_info": "info", "load_tokenizer": "info", "INDEX_NAME": "info", "check_dataset": "info",
+    "read_dataset_info": "info",
+    "load_tokenizer": "info",
+    "INDEX_NAME": "info",
+    "check_dataset": "info",
     "MLMCollator": "collator",
-    "TokenSampleDataset": "dataset", "MLMDataLoader": "dataset", "build_mlm_dataloader": "dataset",
-    "build_mlm_dataset": "dataset", "default_num_canonical_nodes": "dataset", "sample_tokens": "dataset",
-    "ConvertConfig": "convert", "convert_corpus": "convert", "merge_parts": "convert", "SourceConfig": "sources",
+    "TokenSampleDataset": "dataset",
+    "MLMDataLoader": "dataset",
+    "build_mlm_dataloader": "dataset",
+    "build_mlm_dataset": "dataset",
+    "default_num_canonical_nodes": "dataset",
+    "sample_tokens": "dataset",
+    "ConvertConfig": "convert",
+    "convert_corpus": "convert",
+    "merge_parts": "convert",
+    "SourceConfig": "sources",
     "upload_dataset": "upload",
     "train_tokenizer": "tokenizer",
-    "prepare_default_corpus": "default_corpus", "bundled_corpus_path": "default_corpus",
+    "prepare_default_corpus": "default_corpus",
+    "bundled_corpus_path": "default_corpus",
 }
 __all__ = sorted(_EXPORTS)
 

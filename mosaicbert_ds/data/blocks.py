@@ -64,7 +64,7 @@ def write_block(tokenizer, spec: BlockSpec, block: int, first_doc: int, texts: l
     counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in spec.splits}
     kept = dropped = truncated = 0
     for start in range(0, len(texts), spec.chunk_docs):
-        chunk_texts = texts[start:start + spec.chunk_docs]
+        chunk_texts = texts[start : start + spec.chunk_docs]
         chunk = encode_documents(tokenizer, chunk_texts, spec.sample)
         numbers = np.arange(first_doc + start, first_doc + start + len(chunk_texts))
         to_val = val_mask(numbers, spec.val_docs, spec.val_fraction)
@@ -76,21 +76,31 @@ def write_block(tokenizer, spec: BlockSpec, block: int, first_doc: int, texts: l
         for d, n_samples in enumerate(chunk.samples_per_doc):
             split = "val" if to_val[d] and "val" in counts else "train"
             count = counts[split]
-            if n_samples and split not in writers:      # blocks without samples get no folder
-                writers[split] = MDSWriter(out=os.path.join(spec.root, split, block_name(block)),
-                                           columns=COLUMNS, compression="zstd", hashes=[SHARD_HASH],
-                                           size_limit=spec.shard_size)
+            if n_samples and split not in writers:  # blocks without samples get no folder
+                writers[split] = MDSWriter(
+                    out=os.path.join(spec.root, split, block_name(block)),
+                    columns=COLUMNS,
+                    compression="zstd",
+                    hashes=[SHARD_HASH],
+                    size_limit=spec.shard_size,
+                )
             count["documents"] += int(n_samples > 0)
             for s in range(sample, sample + int(n_samples)):
-                ids = chunk.tokens[offsets[s]:offsets[s + 1]]
+                ids = chunk.tokens[offsets[s] : offsets[s + 1]]
                 writers[split].write({"input_ids": ids.astype(stored, copy=False).tobytes(), "length": len(ids)})
                 count["tokens"] += len(ids)
             count["samples"] += int(n_samples)
             sample += int(n_samples)
     for writer in writers.values():
         writer.finish()
-    return {"block": block, "documents_in": len(texts), "splits": counts, "tokens_kept": kept,
-            "tokens_dropped": dropped, "documents_truncated": truncated}
+    return {
+        "block": block,
+        "documents_in": len(texts),
+        "splits": counts,
+        "tokens_kept": kept,
+        "tokens_dropped": dropped,
+        "documents_truncated": truncated,
+    }
 
 
 def merge_split(split_dir: Path, blocks: list[int]) -> int:
@@ -101,7 +111,7 @@ def merge_split(split_dir: Path, blocks: list[int]) -> int:
     present = [str(p) for p in present if p.exists()]
     if not present:
         return 0
-    logging.disable(logging.WARNING)     # merge_index logs its temporary folder on every call
+    logging.disable(logging.WARNING)  # merge_index logs its temporary folder on every call
     try:
         merge_index(present, str(split_dir), keep_local=True)
     finally:

@@ -19,7 +19,8 @@ with the smallest hash), so the MLM loss is never NaN; only then does a batch's 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +36,19 @@ class MLMCollator:
     `pad_to` fixes the padded width (padded=True only).
     """
 
-    def __init__(self, *, mask_token_id: int, pad_token_id: int, special_token_ids: Sequence[int],
-                 replacement_ids: np.ndarray, mlm_probability: float = 0.30, seed: int = 0,
-                 padded: bool = False, pad_to: int | None = None, remask_each_epoch: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        mask_token_id: int,
+        pad_token_id: int,
+        special_token_ids: Sequence[int],
+        replacement_ids: np.ndarray,
+        mlm_probability: float = 0.30,
+        seed: int = 0,
+        padded: bool = False,
+        pad_to: int | None = None,
+        remask_each_epoch: bool = True,
+    ) -> None:
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         if len(replacement_ids) == 0:
@@ -55,13 +66,18 @@ class MLMCollator:
         self.remask_each_epoch = remask_each_epoch
 
     @classmethod
-    def from_dataset_info(cls, info: dict[str, Any], **kwargs: Any) -> "MLMCollator":
+    def from_dataset_info(cls, info: dict[str, Any], **kwargs: Any) -> MLMCollator:
         """A collator for a converted dataset: special ids and replacement vocabulary from its index."""
         tok = info["tokenizer"]
         excluded = np.asarray(tok["non_replacement_ids"], dtype=np.int64)
         replacement = np.setdiff1d(np.arange(tok["vocab_size"], dtype=np.int64), excluded)
-        return cls(mask_token_id=tok["mask_token_id"], pad_token_id=tok["pad_token_id"],
-                   special_token_ids=tok["special_token_ids"], replacement_ids=replacement, **kwargs)
+        return cls(
+            mask_token_id=tok["mask_token_id"],
+            pad_token_id=tok["pad_token_id"],
+            special_token_ids=tok["special_token_ids"],
+            replacement_ids=replacement,
+            **kwargs,
+        )
 
     # ---- masking ------------------------------------------------------------------------
     def maskable(self, ids: np.ndarray) -> np.ndarray:
@@ -126,10 +142,14 @@ class MLMCollator:
         attention_mask = torch.zeros((len(masked), width), dtype=torch.long)
         labels = torch.full((len(masked), width), IGNORE_INDEX, dtype=torch.long)
         for row, (inputs, lab) in enumerate(masked):
-            input_ids[row, :len(inputs)] = torch.from_numpy(inputs)
-            attention_mask[row, :len(inputs)] = 1
-            labels[row, :len(inputs)] = torch.from_numpy(lab)
+            input_ids[row, : len(inputs)] = torch.from_numpy(inputs)
+            attention_mask[row, : len(inputs)] = 1
+            labels[row, : len(inputs)] = torch.from_numpy(lab)
         # flat (B * width) indices of the masked tokens: the model needs no nonzero() on the device
         masked_positions = torch.nonzero(labels.flatten() != IGNORE_INDEX).flatten()
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "masked_positions": masked_positions}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "masked_positions": masked_positions,
+        }

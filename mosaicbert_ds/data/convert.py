@@ -28,18 +28,34 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
-
+from typing import Any
 
 from ..errors import UserError
-from .blocks import (SHARD_HASH, BlockSpec, block_name, init_writer, merge_split, verify_split, write_block,
-                     write_block_in_worker)
+from .blocks import (
+    SHARD_HASH,
+    BlockSpec,
+    block_name,
+    init_writer,
+    merge_split,
+    verify_split,
+    write_block,
+    write_block_in_worker,
+)
 from .encode import SampleSpec, load_backend_tokenizer
-from .info import (FORMAT, INDEX_NAME, PARTIAL_MARKER, TOKENIZER_DIR, dataset_problems, first_line, is_remote,
-                   token_dtype)
+from .info import (
+    FORMAT,
+    INDEX_NAME,
+    PARTIAL_MARKER,
+    TOKENIZER_DIR,
+    dataset_problems,
+    first_line,
+    is_remote,
+    token_dtype,
+)
 from .sources import DocumentSource, SourceConfig
 
 
@@ -85,46 +101,89 @@ class ConvertConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("examples:\n"
-                     "    mosaicbert-ds convert data/*.jsonl --tokenizer bert-base-uncased --out /data/mds\n"
-                     "    mosaicbert-ds convert --hf-dataset allenai/c4 --hf-config en --val-docs 20000 \\\n"
-                     "        --tokenizer bert-base-uncased --out /data/c4-128\n"
-                     "    mosaicbert-ds convert notes.txt.gz --text-unit paragraph --split-long --tokenizer ./tok --out ./mds")
-    parser.add_argument("inputs", nargs="*", metavar="FILE_OR_GLOB",
-                        help="text (.txt, .txt.gz), JSONL or Parquet files, or globs of them")
+    parser.epilog = (
+        "examples:\n"
+        "    mosaicbert-ds convert data/*.jsonl --tokenizer bert-base-uncased --out /data/mds\n"
+        "    mosaicbert-ds convert --hf-dataset allenai/c4 --hf-config en --val-docs 20000 \\\n"
+        "        --tokenizer bert-base-uncased --out /data/c4-128\n"
+        "    mosaicbert-ds convert notes.txt.gz --text-unit paragraph --split-long --tokenizer ./tok --out ./mds"
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="FILE_OR_GLOB",
+        help="text (.txt, .txt.gz), JSONL or Parquet files, or globs of them",
+    )
     hf = parser.add_argument_group("Hugging Face source (instead of files)")
     hf.add_argument("--hf-dataset", help="dataset name, e.g. allenai/c4 (read with streaming=True)")
     hf.add_argument("--hf-config", help="dataset config, e.g. en")
     hf.add_argument("--hf-split", default="train", help="split to read (default: train)")
     parser.add_argument("--text-field", default="text", help="JSONL field / Parquet or HF column (default: text)")
-    parser.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet"],
-                        help="input format (default: from the file suffix)")
-    parser.add_argument("--text-unit", default="line", choices=["line", "paragraph"],
-                        help="plain text: one document per line, or per blank-line-separated paragraph")
-    parser.add_argument("--on-bad-utf8", default="fail", choices=["fail", "skip"],
-                        help="what to do with bytes that are not UTF-8 (skip counts and reports them)")
-    parser.add_argument("--clean", action="store_true",
-                        help="drop lines with box-drawing characters and collapse whitespace")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "text", "jsonl", "parquet"],
+        help="input format (default: from the file suffix)",
+    )
+    parser.add_argument(
+        "--text-unit",
+        default="line",
+        choices=["line", "paragraph"],
+        help="plain text: one document per line, or per blank-line-separated paragraph",
+    )
+    parser.add_argument(
+        "--on-bad-utf8",
+        default="fail",
+        choices=["fail", "skip"],
+        help="what to do with bytes that are not UTF-8 (skip counts and reports them)",
+    )
+    parser.add_argument(
+        "--clean", action="store_true", help="drop lines with box-drawing characters and collapse whitespace"
+    )
     parser.add_argument("--min-words", type=int, default=1, help="skip documents with fewer words (default: 1)")
     parser.add_argument("--tokenizer", help="tokenizer name or folder (e.g. bert-base-uncased); required")
     parser.add_argument("--out", help="output folder or URL (s3://bucket/prefix, gs://...); required")
     parser.add_argument("--stage", help="local folder for a URL --out (default: under the temp dir)")
-    parser.add_argument("--max-seq-len", type=int, default=128, help="tokens per sample with [CLS]/[SEP] (default: 128)")
-    parser.add_argument("--split-long", action="store_true",
-                        help="cut long documents into windows instead of truncating them")
+    parser.add_argument(
+        "--max-seq-len", type=int, default=128, help="tokens per sample with [CLS]/[SEP] (default: 128)"
+    )
+    parser.add_argument(
+        "--split-long", action="store_true", help="cut long documents into windows instead of truncating them"
+    )
     val = parser.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=float, default=None,
-                     help="fraction of documents held out in val/ (default: 0.01; 0 for no val/)")
+    val.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="fraction of documents held out in val/ (default: 0.01; 0 for no val/)",
+    )
     val.add_argument("--val-docs", type=int, default=None, help="hold out exactly the first N documents")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="writer processes, each tokenizing and writing whole blocks (default: all cores)")
-    parser.add_argument("--block-docs", type=int, default=32768,
-                        help="documents per block, the unit of parallel work and of the layout (default: 32768)")
-    parser.add_argument("--part", metavar="I/N", default=None,
-                        help="convert only the I-th of N disjoint slices (blocks b with b %% N == I), "
-                             "for several nodes; join them with --merge")
-    parser.add_argument("--merge", nargs="+", metavar="OUT PART_DIR", default=None,
-                        help="join finished parts: --merge OUT PART_DIR... (no other input options)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="writer processes, each tokenizing and writing whole blocks (default: all cores)",
+    )
+    parser.add_argument(
+        "--block-docs",
+        type=int,
+        default=32768,
+        help="documents per block, the unit of parallel work and of the layout (default: 32768)",
+    )
+    parser.add_argument(
+        "--part",
+        metavar="I/N",
+        default=None,
+        help="convert only the I-th of N disjoint slices (blocks b with b %% N == I), "
+        "for several nodes; join them with --merge",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="OUT PART_DIR",
+        default=None,
+        help="join finished parts: --merge OUT PART_DIR... (no other input options)",
+    )
     parser.add_argument("--shard-size", default="64mb", help="uncompressed bytes per shard (default: 64mb)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset already at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -148,18 +207,38 @@ def main(args: argparse.Namespace) -> int:
         merge_parts(args.merge[0], args.merge[1:], overwrite=args.overwrite)
         return 0
     if not args.tokenizer or not args.out:
-        raise UserError("the following arguments are required: " +
-                        ", ".join(f"--{n}" for n in ("tokenizer", "out") if not getattr(args, n)))
-    source = SourceConfig(paths=list(args.inputs), hf_dataset=args.hf_dataset, hf_config=args.hf_config,
-                          hf_split=args.hf_split, text_field=args.text_field, format=args.format,
-                          text_unit=args.text_unit, on_bad_utf8=args.on_bad_utf8, clean=args.clean,
-                          min_words=args.min_words)
-    config = ConvertConfig(source=source, out=args.out, tokenizer=args.tokenizer, max_seq_len=args.max_seq_len,
-                           split_long=args.split_long,
-                           val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
-                           val_docs=args.val_docs, workers=args.workers, shard_size=args.shard_size,
-                           block_docs=args.block_docs, part=parse_part(args.part) if args.part else None,
-                           overwrite=args.overwrite, progress=not args.quiet, stage=args.stage)
+        raise UserError(
+            "the following arguments are required: "
+            + ", ".join(f"--{n}" for n in ("tokenizer", "out") if not getattr(args, n))
+        )
+    source = SourceConfig(
+        paths=list(args.inputs),
+        hf_dataset=args.hf_dataset,
+        hf_config=args.hf_config,
+        hf_split=args.hf_split,
+        text_field=args.text_field,
+        format=args.format,
+        text_unit=args.text_unit,
+        on_bad_utf8=args.on_bad_utf8,
+        clean=args.clean,
+        min_words=args.min_words,
+    )
+    config = ConvertConfig(
+        source=source,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        max_seq_len=args.max_seq_len,
+        split_long=args.split_long,
+        val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
+        val_docs=args.val_docs,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        block_docs=args.block_docs,
+        part=parse_part(args.part) if args.part else None,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        stage=args.stage,
+    )
     convert_corpus(config)
     return 0
 
@@ -168,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
 def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
     """Convert `config.source` into a finished dataset at `config.out`; returns its index."""
     _check_options(config)
-    if is_remote(config.out):    # write and publish locally, then upload (index last)
+    if is_remote(config.out):  # write and publish locally, then upload (index last)
         from .upload import stage_dir, upload_dataset
 
         local = replace(config, out=config.stage or stage_dir(config.out))
@@ -176,7 +255,7 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         files = upload_dataset(local.out, config.out)
         print(f"uploaded {files} files to {config.out} (local copy: {local.out})")
         return index
-    reader = DocumentSource(config.source)       # validates files, globs, formats, columns
+    reader = DocumentSource(config.source)  # validates files, globs, formats, columns
     tokenizer = _load_tokenizer(config.tokenizer)
     out = Path(config.out).resolve()
     description = {
@@ -188,7 +267,7 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         "layout": {"block_docs": config.block_docs, "shard_size": config.shard_size},
     }
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-    if config.part is not None:     # a part is its own output; its dataset is `fingerprint`
+    if config.part is not None:  # a part is its own output; its dataset is `fingerprint`
         description = {**description, "part": list(config.part)}
     existing = _existing_dataset(out, _fingerprint(description), config.overwrite)
     if existing is not None:
@@ -203,8 +282,13 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         (partial / PARTIAL_MARKER).write_text("conversion in progress\n")
         tokenizer.save_pretrained(str(partial / TOKENIZER_DIR))
         index = _write_splits(config, reader, tokenizer, partial)
-        index.update(format=FORMAT, fingerprint=_fingerprint(description), dataset_fingerprint=fingerprint,
-                     description=description, **config.extra)
+        index.update(
+            format=FORMAT,
+            fingerprint=_fingerprint(description),
+            dataset_fingerprint=fingerprint,
+            description=description,
+            **config.extra,
+        )
         _write_index(partial, index)
         _publish(partial, out)
     except BaseException:
@@ -251,8 +335,10 @@ def _load_tokenizer(name: str):
         raise UserError(f"tokenizer {name!r} has no fast (Rust) version; convert needs one")
     missing = [t for t in ("cls", "sep", "pad", "mask") if getattr(tokenizer, f"{t}_token_id") is None]
     if missing:
-        raise UserError(f"tokenizer {name!r} has no {', '.join(f'[{m.upper()}]' for m in missing)} token; "
-                        "MLM pretraining needs cls, sep, pad and mask tokens")
+        raise UserError(
+            f"tokenizer {name!r} has no {', '.join(f'[{m.upper()}]' for m in missing)} token; "
+            "MLM pretraining needs cls, sep, pad and mask tokens"
+        )
     return tokenizer
 
 
@@ -272,12 +358,16 @@ def _existing_dataset(out: Path, fingerprint: str, overwrite: bool) -> dict[str,
             problems = dataset_problems(out, index)
             if not problems:
                 return index
-            print(f"{out} holds this dataset but it is damaged ({problems[0]}"
-                  + (f" and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilding it")
+            print(
+                f"{out} holds this dataset but it is damaged ({problems[0]}"
+                + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
+                + "); rebuilding it"
+            )
             return None
         if not overwrite:
-            raise UserError(f"{out} already holds a different dataset; pass --overwrite to replace it "
-                            "or choose another --out")
+            raise UserError(
+                f"{out} already holds a different dataset; pass --overwrite to replace it or choose another --out"
+            )
         return None
     if (out / PARTIAL_MARKER).exists() or not any(out.iterdir()):
         return None
@@ -313,7 +403,7 @@ def _blocks(config: ConvertConfig, reader: DocumentSource) -> Iterator[tuple[int
     while True:
         if block % parts == part:
             texts = list(islice(docs, config.block_docs))
-        else:   # another part's block: read past it (parsing is cheap next to tokenizing)
+        else:  # another part's block: read past it (parsing is cheap next to tokenizing)
             texts = [None] * sum(1 for _ in islice(docs, config.block_docs))
         if not texts:
             return
@@ -333,7 +423,7 @@ def _written_blocks(config: ConvertConfig, reader: DocumentSource, spec: BlockSp
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, init_writer, (tokenizer_json, spec)) as pool:
         pending: list = []
-        for block, first, texts in blocks:          # at most 2 blocks per writer in flight
+        for block, first, texts in blocks:  # at most 2 blocks per writer in flight
             if texts[0] is None:
                 pending.append((None, len(texts)))
             else:
@@ -355,11 +445,11 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
 
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
-    sample = SampleSpec(config.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                        config.split_long, dtype)
+    sample = SampleSpec(config.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, config.split_long, dtype)
     names = _split_names(config)
-    spec = BlockSpec(str(root), tuple(names), sample, config.shard_size, config.chunk_docs,
-                     config.val_docs, config.val_fraction)
+    spec = BlockSpec(
+        str(root), tuple(names), sample, config.shard_size, config.chunk_docs, config.val_docs, config.val_fraction
+    )
     counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in names}
     kept = dropped = truncated_docs = 0
     written: list[int] = []
@@ -384,12 +474,17 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
     source_name = config.source.hf_dataset or ", ".join(config.source.paths)
     if config.part is None:
         if counts["train"]["samples"] == 0 and ("val" not in counts or counts["val"]["samples"] == 0):
-            raise UserError(f"no documents with text in {source_name} ({stats.too_short} empty or shorter than "
-                            f"--min-words {config.source.min_words}, {stats.bad_utf8} not UTF-8)")
+            raise UserError(
+                f"no documents with text in {source_name} ({stats.too_short} empty or shorter than "
+                f"--min-words {config.source.min_words}, {stats.bad_utf8} not UTF-8)"
+            )
         for name in names:
             if counts[name]["samples"] == 0:
-                hint = ("lower --val-docs or --val-fraction" if name == "train"
-                        else "raise --val-fraction, use --val-docs, or pass --val-fraction 0 for no val/")
+                hint = (
+                    "lower --val-docs or --val-fraction"
+                    if name == "train"
+                    else "raise --val-fraction, use --val-docs, or pass --val-fraction 0 for no val/"
+                )
                 raise UserError(f"the {name}/ split got no documents out of {stats.documents}; {hint}")
     shards = {}
     for name in names:
@@ -439,10 +534,14 @@ def _print_summary(index: dict[str, Any], out: Path) -> None:
     total = max(kept + dropped, 1)
     splits = ", ".join(f"{n} {c['documents']:,} docs / {c['samples']:,} samples" for n, c in index["splits"].items())
     mode = index["truncation"]
-    print(f"converted {index['documents']:,} documents into {index['samples']:,} samples of at most "
-          f"{index['max_seq_len']} tokens ({splits}) in {index['seconds']:.1f}s")
-    print(f"tokens kept {kept:,} ({100 * kept / total:.1f}%), dropped {dropped:,} ({100 * dropped / total:.1f}%) "
-          f"by {mode}" + ("; --split-long would keep them all" if dropped else ""))
+    print(
+        f"converted {index['documents']:,} documents into {index['samples']:,} samples of at most "
+        f"{index['max_seq_len']} tokens ({splits}) in {index['seconds']:.1f}s"
+    )
+    print(
+        f"tokens kept {kept:,} ({100 * kept / total:.1f}%), dropped {dropped:,} ({100 * dropped / total:.1f}%) "
+        f"by {mode}" + ("; --split-long would keep them all" if dropped else "")
+    )
     skipped = index["skipped"]
     if skipped["bad_utf8"] or skipped["empty_or_short"]:
         print(f"skipped documents: {skipped['bad_utf8']:,} not UTF-8, {skipped['empty_or_short']:,} empty or short")
@@ -469,7 +568,7 @@ def _read_part(path: Path) -> dict[str, Any]:
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)             # parts on the same filesystem: no copy, parts stay intact
+        os.link(src, dst)  # parts on the same filesystem: no copy, parts stay intact
     except OSError:
         shutil.copy2(src, dst)
 
@@ -492,12 +591,14 @@ def merge_parts(out: str, part_dirs: list[str], overwrite: bool = False) -> dict
     count = first["part"]["count"]
     for path, index in parts.values():
         if index["dataset_fingerprint"] != first["dataset_fingerprint"]:
-            raise UserError(f"{path} and {first_path} are parts of different conversions "
-                            "(input, tokenizer or options differ)")
+            raise UserError(
+                f"{path} and {first_path} are parts of different conversions (input, tokenizer or options differ)"
+            )
     missing = sorted(set(range(count)) - set(parts))
     if missing:
-        raise UserError(f"cannot merge: part(s) {', '.join(f'{m}/{count}' for m in missing)} missing "
-                        f"(got {len(parts)} of {count})")
+        raise UserError(
+            f"cannot merge: part(s) {', '.join(f'{m}/{count}' for m in missing)} missing (got {len(parts)} of {count})"
+        )
     blocks = sorted(b for _, index in parts.values() for b in index["part"]["written_blocks"])
     totals = {index["blocks"] for _, index in parts.values()}
     if len(totals) != 1 or blocks != list(range(totals.pop())):
@@ -546,8 +647,13 @@ def merge_parts(out: str, part_dirs: list[str], overwrite: bool = False) -> dict
         problems = [p for name in names for p in verify_split(partial / name, hashes=False)]
         if problems:
             raise UserError(f"cannot merge: {problems[0]}")
-        index.update(splits=counts, shards=shards, fingerprint=fingerprint, description=description,
-                     seconds=round(sum(ix["seconds"] for _, ix in parts.values()), 2))
+        index.update(
+            splits=counts,
+            shards=shards,
+            fingerprint=fingerprint,
+            description=description,
+            seconds=round(sum(ix["seconds"] for _, ix in parts.values()), 2),
+        )
         _write_index(partial, index)
         _publish(partial, dest)
     except BaseException:

@@ -43,7 +43,8 @@ import os
 import sys
 import tempfile
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,12 +142,12 @@ class MLMDataLoader(StreamingDataLoader):
         try:
             yield from self._iter_steps()
         except RuntimeError:
-            if os.path.exists(failure):   # a worker that exited on a damaged shard left its line
+            if os.path.exists(failure):  # a worker that exited on a damaged shard left its line
                 with open(failure, encoding="utf-8") as f:
                     message = f.read()
                 os.remove(failure)
                 raise UserError(message) from None
-            self._raise_shard_failure()   # num_workers=0: streaming refuses the next epoch
+            self._raise_shard_failure()  # num_workers=0: streaming refuses the next epoch
             raise
         # num_workers=0: the shard failed in streaming's thread, which ends the epoch early
         self._raise_shard_failure()
@@ -161,7 +162,7 @@ class MLMDataLoader(StreamingDataLoader):
         for _ in range(2 if resumed else 1):
             self.num_samples_yielded = 0
             group: list[Any] = []
-            for batch in DataLoader.__iter__(self):   # counting happens here, per delivered batch
+            for batch in DataLoader.__iter__(self):  # counting happens here, per delivered batch
                 group.append(batch)
                 if len(group) == self.accumulation_steps:
                     for micro in group:
@@ -197,9 +198,17 @@ def _ensure_local_world_size() -> None:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
 
 
-def build_mlm_dataset(path: str, *, split: str | None, batch_size: int, seed: int, shuffle: bool = True,
-                      remote_cache: str | None = None, num_canonical_nodes: int | None = None,
-                      verify_hashes: bool = True) -> tuple[TokenSampleDataset, dict[str, Any]]:
+def build_mlm_dataset(
+    path: str,
+    *,
+    split: str | None,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    remote_cache: str | None = None,
+    num_canonical_nodes: int | None = None,
+    verify_hashes: bool = True,
+) -> tuple[TokenSampleDataset, dict[str, Any]]:
     """The streaming dataset of one split and the dataset's index."""
     _ensure_local_world_size()
     info = read_dataset_info(path, remote_cache)
@@ -212,24 +221,45 @@ def build_mlm_dataset(path: str, *, split: str | None, batch_size: int, seed: in
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     nodes = max(world_size // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
     if ncn % nodes and nodes % ncn:
-        raise UserError(f"num_canonical_nodes={ncn} and {nodes} nodes: one must divide the other "
-                        "(use a multiple of every node count you will run on, e.g. 64)")
+        raise UserError(
+            f"num_canonical_nodes={ncn} and {nodes} nodes: one must divide the other "
+            "(use a multiple of every node count you will run on, e.g. 64)"
+        )
     if remote_cache is None and not is_remote(path):
         location = {"local": str(path), "remote": None}
-    else:   # a URL, or a local folder read like one: shards are copied into the cache
+    else:  # a URL, or a local folder read like one: shards are copied into the cache
         location = {"local": remote_cache or default_cache_dir(path), "remote": str(path)}
-    dataset = TokenSampleDataset(**location, split=split, shuffle=shuffle, shuffle_seed=seed,
-                                 batch_size=batch_size, num_canonical_nodes=ncn, token_dtype=info["token_dtype"],
-                                 # checked as each compressed shard is decompressed (once per node)
-                                 validate_hash=info.get("shard_hash") if verify_hashes else None)
+    dataset = TokenSampleDataset(
+        **location,
+        split=split,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        batch_size=batch_size,
+        num_canonical_nodes=ncn,
+        token_dtype=info["token_dtype"],
+        # checked as each compressed shard is decompressed (once per node)
+        validate_hash=info.get("shard_hash") if verify_hashes else None,
+    )
     return dataset, info
 
 
-def build_mlm_dataloader(path: str, *, split: str | None, batch_size: int, mlm_probability: float, seed: int,
-                         shuffle: bool = True, padded: bool = False, num_workers: int = 0,
-                         remote_cache: str | None = None, num_canonical_nodes: int | None = None,
-                         drop_last: bool = True, pad_to: int | None = None, accumulation_steps: int = 1,
-                         verify_hashes: bool = True) -> MLMDataLoader:
+def build_mlm_dataloader(
+    path: str,
+    *,
+    split: str | None,
+    batch_size: int,
+    mlm_probability: float,
+    seed: int,
+    shuffle: bool = True,
+    padded: bool = False,
+    num_workers: int = 0,
+    remote_cache: str | None = None,
+    num_canonical_nodes: int | None = None,
+    drop_last: bool = True,
+    pad_to: int | None = None,
+    accumulation_steps: int = 1,
+    verify_hashes: bool = True,
+) -> MLMDataLoader:
     """A resumable loader of masked batches for this rank (batch_size is the per-rank micro batch).
 
     `path` is a converted dataset folder or URL; it is read in place when local and
@@ -246,17 +276,32 @@ def build_mlm_dataloader(path: str, *, split: str | None, batch_size: int, mlm_p
         raise UserError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
     if accumulation_steps < 1:
         raise UserError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
-    dataset, info = build_mlm_dataset(path, split=split, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                                      remote_cache=remote_cache, num_canonical_nodes=num_canonical_nodes,
-                                      verify_hashes=verify_hashes)
-    collator = MLMCollator.from_dataset_info(info, mlm_probability=mlm_probability, seed=seed, padded=padded,
-                                             pad_to=pad_to, remask_each_epoch=shuffle)
-    return MLMDataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
-                         drop_last=drop_last, persistent_workers=num_workers > 0,
-                         pin_memory=torch.cuda.is_available(), accumulation_steps=accumulation_steps,
-                         # its own generator: starting an epoch must not draw from the global RNG,
-                         # which drives dropout and is restored exactly on resume
-                         generator=torch.Generator().manual_seed(seed))
+    dataset, info = build_mlm_dataset(
+        path,
+        split=split,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        remote_cache=remote_cache,
+        num_canonical_nodes=num_canonical_nodes,
+        verify_hashes=verify_hashes,
+    )
+    collator = MLMCollator.from_dataset_info(
+        info, mlm_probability=mlm_probability, seed=seed, padded=padded, pad_to=pad_to, remask_each_epoch=shuffle
+    )
+    return MLMDataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=collator,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        accumulation_steps=accumulation_steps,
+        # its own generator: starting an epoch must not draw from the global RNG,
+        # which drives dropout and is restored exactly on resume
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def sample_tokens(batch: dict[str, Any]) -> list[np.ndarray]:

@@ -23,9 +23,15 @@ def bundled_corpus_path() -> Path:
     return Path(__file__).resolve().parent.parent / "corpus" / "jargon-4.4.7.txt.gz"
 
 
-def prepare_default_corpus(out_dir: str | Path, *, vocab_size: int = 8192, max_seq_len: int = 128,
-                           val_fraction: float = 0.05, workers: int | None = None,
-                           progress: bool = False) -> Path:
+def prepare_default_corpus(
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 8192,
+    max_seq_len: int = 128,
+    val_fraction: float = 0.05,
+    workers: int | None = None,
+    progress: bool = False,
+) -> Path:
     """Train a tokenizer on the bundled corpus and convert it into a dataset at `out_dir`."""
     from .convert import ConvertConfig, convert_corpus
     from .sources import DocumentSource, SourceConfig
@@ -40,10 +46,20 @@ def prepare_default_corpus(out_dir: str | Path, *, vocab_size: int = 8192, max_s
     with tempfile.TemporaryDirectory(prefix="mosaicbert-tokenizer-") as tmp:
         train_tokenizer(DocumentSource(source), tmp, vocab_size=vocab_size)
         # A previous default dataset with other settings is ours to replace; anything else is not.
-        convert_corpus(ConvertConfig(source=source, out=str(out), tokenizer=tmp, max_seq_len=max_seq_len,
-                              val_fraction=val_fraction, workers=workers, progress=progress,
-                              tokenizer_label=f"WordPiece {vocab_size} trained on {bundled_corpus_path().name}",
-                              overwrite=existing is not None, extra={"recipe": recipe}))
+        convert_corpus(
+            ConvertConfig(
+                source=source,
+                out=str(out),
+                tokenizer=tmp,
+                max_seq_len=max_seq_len,
+                val_fraction=val_fraction,
+                workers=workers,
+                progress=progress,
+                tokenizer_label=f"WordPiece {vocab_size} trained on {bundled_corpus_path().name}",
+                overwrite=existing is not None,
+                extra={"recipe": recipe},
+            )
+        )
     return out
 
 

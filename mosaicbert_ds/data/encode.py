@@ -31,11 +31,11 @@ class SampleSpec:
 class EncodedChunk:
     """A chunk of documents as samples, flattened so it pickles cheaply between processes."""
 
-    tokens: np.ndarray             # all samples of the chunk concatenated (dtype of the dataset)
-    sample_lengths: np.ndarray     # int64 (S,), lengths including [CLS]/[SEP]
-    samples_per_doc: np.ndarray    # int64 (D,), 0 for documents that produced no tokens
-    kept_per_doc: np.ndarray       # int64 (D,), content tokens stored
-    dropped_per_doc: np.ndarray    # int64 (D,), content tokens lost to truncation
+    tokens: np.ndarray  # all samples of the chunk concatenated (dtype of the dataset)
+    sample_lengths: np.ndarray  # int64 (S,), lengths including [CLS]/[SEP]
+    samples_per_doc: np.ndarray  # int64 (D,), 0 for documents that produced no tokens
+    kept_per_doc: np.ndarray  # int64 (D,), content tokens stored
+    dropped_per_doc: np.ndarray  # int64 (D,), content tokens lost to truncation
 
 
 def document_samples(ids: list[int], spec: SampleSpec) -> tuple[list[list[int]], int]:
@@ -49,7 +49,7 @@ def document_samples(ids: list[int], spec: SampleSpec) -> tuple[list[list[int]],
         return [], 0
     if not spec.split_long:
         return [[spec.cls_id, *ids[:room], spec.sep_id]], max(len(ids) - room, 0)
-    return [[spec.cls_id, *ids[i:i + room], spec.sep_id] for i in range(0, len(ids), room)], 0
+    return [[spec.cls_id, *ids[i : i + room], spec.sep_id] for i in range(0, len(ids), room)], 0
 
 
 def encode_documents(tokenizer, texts: list[str], spec: SampleSpec) -> EncodedChunk:
@@ -65,8 +65,9 @@ def encode_documents(tokenizer, texts: list[str], spec: SampleSpec) -> EncodedCh
         dropped.append(lost)
     lengths = np.fromiter((len(s) for s in samples), dtype=np.int64, count=len(samples))
     flat = np.fromiter((t for s in samples for t in s), dtype=spec.dtype, count=int(lengths.sum()))
-    return EncodedChunk(flat, lengths, np.asarray(per_doc, np.int64),
-                        np.asarray(kept, np.int64), np.asarray(dropped, np.int64))
+    return EncodedChunk(
+        flat, lengths, np.asarray(per_doc, np.int64), np.asarray(kept, np.int64), np.asarray(dropped, np.int64)
+    )
 
 
 def load_backend_tokenizer(tokenizer_json: str):

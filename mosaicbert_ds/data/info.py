@@ -74,8 +74,9 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
         try:
             _fetch(path.rstrip("/") + "/" + INDEX_NAME, local_index)
         except Exception as err:  # any storage backend error means "not a finished dataset"
-            raise UserError(f"{path} holds no finished mosaicbert_ds dataset "
-                            f"(could not fetch {INDEX_NAME}: {first_line(err)})") from None
+            raise UserError(
+                f"{path} holds no finished mosaicbert_ds dataset (could not fetch {INDEX_NAME}: {first_line(err)})"
+            ) from None
     else:
         root = Path(path)
         if not root.is_dir():
@@ -84,8 +85,10 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
             raise UserError(f"{path} holds an unfinished conversion; re-run `mosaicbert-ds convert`")
         local_index = str(root / INDEX_NAME)
         if not os.path.exists(local_index):
-            raise UserError(f"{path} holds no finished mosaicbert_ds dataset (no {INDEX_NAME}); "
-                            "convert a corpus there with `mosaicbert-ds convert`")
+            raise UserError(
+                f"{path} holds no finished mosaicbert_ds dataset (no {INDEX_NAME}); "
+                "convert a corpus there with `mosaicbert-ds convert`"
+            )
     try:
         with open(local_index, encoding="utf-8") as f:
             info = json.load(f)
@@ -94,8 +97,10 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise UserError(f"{local_index} is not a {FORMAT} index")
     if "part" in info:
-        raise UserError(f"{path} is part {info['part']['index']}/{info['part']['count']} of a conversion, not a "
-                        "whole dataset; join the parts with `mosaicbert-ds convert --merge OUT PART_DIR...`")
+        raise UserError(
+            f"{path} is part {info['part']['index']}/{info['part']['count']} of a conversion, not a "
+            "whole dataset; join the parts with `mosaicbert-ds convert --merge OUT PART_DIR...`"
+        )
     if is_remote(path):
         folder = os.path.join(cache, TOKENIZER_DIR)
         for name in info["tokenizer"]["files"]:
@@ -105,7 +110,7 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
                 raise UserError(f"{path}: could not fetch {TOKENIZER_DIR}/{name} ({first_line(err)})") from None
     else:
         folder = os.path.join(os.path.abspath(path), TOKENIZER_DIR)
-    info["tokenizer_dir"] = folder      # a local folder in both cases, for AutoTokenizer and export
+    info["tokenizer_dir"] = folder  # a local folder in both cases, for AutoTokenizer and export
     return info
 
 
@@ -134,8 +139,9 @@ def dataset_problems(root: Path, index: dict[str, Any], hashes: bool = True) -> 
     return problems
 
 
-def check_dataset(path: str, splits: list[str] | None = None, remote_cache: str | None = None,
-                  hashes: bool = False) -> dict[str, Any]:
+def check_dataset(
+    path: str, splits: list[str] | None = None, remote_cache: str | None = None, hashes: bool = False
+) -> dict[str, Any]:
     """Check that a (local or remote) dataset is readable and every split in `splits` has an index.
 
     For a URL it fetches our index, the tokenizer and each split's `index.json` (small files,

@@ -13,16 +13,24 @@ import gzip
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from ..errors import UserError
 from .info import first_line
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
-_SUFFIX_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl",
-                   ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+_SUFFIX_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+}
 # Box drawing (U+2500-U+257F) and block elements (U+2580-U+259F): table rules and borders.
 _BOX_DRAWING = re.compile("[\u2500-\u259f]")
 
@@ -54,13 +62,16 @@ class SourceConfig:
 
     def describe(self) -> dict[str, Any]:
         """What identifies this input, for the dataset index and the re-run check."""
-        desc: dict[str, Any] = {k: getattr(self, k) for k in (
-            "text_field", "format", "text_unit", "on_bad_utf8", "clean", "min_words")}
+        desc: dict[str, Any] = {
+            k: getattr(self, k) for k in ("text_field", "format", "text_unit", "on_bad_utf8", "clean", "min_words")
+        }
         if self.hf_dataset:
             desc["hf"] = {"name": self.hf_dataset, "config": self.hf_config, "split": self.hf_split}
         else:
-            desc["files"] = [{"path": str(p), "bytes": p.stat().st_size,
-                              "mtime_ns": p.stat().st_mtime_ns} for p in resolve_files(self.paths)]
+            desc["files"] = [
+                {"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                for p in resolve_files(self.paths)
+            ]
         return desc
 
 
@@ -161,8 +172,10 @@ class DocumentSource:
             if self.config.on_bad_utf8 == "skip":
                 self.stats.bad_utf8 += 1
                 return None
-            raise UserError(f"{where} is not valid UTF-8 (byte {err.start}: {data[err.start:err.start + 1]!r}); "
-                            "fix the file or pass --on-bad-utf8 skip") from None
+            raise UserError(
+                f"{where} is not valid UTF-8 (byte {err.start}: {data[err.start : err.start + 1]!r}); "
+                "fix the file or pass --on-bad-utf8 skip"
+            ) from None
 
     # ---- local files ----------------------------------------------------------------------
     def _iter_files(self) -> Iterator[str | None]:
@@ -213,8 +226,9 @@ class DocumentSource:
                     raise UserError(f"{where} is not a JSON object (expected one object per line)") from None
                 if not isinstance(record, dict) or field_name not in record:
                     fields = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                    raise UserError(f"{where} has no field {field_name!r} (found: {fields}); "
-                                    "pass --text-field") from None
+                    raise UserError(
+                        f"{where} has no field {field_name!r} (found: {fields}); pass --text-field"
+                    ) from None
                 value = record[field_name]
                 if value is not None and not isinstance(value, str):
                     raise UserError(f"{where}: field {field_name!r} is {type(value).__name__}, not text")
@@ -228,8 +242,9 @@ class DocumentSource:
         except Exception as err:  # pyarrow raises several types for unreadable files
             raise UserError(f"{path} is not a readable Parquet file ({first_line(err)})") from None
         if self.config.text_field not in names:
-            raise UserError(f"{path} has no column {self.config.text_field!r} "
-                            f"(columns: {', '.join(names)}); pass --text-field")
+            raise UserError(
+                f"{path} has no column {self.config.text_field!r} (columns: {', '.join(names)}); pass --text-field"
+            )
 
     def _iter_parquet(self, path: Path) -> Iterator[str | None]:
         import pyarrow.parquet as pq
@@ -253,13 +268,17 @@ class DocumentSource:
             rows = iter(stream)
             first = next(rows, None)
         except Exception as err:  # the Hub and builders raise many types; all mean "cannot open"
-            raise UserError(f"cannot read Hugging Face dataset {cfg.hf_dataset!r} "
-                            f"(config {cfg.hf_config!r}, split {cfg.hf_split!r}): {first_line(err)}") from None
+            raise UserError(
+                f"cannot read Hugging Face dataset {cfg.hf_dataset!r} "
+                f"(config {cfg.hf_config!r}, split {cfg.hf_split!r}): {first_line(err)}"
+            ) from None
         if first is None:
             return
         if cfg.text_field not in first:
-            raise UserError(f"Hugging Face dataset {cfg.hf_dataset!r} has no column {cfg.text_field!r} "
-                            f"(columns: {', '.join(first)}); pass --text-field")
+            raise UserError(
+                f"Hugging Face dataset {cfg.hf_dataset!r} has no column {cfg.text_field!r} "
+                f"(columns: {', '.join(first)}); pass --text-field"
+            )
         yield first[cfg.text_field]
         for record in rows:
             yield record[cfg.text_field]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import UserError
 from .sources import DocumentSource, SourceConfig
@@ -32,8 +32,13 @@ def round_vocab_size(size: int, multiple: int = 64) -> int:
     return -(-size // multiple) * multiple
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 30522,
-                    min_frequency: int = 2, show_progress: bool = False) -> Path:
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | Path,
+    vocab_size: int = 30522,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+) -> Path:
     """Train a WordPiece tokenizer on `texts` and save it as a BERT fast-tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
@@ -43,9 +48,13 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##",
-                                        show_progress=show_progress)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        continuing_subword_prefix="##",
+        show_progress=show_progress,
+    )
     tok.train_from_iterator(texts, trainer)
     vocab = tok.get_vocab()
     if len(vocab) <= len(SPECIAL_TOKENS):
@@ -64,18 +73,23 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         # Loading from tokenizer.json (rather than passing the object) works the same way in
         # transformers 4 (BertTokenizerFast) and 5 (where BertTokenizerFast is BertTokenizer).
         tok.save(f"{tmp}/tokenizer.json")
-        wrapped = BertTokenizerFast.from_pretrained(tmp, do_lower_case=True, model_max_length=512,
-                                                    **dict(zip(("pad_token", "unk_token", "cls_token",
-                                                                "sep_token", "mask_token"), SPECIAL_TOKENS)))
+        wrapped = BertTokenizerFast.from_pretrained(
+            tmp,
+            do_lower_case=True,
+            model_max_length=512,
+            **dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIAL_TOKENS)),
+        )
     wrapped.save_pretrained(str(out))
     return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("examples:\n"
-                     "    mosaicbert-ds tokenizer corpus/*.txt --vocab-size 30522 --out ./tokenizer\n"
-                     "    mosaicbert-ds tokenizer notes.jsonl.gz --text-field body --vocab-size 8192 --out ./tok")
+    parser.epilog = (
+        "examples:\n"
+        "    mosaicbert-ds tokenizer corpus/*.txt --vocab-size 30522 --out ./tokenizer\n"
+        "    mosaicbert-ds tokenizer notes.jsonl.gz --text-field body --vocab-size 8192 --out ./tok"
+    )
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_GLOB", help="text, JSONL or Parquet files")
     parser.add_argument("--out", required=True, help="folder to save the tokenizer in")
     parser.add_argument("--vocab-size", type=int, default=30522, help="rounded up to a multiple of 64 (default: 30522)")
@@ -90,14 +104,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.vocab_size < len(SPECIAL_TOKENS) + 1:
         raise UserError(f"--vocab-size must be larger than {len(SPECIAL_TOKENS)}")
-    source = DocumentSource(SourceConfig(paths=list(args.inputs), text_field=args.text_field, format=args.format,
-                                         text_unit=args.text_unit, on_bad_utf8=args.on_bad_utf8, clean=args.clean))
+    source = DocumentSource(
+        SourceConfig(
+            paths=list(args.inputs),
+            text_field=args.text_field,
+            format=args.format,
+            text_unit=args.text_unit,
+            on_bad_utf8=args.on_bad_utf8,
+            clean=args.clean,
+        )
+    )
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; choose another --out")
     train_tokenizer(source, out, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
     stats = source.stats
     size = round_vocab_size(args.vocab_size)
-    print(f"trained a {size}-token WordPiece vocabulary on {stats.documents:,} documents "
-          f"({stats.bad_utf8:,} skipped as not UTF-8); saved to {out}")
+    print(
+        f"trained a {size}-token WordPiece vocabulary on {stats.documents:,} documents "
+        f"({stats.bad_utf8:,} skipped as not UTF-8); saved to {out}"
+    )
     return 0

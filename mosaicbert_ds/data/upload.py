@@ -22,15 +22,18 @@ def upload_dataset(local: str, remote: str) -> int:
     root = Path(local)
     if not (root / INDEX_NAME).exists() or (root / PARTIAL_MARKER).exists():
         raise UserError(f"{local} is not a finished dataset; nothing uploaded")
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                   if p.is_file() and p.suffix != ".mds" and p.name != INDEX_NAME)  # raw .mds: decompressed caches
+    files = sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".mds" and p.name != INDEX_NAME
+    )  # raw .mds: decompressed caches
     try:
         uploader = CloudUploader.get((str(root), remote.rstrip("/")), keep_local=True, exist_ok=True)
         for name in files + [INDEX_NAME]:
             uploader.upload_file(name)
     except Exception as err:  # any backend: unreachable, denied, no such bucket
-        raise UserError(f"upload to {remote} failed ({first_line(err)}); the local dataset {local} is intact "
-                        "and the remote one unfinished (no index); re-run to upload again") from None
+        raise UserError(
+            f"upload to {remote} failed ({first_line(err)}); the local dataset {local} is intact "
+            "and the remote one unfinished (no index); re-run to upload again"
+        ) from None
     return len(files) + 1
 
 

@@ -11,8 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..outputs import atomic_torch_save, atomic_write_json, atomic_write_text, output_kind
-from ..outputs import MARKER, check_replaceable
+from ..outputs import MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, check_replaceable, output_kind
 
 MODEL_KIND = "glue-model"
 

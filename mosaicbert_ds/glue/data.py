@@ -31,8 +31,12 @@ from .tasks import STS_B_RANGE, Task
 
 HUB_DATASET = "nyu-mll/glue"
 
-_TSV_NAMES = {"train": "train", "validation": "dev", "validation_matched": "dev_matched",
-              "validation_mismatched": "dev_mismatched"}
+_TSV_NAMES = {
+    "train": "train",
+    "validation": "dev",
+    "validation_matched": "dev_matched",
+    "validation_mismatched": "dev_mismatched",
+}
 
 
 @dataclass
@@ -67,8 +71,7 @@ def split_file(task: Task, split: str, data_dir: Path) -> Path:
     for name in dict.fromkeys(candidates):
         if (folder / name).is_file():
             return folder / name
-    raise UserError(f"missing {task.display} {split} split: none of {', '.join(dict.fromkeys(candidates))} "
-                    f"in {folder}")
+    raise UserError(f"missing {task.display} {split} split: none of {', '.join(dict.fromkeys(candidates))} in {folder}")
 
 
 def _label_value(task: Task, raw: Any, where: str) -> float | int:
@@ -149,20 +152,23 @@ def _read_jsonl(task: Task, path: Path) -> Examples:
 def _read_hub(task: Task, split: str) -> Examples:
     try:
         import datasets
+
         ds = datasets.load_dataset(HUB_DATASET, task.name, split=split)
     except Exception as err:  # no network, no such split, a hub error: all the user's to fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load {HUB_DATASET}/{task.name} split {split} ({first}); "
-                        f"pass --data-dir with GLUE TSV or JSONL files") from None
+        raise UserError(
+            f"could not load {HUB_DATASET}/{task.name} split {split} ({first}); "
+            f"pass --data-dir with GLUE TSV or JSONL files"
+        ) from None
     field_a, field_b = task.fields
     where = f"{HUB_DATASET}/{task.name} {split}"
     labels = [_label_value(task, v, f"{where} row {i}") for i, v in enumerate(ds["label"])]
-    return _examples(task, [str(x) for x in ds[field_a]],
-                     [str(x) for x in ds[field_b]] if field_b else None, labels, where, 0)
+    return _examples(
+        task, [str(x) for x in ds[field_a]], [str(x) for x in ds[field_b]] if field_b else None, labels, where, 0
+    )
 
 
-def _examples(task: Task, text_a: list[str], text_b: list[str], labels: list, source: str,
-              skipped: int) -> Examples:
+def _examples(task: Task, text_a: list[str], text_b: list[str], labels: list, source: str, skipped: int) -> Examples:
     if not text_a:
         raise UserError(f"{source}: no usable {task.display} examples")
     dtype = np.float32 if task.regression else np.int64
@@ -179,8 +185,13 @@ def load_split(task: Task, split: str, data_dir: Path | None, limit: int | None 
     if ex.skipped:
         print(f"{ex.source}: skipped {ex.skipped} malformed row(s)", file=sys.stderr)
     if limit is not None and limit < len(ex):
-        ex = Examples(ex.text_a[:limit], ex.text_b[:limit] if ex.text_b is not None else None,
-                      ex.labels[:limit], ex.source, ex.skipped)
+        ex = Examples(
+            ex.text_a[:limit],
+            ex.text_b[:limit] if ex.text_b is not None else None,
+            ex.labels[:limit],
+            ex.source,
+            ex.skipped,
+        )
     return ex
 
 
@@ -206,9 +217,13 @@ class Tokenized:
             take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
             cu = np.zeros(len(index) + 1, dtype=np.int32)
             np.cumsum(lengths, out=cu[1:])
-            return {"input_ids": torch.from_numpy(self.ids[take].astype(np.int64)),
-                    "token_type_ids": torch.from_numpy(self.type_ids[take].astype(np.int64)),
-                    "cu_seqlens": torch.from_numpy(cu), "max_seqlen": int(lengths.max()), "labels": labels}
+            return {
+                "input_ids": torch.from_numpy(self.ids[take].astype(np.int64)),
+                "token_type_ids": torch.from_numpy(self.type_ids[take].astype(np.int64)),
+                "cu_seqlens": torch.from_numpy(cu),
+                "max_seqlen": int(lengths.max()),
+                "labels": labels,
+            }
         width = int(lengths.max())
         ids = np.full((len(index), width), pad_id, dtype=np.int64)
         types = np.zeros((len(index), width), dtype=np.int64)
@@ -217,18 +232,29 @@ class Tokenized:
             ids[row, : e - s] = self.ids[s:e]
             types[row, : e - s] = self.type_ids[s:e]
             mask[row, : e - s] = 1
-        return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
-                "attention_mask": torch.from_numpy(mask), "labels": labels}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "token_type_ids": torch.from_numpy(types),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": labels,
+        }
 
 
 def tokenize(tokenizer: Any, examples: Examples, max_length: int, chunk: int = 8192) -> Tokenized:
     """Tokenize with truncation to max_length (longest text of a pair first), no padding."""
     ids, types, lengths = [], [], []
     for start in range(0, len(examples), chunk):
-        a = examples.text_a[start:start + chunk]
-        b = examples.text_b[start:start + chunk] if examples.text_b is not None else None
-        enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=False,
-                        return_attention_mask=False, return_token_type_ids=True)
+        a = examples.text_a[start : start + chunk]
+        b = examples.text_b[start : start + chunk] if examples.text_b is not None else None
+        enc = tokenizer(
+            a,
+            b,
+            truncation=True,
+            max_length=max_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=True,
+        )
         for i, seq in enumerate(enc["input_ids"]):
             ids.append(np.asarray(seq, dtype=np.int32))
             tt = enc.get("token_type_ids")

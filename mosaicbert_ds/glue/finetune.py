@@ -47,21 +47,40 @@ RUN_FILE = "run.json"
 
 def add_finetune_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by finetune-glue and pareto."""
-    parser.add_argument("--tasks", default="all",
-                        help=f"comma-separated GLUE tasks ({','.join(TASKS)}), or 'all' (default)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="local GLUE TSV or JSONL files (DIR/MNLI/train.tsv ...); default: the hub's nyu-mll/glue")
-    parser.add_argument("--seeds", default=None,
-                        help="seeds per task: N, or TASK=N,... (default: 1 for MNLI/QNLI/QQP, 5 for the rest)")
+    parser.add_argument(
+        "--tasks", default="all", help=f"comma-separated GLUE tasks ({','.join(TASKS)}), or 'all' (default)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="local GLUE TSV or JSONL files (DIR/MNLI/train.tsv ...); default: the hub's nyu-mll/glue",
+    )
+    parser.add_argument(
+        "--seeds", default=None, help="seeds per task: N, or TASK=N,... (default: 1 for MNLI/QNLI/QQP, 5 for the rest)"
+    )
     parser.add_argument("--first-seed", type=int, default=42, help="seed k of a task is FIRST_SEED + k")
-    parser.add_argument("--hparam", action="append", default=[], metavar="[TASK.]KEY=VALUE",
-                        help="override the recipe, e.g. epochs=1 or rte.lr=2e-5 (repeatable)")
+    parser.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="[TASK.]KEY=VALUE",
+        help="override the recipe, e.g. epochs=1 or rte.lr=2e-5 (repeatable)",
+    )
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the model's)")
-    parser.add_argument("--mnli-start", action=argparse.BooleanOptionalAction, default=True,
-                        help="start RTE, MRPC and STS-B from the MNLI-finetuned model (the paper's recipe)")
-    parser.add_argument("--save-every", type=int, default=2000, help="save resumable state every N steps (0: only at the end)")
+    parser.add_argument(
+        "--mnli-start",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start RTE, MRPC and STS-B from the MNLI-finetuned model (the paper's recipe)",
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=2000, help="save resumable state every N steps (0: only at the end)"
+    )
     parser.add_argument("--eval-batch-size", type=int, default=128)
-    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples (smoke runs)")
+    parser.add_argument(
+        "--limit-train", type=int, default=None, help="use only the first N training examples (smoke runs)"
+    )
     parser.add_argument("--limit-eval", type=int, default=None, help="use only the first N dev examples (smoke runs)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
@@ -69,12 +88,14 @@ def add_finetune_options(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("examples:\n"
-                     "    mosaicbert-ds finetune-glue runs/base/hf --out runs/glue                 # all eight tasks\n"
-                     "    mosaicbert-ds finetune-glue runs/base/checkpoints --out runs/glue --tasks rte,mrpc,stsb --seeds 3\n"
-                     "    torchrun --nproc_per_node 8 -m mosaicbert_ds.cli finetune-glue runs/base/hf --out runs/glue\n"
-                     "\n"
-                     "GLUE tasks: " + ", ".join(TASKS))
+    parser.epilog = (
+        "examples:\n"
+        "    mosaicbert-ds finetune-glue runs/base/hf --out runs/glue                 # all eight tasks\n"
+        "    mosaicbert-ds finetune-glue runs/base/checkpoints --out runs/glue --tasks rte,mrpc,stsb --seeds 3\n"
+        "    torchrun --nproc_per_node 8 -m mosaicbert_ds.cli finetune-glue runs/base/hf --out runs/glue\n"
+        "\n"
+        "GLUE tasks: " + ", ".join(TASKS)
+    )
     parser.add_argument("model", type=Path, help="transformers folder or trainer checkpoint folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder (re-use it to resume)")
     add_finetune_options(parser)
@@ -82,10 +103,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def finetune_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of finetune_glue that add_finetune_options defines."""
-    return dict(tasks=args.tasks, data_dir=args.data_dir, seeds=args.seeds, first_seed=args.first_seed,
-                hparams=args.hparam, tokenizer=args.tokenizer, mnli_start=args.mnli_start,
-                save_every=args.save_every, eval_batch_size=args.eval_batch_size, limit_train=args.limit_train,
-                limit_eval=args.limit_eval, device=args.device, progress=not args.no_progress)
+    return dict(
+        tasks=args.tasks,
+        data_dir=args.data_dir,
+        seeds=args.seeds,
+        first_seed=args.first_seed,
+        hparams=args.hparam,
+        tokenizer=args.tokenizer,
+        mnli_start=args.mnli_start,
+        save_every=args.save_every,
+        eval_batch_size=args.eval_batch_size,
+        limit_train=args.limit_train,
+        limit_eval=args.limit_eval,
+        device=args.device,
+        progress=not args.no_progress,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -150,16 +182,29 @@ def _check_run_file(out: Path, meta: dict[str, Any]) -> None:
     old = _read_result(path)
     for key, value in meta.items():
         if old.get(key) != value:
-            raise UserError(f"{out} holds results made with {key}={old.get(key)!r}, not {value!r}; "
-                            f"use another --out")
+            raise UserError(f"{out} holds results made with {key}={old.get(key)!r}, not {value!r}; use another --out")
 
 
-def finetune_glue(model: Path, out: Path, *, tasks: str | list[str] = "all", data_dir: Path | None = None,
-                  seeds: str | int | None = None, first_seed: int = 42, hparams: list[str] | None = None,
-                  tokenizer: Path | None = None, mnli_start: bool = True, save_every: int = 2000,
-                  eval_batch_size: int = 128, limit_train: int | None = None, limit_eval: int | None = None,
-                  device: str = "auto", hooks: Hooks | None = None, progress: bool = True,
-                  runtime: Runtime | None = None) -> dict[str, Any]:
+def finetune_glue(
+    model: Path,
+    out: Path,
+    *,
+    tasks: str | list[str] = "all",
+    data_dir: Path | None = None,
+    seeds: str | int | None = None,
+    first_seed: int = 42,
+    hparams: list[str] | None = None,
+    tokenizer: Path | None = None,
+    mnli_start: bool = True,
+    save_every: int = 2000,
+    eval_batch_size: int = 128,
+    limit_train: int | None = None,
+    limit_eval: int | None = None,
+    device: str = "auto",
+    hooks: Hooks | None = None,
+    progress: bool = True,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
     """Finetune `model` on the tasks into `out`; returns {"summary": results.json's content, "rank": r}.
 
     Every user error (task names, options, data files, labels, model, vocabulary) is found
@@ -178,10 +223,15 @@ def finetune_glue(model: Path, out: Path, *, tasks: str | list[str] = "all", dat
     _check_positive("--limit-eval", limit_eval)
     if not model.exists():
         raise UserError(f"model {model} does not exist")
-    meta = {"model": str(model), "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
-            "data": str(Path(data_dir).resolve()) if data_dir else "hub:nyu-mll/glue",
-            "limit_train": limit_train, "limit_eval": limit_eval, "mnli_start": mnli_start,
-            "pretrain_seconds": _pretrain_seconds(model)}
+    meta = {
+        "model": str(model),
+        "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
+        "data": str(Path(data_dir).resolve()) if data_dir else "hub:nyu-mll/glue",
+        "limit_train": limit_train,
+        "limit_eval": limit_eval,
+        "mnli_start": mnli_start,
+        "pretrain_seconds": _pretrain_seconds(model),
+    }
     _check_run_file(out, meta)
 
     # What is finished already (and made the same way), what is left to run.
@@ -213,8 +263,20 @@ def finetune_glue(model: Path, out: Path, *, tasks: str | list[str] = "all", dat
 
         results: dict[str, list[dict[str, Any]]] = {}
         for name, plan in plans.items():
-            results[name] = _run_task(plan, plans, splits.get(name), tok, model_dir, out, rt, mnli_start,
-                                      save_every, eval_batch_size, hooks, progress)
+            results[name] = _run_task(
+                plan,
+                plans,
+                splits.get(name),
+                tok,
+                model_dir,
+                out,
+                rt,
+                mnli_start,
+                save_every,
+                eval_batch_size,
+                hooks,
+                progress,
+            )
             _write_reports(out, results, meta, rt)
         for task in TASKS.values():  # finished tasks from earlier invocations stay in the table
             if task.name not in results:
@@ -262,9 +324,20 @@ def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) 
         raise
 
 
-def _run_task(plan: _Plan, plans: dict[str, _Plan], splits: dict[str, Examples] | None, tok: Any,
-              model_dir: Path, out: Path, rt: Runtime, mnli_start: bool, save_every: int, eval_batch_size: int,
-              hooks: Hooks | None, progress: bool) -> list[dict[str, Any]]:
+def _run_task(
+    plan: _Plan,
+    plans: dict[str, _Plan],
+    splits: dict[str, Examples] | None,
+    tok: Any,
+    model_dir: Path,
+    out: Path,
+    rt: Runtime,
+    mnli_start: bool,
+    save_every: int,
+    eval_batch_size: int,
+    hooks: Hooks | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
     task, hp = plan.task, plan.hparams
     if splits is None:
         _log(rt, f"{task.display}: all {len(plan.seeds)} seed(s) finished, skipped")
@@ -272,8 +345,14 @@ def _run_task(plan: _Plan, plans: dict[str, _Plan], splits: dict[str, Examples] 
     train = tokenize(tok, splits["train"], hp.max_length)
     evals = {suffix: (split, tokenize(tok, splits[split], hp.max_length)) for suffix, split in task.eval_splits}
     _, per_seed_steps = schedule(len(train), hp, rt.world_size)
-    bar = tqdm(total=per_seed_steps * len(plan.pending), desc=task.display, unit="step", dynamic_ncols=True,
-               disable=not (progress and rt.is_main), file=sys.stderr)
+    bar = tqdm(
+        total=per_seed_steps * len(plan.pending),
+        desc=task.display,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (progress and rt.is_main),
+        file=sys.stderr,
+    )
     try:
         for k, seed in enumerate(plan.seeds):
             seed_dir = _seed_dir(out, task, seed)
@@ -281,20 +360,35 @@ def _run_task(plan: _Plan, plans: dict[str, _Plan], splits: dict[str, Examples] 
                 continue
             init = _init_dir(plans, task, k, model_dir, out, mnli_start)
             if not (init / "config.json").is_file():
-                raise UserError(f"{task.display} starts from {init}, which is missing; delete "
-                                f"{init.parent / RESULT_FILE} to re-run that MNLI seed")
+                raise UserError(
+                    f"{task.display} starts from {init}, which is missing; delete "
+                    f"{init.parent / RESULT_FILE} to re-run that MNLI seed"
+                )
             bar.set_description(f"{task.display} seed {seed}")
             run = SeedRun(task, seed, hp, init, seed_dir)
-            result = run_seed(run, tok, train, evals, rt, save_every=save_every, eval_batch_size=eval_batch_size,
-                              save_model=task.name == "mnli", hooks=hooks, progress=bar)
-            bar.write(f"{task.display} seed {seed}: " + ", ".join(f"{key} {v:.2f}" for key, v in result["metrics"].items()))
+            result = run_seed(
+                run,
+                tok,
+                train,
+                evals,
+                rt,
+                save_every=save_every,
+                eval_batch_size=eval_batch_size,
+                save_model=task.name == "mnli",
+                hooks=hooks,
+                progress=bar,
+            )
+            bar.write(
+                f"{task.display} seed {seed}: " + ", ".join(f"{key} {v:.2f}" for key, v in result["metrics"].items())
+            )
     finally:
         bar.close()
     return [_read_result(_seed_dir(out, task, s) / RESULT_FILE) for s in plan.seeds]
 
 
-def _write_reports(out: Path, results: dict[str, list[dict[str, Any]]], meta: dict[str, Any], rt: Runtime
-                   ) -> dict[str, Any]:
+def _write_reports(
+    out: Path, results: dict[str, list[dict[str, Any]]], meta: dict[str, Any], rt: Runtime
+) -> dict[str, Any]:
     summary = summarize(results, meta)
     if rt.is_main:
         atomic.write_json(out / "results.json", summary)

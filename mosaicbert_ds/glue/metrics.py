@@ -35,7 +35,7 @@ def matthews_corrcoef(preds: np.ndarray, labels: np.ndarray) -> float:
     matrix: c correct, s total, p_k predicted and t_k true counts of class k."""
     preds, labels = np.asarray(preds), np.asarray(labels)
     classes, inverse = np.unique(np.concatenate([labels, preds]), return_inverse=True)
-    t_idx, p_idx = inverse[: labels.size], inverse[labels.size:]
+    t_idx, p_idx = inverse[: labels.size], inverse[labels.size :]
     k = classes.size
     conf = np.zeros((k, k), dtype=np.float64)
     np.add.at(conf, (t_idx, p_idx), 1.0)
@@ -63,8 +63,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(average_ranks(x), average_ranks(y))
 
 
-_FUNCTIONS = {"accuracy": accuracy, "f1": f1_binary, "mcc": matthews_corrcoef,
-              "pearson": pearson, "spearman": spearman}
+_FUNCTIONS = {"accuracy": accuracy, "f1": f1_binary, "mcc": matthews_corrcoef, "pearson": pearson, "spearman": spearman}
 
 
 def predictions(task: Task, logits: np.ndarray) -> np.ndarray:

@@ -66,8 +66,7 @@ def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
     found = trainer_checkpoint(path)
     if found is None:
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} is neither a transformers folder (config.json) nor a trainer "
-                            f"checkpoint (latest)")
+            raise UserError(f"{path} is neither a transformers folder (config.json) nor a trainer checkpoint (latest)")
         from mosaicbert_ds.interop.folder import detect_layout
 
         if detect_layout(path) != "mosaicbert-hub":
@@ -99,8 +98,9 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as err:
-        raise UserError(f"could not load a tokenizer from {path} ({type(err).__name__}); "
-                        f"pass --tokenizer DIR") from None
+        raise UserError(
+            f"could not load a tokenizer from {path} ({type(err).__name__}); pass --tokenizer DIR"
+        ) from None
 
 
 def check_vocab(model_dir: Path, tokenizer: Any) -> None:
@@ -110,8 +110,10 @@ def check_vocab(model_dir: Path, tokenizer: Any) -> None:
     n_tok, n_model = len(tokenizer), int(config.vocab_size)
     multiple = max(1, int(getattr(config, "pad_vocab_size_multiple", 1) or 1))
     if not n_tok <= n_model < n_tok + multiple:
-        raise UserError(f"vocabulary mismatch: the model in {model_dir} has {n_model} token embeddings "
-                        f"but its tokenizer has {len(tokenizer)} tokens")
+        raise UserError(
+            f"vocabulary mismatch: the model in {model_dir} has {n_model} token embeddings "
+            f"but its tokenizer has {len(tokenizer)} tokens"
+        )
 
 
 def load_for_task(model_dir: Path, task: Task) -> torch.nn.Module:
@@ -124,8 +126,8 @@ def load_for_task(model_dir: Path, task: Task) -> torch.nn.Module:
     hf_logging.set_verbosity_error()  # the new or re-initialised head is expected, not news
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), config=config, ignore_mismatched_sizes=True, dtype=torch.float32,
-            output_loading_info=True)
+            str(model_dir), config=config, ignore_mismatched_sizes=True, dtype=torch.float32, output_loading_info=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     check_loading_info(model_dir, info)
@@ -138,11 +140,16 @@ def check_loading_info(model_dir: Path, info: dict[str, Any]) -> None:
     unused = [k for k in info.get("unexpected_keys", []) if not _UNUSED_OK.match(k)]
     mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
     mismatched = [k for k in mismatched if not str(k).startswith("classifier.")]
-    for what, keys in (("has no weight for", missing), ("holds weights the model does not use, e.g.", unused),
-                       ("holds weights of another shape for", mismatched)):
+    for what, keys in (
+        ("has no weight for", missing),
+        ("holds weights the model does not use, e.g.", unused),
+        ("holds weights of another shape for", mismatched),
+    ):
         if keys:
-            raise UserError(f"{model_dir} does not fit the chosen model: it {what} {sorted(keys)[0]!r} "
-                            f"({len(keys)} in all); convert it with `mosaicbert-ds import` or pick another model")
+            raise UserError(
+                f"{model_dir} does not fit the chosen model: it {what} {sorted(keys)[0]!r} "
+                f"({len(keys)} in all); convert it with `mosaicbert-ds import` or pick another model"
+            )
 
 
 def uses_packed_batches(model: torch.nn.Module) -> bool:

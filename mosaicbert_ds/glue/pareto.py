@@ -41,20 +41,41 @@ from .models import TRAINER_STATE, trainer_checkpoint
 from .runtime import Runtime, setup_runtime
 
 STEP_KEYS = ("step", "global_step", "trainer/step", "train/step")
-HOURS_KEYS = ("progress/train_hours", "hours", "wall_clock_hours", "time/hours", "time/wall_clock_hours", "time/elapsed_hours")
-SECONDS_KEYS = ("train_seconds", "elapsed_s", "wall_clock_s", "time/elapsed_s", "time/wall_clock_s", "time/total_s", "seconds")
+HOURS_KEYS = (
+    "progress/train_hours",
+    "hours",
+    "wall_clock_hours",
+    "time/hours",
+    "time/wall_clock_hours",
+    "time/elapsed_hours",
+)
+SECONDS_KEYS = (
+    "train_seconds",
+    "elapsed_s",
+    "wall_clock_s",
+    "time/elapsed_s",
+    "time/wall_clock_s",
+    "time/total_s",
+    "seconds",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("examples:\n"
-                     "    mosaicbert-ds pareto checkpoints.json --out runs/pareto            # finetune each, then plot\n"
-                     "    mosaicbert-ds pareto checkpoints.csv --out runs/pareto --metrics run/metrics.jsonl --seeds 3")
+    parser.epilog = (
+        "examples:\n"
+        "    mosaicbert-ds pareto checkpoints.json --out runs/pareto            # finetune each, then plot\n"
+        "    mosaicbert-ds pareto checkpoints.csv --out runs/pareto --metrics run/metrics.jsonl --seeds 3"
+    )
     parser.add_argument("listing", type=Path, help="JSON or CSV: path, hours (or step), optional label/run/results")
     parser.add_argument("--out", type=Path, required=True, help="output folder, one subfolder per checkpoint")
     parser.add_argument("--metrics", type=Path, default=None, help="trainer metrics JSONL, for hours by step")
-    parser.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
-                        help="finetune checkpoints without results (--no-finetune: only read existing ones)")
+    parser.add_argument(
+        "--finetune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="finetune checkpoints without results (--no-finetune: only read existing ones)",
+    )
     parser.add_argument("--title", default=None, help="plot title")
     add_finetune_options(parser)
 
@@ -64,7 +85,9 @@ def _read_listing(path: Path) -> list[dict[str, Any]]:
         raise UserError(f"listing {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".csv":
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(io.StringIO(text))]
+        rows = [
+            {k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(io.StringIO(text))
+        ]
         rows = [{k: v for k, v in row.items() if v != ""} for row in rows]
     else:
         try:
@@ -99,8 +122,10 @@ def _clock_records(path: Path) -> list[tuple[int, float]]:
         if step is not None and hours is not None:
             records.append((int(step), float(hours)))
     if not records:
-        raise UserError(f"--metrics {path}: no record has a step ({', '.join(STEP_KEYS)}) and a clock "
-                        f"({', '.join(HOURS_KEYS + SECONDS_KEYS)})")
+        raise UserError(
+            f"--metrics {path}: no record has a step ({', '.join(STEP_KEYS)}) and a clock "
+            f"({', '.join(HOURS_KEYS + SECONDS_KEYS)})"
+        )
     return sorted(records)
 
 
@@ -160,8 +185,15 @@ def resolve_entries(listing: Path, metrics: Path | None) -> list[dict[str, Any]]
         if label in labels:
             raise UserError(f"{where}: label {label!r} is used twice; give each entry a 'label'")
         labels.add(label)
-        entries.append({"label": label, "run": str(row.get("run") or ""), "hours": hours,
-                        "path": str(path) if path else None, "results": str(results) if results else None})
+        entries.append(
+            {
+                "label": label,
+                "run": str(row.get("run") or ""),
+                "hours": hours,
+                "path": str(path) if path else None,
+                "results": str(results) if results else None,
+            }
+        )
     return entries
 
 
@@ -181,8 +213,14 @@ def plot(points: list[dict[str, Any]], path: Path, title: str | None = None) -> 
     runs = list(dict.fromkeys(p["run"] for p in points))
     for run in runs:
         pts = sorted((p for p in points if p["run"] == run), key=lambda p: p["hours"])
-        ax.errorbar([p["hours"] for p in pts], [p["average"] for p in pts], yerr=[p["sem"] for p in pts],
-                    marker="o", capsize=3, label=run or None)
+        ax.errorbar(
+            [p["hours"] for p in pts],
+            [p["average"] for p in pts],
+            yerr=[p["sem"] for p in pts],
+            marker="o",
+            capsize=3,
+            label=run or None,
+        )
     complete = all(p["complete"] for p in points)
     n_tasks = max(len(p["tasks"]) for p in points)
     ax.set_xlabel("pretraining wall-clock hours")
@@ -201,8 +239,9 @@ def to_markdown(points: list[dict[str, Any]]) -> str:
     lines = ["| run | checkpoint | hours | GLUE average | s.e. | tasks |", "|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["run"], p["hours"])):
         tasks = "all 8" if p["complete"] else ", ".join(p["tasks"])
-        lines.append(f"| {p['run'] or '-'} | {p['label']} | {p['hours']:.3g} | {p['average']:.2f} | "
-                     f"{p['sem']:.2f} | {tasks} |")
+        lines.append(
+            f"| {p['run'] or '-'} | {p['label']} | {p['hours']:.3g} | {p['average']:.2f} | {p['sem']:.2f} | {tasks} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -236,4 +275,3 @@ def _summary(entry: dict[str, Any], folder: Path, args: argparse.Namespace, rt: 
     if rt.is_main:
         print(f"== {entry['label']} ({entry['hours']:.3g} h): {entry['path']}", file=sys.stderr)
     return finetune_glue(Path(entry["path"]), folder, runtime=rt, **finetune_options(args))["summary"]
-

@@ -24,17 +24,27 @@ from .tasks import TASKS, Task
 def _spread(values: list[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if arr.size > 1 else None
-    return {"mean": float(arr.mean()), "std": std, "sem": std / math.sqrt(arr.size) if std is not None else None,
-            "n": int(arr.size), "values": [float(v) for v in arr]}
+    return {
+        "mean": float(arr.mean()),
+        "std": std,
+        "sem": std / math.sqrt(arr.size) if std is not None else None,
+        "n": int(arr.size),
+        "values": [float(v) for v in arr],
+    }
 
 
 def summarize_task(task: Task, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread of each metric over the seeds' result dicts."""
     metrics = {key: _spread([r["metrics"][key] for r in results]) for key in task.metric_keys()}
     seconds = [r.get("seconds") for r in results]
-    return {"display": task.display, "seeds": [r["seed"] for r in results], "metrics": metrics,
-            "score_metric": task.score_metric, "score": metrics[task.score_metric],
-            "finetune_seconds": sum(seconds) if all(isinstance(x, (int, float)) for x in seconds) else None}
+    return {
+        "display": task.display,
+        "seeds": [r["seed"] for r in results],
+        "metrics": metrics,
+        "score_metric": task.score_metric,
+        "score": metrics[task.score_metric],
+        "finetune_seconds": sum(seconds) if all(isinstance(x, (int, float)) for x in seconds) else None,
+    }
 
 
 def glue_average(tasks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -43,10 +53,13 @@ def glue_average(tasks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         return None
     scores = [t["score"] for t in tasks.values()]
     sems = [s["sem"] or 0.0 for s in scores]
-    return {"mean": float(np.mean([s["mean"] for s in scores])),
-            "sem": math.sqrt(sum(e * e for e in sems)) / len(scores),
-            "tasks": list(tasks), "complete": set(tasks) == set(TASKS),
-            "metrics": {name: t["score_metric"] for name, t in tasks.items()}}
+    return {
+        "mean": float(np.mean([s["mean"] for s in scores])),
+        "sem": math.sqrt(sum(e * e for e in sems)) / len(scores),
+        "tasks": list(tasks),
+        "complete": set(tasks) == set(TASKS),
+        "metrics": {name: t["score_metric"] for name, t in tasks.items()},
+    }
 
 
 def summarize(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -74,21 +87,31 @@ def to_markdown(summary: dict[str, Any]) -> str:
     if meta.get("model"):
         lines += [f"Model: `{meta['model']}`", ""]
     if meta.get("pretrain_seconds") is not None:
-        lines += [f"Pretraining: {meta['pretrain_seconds']:.0f} s ({meta['pretrain_seconds'] / 3600:.3f} h) of training", ""]
-    lines += ["| task | metrics (mean ± std over seeds) | score in average | seeds | finetune s |",
-              "|------|--------------------------------|------------------|-------|------------|"]
+        lines += [
+            f"Pretraining: {meta['pretrain_seconds']:.0f} s ({meta['pretrain_seconds'] / 3600:.3f} h) of training",
+            "",
+        ]
+    lines += [
+        "| task | metrics (mean ± std over seeds) | score in average | seeds | finetune s |",
+        "|------|--------------------------------|------------------|-------|------------|",
+    ]
     for task in summary["tasks"].values():
         metrics = ", ".join(f"{_metric_label(k)} {_fmt(v)}" for k, v in task["metrics"].items())
         score = f"{_metric_label(task['score_metric'])} {task['score']['mean']:.2f}"
         ft = task.get("finetune_seconds")
-        lines.append(f"| {task['display']} | {metrics} | {score} | {len(task['seeds'])} | "
-                     f"{'-' if ft is None else format(ft, '.1f')} |")
+        lines.append(
+            f"| {task['display']} | {metrics} | {score} | {len(task['seeds'])} | "
+            f"{'-' if ft is None else format(ft, '.1f')} |"
+        )
     avg = summary["glue_average"]
     if avg is not None:
         label = "GLUE average" if avg["complete"] else f"partial average ({len(avg['tasks'])} of {len(TASKS)} tasks)"
         total = [t.get("finetune_seconds") for t in summary["tasks"].values()]
         ft = f"{sum(total):.1f}" if all(x is not None for x in total) else "-"
         lines.append(f"| **{label}** | | **{avg['mean']:.2f}** ± {avg['sem']:.2f} (s.e.) | | {ft} |")
-    lines += ["", "Average: MNLI-m acc, QNLI acc, QQP F1, SST-2 acc, CoLA MCC, RTE acc, MRPC F1, STS-B Spearman; "
-              "± after the average is its standard error over finetuning seeds."]
+    lines += [
+        "",
+        "Average: MNLI-m acc, QNLI acc, QQP F1, SST-2 acc, CoLA MCC, RTE acc, MRPC F1, STS-B Spearman; "
+        "± after the average is its standard error over finetuning seeds.",
+    ]
     return "\n".join(lines) + "\n"

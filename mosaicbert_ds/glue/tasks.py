@@ -42,10 +42,18 @@ class Hparams:
     eps: float = 1e-6
 
     def validate(self) -> None:
-        checks = [("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0), ("epochs", self.epochs > 0),
-                  ("batch_size", self.batch_size >= 1), ("warmup_fraction", 0 <= self.warmup_fraction < 1),
-                  ("max_length", self.max_length >= 2), ("max_grad_norm", self.max_grad_norm >= 0),
-                  ("beta1", 0 <= self.beta1 < 1), ("beta2", 0 <= self.beta2 < 1), ("eps", self.eps > 0)]
+        checks = [
+            ("lr", self.lr > 0),
+            ("weight_decay", self.weight_decay >= 0),
+            ("epochs", self.epochs > 0),
+            ("batch_size", self.batch_size >= 1),
+            ("warmup_fraction", 0 <= self.warmup_fraction < 1),
+            ("max_length", self.max_length >= 2),
+            ("max_grad_norm", self.max_grad_norm >= 0),
+            ("beta1", 0 <= self.beta1 < 1),
+            ("beta2", 0 <= self.beta2 < 1),
+            ("eps", self.eps > 0),
+        ]
         for name, ok in checks:
             if not ok or not math.isfinite(float(getattr(self, name))):
                 raise UserError(f"hyperparameter {name}={getattr(self, name)} is out of range")
@@ -97,31 +105,94 @@ class Task:
 _NLI = ("entailment", "not_entailment")
 
 # Run order: MNLI first, since RTE, MRPC and STS-B start from its checkpoint.
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("mnli", "MNLI", ("premise", "hypothesis"), 3,
-         TsvLayout("sentence1", "sentence2", "gold_label"), ("entailment", "neutral", "contradiction"),
-         eval_splits=(("m", "validation_matched"), ("mm", "validation_mismatched")),
-         score_metric="accuracy_m", hparams=Hparams(lr=5e-5, weight_decay=5e-6, epochs=3, batch_size=48),
-         default_seeds=1),
-    Task("qnli", "QNLI", ("question", "sentence"), 2, TsvLayout("question", "sentence", "label"), _NLI,
-         hparams=Hparams(lr=1e-5, weight_decay=1e-6, epochs=10, batch_size=16), default_seeds=1),
-    Task("qqp", "QQP", ("question1", "question2"), 2, TsvLayout("question1", "question2", "is_duplicate"),
-         metrics=("f1", "accuracy"), score_metric="f1",
-         hparams=Hparams(lr=3e-5, weight_decay=3e-6, epochs=5, batch_size=16), default_seeds=1),
-    Task("sst2", "SST-2", ("sentence", None), 2, TsvLayout("sentence", None, "label"),
-         hparams=Hparams(lr=3e-5, weight_decay=3e-6, epochs=3, batch_size=16)),
-    Task("cola", "CoLA", ("sentence", None), 2, TsvLayout(3, None, 1, header=False),
-         metrics=("mcc",), score_metric="mcc",
-         hparams=Hparams(lr=5e-5, weight_decay=5e-6, epochs=10, batch_size=32)),
-    Task("rte", "RTE", ("sentence1", "sentence2"), 2, TsvLayout("sentence1", "sentence2", "label"), _NLI,
-         hparams=Hparams(lr=1e-5, weight_decay=1e-5, epochs=3, batch_size=16), from_mnli=True),
-    Task("mrpc", "MRPC", ("sentence1", "sentence2"), 2, TsvLayout("#1 String", "#2 String", "Quality"),
-         metrics=("f1", "accuracy"), score_metric="f1",
-         hparams=Hparams(lr=8e-5, weight_decay=8e-6, epochs=10, batch_size=32), from_mnli=True),
-    Task("stsb", "STS-B", ("sentence1", "sentence2"), 1, TsvLayout("sentence1", "sentence2", "score"),
-         metrics=("pearson", "spearman"), score_metric="spearman",
-         hparams=Hparams(lr=3e-5, weight_decay=3e-6, epochs=10, batch_size=32), from_mnli=True),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task(
+            "mnli",
+            "MNLI",
+            ("premise", "hypothesis"),
+            3,
+            TsvLayout("sentence1", "sentence2", "gold_label"),
+            ("entailment", "neutral", "contradiction"),
+            eval_splits=(("m", "validation_matched"), ("mm", "validation_mismatched")),
+            score_metric="accuracy_m",
+            hparams=Hparams(lr=5e-5, weight_decay=5e-6, epochs=3, batch_size=48),
+            default_seeds=1,
+        ),
+        Task(
+            "qnli",
+            "QNLI",
+            ("question", "sentence"),
+            2,
+            TsvLayout("question", "sentence", "label"),
+            _NLI,
+            hparams=Hparams(lr=1e-5, weight_decay=1e-6, epochs=10, batch_size=16),
+            default_seeds=1,
+        ),
+        Task(
+            "qqp",
+            "QQP",
+            ("question1", "question2"),
+            2,
+            TsvLayout("question1", "question2", "is_duplicate"),
+            metrics=("f1", "accuracy"),
+            score_metric="f1",
+            hparams=Hparams(lr=3e-5, weight_decay=3e-6, epochs=5, batch_size=16),
+            default_seeds=1,
+        ),
+        Task(
+            "sst2",
+            "SST-2",
+            ("sentence", None),
+            2,
+            TsvLayout("sentence", None, "label"),
+            hparams=Hparams(lr=3e-5, weight_decay=3e-6, epochs=3, batch_size=16),
+        ),
+        Task(
+            "cola",
+            "CoLA",
+            ("sentence", None),
+            2,
+            TsvLayout(3, None, 1, header=False),
+            metrics=("mcc",),
+            score_metric="mcc",
+            hparams=Hparams(lr=5e-5, weight_decay=5e-6, epochs=10, batch_size=32),
+        ),
+        Task(
+            "rte",
+            "RTE",
+            ("sentence1", "sentence2"),
+            2,
+            TsvLayout("sentence1", "sentence2", "label"),
+            _NLI,
+            hparams=Hparams(lr=1e-5, weight_decay=1e-5, epochs=3, batch_size=16),
+            from_mnli=True,
+        ),
+        Task(
+            "mrpc",
+            "MRPC",
+            ("sentence1", "sentence2"),
+            2,
+            TsvLayout("#1 String", "#2 String", "Quality"),
+            metrics=("f1", "accuracy"),
+            score_metric="f1",
+            hparams=Hparams(lr=8e-5, weight_decay=8e-6, epochs=10, batch_size=32),
+            from_mnli=True,
+        ),
+        Task(
+            "stsb",
+            "STS-B",
+            ("sentence1", "sentence2"),
+            1,
+            TsvLayout("sentence1", "sentence2", "score"),
+            metrics=("pearson", "spearman"),
+            score_metric="spearman",
+            hparams=Hparams(lr=3e-5, weight_decay=3e-6, epochs=10, batch_size=32),
+            from_mnli=True,
+        ),
+    ]
+}
 
 STS_B_RANGE = (0.0, 5.0)
 
@@ -139,7 +210,7 @@ def get_task(name: str) -> Task:
 
 
 def parse_tasks(spec: str | list[str]) -> list[Task]:
-    """"all" or a comma-separated list, returned in run order (MNLI first)."""
+    """ "all" or a comma-separated list, returned in run order (MNLI first)."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n for n in (s.strip() for s in names) if n]
     if not names:

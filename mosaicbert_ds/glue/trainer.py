@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,8 +63,13 @@ class SeedRun:
     out_dir: Path
 
     def signature(self, train_examples: int) -> dict[str, Any]:
-        return {"task": self.task.name, "seed": self.seed, "hparams": dataclasses.asdict(self.hparams),
-                "init": str(self.init_dir), "train_examples": train_examples}
+        return {
+            "task": self.task.name,
+            "seed": self.seed,
+            "hparams": dataclasses.asdict(self.hparams),
+            "init": str(self.init_dir),
+            "train_examples": train_examples,
+        }
 
 
 def schedule(train_examples: int, hp: Hparams, world_size: int) -> tuple[int, int]:
@@ -82,7 +88,7 @@ def batch_indices(step: int, per_epoch: int, seed: int, n: int, batch_size: int)
     """The global batch of `step`: a slice of epoch's permutation, drawn from (seed, epoch) alone."""
     epoch, pos = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[pos * batch_size:(pos + 1) * batch_size]
+    return order[pos * batch_size : (pos + 1) * batch_size]
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -90,8 +96,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Tokenized, rt: Runtime, batch_size: int, pad_id: int
-             ) -> tuple[np.ndarray, float]:
+def evaluate(
+    model: torch.nn.Module, data: Tokenized, rt: Runtime, batch_size: int, pad_id: int
+) -> tuple[np.ndarray, float]:
     """(logits (N, C) float32, mean loss) over a dev split; ranks share it in contiguous shards."""
     was_training = model.training
     model.eval()
@@ -111,9 +118,19 @@ def evaluate(model: torch.nn.Module, data: Tokenized, rt: Runtime, batch_size: i
     return all_logits, sum(l for _, l in shards) / n
 
 
-def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tuple[str, Tokenized]],
-             rt: Runtime, *, save_every: int = 2000, eval_batch_size: int = 128, save_model: bool = False,
-             hooks: Hooks | None = None, progress: Any = None) -> dict[str, Any]:
+def run_seed(
+    run: SeedRun,
+    tokenizer: Any,
+    train: Tokenized,
+    evals: dict[str, tuple[str, Tokenized]],
+    rt: Runtime,
+    *,
+    save_every: int = 2000,
+    eval_batch_size: int = 128,
+    save_model: bool = False,
+    hooks: Hooks | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
     """Train and evaluate one (task, seed) into run.out_dir, resuming from its state if there is one.
 
     evals maps each metric suffix to (split name, tokenized dev split). Returns the result dict
@@ -130,11 +147,13 @@ def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tu
     if hooks.on_model_loaded is not None:
         hooks.on_model_loaded(task, run.seed, model)
     model.to(rt.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
-                                  weight_decay=hp.weight_decay / hp.lr)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay / hp.lr
+    )
     # warmup, then linear decay to 0 one step after the last update
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupLinearDecay(total, hp.warmup_fraction, 0.0, floor_after_last_step=True))
+        optimizer, WarmupLinearDecay(total, hp.warmup_fraction, 0.0, floor_after_last_step=True)
+    )
     torch.manual_seed(run.seed * 1000 + rt.rank)  # dropout differs across ranks
 
     state_path = run.out_dir / STATE_FILE
@@ -142,8 +161,7 @@ def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tu
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["signature"] != signature:
-            raise UserError(f"{state_path} was saved by a run with other settings; delete it or use "
-                            f"another --out")
+            raise UserError(f"{state_path} was saved by a run with other settings; delete it or use another --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -156,21 +174,32 @@ def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tu
     def save_state() -> None:
         rngs = rt.all_gather(rng_state())
         if rt.is_main:
-            atomic.torch_save({"signature": signature, "step": step, "model": model.state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "rng": rngs}, state_path)
+            atomic.torch_save(
+                {
+                    "signature": signature,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs,
+                },
+                state_path,
+            )
         rt.barrier()
 
     packed = uses_packed_batches(model)
     pad_id = tokenizer.pad_token_id or 0
-    net = (DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-           if rt.distributed else model)
+    net = (
+        DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if rt.distributed
+        else model
+    )
     if progress is not None:
         progress.update(step)
     recent: list[torch.Tensor] = []
     net.train()
     while step < total:
-        idx = batch_indices(step, per_epoch, run.seed, len(train), hp.batch_size)[rt.rank::rt.world_size]
+        idx = batch_indices(step, per_epoch, run.seed, len(train), hp.batch_size)[rt.rank :: rt.world_size]
         with rt.autocast():
             loss = net(**_to_device(train.batch(idx, packed, pad_id), rt.device)).loss
         loss.backward()
@@ -205,11 +234,19 @@ def run_seed(run: SeedRun, tokenizer: Any, train: Tokenized, evals: dict[str, tu
         tokenizer.save_pretrained(str(tmp))
         atomic.replace_dir(tmp, target)
     result = {
-        "task": task.name, "seed": run.seed, "metrics": metrics, "eval_loss": eval_loss,
-        "eval_examples": eval_examples, "train_examples": len(train), "steps": total,
-        "resumed_from_step": resumed_from, "world_size": rt.world_size,
+        "task": task.name,
+        "seed": run.seed,
+        "metrics": metrics,
+        "eval_loss": eval_loss,
+        "eval_examples": eval_examples,
+        "train_examples": len(train),
+        "steps": total,
+        "resumed_from_step": resumed_from,
+        "world_size": rt.world_size,
         "train_loss_recent": float(torch.stack(recent).float().mean()) if recent else None,
-        "seconds": time.perf_counter() - started, "hparams": dataclasses.asdict(hp), "init": str(run.init_dir),
+        "seconds": time.perf_counter() - started,
+        "hparams": dataclasses.asdict(hp),
+        "init": str(run.init_dir),
     }
     if rt.is_main:
         atomic.write_json(run.out_dir / RESULT_FILE, result)

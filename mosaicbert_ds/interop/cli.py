@@ -17,9 +17,11 @@ from .folder import read_model_folder, write_model_folder
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("examples:\n"
-                     "    mosaicbert-ds import path/to/bert-base-uncased runs/bert-import\n"
-                     "    mosaicbert-ds import path/to/mosaic-bert-base runs/mosaic-import")
+    parser.epilog = (
+        "examples:\n"
+        "    mosaicbert-ds import path/to/bert-base-uncased runs/bert-import\n"
+        "    mosaicbert-ds import path/to/mosaic-bert-base runs/mosaic-import"
+    )
     parser.add_argument("src", help="a transformers folder: BERT or the authors' MosaicBERT")
     parser.add_argument("out", help="output folder (this project's model folder)")
 

@@ -20,8 +20,13 @@ from ..errors import UserError
 from .layouts import LAYOUTS, KeyPool, Tensors
 
 OURS = "mosaicbert-ds"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 POOLER = ("bert.pooler.weight", "bert.pooler.bias")
 
 
@@ -68,8 +73,9 @@ def _with_prefix(state: Tensors) -> Tensors:
     return {f"bert.{k}": v for k, v in state.items()}
 
 
-def _check_against_model(config: MosaicBertConfig, state: Tensors, where: str, notes: list[str],
-                         fill_head: bool) -> Tensors:
+def _check_against_model(
+    config: MosaicBertConfig, state: Tensors, where: str, notes: list[str], fill_head: bool
+) -> Tensors:
     """Every key and shape of MosaicBertForMaskedLM(config); the head from a fresh init if allowed."""
     from ..model import MosaicBertForMaskedLM
 
@@ -82,8 +88,7 @@ def _check_against_model(config: MosaicBertConfig, state: Tensors, where: str, n
         if key not in out:
             raise UserError(f"{where}: missing weight for {key!r}")
         if tuple(out[key].shape) != tuple(ref.shape):
-            raise UserError(f"{where}: {key} has shape {tuple(out[key].shape)} but the config "
-                            f"needs {tuple(ref.shape)}")
+            raise UserError(f"{where}: {key} has shape {tuple(out[key].shape)} but the config needs {tuple(ref.shape)}")
     for key in out:
         if key not in expected and key not in POOLER:
             raise UserError(f"{where}: unexpected weight {key!r}")
@@ -133,9 +138,11 @@ def read_model_folder(path: str | Path) -> ConvertedModel:
     layout_name = next((name for name, layout in LAYOUTS.items() if layout.detect(keys)), None)
     if layout_name is None:
         arch = cfg.get("architectures") or cfg.get("model_type") or "unknown"
-        raise UserError(f"{path} holds neither BERT nor MosaicBERT weights ({arch}; no "
-                        f"'bert.encoder.layer.0.attention.self.query.weight' or '...self.Wqkv.weight'); "
-                        f"layouts that import: {', '.join(LAYOUTS)}, {OURS}")
+        raise UserError(
+            f"{path} holds neither BERT nor MosaicBERT weights ({arch}; no "
+            f"'bert.encoder.layer.0.attention.self.query.weight' or '...self.Wqkv.weight'); "
+            f"layouts that import: {', '.join(LAYOUTS)}, {OURS}"
+        )
     if cfg.get("model_type", "bert") != "bert":
         raise UserError(f"{path}/config.json says model_type {cfg.get('model_type')!r}, not 'bert'")
     layout = LAYOUTS[layout_name]
@@ -178,8 +185,9 @@ def copy_tokenizer(src: Path, dest: Path) -> list[str]:
     return copied
 
 
-def write_model_folder(model: ConvertedModel, dest: Path, layout: str = OURS,
-                       tokenizer_from: Path | None = None) -> None:
+def write_model_folder(
+    model: ConvertedModel, dest: Path, layout: str = OURS, tokenizer_from: Path | None = None
+) -> None:
     """Write `model` into the (already created, empty) folder `dest` in `layout`."""
     if layout == OURS:
         d = model.config.to_dict()

@@ -20,8 +20,9 @@ from .folder import POOLER, read_model_folder
 _STRUCTURE_KEYS = (*ARCHITECTURE_KEYS, "glu_fused", "pad_vocab_size_multiple")
 
 
-def config_and_weights(init_from: str, preset: str, overrides: dict[str, Any]
-                       ) -> tuple[MosaicBertConfig, dict[str, torch.Tensor]]:
+def config_and_weights(
+    init_from: str, preset: str, overrides: dict[str, Any]
+) -> tuple[MosaicBertConfig, dict[str, torch.Tensor]]:
     """The model config (source architecture + allowed overrides) and the MaskedLM state dict to load."""
     src = read_model_folder(init_from)
     base = src.config.to_dict()
@@ -32,13 +33,17 @@ def config_and_weights(init_from: str, preset: str, overrides: dict[str, Any]
             raise UserError(str(err)) from None
         for key in ARCHITECTURE_KEYS:
             if key != "vocab_size" and preset_cfg.get(key) != base.get(key):
-                raise UserError(f"model.preset {preset!r} conflicts with model.init_from {init_from}: "
-                                f"{key} is {preset_cfg.get(key)!r} there but {base.get(key)!r} in the source; "
-                                f"leave model.preset empty (model.preset=) to take the source's architecture")
+                raise UserError(
+                    f"model.preset {preset!r} conflicts with model.init_from {init_from}: "
+                    f"{key} is {preset_cfg.get(key)!r} there but {base.get(key)!r} in the source; "
+                    f"leave model.preset empty (model.preset=) to take the source's architecture"
+                )
     for key, value in overrides.items():
         if key in _STRUCTURE_KEYS and value != base.get(key):
-            raise UserError(f"model.overrides.{key}={value!r} conflicts with model.init_from {init_from} "
-                            f"({key} is {base.get(key)!r} there); the sizes come from the source")
+            raise UserError(
+                f"model.overrides.{key}={value!r} conflicts with model.init_from {init_from} "
+                f"({key} is {base.get(key)!r} there); the sizes come from the source"
+            )
     try:
         config = MosaicBertConfig(**{**base, **overrides})
     except (TypeError, ValueError) as err:

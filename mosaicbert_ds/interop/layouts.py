@@ -13,7 +13,8 @@ Each layout knows
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -67,7 +68,11 @@ _lin = _ln  # a Linear has the same two names
 
 def _embeddings(learned: bool) -> list[tuple[str, str]]:
     e = "bert.embeddings"
-    pairs = [(f"{e}.word_embeddings.weight",) * 2, (f"{e}.token_type_embeddings.weight",) * 2, *_ln(f"{e}.LayerNorm", f"{e}.LayerNorm")]
+    pairs = [
+        (f"{e}.word_embeddings.weight",) * 2,
+        (f"{e}.token_type_embeddings.weight",) * 2,
+        *_ln(f"{e}.LayerNorm", f"{e}.LayerNorm"),
+    ]
     if learned:
         pairs.append((f"{e}.position_embeddings.weight",) * 2)
     return pairs
@@ -89,8 +94,9 @@ def _head_to_ours(out: Tensors, pool: KeyPool, notes: list[str]) -> None:
     decoder = pool.take_optional(f"{p}.decoder.weight")
     wte = out["bert.embeddings.word_embeddings.weight"]
     if decoder is not None and not (decoder.shape == wte.shape and torch.equal(decoder, wte)):
-        raise UserError(f"{pool.where}: {p}.decoder.weight is not tied to the word embeddings; "
-                        f"only tied decoders are supported")
+        raise UserError(
+            f"{pool.where}: {p}.decoder.weight is not tied to the word embeddings; only tied decoders are supported"
+        )
     if pool.has("cls.seq_relationship."):
         pool.take("cls.seq_relationship.weight"), pool.take("cls.seq_relationship.bias")
         notes.append("the next-sentence-prediction head (cls.seq_relationship) was dropped")
@@ -98,11 +104,15 @@ def _head_to_ours(out: Tensors, pool: KeyPool, notes: list[str]) -> None:
 
 def _head_from_ours(state: Tensors) -> Tensors:
     p = "cls.predictions"
-    return {f"{p}.transform.dense.weight": state["head.dense.weight"], f"{p}.transform.dense.bias": state["head.dense.bias"],
-            f"{p}.transform.LayerNorm.weight": state["head.LayerNorm.weight"],
-            f"{p}.transform.LayerNorm.bias": state["head.LayerNorm.bias"],
-            f"{p}.bias": state["head.bias"], f"{p}.decoder.bias": state["head.bias"],
-            f"{p}.decoder.weight": state["bert.embeddings.word_embeddings.weight"]}
+    return {
+        f"{p}.transform.dense.weight": state["head.dense.weight"],
+        f"{p}.transform.dense.bias": state["head.dense.bias"],
+        f"{p}.transform.LayerNorm.weight": state["head.LayerNorm.weight"],
+        f"{p}.transform.LayerNorm.bias": state["head.LayerNorm.bias"],
+        f"{p}.bias": state["head.bias"],
+        f"{p}.decoder.bias": state["head.bias"],
+        f"{p}.decoder.weight": state["bert.embeddings.word_embeddings.weight"],
+    }
 
 
 def _pooler_to_ours(out: Tensors, pool: KeyPool) -> None:
@@ -115,18 +125,45 @@ def _rename(state: Tensors, pairs: list[tuple[str, str]]) -> Tensors:
 
 
 def _common_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-            "initializer_range", "layer_norm_eps", "pad_token_id")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "initializer_range",
+        "layer_norm_eps",
+        "pad_token_id",
+    )
     return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
 def _hf_config(config: MosaicBertConfig, **extra: Any) -> dict[str, Any]:
     d = {"architectures": ["BertForMaskedLM"], "model_type": "bert"}
-    d.update({k: getattr(config, k) for k in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-        "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-        "initializer_range", "layer_norm_eps", "pad_token_id")})
+    d.update(
+        {
+            k: getattr(config, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "hidden_act",
+                "hidden_dropout_prob",
+                "attention_probs_dropout_prob",
+                "max_position_embeddings",
+                "type_vocab_size",
+                "initializer_range",
+                "layer_norm_eps",
+                "pad_token_id",
+            )
+        }
+    )
     d["position_embedding_type"] = "absolute"
     d.update(extra)
     return d
@@ -144,21 +181,33 @@ class HFBert:
 
     def config_to_ours(self, cfg: dict[str, Any]) -> dict[str, Any]:
         if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise UserError(f"BERT with position_embedding_type {cfg['position_embedding_type']!r} is not "
-                            f"supported (only 'absolute')")
+            raise UserError(
+                f"BERT with position_embedding_type {cfg['position_embedding_type']!r} is not "
+                f"supported (only 'absolute')"
+            )
         act = cfg.get("hidden_act", "gelu")
         if act not in self._ACTS:
             raise UserError(f"BERT with hidden_act {act!r} is not supported (only {sorted(self._ACTS)})")
-        return {**_common_config(cfg), "hidden_act": self._ACTS[act], "position_embedding_type": "learned",
-                "mlp_type": "gelu", "unpad": False, "low_precision_layernorm": False, "pad_vocab_size_multiple": 1}
+        return {
+            **_common_config(cfg),
+            "hidden_act": self._ACTS[act],
+            "position_embedding_type": "learned",
+            "mlp_type": "gelu",
+            "unpad": False,
+            "low_precision_layernorm": False,
+            "pad_vocab_size_multiple": 1,
+        }
 
     @staticmethod
     def _layer_pairs(i: int) -> list[tuple[str, str]]:
         o, t = f"bert.layers.{i}", f"bert.encoder.layer.{i}"
-        return (_lin(f"{o}.attention.out_proj", f"{t}.attention.output.dense")
-                + _ln(f"{o}.attention.LayerNorm", f"{t}.attention.output.LayerNorm")
-                + _lin(f"{o}.mlp.Wi", f"{t}.intermediate.dense") + _lin(f"{o}.mlp.Wo", f"{t}.output.dense")
-                + _ln(f"{o}.mlp.LayerNorm", f"{t}.output.LayerNorm"))
+        return (
+            _lin(f"{o}.attention.out_proj", f"{t}.attention.output.dense")
+            + _ln(f"{o}.attention.LayerNorm", f"{t}.attention.output.LayerNorm")
+            + _lin(f"{o}.mlp.Wi", f"{t}.intermediate.dense")
+            + _lin(f"{o}.mlp.Wo", f"{t}.output.dense")
+            + _ln(f"{o}.mlp.LayerNorm", f"{t}.output.LayerNorm")
+        )
 
     def to_ours(self, pool: KeyPool, n_layers: int, notes: list[str]) -> Tensors:
         out: Tensors = {}
@@ -177,9 +226,11 @@ class HFBert:
 
     def check_exportable(self, config: MosaicBertConfig) -> None:
         if config.position_embedding_type != "learned" or config.mlp_type != "gelu":
-            raise UserError("the hf-bert layout needs a bert-base-style model (learned positions, GELU MLP); "
-                            f"this one has position_embedding_type={config.position_embedding_type!r}, "
-                            f"mlp_type={config.mlp_type!r}")
+            raise UserError(
+                "the hf-bert layout needs a bert-base-style model (learned positions, GELU MLP); "
+                f"this one has position_embedding_type={config.position_embedding_type!r}, "
+                f"mlp_type={config.mlp_type!r}"
+            )
         if config.head_layer_norm_eps not in (None, config.layer_norm_eps):
             raise UserError("the hf-bert layout has one layer_norm_eps; this model's head uses another")
 
@@ -221,8 +272,15 @@ class MosaicBertHub:
         act = cfg.get("hidden_act", "gelu")
         if act != "gelu":
             raise UserError(f"MosaicBERT with hidden_act {act!r} is not supported (only 'gelu')")
-        kw = {**_common_config(cfg), "hidden_act": "gelu", "position_embedding_type": "alibi", "mlp_type": "glu",
-              "glu_fused": True, "unpad": True, "low_precision_layernorm": True}
+        kw = {
+            **_common_config(cfg),
+            "hidden_act": "gelu",
+            "position_embedding_type": "alibi",
+            "mlp_type": "glu",
+            "glu_fused": True,
+            "unpad": True,
+            "low_precision_layernorm": True,
+        }
         vocab = int(kw.get("vocab_size", 30522))
         kw["pad_vocab_size_multiple"] = 8 if vocab % 8 == 0 else 1  # keeps the source's vocab_size exactly
         eps = float(kw.get("layer_norm_eps", 1e-12))
@@ -232,11 +290,14 @@ class MosaicBertHub:
     @staticmethod
     def _layer_pairs(i: int) -> list[tuple[str, str]]:
         o, t = f"bert.layers.{i}", f"bert.encoder.layer.{i}"
-        return (_lin(f"{o}.attention.Wqkv", f"{t}.attention.self.Wqkv")
-                + _lin(f"{o}.attention.out_proj", f"{t}.attention.output.dense")
-                + _ln(f"{o}.attention.LayerNorm", f"{t}.attention.output.LayerNorm")
-                + [(f"{o}.mlp.Wi.weight", f"{t}.mlp.gated_layers.weight")]
-                + _lin(f"{o}.mlp.Wo", f"{t}.mlp.wo") + _ln(f"{o}.mlp.LayerNorm", f"{t}.mlp.layernorm"))
+        return (
+            _lin(f"{o}.attention.Wqkv", f"{t}.attention.self.Wqkv")
+            + _lin(f"{o}.attention.out_proj", f"{t}.attention.output.dense")
+            + _ln(f"{o}.attention.LayerNorm", f"{t}.attention.output.LayerNorm")
+            + [(f"{o}.mlp.Wi.weight", f"{t}.mlp.gated_layers.weight")]
+            + _lin(f"{o}.mlp.Wo", f"{t}.mlp.wo")
+            + _ln(f"{o}.mlp.LayerNorm", f"{t}.mlp.layernorm")
+        )
 
     def to_ours(self, pool: KeyPool, n_layers: int, notes: list[str]) -> Tensors:
         out: Tensors = {}
@@ -249,12 +310,16 @@ class MosaicBertHub:
 
     def check_exportable(self, config: MosaicBertConfig) -> None:
         if config.position_embedding_type != "alibi" or config.mlp_type != "glu" or config.hidden_act != "gelu":
-            raise UserError("the mosaicbert-hub layout needs a MosaicBERT-style model (ALiBi, GeGLU, exact GELU); "
-                            f"this one has position_embedding_type={config.position_embedding_type!r}, "
-                            f"mlp_type={config.mlp_type!r}, hidden_act={config.hidden_act!r}")
+            raise UserError(
+                "the mosaicbert-hub layout needs a MosaicBERT-style model (ALiBi, GeGLU, exact GELU); "
+                f"this one has position_embedding_type={config.position_embedding_type!r}, "
+                f"mlp_type={config.mlp_type!r}, hidden_act={config.hidden_act!r}"
+            )
         head_eps = config.layer_norm_eps if config.head_layer_norm_eps is None else config.head_layer_norm_eps
         if head_eps != self.HEAD_EPS:
-            raise UserError(f"the mosaicbert-hub layout fixes the head's LayerNorm eps at 1e-12; this model uses {head_eps}")
+            raise UserError(
+                f"the mosaicbert-hub layout fixes the head's LayerNorm eps at 1e-12; this model uses {head_eps}"
+            )
 
     def config_from_ours(self, config: MosaicBertConfig) -> dict[str, Any]:
         self.check_exportable(config)

@@ -68,14 +68,20 @@ def step_tags(root: str | Path, universal: bool = False) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)
-            and p.name.endswith("_universal") == universal]
+    tags = [
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and _TAG.match(p.name) and p.name.endswith("_universal") == universal
+    ]
     return sorted(tags, key=lambda t: tag_step(t) or 0)
 
 
 def _files(tag_dir: Path) -> dict[str, int]:
-    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-            if p.is_file() and p.name != COMPLETE}
+    return {
+        str(p.relative_to(tag_dir)): p.stat().st_size
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != COMPLETE
+    }
 
 
 def problem(root: str | Path, tag: str) -> str | None:
@@ -130,8 +136,10 @@ def resolve_tag(root: str | Path, tag: str | None = None) -> str:
                 _warn(f"{root / 'latest'} {said}; using the newest complete checkpoint {candidate}")
             return candidate
         _warn(f"skipping damaged checkpoint {root / candidate}: {why}")
-    raise UserError(f"{root} has checkpoint folders ({', '.join(tags)}) but none is complete; "
-                    "point checkpoint.resume at a complete one or set checkpoint.resume=none")
+    raise UserError(
+        f"{root} has checkpoint folders ({', '.join(tags)}) but none is complete; "
+        "point checkpoint.resume at a complete one or set checkpoint.resume=none"
+    )
 
 
 def read_trainer_state(root: str | Path, tag: str) -> dict[str, Any]:
@@ -157,8 +165,10 @@ def resolve_resume(resume: str, default_root: Path) -> tuple[Path, str] | None:
         return path, resolve_tag(path)
     if path.is_dir() and (tag_step(path.name) is not None or (path / TRAINER_STATE).is_file()):
         return path.parent, resolve_tag(path.parent, path.name)
-    raise UserError(f"checkpoint.resume={resume!r} is neither a checkpoint folder (with step_* folders) "
-                    f"nor a checkpoint tag folder (with {TRAINER_STATE})")
+    raise UserError(
+        f"checkpoint.resume={resume!r} is neither a checkpoint folder (with step_* folders) "
+        f"nor a checkpoint tag folder (with {TRAINER_STATE})"
+    )
 
 
 def check_model_matches(root: Path, model_config: dict[str, Any]) -> None:
@@ -167,10 +177,21 @@ def check_model_matches(root: Path, model_config: dict[str, Any]) -> None:
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "mlp_type", "glu_fused", "position_embedding_type")
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs run {model_config.get(k)!r}" for k in keys
-            if saved.get(k) != model_config.get(k)]
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "mlp_type",
+        "glu_fused",
+        "position_embedding_type",
+    )
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r} vs run {model_config.get(k)!r}"
+        for k in keys
+        if saved.get(k) != model_config.get(k)
+    ]
     if diff:
         raise UserError(f"checkpoint {root} holds another model shape ({'; '.join(diff)})")
 
@@ -248,8 +269,15 @@ def to_universal(root: Path, tag: str) -> str:
     shutil.rmtree(root / out_tag, ignore_errors=True)  # an interrupted conversion of ours
     tmp = root / f"{out_tag}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    args = Namespace(input_folder=str(root / tag), output_folder=str(tmp), num_extract_workers=1,
-                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = Namespace(
+        input_folder=str(root / tag),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     ds_to_universal.main(args)
     for extra in [TRAINER_STATE] + [p.name for p in (root / tag).glob("rng_rank*.pt")]:
         shutil.copy(root / tag / extra, tmp / extra)
@@ -264,8 +292,10 @@ def load_rng(root: Path, tag: str, rank: int, required: bool = True) -> bool:
     path = root / tag / f"rng_rank{rank}.pt"
     if not path.is_file():
         if required:
-            raise UserError(f"checkpoint {root / tag} has no {path.name}: rank {rank}'s random state is "
-                            "missing, so the resume would not be exact")
+            raise UserError(
+                f"checkpoint {root / tag} has no {path.name}: rank {rank}'s random state is "
+                "missing, so the resume would not be exact"
+            )
         return False
     set_rng_state(torch.load(path, weights_only=False))
     return True

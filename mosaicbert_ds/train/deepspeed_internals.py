@@ -60,10 +60,24 @@ from ..errors import UserError
 TESTED = ((0, 19),)
 """DeepSpeed (major, minor) releases every function here was tested with."""
 
-_NEEDED = ("bf16_groups", "fp32_groups_gradients", "fp32_groups_has_gradients", "immediate_grad_update",
-           "clip_grad", "norm_type", "fp32_groups_flat_partition", "fp32_groups_gradient_flat_partition",
-           "backward_epilogue", "get_grads_for_norm", "update_lp_params", "clear_hp_grads", "clear_lp_grads",
-           "has_moe_layers", "grad_acc_dtype", "_lazy_init_hp_params_optimizer_state")
+_NEEDED = (
+    "bf16_groups",
+    "fp32_groups_gradients",
+    "fp32_groups_has_gradients",
+    "immediate_grad_update",
+    "clip_grad",
+    "norm_type",
+    "fp32_groups_flat_partition",
+    "fp32_groups_gradient_flat_partition",
+    "backward_epilogue",
+    "get_grads_for_norm",
+    "update_lp_params",
+    "clear_hp_grads",
+    "clear_lp_grads",
+    "has_moe_layers",
+    "grad_acc_dtype",
+    "_lazy_init_hp_params_optimizer_state",
+)
 
 
 def check_version(version: str | None = None) -> None:
@@ -78,8 +92,10 @@ def check_version(version: str | None = None) -> None:
         major_minor = None
     if major_minor not in TESTED:
         tested = ", ".join(f"{a}.{b}.x" for a, b in TESTED)
-        raise UserError(f"DeepSpeed {version} is untested: mosaicbert_ds patches DeepSpeed internals tested "
-                        f"with {tested} only (pip install 'deepspeed>=0.19,<0.20')")
+        raise UserError(
+            f"DeepSpeed {version} is untested: mosaicbert_ds patches DeepSpeed internals tested "
+            f"with {tested} only (pip install 'deepspeed>=0.19,<0.20')"
+        )
 
 
 def is_bf16_optimizer(opt: Any) -> bool:
@@ -94,8 +110,10 @@ def _require(opt: Any, names: tuple[str, ...]) -> None:
     if missing:
         import deepspeed
 
-        raise UserError(f"DeepSpeed {deepspeed.__version__}'s BF16_Optimizer lacks {', '.join(missing)}, "
-                        "which mosaicbert_ds's patches need (tested with DeepSpeed 0.19.x)")
+        raise UserError(
+            f"DeepSpeed {deepspeed.__version__}'s BF16_Optimizer lacks {', '.join(missing)}, "
+            "which mosaicbert_ds's patches need (tested with DeepSpeed 0.19.x)"
+        )
 
 
 def prepare_engine(engine: Any, batched_optimizer: bool = False) -> dict[str, bool]:
@@ -124,8 +142,10 @@ def check_graphable(engine: Any) -> str | None:
     """Why the CUDA-graph step cannot drive this engine, or None when it can."""
     opt = engine.optimizer
     if not is_bf16_optimizer(opt) or getattr(opt, "immediate_grad_update", True):
-        return ("cuda_graphs needs DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1, fp32 gradient "
-                f"accumulation, no immediate_grad_update); this engine has {type(opt).__name__}")
+        return (
+            "cuda_graphs needs DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1, fp32 gradient "
+            f"accumulation, no immediate_grad_update); this engine has {type(opt).__name__}"
+        )
     _require(opt, ("backward_epilogue",))
     return None
 
@@ -149,8 +169,9 @@ def dtype_name(value: Any) -> str | None:
     try:
         return DtypeEnum(value).name
     except ValueError:
-        raise ValueError(f"data_types.grad_accum_dtype {value!r} is not a dtype DeepSpeed knows "
-                        f"(use \"fp32\" or \"bf16\")") from None
+        raise ValueError(
+            f'data_types.grad_accum_dtype {value!r} is not a dtype DeepSpeed knows (use "fp32" or "bf16")'
+        ) from None
 
 
 def parse_with_deepspeed(config: dict[str, Any], world_size: int) -> Any:
@@ -187,8 +208,12 @@ def batch_bf16_optimizer(engine: Any) -> dict[str, bool]:
     if not opt.immediate_grad_update and getattr(opt, "autoep_folding_tp_group", None) is None:
         opt.update_hp_grads = types.MethodType(_update_hp_grads, opt)
         applied["accumulation"] = True
-    if (float(opt.norm_type) == 2.0 and getattr(opt, "mpu", None) is None and not opt.has_moe_layers
-            and not getattr(opt, "_uses_muon", False)):
+    if (
+        float(opt.norm_type) == 2.0
+        and getattr(opt, "mpu", None) is None
+        and not opt.has_moe_layers
+        and not getattr(opt, "_uses_muon", False)
+    ):
         opt.step = types.MethodType(_step, opt)
         applied["step"] = True
     return applied

@@ -107,8 +107,10 @@ def discover(env: MutableMapping[str, str] | None = None) -> DistInfo:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local_rank = _int(env, "LOCAL_RANK")
         if local_rank is None:
-            raise UserError("RANK and WORLD_SIZE are set but LOCAL_RANK is not: launch with the deepspeed "
-                            "launcher, torchrun, mpirun or srun (see launch/README.md)")
+            raise UserError(
+                "RANK and WORLD_SIZE are set but LOCAL_RANK is not: launch with the deepspeed "
+                "launcher, torchrun, mpirun or srun (see launch/README.md)"
+            )
         local_world = _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
         node_rank = _int(env, "GROUP_RANK", "CROSS_RANK", "NODE_RANK")  # launcher-set first
         if node_rank is None:
@@ -122,8 +124,10 @@ def discover(env: MutableMapping[str, str] | None = None) -> DistInfo:
         local_world = per_node[node_rank] if node_rank < len(per_node) else per_node[0]
         if "MASTER_ADDR" not in env:
             if _int(env, "SLURM_STEP_NUM_NODES") not in (None, 1):
-                raise UserError("under srun on several nodes set MASTER_ADDR to the first node "
-                                "(launch/slurm.sbatch does: scontrol show hostnames)")
+                raise UserError(
+                    "under srun on several nodes set MASTER_ADDR to the first node "
+                    "(launch/slurm.sbatch does: scontrol show hostnames)"
+                )
             env["MASTER_ADDR"] = "127.0.0.1"
     else:  # a plain process
         rank, world, local_rank, local_world, node_rank = 0, 1, 0, 1, 0
@@ -131,12 +135,19 @@ def discover(env: MutableMapping[str, str] | None = None) -> DistInfo:
         env.setdefault("MASTER_PORT", str(_free_port()))
 
     if not (0 <= rank < world and 0 <= local_rank < local_world and 0 <= node_rank):
-        raise UserError(f"inconsistent launcher variables: rank {rank} of {world}, local rank {local_rank} "
-                        f"of {local_world}, node rank {node_rank}")
+        raise UserError(
+            f"inconsistent launcher variables: rank {rank} of {world}, local rank {local_rank} "
+            f"of {local_world}, node rank {node_rank}"
+        )
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
-    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
-               LOCAL_WORLD_SIZE=str(local_world), NODE_RANK=str(node_rank))
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(local_world),
+        NODE_RANK=str(node_rank),
+    )
     return DistInfo(rank, world, local_rank, local_world, node_rank)
 
 
@@ -201,9 +212,11 @@ def ranks_per_host(hosts: list[str], node_rank_of: list[int]) -> int | None:
     blocks = all(ranks == list(range(ranks[0], ranks[0] + len(ranks))) for ranks in by_host.values())
     if len(sizes) != 1 or not blocks:
         shared = next(h for h, ranks in by_host.items() if len({node_rank_of[r] for r in ranks}) > 1)
-        raise UserError(f"node ranks {sorted({node_rank_of[r] for r in by_host[shared]})} share host {shared!r}, "
-                        "but not as equal, contiguous blocks of ranks per host; streaming's shared memory is per "
-                        "host: give every host the same number of consecutive node ranks")
+        raise UserError(
+            f"node ranks {sorted({node_rank_of[r] for r in by_host[shared]})} share host {shared!r}, "
+            "but not as equal, contiguous blocks of ranks per host; streaming's shared memory is per "
+            "host: give every host the same number of consecutive node ranks"
+        )
     return sizes.pop()
 
 
@@ -233,8 +246,16 @@ def share_host_memory(info: DistInfo) -> None:
 
 
 # Variables a launch must hand to every rank (launch/env.sh sets them); the check reports them.
-LAUNCH_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "NCCL_SOCKET_IFNAME",
-              "NCCL_IB_HCA", "NCCL_DEBUG", "DEEPSPEED_TIMEOUT", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+LAUNCH_ENV = (
+    "NCCL_NVLS_ENABLE",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+    "NVSHMEM_DISABLE_NVLS",
+    "NCCL_SOCKET_IFNAME",
+    "NCCL_IB_HCA",
+    "NCCL_DEBUG",
+    "DEEPSPEED_TIMEOUT",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,9 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     total = torch.tensor([float(info.rank + 1)], device=device)
     dist.all_reduce(total)
     expected = info.world_size * (info.world_size + 1) / 2
-    record = {**asdict(info), "sum": total.item(), "ok": total.item() == expected, "argv": argv,
-              "env": {name: os.environ.get(name) for name in
-                      ("MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "NODE_RANK", *LAUNCH_ENV)}}
+    record = {
+        **asdict(info),
+        "sum": total.item(),
+        "ok": total.item() == expected,
+        "argv": argv,
+        "env": {
+            name: os.environ.get(name)
+            for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "NODE_RANK", *LAUNCH_ENV)
+        },
+    }
     sys.stdout.write(f"mbds-launch-check {json.dumps(record)}\n")  # one write: ranks share the pipe
     sys.stdout.flush()
     dist.barrier()

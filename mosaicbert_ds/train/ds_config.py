@@ -74,20 +74,60 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 # "sequence_parallel_size" which it reads for Ulysses). DeepSpeed ignores any other key, so a typo
 # such as "train_batch_szie" would silently drop a setting; tests/unit/test_ds_config.py re-records
 # the parser's reads and fails when a DeepSpeed upgrade adds one.
-KNOWN_KEYS: frozenset[str] = frozenset({
-    "activation_checkpointing", "aio", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
-    "comms_logger", "communication_data_type", "compile", "csv_monitor", "data_efficiency",
-    "data_types", "dataloader_drop_last", "datastates_ckpt", "disable_allgather",
-    "disable_python_gc", "dump_state", "expert_parallel", "flops_profiler", "fp16",
-    "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
-    "gradient_predivide_factor", "hybrid_engine", "log_level", "managed_gradient_accumulation",
-    "memory_breakdown", "optimizer", "pipeline", "prescale_gradients", "scheduler",
-    "seq_parallel_communication_data_type", "sequence_parallel_size", "steps_per_print",
-    "tensor_parallel", "tensorboard", "timers", "torch_autocast", "train_batch_size",
-    "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism", "vocabulary_size",
-    "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "zero_optimization",
-})
+KNOWN_KEYS: frozenset[str] = frozenset(
+    {
+        "activation_checkpointing",
+        "aio",
+        "autotuning",
+        "bf16",
+        "bfloat16",
+        "checkpoint",
+        "comet",
+        "comms_logger",
+        "communication_data_type",
+        "compile",
+        "csv_monitor",
+        "data_efficiency",
+        "data_types",
+        "dataloader_drop_last",
+        "datastates_ckpt",
+        "disable_allgather",
+        "disable_python_gc",
+        "dump_state",
+        "expert_parallel",
+        "flops_profiler",
+        "fp16",
+        "gradient_accumulation_steps",
+        "gradient_allreduce_op",
+        "gradient_clipping",
+        "gradient_predivide_factor",
+        "hybrid_engine",
+        "log_level",
+        "managed_gradient_accumulation",
+        "memory_breakdown",
+        "optimizer",
+        "pipeline",
+        "prescale_gradients",
+        "scheduler",
+        "seq_parallel_communication_data_type",
+        "sequence_parallel_size",
+        "steps_per_print",
+        "tensor_parallel",
+        "tensorboard",
+        "timers",
+        "torch_autocast",
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "use_data_before_expert_parallelism",
+        "vocabulary_size",
+        "wall_clock_breakdown",
+        "wandb",
+        "weight_quantization",
+        "zero_allow_untested_optimizer",
+        "zero_force_ds_cpu_optimizer",
+        "zero_optimization",
+    }
+)
 
 OPTIMIZERS = ("adamw", "lamb")
 
@@ -146,20 +186,23 @@ def build_ds_config(
         fused: torch's fused AdamW kernel; None means "if CUDA is available".
         steps_per_print: how often DeepSpeed itself logs (the trainer logs on its own).
     """
-    for name, value in (("global_batch", global_batch), ("micro_batch", micro_batch),
-                        ("world_size", world_size)):
+    for name, value in (("global_batch", global_batch), ("micro_batch", micro_batch), ("world_size", world_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DsConfigError(f"{name} must be a positive integer, got {value!r}")
     if global_batch % (micro_batch * world_size):
-        raise DsConfigError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
-                            f"world size {world_size} = {micro_batch * world_size}")
+        raise DsConfigError(
+            f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
+            f"world size {world_size} = {micro_batch * world_size}"
+        )
     if optimizer not in OPTIMIZERS:
         raise DsConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if zero_stage is None:
         zero_stage = 0 if optimizer == "lamb" else 1
     if optimizer == "lamb" and zero_stage != 0:
-        raise DsConfigError(f"LAMB runs at ZeRO stage 0 (set zero_stage 0, not {zero_stage}): ZeRO-1/2 shard "
-                            f"flattened parameters, which turns LAMB's per-layer trust ratio into a per-shard one")
+        raise DsConfigError(
+            f"LAMB runs at ZeRO stage 0 (set zero_stage 0, not {zero_stage}): ZeRO-1/2 shard "
+            f"flattened parameters, which turns LAMB's per-layer trust ratio into a per-shard one"
+        )
     if optimizer == "adamw" and zero_stage not in (1, 2):
         raise DsConfigError(f"zero_stage must be 1 or 2 for AdamW, got {zero_stage}")
 
@@ -216,8 +259,10 @@ def precision_path(config: dict[str, Any]) -> str:
             return "BF16_Optimizer"
         return "DeepSpeedZeroOptimizer_Stage3" if zero == 3 else "DeepSpeedZeroOptimizer"
     if model != accum:
-        raise ValueError(f"{model} weights with {accum} gradient accumulation need ZeRO stage 1 or 2 "
-                        f"(DeepSpeed 0.19 has no stage-0 path for it)")
+        raise ValueError(
+            f"{model} weights with {accum} gradient accumulation need ZeRO stage 1 or 2 "
+            f"(DeepSpeed 0.19 has no stage-0 path for it)"
+        )
     if model == "fp32":
         return "none"
     # FP16_Optimizer only for DeepSpeed's FusedAdam, which these configs never select.
@@ -271,29 +316,37 @@ def _check_batch(config: dict[str, Any], world_size: int, src: str) -> None:
     micro = _positive_int(config, "train_micro_batch_size_per_gpu", src)
     accum = _positive_int(config, "gradient_accumulation_steps", src)
     if total is None and micro is None:
-        raise UserError(f"{src}: set train_batch_size or train_micro_batch_size_per_gpu "
-                        f"(better: generate the file with ds_configs/generate.py)")
+        raise UserError(
+            f"{src}: set train_batch_size or train_micro_batch_size_per_gpu "
+            f"(better: generate the file with ds_configs/generate.py)"
+        )
     if total is None:
         accum = accum or 1
         total = micro * accum * world_size
     elif micro is None:
         accum = accum or 1
         if total % (accum * world_size):
-            raise UserError(f"{src}: train_batch_size {total} is not divisible by gradient_accumulation_steps "
-                            f"{accum} x world size {world_size}")
+            raise UserError(
+                f"{src}: train_batch_size {total} is not divisible by gradient_accumulation_steps "
+                f"{accum} x world size {world_size}"
+            )
         micro = total // (accum * world_size)
     elif accum is None:
         if total % (micro * world_size):
-            raise UserError(f"{src}: train_batch_size {total} is not divisible by train_micro_batch_size_per_gpu "
-                            f"{micro} x world size {world_size}")
+            raise UserError(
+                f"{src}: train_batch_size {total} is not divisible by train_micro_batch_size_per_gpu "
+                f"{micro} x world size {world_size}"
+            )
         accum = total // (micro * world_size)
     if total != micro * accum * world_size:
         hint = ""
         if total % (micro * accum) == 0:
             hint = f"; this file is for {total // (micro * accum)} ranks"
-        raise UserError(f"{src}: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
-                        f"gradient_accumulation_steps {accum} x world size {world_size} "
-                        f"(= {micro * accum * world_size}){hint}")
+        raise UserError(
+            f"{src}: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
+            f"gradient_accumulation_steps {accum} x world size {world_size} "
+            f"(= {micro * accum * world_size}){hint}"
+        )
     config.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
 
 
@@ -302,7 +355,7 @@ def _check_optimizer(config: dict[str, Any], src: str) -> None:
     if section is None:
         return  # the trainer may pass its own optimizer to deepspeed.initialize
     if not isinstance(section, dict) or not isinstance(section.get("type"), str):
-        raise UserError(f"{src}: optimizer must be an object with a \"type\"")
+        raise UserError(f'{src}: optimizer must be an object with a "type"')
     kind = section["type"].lower()
     params = dict(section.get("params") or {})
     if kind in ("adam", "adamw") and params.pop("torch_adam", False):
@@ -318,14 +371,19 @@ def _check_optimizer(config: dict[str, Any], src: str) -> None:
         return  # other DeepSpeed optimizers: left to DeepSpeed
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise UserError(f"{src}: optimizer {section['type']} does not take {', '.join(unknown)} "
-                        f"(it takes {', '.join(sorted(allowed))})")
+        raise UserError(
+            f"{src}: optimizer {section['type']} does not take {', '.join(unknown)} "
+            f"(it takes {', '.join(sorted(allowed))})"
+        )
 
 
 def _one_line(err: BaseException) -> str:
     # pydantic's messages span lines and end with a link; keep the substance on one line
-    text = " ".join(part.strip() for part in str(err).splitlines()
-                    if part.strip() and not part.strip().startswith("For further information"))
+    text = " ".join(
+        part.strip()
+        for part in str(err).splitlines()
+        if part.strip() and not part.strip().startswith("For further information")
+    )
     return text or type(err).__name__
 
 
@@ -341,11 +399,15 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict[str, Any], world_size:
     config, src = _read(path_or_dict)
     config.setdefault("timers", copy.deepcopy(QUIET_TIMERS))
     if "elasticity" in config:
-        raise UserError(f"{src}: the 'elasticity' section was removed from DeepSpeed (0.19); set "
-                        f"train_batch_size, train_micro_batch_size_per_gpu and gradient_accumulation_steps")
+        raise UserError(
+            f"{src}: the 'elasticity' section was removed from DeepSpeed (0.19); set "
+            f"train_batch_size, train_micro_batch_size_per_gpu and gradient_accumulation_steps"
+        )
     if "scheduler" in config:
-        raise UserError(f"{src}: remove the 'scheduler' section: mosaicbert-ds passes its own LR schedule "
-                        f"(linear warmup, linear decay to a floor) to deepspeed.initialize")
+        raise UserError(
+            f"{src}: remove the 'scheduler' section: mosaicbert-ds passes its own LR schedule "
+            f"(linear warmup, linear decay to a floor) to deepspeed.initialize"
+        )
     unknown = sorted(set(config) - KNOWN_KEYS)
     if unknown:
         notes = []

@@ -50,14 +50,20 @@ AUTO_MAP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("examples:\n"
-                     "    mosaicbert-ds export runs/base runs/base/hf\n"
-                     "    mosaicbert-ds export runs/base/checkpoints runs/base/hf-step1000 --tag step_0001000")
+    parser.epilog = (
+        "examples:\n"
+        "    mosaicbert-ds export runs/base runs/base/hf\n"
+        "    mosaicbert-ds export runs/base/checkpoints runs/base/hf-step1000 --tag step_0001000"
+    )
     parser.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or a model folder")
     parser.add_argument("out", help="output folder for the transformers model")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_0001000 (default: latest)")
-    parser.add_argument("--layout", default=OURS, choices=[OURS, *LAYOUTS],
-                        help="weight names and config of the output (default: %(default)s)")
+    parser.add_argument(
+        "--layout",
+        default=OURS,
+        choices=[OURS, *LAYOUTS],
+        help="weight names and config of the output (default: %(default)s)",
+    )
 
 
 def _bf16_optimizer_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -65,6 +71,7 @@ def _bf16_optimizer_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     zero_to_fp32 does not read these). Each rank saves its flat partition of every parameter group;
     concatenated in rank order they are the group's parameters back to back (padding at the end),
     in the order and shapes that the model-states file records in `param_shapes`."""
+
     def rank_of(path: Path) -> int:
         return int(path.name.split("_pp_rank_")[1].split("_")[0])
 
@@ -72,15 +79,17 @@ def _bf16_optimizer_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     if [rank_of(f) for f in files] != list(range(len(files))):
         raise UserError(f"checkpoint {root / tag} lacks some ranks' optimizer files")
     model_states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    partitions = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-                  ["single_partition_of_fp32_groups"] for f in files]
+    partitions = [
+        torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        for f in files
+    ]
     state: dict[str, torch.Tensor] = {}
     for g, shapes in enumerate(model_states["param_shapes"]):
         flat = torch.cat([parts[g].float() for parts in partitions])
         offset = 0
         for name, shape in shapes.items():
             n = math.prod(shape)
-            state[name] = flat[offset:offset + n].view(shape).clone()
+            state[name] = flat[offset : offset + n].view(shape).clone()
             offset += n
         if offset > flat.numel():
             raise UserError(f"checkpoint {root / tag}: parameter group {g} is shorter than its parameters")
@@ -119,8 +128,10 @@ def _from_checkpoint(root: Path, tag: str | None, shown: str) -> tuple[Converted
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError(f"checkpoint {root / tag} does not match its model_config.json "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"checkpoint {root / tag} does not match its model_config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     tokenizer = root / "tokenizer" if (root / "tokenizer").is_dir() else None
     return ConvertedModel(config, state, OURS, root / tag), tokenizer
 
@@ -159,8 +170,7 @@ def write_loadable_folder(model: ConvertedModel, dest: Path) -> None:
     (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None,
-                      layout: str = OURS) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, layout: str = OURS) -> Path:
     """Write `out_dir` from a trainer checkpoint or a model folder; returns out_dir."""
     if layout != OURS and layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; choose one of {', '.join([OURS, *LAYOUTS])}")

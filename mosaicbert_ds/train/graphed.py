@@ -41,8 +41,9 @@ class GraphedEngineStep:
         self.engine = engine
         # the module's own forward, without the hooks DeepSpeed hangs on it: its throughput timer
         # synchronises the device (by default), which is illegal inside a capture
-        self.step = GraphedMLMStep(engine.module, token_step, mask_step, forward=engine.module.forward,
-                                   accumulate=False)
+        self.step = GraphedMLMStep(
+            engine.module, token_step, mask_step, forward=engine.module.forward, accumulate=False
+        )
 
     def __call__(self, batch: PackedBatch, loss_scale: float | torch.Tensor) -> Any:
         """`engine.backward(engine(**batch).loss * loss_scale)`; returns the model output (valid until
@@ -51,4 +52,3 @@ class GraphedEngineStep:
         out = self.step(batch, grad_scale=loss_scale / engine.gradient_accumulation_steps())
         graphed_backward_epilogue(engine)  # fp32 accumulation, all-reduce at boundaries
         return out
-

@@ -41,7 +41,7 @@ def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:
             raise UserError(f"{where}: line starts with slots= but names no host: {raw.strip()!r}")
         if len(rest) != 1 or not rest[0].startswith("slots="):
             raise UserError(f"{where}: expected 'HOST slots=N', got {raw.strip()!r}")
-        value = rest[0][len("slots="):]
+        value = rest[0][len("slots=") :]
         if not value.isdigit() or int(value) < 1:
             raise UserError(f"{where}: slots must be a positive integer, got {value!r} for host {host!r}")
         if host in hosts:
@@ -55,8 +55,13 @@ def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mosaicbert_ds.train.hostfile", description=__doc__.splitlines()[0])
     parser.add_argument("--check", metavar="FILE", required=True, help="hostfile to check")
-    parser.add_argument("--print", dest="what", choices=("summary", "vars", "mpich"),
-                        default="summary", help="what to print once the file is good (default: summary)")
+    parser.add_argument(
+        "--print",
+        dest="what",
+        choices=("summary", "vars", "mpich"),
+        default="summary",
+        help="what to print once the file is good (default: summary)",
+    )
     args = parser.parse_args(argv)
     try:
         hosts = parse_hostfile(args.check)
@@ -64,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hostfile: error: {err}", file=sys.stderr)
         return 2
     if args.what == "vars":
-        print(f"HOSTFILE_NODES={len(hosts)} HOSTFILE_SLOTS={sum(hosts.values())} "
-              f"HOSTFILE_FIRST_HOST={shlex.quote(next(iter(hosts)))}")
+        print(
+            f"HOSTFILE_NODES={len(hosts)} HOSTFILE_SLOTS={sum(hosts.values())} "
+            f"HOSTFILE_FIRST_HOST={shlex.quote(next(iter(hosts)))}"
+        )
     elif args.what == "mpich":  # hydra's machinefile syntax
         print("\n".join(f"{host}:{slots}" for host, slots in hosts.items()))
     else:

@@ -52,9 +52,14 @@ class MetricsLogger:
 def console_line(metrics: dict[str, float]) -> str:
     """The essentials in a short line for the progress bar."""
     parts = []
-    for key, fmt in (("loss/train", "loss {:.3f}"), ("accuracy/train", "acc {:.3f}"),
-                     ("throughput/tokens_per_sec", "{:,.0f} tok/s"), ("throughput/mfu", "MFU {:.1%}"),
-                     ("optim/lr", "lr {:.2e}"), ("loss/eval", "eval {:.3f}")):
+    for key, fmt in (
+        ("loss/train", "loss {:.3f}"),
+        ("accuracy/train", "acc {:.3f}"),
+        ("throughput/tokens_per_sec", "{:,.0f} tok/s"),
+        ("throughput/mfu", "MFU {:.1%}"),
+        ("optim/lr", "lr {:.2e}"),
+        ("loss/eval", "eval {:.3f}"),
+    ):
         if metrics.get(key) is not None:
             parts.append(fmt.format(metrics[key]))
     return " | ".join(parts)

@@ -56,8 +56,10 @@ def check_run(cfg: Any, model_config: Any, ds_config: dict[str, Any], info: dict
         samples = int(entry.get("samples", 0))
         if samples < need:
             what = "one global batch" if need > 1 else "one sample"
-            raise UserError(f"{key}: split {split!r} of {path} has {samples} samples, fewer than {what} "
-                            f"({need}); lower batch.global_batch or convert more text")
+            raise UserError(
+                f"{key}: split {split!r} of {path} has {samples} samples, fewer than {what} "
+                f"({need}); lower batch.global_batch or convert more text"
+            )
         if is_remote(path):
             check_remote_split(path, split, samples, cfg.data.remote_cache)
         else:
@@ -72,11 +74,15 @@ def _read_split_index(index_file: Path, split: str, expected_samples: int) -> li
         shards = json.loads(index_file.read_text())["shards"]
         total = sum(int(s["samples"]) for s in shards)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{index_file} is not a readable MDS index ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        raise UserError(
+            f"{index_file} is not a readable MDS index ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
     if total != expected_samples:
-        raise UserError(f"{index_file} lists {total} samples but the dataset index says {expected_samples}: "
-                        "the split does not belong to this dataset; re-run `mosaicbert-ds convert`")
+        raise UserError(
+            f"{index_file} lists {total} samples but the dataset index says {expected_samples}: "
+            "the split does not belong to this dataset; re-run `mosaicbert-ds convert`"
+        )
     return shards
 
 
@@ -85,8 +91,7 @@ def _stored_file(shard: dict[str, Any]) -> dict[str, Any]:
     return shard["zip_data"] if shard.get("compression") else shard["raw_data"]
 
 
-def check_local_split(root: Path, split: str, expected_samples: int, info: dict[str, Any],
-                      model_config: Any) -> None:
+def check_local_split(root: Path, split: str, expected_samples: int, info: dict[str, Any], model_config: Any) -> None:
     """The split's MDS index, every shard's size, and the token ids of a sample of sequences."""
     folder = root / split
     shards = _read_split_index(folder / "index.json", split, expected_samples)
@@ -96,13 +101,17 @@ def check_local_split(root: Path, split: str, expected_samples: int, info: dict[
         try:
             size = file.stat().st_size
         except OSError:
-            raise UserError(f"shard {file} is missing (listed in {folder / 'index.json'}); "
-                            "re-run `mosaicbert-ds convert`") from None
+            raise UserError(
+                f"shard {file} is missing (listed in {folder / 'index.json'}); re-run `mosaicbert-ds convert`"
+            ) from None
         if size != int(stored["bytes"]):
-            raise UserError(f"shard {file} has {size} bytes, its index says {stored['bytes']}: "
-                            "the shard is truncated or was replaced; re-run `mosaicbert-ds convert`")
-    picks = sorted({round(i * (len(shards) - 1) / max(SHARDS_TO_SAMPLE - 1, 1))
-                    for i in range(min(SHARDS_TO_SAMPLE, len(shards)))})
+            raise UserError(
+                f"shard {file} has {size} bytes, its index says {stored['bytes']}: "
+                "the shard is truncated or was replaced; re-run `mosaicbert-ds convert`"
+            )
+    picks = sorted(
+        {round(i * (len(shards) - 1) / max(SHARDS_TO_SAMPLE - 1, 1)) for i in range(min(SHARDS_TO_SAMPLE, len(shards)))}
+    )
     vocab = int(model_config.vocab_size)
     learned = getattr(model_config, "position_embedding_type", "alibi") == "learned"
     max_len = int(getattr(model_config, "max_position_embeddings", 0))
@@ -110,12 +119,16 @@ def check_local_split(root: Path, split: str, expected_samples: int, info: dict[
     for index in picks:
         for ids in _sample_tokens(folder, split, shards[index], dtype):
             if ids.size and int(ids.max()) >= vocab:
-                raise UserError(f"split {split!r}, shard {_stored_file(shards[index])['basename']}: token id "
-                                f"{int(ids.max())} is not below the model's vocab_size {vocab}; the dataset "
-                                "was converted with another tokenizer, or model.overrides.vocab_size is too small")
+                raise UserError(
+                    f"split {split!r}, shard {_stored_file(shards[index])['basename']}: token id "
+                    f"{int(ids.max())} is not below the model's vocab_size {vocab}; the dataset "
+                    "was converted with another tokenizer, or model.overrides.vocab_size is too small"
+                )
             if learned and ids.size > max_len:
-                raise UserError(f"split {split!r}: a stored sequence has {ids.size} tokens but the model's "
-                                f"learned position embeddings stop at max_position_embeddings={max_len}")
+                raise UserError(
+                    f"split {split!r}: a stored sequence has {ids.size} tokens but the model's "
+                    f"learned position embeddings stop at max_position_embeddings={max_len}"
+                )
 
 
 def _sample_tokens(folder: Path, split: str, shard: dict[str, Any], dtype: np.dtype) -> list[np.ndarray]:
@@ -132,7 +145,7 @@ def _sample_tokens(folder: Path, split: str, shard: dict[str, Any], dtype: np.dt
         reader = reader_from_json(str(folder.parent), split, shard)
         count = min(int(shard["samples"]), SAMPLES_PER_SHARD)
         offsets = np.frombuffer(data, np.uint32, count=count + 1, offset=4)  # MDS: n, then n+1 offsets
-        samples = [reader.decode_sample(data[offsets[i]:offsets[i + 1]]) for i in range(count)]
+        samples = [reader.decode_sample(data[offsets[i] : offsets[i + 1]]) for i in range(count)]
         return [np.frombuffer(s["input_ids"], dtype=dtype) for s in samples]
     except Exception as err:  # any decoding failure: the shard is damaged
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -162,8 +175,11 @@ def check_output_dir(output_dir: str | os.PathLike) -> None:
             break
         probe_in = probe_in.parent
     if not probe_in.is_dir():
-        raise UserError(f"output_dir {out} is a file, not a folder" if probe_in == out
-                        else f"output_dir {out} cannot be created: {probe_in} is a file")
+        raise UserError(
+            f"output_dir {out} is a file, not a folder"
+            if probe_in == out
+            else f"output_dir {out} cannot be created: {probe_in} is a file"
+        )
     try:
         fd, name = tempfile.mkstemp(prefix=".mosaicbert_write_probe.", dir=probe_in)
         os.close(fd)

@@ -27,43 +27,51 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..batch import MLMBatch, is_packed
-from ..errors import UserError
 from ..config import MosaicBertConfig
+from ..errors import UserError
 from ..flops import mfu, paper_flops_per_token, peak_flops, training_flops
 from ..model import MosaicBertForMaskedLM
-from . import checkpoint as ckpt
 from ..outputs import atomic_write_json, atomic_write_text
+from . import checkpoint as ckpt
 from .graphed import GraphedEngineStep
 from .health import MAX_STREAK, SLOTS, STOP, Health, describe_divergence, weights_finite
 from .metrics import MetricsLogger, console_line
+from .preflight import check_run
 from .run_config import RunConfig, load_run_config
 from .schedule import fit_schedule_to_budget, make_scheduler, retarget_schedule
 from .stops import SIGNAL, WALL_TIME, ExitCode, RunStopped, StopRequests, parse_duration
-from .preflight import check_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("examples:\n"
-                     "    mosaicbert-ds pretrain tiny-cpu data.path=runs/data                       # CPU smoke run\n"
-                     "    mosaicbert-ds pretrain mosaicbert-base data.path=/data/c4-mds duration.steps=1000   # 1 GPU\n"
-                     "    mosaicbert-ds pretrain my_run.yaml --dry-run                              # check, then exit\n"
-                     "    deepspeed --num_gpus 8 --no_local_rank --module mosaicbert_ds.cli pretrain mosaicbert-base \\\n"
-                     "        data.path=/data/c4-mds                                                # 1 node, 8 GPUs")
+    parser.epilog = (
+        "examples:\n"
+        "    mosaicbert-ds pretrain tiny-cpu data.path=runs/data                       # CPU smoke run\n"
+        "    mosaicbert-ds pretrain mosaicbert-base data.path=/data/c4-mds duration.steps=1000   # 1 GPU\n"
+        "    mosaicbert-ds pretrain my_run.yaml --dry-run                              # check, then exit\n"
+        "    deepspeed --num_gpus 8 --no_local_rank --module mosaicbert_ds.cli pretrain mosaicbert-base \\\n"
+        "        data.path=/data/c4-mds                                                # 1 node, 8 GPUs"
+    )
     parser.add_argument("run", help="run file (YAML/JSON) or bundled recipe name, e.g. mosaicbert-base")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. duration.steps=100")
     parser.add_argument("--dry-run", action="store_true", help="check the run file, data and ds_config, then exit")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
-                        help="train at most N more steps, save a checkpoint and exit (for job time limits); "
-                             "running the same command again resumes")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train at most N more steps, save a checkpoint and exit (for job time limits); "
+        "running the same command again resumes",
+    )
 
 
 @dataclass
@@ -111,8 +119,14 @@ def to_device(batch: MLMBatch, device: torch.device) -> MLMBatch:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def forward_backward(engine: Any, batch: dict[str, Any], n_masked: int, weight: torch.Tensor | float,
-                     window: Window, graphed: GraphedEngineStep | None = None) -> torch.Tensor:
+def forward_backward(
+    engine: Any,
+    batch: dict[str, Any],
+    n_masked: int,
+    weight: torch.Tensor | float,
+    window: Window,
+    graphed: GraphedEngineStep | None = None,
+) -> torch.Tensor:
     """One micro batch. The model's loss is the mean over this micro batch's masked tokens;
     `weight` rescales it so the step's gradient is that of the mean over every masked token of
     the global batch, whatever the split into ranks and micro batches. With `graphed`, forward and
@@ -128,8 +142,15 @@ def forward_backward(engine: Any, batch: dict[str, Any], n_masked: int, weight: 
     return loss
 
 
-def train_step(engine: Any, batches: Iterator[dict[str, Any]], accum: int, world: int, window: Window,
-               config: MosaicBertConfig, graphed: GraphedEngineStep | None = None) -> torch.Tensor:
+def train_step(
+    engine: Any,
+    batches: Iterator[dict[str, Any]],
+    accum: int,
+    world: int,
+    window: Window,
+    config: MosaicBertConfig,
+    graphed: GraphedEngineStep | None = None,
+) -> torch.Tensor:
     """One optimizer step; returns this rank's summed masked-token loss of the step (on the device)."""
     group = [next(batches) for _ in range(accum)]  # CPU batches: their sizes are known without a sync
     stats = [batch_stats(batch) for batch in group]
@@ -164,8 +185,9 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def interval_metrics(engine: Any, window: Window, world: int, n_params: int, peak: float | None,
-                     health: torch.Tensor) -> tuple[dict[str, float], dict[str, float], list[list[float]]]:
+def interval_metrics(
+    engine: Any, window: Window, world: int, n_params: int, peak: float | None, health: torch.Tensor
+) -> tuple[dict[str, float], dict[str, float], list[list[float]]]:
     """Reduce the window and every rank's health row over ranks (one collective: the interval's
     only host sync).
 
@@ -181,8 +203,9 @@ def interval_metrics(engine: Any, window: Window, world: int, n_params: int, pea
     # The mean of the ranks' clocks: every rank then takes the same time-based decisions (timed
     # eval and checkpoints, the budget's end), which would hang collectives if they differed.
     seconds = time.perf_counter() - window.start
-    host = torch.tensor([window.micro, window.masked, window.tokens, window.samples, window.flops, seconds],
-                        dtype=torch.float64).to(engine.device)
+    host = torch.tensor(
+        [window.micro, window.masked, window.tokens, window.samples, window.flops, seconds], dtype=torch.float64
+    ).to(engine.device)
     reduced = torch.cat([sums, host, rows.flatten()])
     if dist.is_initialized():
         dist.all_reduce(reduced)
@@ -190,7 +213,7 @@ def interval_metrics(engine: Any, window: Window, world: int, n_params: int, pea
     loss, correct, micro, masked, tokens, samples, flops, seconds = reduced[:8]
     seconds /= world
     width = health.numel()
-    health_rows = [reduced[8 + r * width: 8 + (r + 1) * width] for r in range(world)]
+    health_rows = [reduced[8 + r * width : 8 + (r + 1) * width] for r in range(world)]
     steps = micro / (world * engine.gradient_accumulation_steps())
     grad_norm = engine.get_global_grad_norm()
     metrics = {
@@ -243,11 +266,18 @@ def forever(loader: Any) -> Iterator[dict[str, Any]]:
             raise RuntimeError("the training split yielded no batch: it has fewer samples than one global batch")
 
 
-def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], total_steps: int,
-                 warmup_fraction: float, final_lr_ratio: float, seed: int = 17,
-                 compile_layers: bool = False, batched_optimizer: bool = False,
-                 init_state: dict[str, torch.Tensor] | None = None,
-                 gradient_checkpointing: bool = False) -> tuple[Any, int]:
+def build_engine(
+    model_config: MosaicBertConfig,
+    ds_config: dict[str, Any],
+    total_steps: int,
+    warmup_fraction: float,
+    final_lr_ratio: float,
+    seed: int = 17,
+    compile_layers: bool = False,
+    batched_optimizer: bool = False,
+    init_state: dict[str, torch.Tensor] | None = None,
+    gradient_checkpointing: bool = False,
+) -> tuple[Any, int]:
     """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count.
 
     On one rank the engine's gradient all-reduce is skipped (train.deepspeed_internals).
@@ -269,12 +299,14 @@ def build_engine(model_config: MosaicBertConfig, ds_config: dict[str, Any], tota
     if compile_layers:
         for layer in model.bert.layers:
             layer.compile(dynamic=True)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                      lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio))
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=ds_config,
+        lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio),
+    )
     prepare_engine(engine, batched_optimizer=batched_optimizer)
     return engine, n_params
-
-
 
 
 @dataclass
@@ -335,11 +367,13 @@ def setup(cfg: RunConfig, dry_run: bool = False) -> Run | dict[str, Any]:
 
         model_config, init_state = config_and_weights(cfg.model.init_from, cfg.model.preset, cfg.model.overrides)
     else:
-        model_config = MosaicBertConfig.from_name(cfg.model.preset, **{"vocab_size": info["vocab_size"],
-                                                                       **cfg.model.overrides})
+        model_config = MosaicBertConfig.from_name(
+            cfg.model.preset, **{"vocab_size": info["vocab_size"], **cfg.model.overrides}
+        )
     if model_config.vocab_size < info["vocab_size"]:
-        raise UserError(f"model vocab_size {model_config.vocab_size} is smaller than the dataset's "
-                        f"tokenizer ({info['vocab_size']})")
+        raise UserError(
+            f"model vocab_size {model_config.vocab_size} is smaller than the dataset's tokenizer ({info['vocab_size']})"
+        )
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     if cfg.checkpoint.resume != "none":  # a wrong model shape is the clearer message: check it first
@@ -361,8 +395,9 @@ def setup(cfg: RunConfig, dry_run: bool = False) -> Run | dict[str, Any]:
     state = TrainerState(world_size=world)
     same_world = True
     if resume:
-        state = TrainerState(**{k: v for k, v in ckpt.read_trainer_state(*resume).items()
-                                if k in TrainerState.__dataclass_fields__})
+        state = TrainerState(
+            **{k: v for k, v in ckpt.read_trainer_state(*resume).items() if k in TrainerState.__dataclass_fields__}
+        )
         warn_on_batch_change(state, ds_config["train_batch_size"], rank)
         same_world = state.world_size == world
         if not same_world:  # ZeRO shards are laid out per rank: go through the universal format
@@ -372,54 +407,99 @@ def setup(cfg: RunConfig, dry_run: bool = False) -> Run | dict[str, Any]:
             resume = (resume[0], f"{resume[1]}_universal")
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
-    engine, n_params = build_engine(model_config, ds_config, total_steps, cfg.schedule.warmup_fraction,
-                                    cfg.schedule.final_lr_ratio, seed=cfg.seed, compile_layers=cfg.compile,
-                                    init_state=init_state, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    engine, n_params = build_engine(
+        model_config,
+        ds_config,
+        total_steps,
+        cfg.schedule.warmup_fraction,
+        cfg.schedule.final_lr_ratio,
+        seed=cfg.seed,
+        compile_layers=cfg.compile,
+        init_state=init_state,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )
     torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
     graphed = GraphedEngineStep(engine) if cfg.cuda_graphs else None
 
-    train_loader = build_mlm_dataloader(cfg.data.path, split=cfg.data.train_split, batch_size=micro,
-                                        mlm_probability=cfg.data.mlm_probability, seed=cfg.seed, shuffle=True,
-                                        padded=cfg.data.padded, num_workers=cfg.data.num_workers,
-                                        remote_cache=cfg.data.remote_cache,
-                                        num_canonical_nodes=cfg.data.num_canonical_nodes,
-                                        accumulation_steps=accum, verify_hashes=cfg.data.verify_hashes)
+    train_loader = build_mlm_dataloader(
+        cfg.data.path,
+        split=cfg.data.train_split,
+        batch_size=micro,
+        mlm_probability=cfg.data.mlm_probability,
+        seed=cfg.seed,
+        shuffle=True,
+        padded=cfg.data.padded,
+        num_workers=cfg.data.num_workers,
+        remote_cache=cfg.data.remote_cache,
+        num_canonical_nodes=cfg.data.num_canonical_nodes,
+        accumulation_steps=accum,
+        verify_hashes=cfg.data.verify_hashes,
+    )
     eval_loader = None
     if cfg.eval.interval or cfg.eval.interval_seconds:
-        eval_loader = build_mlm_dataloader(cfg.data.path, split=cfg.data.eval_split, batch_size=micro,
-                                           mlm_probability=cfg.data.eval_mlm_probability, seed=cfg.seed,
-                                           shuffle=False, padded=cfg.data.padded, num_workers=0,
-                                           remote_cache=cfg.data.remote_cache, drop_last=False,
-                                           verify_hashes=cfg.data.verify_hashes)
+        eval_loader = build_mlm_dataloader(
+            cfg.data.path,
+            split=cfg.data.eval_split,
+            batch_size=micro,
+            mlm_probability=cfg.data.eval_mlm_probability,
+            seed=cfg.seed,
+            shuffle=False,
+            padded=cfg.data.padded,
+            num_workers=0,
+            remote_cache=cfg.data.remote_cache,
+            drop_last=False,
+            verify_hashes=cfg.data.verify_hashes,
+        )
 
     if resume:
         engine.load_checkpoint(str(resume[0]), tag=resume[1])
         if state.train_loader:
             train_loader.load_state_dict(state.train_loader)
         ckpt.load_rng(*resume, rank, required=same_world)
-        old_total = retarget_schedule(engine.lr_scheduler, total_steps, cfg.schedule.warmup_fraction,
-                                      cfg.schedule.final_lr_ratio)
+        old_total = retarget_schedule(
+            engine.lr_scheduler, total_steps, cfg.schedule.warmup_fraction, cfg.schedule.final_lr_ratio
+        )
         if old_total != total_steps and rank == 0:
-            print(f"mosaicbert-ds: the duration changes from {old_total} to {total_steps} steps: the learning-"
-                  f"rate schedule is recomputed for {total_steps} steps (lr now {engine.get_lr()[0]:.3g})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"mosaicbert-ds: the duration changes from {old_total} to {total_steps} steps: the learning-"
+                f"rate schedule is recomputed for {total_steps} steps (lr now {engine.get_lr()[0]:.3g})",
+                file=sys.stderr,
+                flush=True,
+            )
     state.world_size = world
 
     if rank == 0:
         write_run_files(cfg, ds_config, model_config, info, out_dir, ckpt_root)
     use_cuda = torch.cuda.is_available()
-    run = Run(cfg=cfg, model_config=model_config, engine=engine, n_params=n_params, train_loader=train_loader,
-              eval_loader=eval_loader, state=state, total_steps=total_steps, accum=accum, world=world, rank=rank,
-              out_dir=out_dir, ckpt_root=ckpt_root,
-              logger=MetricsLogger(out_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard),
-              peak=peak_flops(override=cfg.peak_flops) if use_cuda else cfg.peak_flops, graphed=graphed,
-              lock=lock, health=Health(engine.device), stops=StopRequests(),
-              deadline=started + parse_duration(cfg.duration.wall_time) if cfg.duration.wall_time else None,
-              last_saved=resume[1].removesuffix("_universal") if resume else None)
+    run = Run(
+        cfg=cfg,
+        model_config=model_config,
+        engine=engine,
+        n_params=n_params,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        state=state,
+        total_steps=total_steps,
+        accum=accum,
+        world=world,
+        rank=rank,
+        out_dir=out_dir,
+        ckpt_root=ckpt_root,
+        logger=MetricsLogger(out_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard),
+        peak=peak_flops(override=cfg.peak_flops) if use_cuda else cfg.peak_flops,
+        graphed=graphed,
+        lock=lock,
+        health=Health(engine.device),
+        stops=StopRequests(),
+        deadline=started + parse_duration(cfg.duration.wall_time) if cfg.duration.wall_time else None,
+        last_saved=resume[1].removesuffix("_universal") if resume else None,
+    )
     if rank == 0 and cfg.log.progress_bar:
         from tqdm import tqdm
-        run.bar = tqdm(total=total_steps, initial=state.step, desc="pretrain", unit="step", dynamic_ncols=True,
-                       file=sys.stdout)
+
+        run.bar = tqdm(
+            total=total_steps, initial=state.step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stdout
+        )
     return run
 
 
@@ -452,17 +532,27 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
             if run.bar is not None:
                 run.bar.update(1)
             paused = time.perf_counter()  # eval and checkpoint time stay out of the throughput window
-            if run.eval_loader is not None and (run.timed_eval or finished or (cfg.eval.interval and state.step % cfg.eval.interval == 0)):
+            if run.eval_loader is not None and (
+                run.timed_eval or finished or (cfg.eval.interval and state.step % cfg.eval.interval == 0)
+            ):
                 metrics = evaluate(engine, run.eval_loader, cfg.eval.batches)
                 last.update(metrics)
                 run.logger.log(state.step, metrics)
-            if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or finished or stop or run.timed_ckpt:
+            if (
+                (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0)
+                or finished
+                or stop
+                or run.timed_ckpt
+            ):
                 save_checkpoint(run)
             window.start += time.perf_counter() - paused
             if stop:
-                raise RunStopped(ExitCode.STOPPED, f"stopped at step {state.step} ({stop}); checkpoint "
-                                 f"{run.ckpt_root / run.last_saved} is complete: run the same command to resume",
-                                 {"step": state.step, **last})
+                raise RunStopped(
+                    ExitCode.STOPPED,
+                    f"stopped at step {state.step} ({stop}); checkpoint "
+                    f"{run.ckpt_root / run.last_saved} is complete: run the same command to resume",
+                    {"step": state.step, **last},
+                )
         return {"step": state.step, "world_size": run.world, "checkpoint": str(run.ckpt_root), **last}
     finally:
         run.close()
@@ -477,8 +567,9 @@ def log_interval(run: Run, window: Window) -> tuple[dict[str, float], str | None
         local_stop = SIGNAL
     elif run.deadline is not None and time.monotonic() >= run.deadline:
         local_stop = WALL_TIME
-    metrics, totals, rows = interval_metrics(run.engine, window, run.world, run.n_params, run.peak,
-                                             run.health.row(local_stop))
+    metrics, totals, rows = interval_metrics(
+        run.engine, window, run.world, run.n_params, run.peak, run.health.row(local_stop)
+    )
     state.samples += int(totals["samples"])
     state.tokens += int(totals["tokens"])
     before = state.train_seconds
@@ -508,11 +599,17 @@ def check_divergence(run: Run, rows: list[list[float]], weights_ok: bool = True)
     if max(r[MAX_STREAK] for r in rows) < limit and weights_ok:
         return
     first, where = describe_divergence(rows, limit)
-    what = (f"{limit} consecutive non-finite steps from step {first}" if weights_ok
-            else f"non-finite weights at step {run.state.step}")
+    what = (
+        f"{limit} consecutive non-finite steps from step {first}"
+        if weights_ok
+        else f"non-finite weights at step {run.state.step}"
+    )
     good = f"{run.ckpt_root / run.last_saved}" if run.last_saved else "none"
-    raise RunStopped(ExitCode.DIVERGED, f"diverged at step {run.state.step}: {what} ({where}); "
-                     f"no checkpoint written; last good checkpoint: {good}", {"step": run.state.step})
+    raise RunStopped(
+        ExitCode.DIVERGED,
+        f"diverged at step {run.state.step}: {what} ({where}); no checkpoint written; last good checkpoint: {good}",
+        {"step": run.state.step},
+    )
 
 
 def warn_on_spike(run: Run, loss: float) -> None:
@@ -520,8 +617,12 @@ def warn_on_spike(run: Run, loss: float) -> None:
     if not math.isfinite(loss):
         return
     if factor and run.loss_mean is not None and loss > factor * run.loss_mean and run.rank == 0:
-        print(f"mosaicbert-ds: warning: loss spike at step {run.state.step}: {loss:.4g} is "
-              f"{loss / run.loss_mean:.1f}x the running mean {run.loss_mean:.4g}", file=sys.stderr, flush=True)
+        print(
+            f"mosaicbert-ds: warning: loss spike at step {run.state.step}: {loss:.4g} is "
+            f"{loss / run.loss_mean:.1f}x the running mean {run.loss_mean:.4g}",
+            file=sys.stderr,
+            flush=True,
+        )
     run.loss_mean = loss if run.loss_mean is None else 0.9 * run.loss_mean + 0.1 * loss
 
 
@@ -540,7 +641,7 @@ def save_checkpoint(run: Run) -> None:
     if dist.is_initialized():
         dist.all_reduce(reduced)
     reduced = reduced.tolist()
-    health_rows = [reduced[2 + r * SLOTS: 2 + (r + 1) * SLOTS] for r in range(run.world)]
+    health_rows = [reduced[2 + r * SLOTS : 2 + (r + 1) * SLOTS] for r in range(run.world)]
     check_divergence(run, health_rows, weights_ok=reduced[0] == 0)
     state.train_loader = run.train_loader.state_dict()
     try:
@@ -549,8 +650,11 @@ def save_checkpoint(run: Run) -> None:
         if rank == 0:
             ckpt.remove_incomplete(run.ckpt_root, tag)
         good = f"{run.ckpt_root / run.last_saved} is intact" if run.last_saved else "no earlier checkpoint"
-        raise RunStopped(ExitCode.SAVE_FAILED, f"could not save checkpoint {tag} at step {state.step}: "
-                         f"{describe_os_error(err, run.ckpt_root)}; {good}", {"step": state.step}) from None
+        raise RunStopped(
+            ExitCode.SAVE_FAILED,
+            f"could not save checkpoint {tag} at step {state.step}: {describe_os_error(err, run.ckpt_root)}; {good}",
+            {"step": state.step},
+        ) from None
     run.last_saved = tag
     if rank == 0:
         ckpt.prune(run.ckpt_root, run.cfg.checkpoint.keep_last)
@@ -578,10 +682,19 @@ def run_ds_config(cfg: RunConfig, world: int) -> tuple[dict[str, Any], int]:
     else:
         o = cfg.optimizer
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-        ds_config = build_ds_config(global_batch=cfg.batch.global_batch, micro_batch=cfg.batch.micro_batch,
-                                    world_size=world, lr=o.lr, betas=o.betas, eps=o.eps,
-                                    weight_decay=o.weight_decay, optimizer=o.name, zero_stage=o.zero_stage,
-                                    gradient_clipping=o.gradient_clipping, bf16=bf16)
+        ds_config = build_ds_config(
+            global_batch=cfg.batch.global_batch,
+            micro_batch=cfg.batch.micro_batch,
+            world_size=world,
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            optimizer=o.name,
+            zero_stage=o.zero_stage,
+            gradient_clipping=o.gradient_clipping,
+            bf16=bf16,
+        )
     total_steps = cfg.duration.steps or math.ceil(cfg.duration.samples / ds_config["train_batch_size"])
     return ds_config, total_steps
 
@@ -589,15 +702,25 @@ def run_ds_config(cfg: RunConfig, world: int) -> tuple[dict[str, Any], int]:
 def warn_on_batch_change(state: TrainerState, global_batch: int, rank: int) -> None:
     old = state.global_batch
     if old and old != global_batch and rank == 0:
-        print(f"mosaicbert-ds: warning: the global batch changes from {old} to {global_batch} sequences on "
-              f"resume: from step {state.step} on each step sees {global_batch} sequences (the learning-rate "
-              "schedule, duration.steps and the interval settings count steps of the new size; "
-              "duration.samples and the data position count samples)", file=sys.stderr, flush=True)
+        print(
+            f"mosaicbert-ds: warning: the global batch changes from {old} to {global_batch} sequences on "
+            f"resume: from step {state.step} on each step sees {global_batch} sequences (the learning-rate "
+            "schedule, duration.steps and the interval settings count steps of the new size; "
+            "duration.samples and the data position count samples)",
+            file=sys.stderr,
+            flush=True,
+        )
     state.global_batch = global_batch
 
 
-def write_run_files(cfg: RunConfig, ds_config: dict[str, Any], model_config: MosaicBertConfig,
-                    info: dict[str, Any], out_dir: Path, ckpt_root: Path) -> None:
+def write_run_files(
+    cfg: RunConfig,
+    ds_config: dict[str, Any],
+    model_config: MosaicBertConfig,
+    info: dict[str, Any],
+    out_dir: Path,
+    ckpt_root: Path,
+) -> None:
     """Rank 0: the resolved configs, and what export needs beside the checkpoints."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "run_config.json", cfg.to_dict())
@@ -620,7 +743,7 @@ class OutputLock:
         self.fd = fd
 
     @classmethod
-    def acquire_on_rank0(cls, out_dir: Path, rank: int) -> "OutputLock":
+    def acquire_on_rank0(cls, out_dir: Path, rank: int) -> OutputLock:
         fd, holder = None, ""
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -640,8 +763,9 @@ class OutputLock:
             dist.all_reduce(busy)
         if busy.item():
             where = f" ({holder})" if holder else ""
-            raise UserError(f"output_dir {out_dir} is in use by another run{where}; wait for it to end or "
-                            "choose another output_dir")
+            raise UserError(
+                f"output_dir {out_dir} is in use by another run{where}; wait for it to end or choose another output_dir"
+            )
         return cls(fd)
 
     def release(self) -> None:
@@ -661,9 +785,13 @@ def check_train_seconds(run: Run, before: float, step_seconds: float) -> None:
         if state.train_seconds >= budget:
             run.budget_reached = True
         elif before > 0:  # the first interval holds start-up and compilation: not a step time
-            fit_schedule_to_budget(run.engine.lr_scheduler.lr_lambdas[0], state.step,
-                                   (budget - state.train_seconds) / step_seconds, run.total_steps,
-                                   cfg.schedule.warmup_fraction)
+            fit_schedule_to_budget(
+                run.engine.lr_scheduler.lr_lambdas[0],
+                state.step,
+                (budget - state.train_seconds) / step_seconds,
+                run.total_steps,
+                cfg.schedule.warmup_fraction,
+            )
 
 
 def _crossed(before: float, after: float, interval: float) -> bool:
@@ -684,6 +812,9 @@ def main(args: argparse.Namespace) -> int:
         return int(stopped.code)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
-    print(json.dumps({k: summary[k] for k in summary if k != "ds_config"}, indent=1) if not args.dry_run
-          else f"run file OK: {summary['world_size']} rank(s), {summary['total_steps']} steps")
+    print(
+        json.dumps({k: summary[k] for k in summary if k != "ds_config"}, indent=1)
+        if not args.dry_run
+        else f"run file OK: {summary['world_size']} rank(s), {summary['total_steps']} steps"
+    )
     return 0

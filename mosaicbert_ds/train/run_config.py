@@ -32,7 +32,8 @@ class ModelSection:
     """MosaicBertConfig keys that change the preset (the ablation switches, dropout, ...)."""
     init_from: str = ""
     """A model folder to start from (import, export, or a raw BERT / MosaicBERT folder): step 0,
-    fresh optimizer and schedule, the sizes from the source (a conflicting preset is an error; leave model.preset empty)."""
+    fresh optimizer and schedule, the sizes from the source (a conflicting preset is an error; leave
+    model.preset empty)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (less memory, about a third more compute)."""
 
@@ -171,36 +172,56 @@ class RunConfig:
             if not cond:
                 raise UserError(message)
 
-        need(bool(self.model.preset) or bool(self.model.init_from),
-             "model.preset is empty: name a preset or set model.init_from")
+        need(
+            bool(self.model.preset) or bool(self.model.init_from),
+            "model.preset is empty: name a preset or set model.init_from",
+        )
         need(bool(self.data.path), "data.path is not set: point it at a dataset written by `mosaicbert-ds convert`")
-        need(0.0 < self.data.mlm_probability < 1.0, f"data.mlm_probability must be in (0, 1), got {self.data.mlm_probability}")
+        need(
+            0.0 < self.data.mlm_probability < 1.0,
+            f"data.mlm_probability must be in (0, 1), got {self.data.mlm_probability}",
+        )
         need(0.0 < self.data.eval_mlm_probability < 1.0, "data.eval_mlm_probability must be in (0, 1)")
         need(self.batch.global_batch > 0 and self.batch.micro_batch > 0, "batch sizes must be positive")
-        need(self.batch.global_batch % self.batch.micro_batch == 0,
-             f"batch.global_batch ({self.batch.global_batch}) is not a multiple of batch.micro_batch "
-             f"({self.batch.micro_batch})")
-        need(self.optimizer.name in ("adamw", "lamb"), f"optimizer.name must be adamw or lamb, got {self.optimizer.name!r}")
+        need(
+            self.batch.global_batch % self.batch.micro_batch == 0,
+            f"batch.global_batch ({self.batch.global_batch}) is not a multiple of batch.micro_batch "
+            f"({self.batch.micro_batch})",
+        )
+        need(
+            self.optimizer.name in ("adamw", "lamb"),
+            f"optimizer.name must be adamw or lamb, got {self.optimizer.name!r}",
+        )
         need(self.optimizer.lr > 0, "optimizer.lr must be positive")
         need(len(self.optimizer.betas) == 2, "optimizer.betas must be two numbers")
         need(self.optimizer.zero_stage in (None, 0, 1, 2), "optimizer.zero_stage must be 0, 1 or 2")
         need(0.0 <= self.schedule.warmup_fraction < 1.0, "schedule.warmup_fraction must be in [0, 1)")
         need(0.0 <= self.schedule.final_lr_ratio <= 1.0, "schedule.final_lr_ratio must be in [0, 1]")
-        need((self.duration.steps is None) != (self.duration.samples is None),
-             "set exactly one of duration.steps and duration.samples")
+        need(
+            (self.duration.steps is None) != (self.duration.samples is None),
+            "set exactly one of duration.steps and duration.samples",
+        )
         need((self.duration.steps or self.duration.samples or 0) > 0, "the duration must be positive")
-        need(self.duration.train_seconds is None or self.duration.train_seconds > 0,
-             "duration.train_seconds must be positive")
-        need(self.eval.interval_seconds >= 0 and self.checkpoint.interval_seconds >= 0,
-             "eval.interval_seconds and checkpoint.interval_seconds must be >= 0")
-        need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        need(
+            self.duration.train_seconds is None or self.duration.train_seconds > 0,
+            "duration.train_seconds must be positive",
+        )
+        need(
+            self.eval.interval_seconds >= 0 and self.checkpoint.interval_seconds >= 0,
+            "eval.interval_seconds and checkpoint.interval_seconds must be >= 0",
+        )
+        need(
+            self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}"
+        )
         for name in ("eval.interval", "eval.batches", "checkpoint.interval", "checkpoint.keep_last"):
             section, key = name.split(".")
             need(getattr(getattr(self, section), key) >= 0, f"{name} must be >= 0")
         need(self.log.interval > 0, "log.interval must be positive")
         need(self.divergence.max_nonfinite_steps > 0, "divergence.max_nonfinite_steps must be positive")
-        need(self.divergence.spike_factor == 0 or self.divergence.spike_factor > 1,
-             "divergence.spike_factor must be 0 (off) or above 1")
+        need(
+            self.divergence.spike_factor == 0 or self.divergence.spike_factor > 1,
+            "divergence.spike_factor must be 0 (off) or above 1",
+        )
         if self.duration.wall_time is not None:
             from .stops import parse_duration
 
@@ -212,8 +233,10 @@ class RunConfig:
             need(not self.data.padded, "cuda_graphs needs packed batches (data.padded: false)")
             need(not self.compile, "cuda_graphs and compile are exclusive: pick one")
             need(self.precision != "fp32", "cuda_graphs runs the bf16 path: precision must be auto or bf16")
-            need(self.optimizer.zero_stage in (None, 1) and self.optimizer.name == "adamw",
-                 "cuda_graphs needs DeepSpeed's BF16_Optimizer: optimizer adamw at ZeRO stage 1")
+            need(
+                self.optimizer.zero_stage in (None, 1) and self.optimizer.name == "adamw",
+                "cuda_graphs needs DeepSpeed's BF16_Optimizer: optimizer adamw at ZeRO stage 1",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,14 +262,26 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if base is str and isinstance(value, str):
         return value
     if base is tuple and isinstance(value, (list, tuple)):
-        numbers = [v if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   else _as_float(v) if isinstance(v, str) else None for v in value]
+        numbers = [
+            v
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            else _as_float(v)
+            if isinstance(v, str)
+            else None
+            for v in value
+        ]
         if all(v is not None for v in numbers):
             return tuple(float(v) for v in numbers)
     if base is dict and isinstance(value, dict):
         return value
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            tuple: "a list of numbers", dict: "a mapping"}[base]
+    kind = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        tuple: "a list of numbers",
+        dict: "a mapping",
+    }[base]
     raise UserError(f"{where} must be {kind}, got {value!r}")
 
 
@@ -275,8 +310,9 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
         if not isinstance(key, (str, int, float, bool, type(None))):
             continue  # construct_mapping reports unhashable keys itself
         if key in seen:
-            raise _DuplicateKey(f"line {line}: duplicate key {key!r} (first on line {seen[key]}); "
-                                "give each section and key once")
+            raise _DuplicateKey(
+                f"line {line}: duplicate key {key!r} (first on line {seen[key]}); give each section and key once"
+            )
         seen[key] = line
     return loader.construct_mapping(node, deep=deep)
 
@@ -306,8 +342,13 @@ def check_model_config(cfg: RunConfig) -> None:
         MosaicBertConfig.from_name(cfg.model.preset, **overrides)
     except (ValueError, TypeError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = ("model.preset" if message.startswith("unknown model preset")
-                 else "model.overrides" if cfg.model.overrides else "model")
+        where = (
+            "model.preset"
+            if message.startswith("unknown model preset")
+            else "model.overrides"
+            if cfg.model.overrides
+            else "model"
+        )
         raise UserError(f"{where}: {message}") from None
 
 
@@ -318,8 +359,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"unknown key(s) {', '.join(where + k for k in unknown)} "
-                        f"(known: {', '.join(sorted(names))})")
+        raise UserError(f"unknown key(s) {', '.join(where + k for k in unknown)} (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -374,8 +414,11 @@ def load_run_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
     path = resolve_run_file(name_or_path)
     try:
         text = path.read_text()
-        tree = (json.loads(text, object_pairs_hook=_unique_json_pairs) if path.suffix == ".json"
-                else yaml.load(text, Loader=_UniqueKeyLoader))
+        tree = (
+            json.loads(text, object_pairs_hook=_unique_json_pairs)
+            if path.suffix == ".json"
+            else yaml.load(text, Loader=_UniqueKeyLoader)
+        )
     except _DuplicateKey as err:
         raise UserError(f"run file {path}, {err}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:

@@ -15,8 +15,9 @@ class WarmupLinearDecay:
     last (finetuning: decay to 0 while every update still has a non-zero rate).
     """
 
-    def __init__(self, total_steps: int, warmup_fraction: float, final_ratio: float,
-                 floor_after_last_step: bool = False) -> None:
+    def __init__(
+        self, total_steps: int, warmup_fraction: float, final_ratio: float, floor_after_last_step: bool = False
+    ) -> None:
         self.total_steps = total_steps
         self.warmup_steps = round(total_steps * warmup_fraction)
         self.final_ratio = final_ratio
@@ -31,8 +32,9 @@ class WarmupLinearDecay:
         return 1.0 - (1.0 - self.final_ratio) * progress
 
 
-def fit_schedule_to_budget(schedule: WarmupLinearDecay, step: int, steps_left: float, max_steps: int,
-                           warmup_fraction: float) -> None:
+def fit_schedule_to_budget(
+    schedule: WarmupLinearDecay, step: int, steps_left: float, max_steps: int, warmup_fraction: float
+) -> None:
     """Fit a schedule to a wall-clock budget from the latest estimate of the steps it has left.
 
     The warmup length is set once, from the first estimate (after the start-up interval), so that
@@ -49,21 +51,23 @@ def make_scheduler(total_steps: int, warmup_fraction: float, final_ratio: float)
     """A callable DeepSpeed gives the optimizer to, returning a LambdaLR (checkpointed by DeepSpeed)."""
 
     def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(total_steps, warmup_fraction, final_ratio))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupLinearDecay(total_steps, warmup_fraction, final_ratio)
+        )
 
     return build
 
 
-def retarget_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, warmup_fraction: float,
-                      final_ratio: float) -> int:
+def retarget_schedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, warmup_fraction: float, final_ratio: float
+) -> int:
     """Set a (resumed) scheduler's schedule to this run's duration; returns the total it had.
 
     A LambdaLR checkpoint restores its lambda's fields, so a resumed run would keep the old total
     (and sit at the floor past it). The learning rate of the current step is recomputed at once."""
     fn = scheduler.lr_lambdas[0]
     old = fn.total_steps
-    scheduler.lr_lambdas = [WarmupLinearDecay(total_steps, warmup_fraction, final_ratio)
-                            for _ in scheduler.lr_lambdas]
+    scheduler.lr_lambdas = [WarmupLinearDecay(total_steps, warmup_fraction, final_ratio) for _ in scheduler.lr_lambdas]
     lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr

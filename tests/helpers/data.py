@@ -50,15 +50,22 @@ def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
     return path
 
 
-def convert_docs(tmp_path: Path, docs: list[str], name: str = "ds", tokenizer: Path | None = None,
-                 **options: Any) -> Path:
+def convert_docs(
+    tmp_path: Path, docs: list[str], name: str = "ds", tokenizer: Path | None = None, **options: Any
+) -> Path:
     """Convert `docs` (as JSONL) with the session tokenizer (or `tokenizer`); options go to ConvertConfig."""
     src = write_jsonl(tmp_path / f"{name}.jsonl", docs)
     out = tmp_path / name
     options.setdefault("workers", 1)
     options.setdefault("progress", False)
-    convert_corpus(ConvertConfig(source=SourceConfig(paths=[str(src)]), out=str(out),
-                          tokenizer=str(tokenizer or _cache["tokenizer"]), **options))
+    convert_corpus(
+        ConvertConfig(
+            source=SourceConfig(paths=[str(src)]),
+            out=str(out),
+            tokenizer=str(tokenizer or _cache["tokenizer"]),
+            **options,
+        )
+    )
     return out
 
 
@@ -66,8 +73,9 @@ def loader_dataset(tmp_path_factory) -> Path:
     """600 documents (64 held out), several shards: the dataset the loader tests share."""
     if "loader_ds" not in _cache:
         tokenizer_dir(tmp_path_factory)
-        _cache["loader_ds"] = convert_docs(tmp_path_factory.mktemp("loader"), jargon_docs(600),
-                                           val_docs=64, shard_size="24kb")
+        _cache["loader_ds"] = convert_docs(
+            tmp_path_factory.mktemp("loader"), jargon_docs(600), val_docs=64, shard_size="24kb"
+        )
     return _cache["loader_ds"]
 
 
@@ -77,7 +85,9 @@ def read_split(path: Path, split: str) -> list[np.ndarray]:
 
     dtype = json.loads((Path(path) / "mosaicbert_index.json").read_text())["token_dtype"]
     ds = StreamingDataset(local=str(path), split=split, batch_size=1)
-    samples = [np.frombuffer(ds[i]["input_ids"], dtype=np.dtype(dtype).newbyteorder("<")) for i in range(ds.num_samples)]
+    samples = [
+        np.frombuffer(ds[i]["input_ids"], dtype=np.dtype(dtype).newbyteorder("<")) for i in range(ds.num_samples)
+    ]
     assert [len(s) for s in samples] == [ds[i]["length"] for i in range(ds.num_samples)]
     return samples
 

@@ -39,8 +39,9 @@ def make_mosaic_model(folder: Path, seed: int = 0, vocab_size: int | None = None
     """A tiny MosaicBERT MLM model with its tokenizer, as the exporter would leave it."""
     tok = make_tokenizer(folder)
     torch.manual_seed(seed)
-    config = MosaicBertConfig.from_name("tiny", vocab_size=vocab_size or len(tok), attention_impl="torch",
-                                        fused_ops=False)
+    config = MosaicBertConfig.from_name(
+        "tiny", vocab_size=vocab_size or len(tok), attention_impl="torch", fused_ops=False
+    )
     MosaicBertForMaskedLM(config).save_pretrained(str(folder))
     return folder
 
@@ -49,14 +50,21 @@ def make_bert_model(folder: Path, seed: int = 0) -> Path:
     """A tiny plain Hugging Face BERT (the baseline's architecture) with the same tokenizer."""
     tok = make_tokenizer(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=300)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=300,
+    )
     BertForMaskedLM(config).save_pretrained(str(folder))
     return folder
 
 
-def make_trainer_checkpoint(run_dir: Path, step: int, train_seconds: float, seed: int = 0,
-                            vocab_size: int | None = None) -> Path:
+def make_trainer_checkpoint(
+    run_dir: Path, step: int, train_seconds: float, seed: int = 0, vocab_size: int | None = None
+) -> Path:
     """A run's checkpoints/ folder in the trainer's layout (ZeRO stage 0, one rank): what
     `mosaicbert_ds.train.export.export_checkpoint` reads."""
     root = run_dir / "checkpoints"
@@ -64,8 +72,9 @@ def make_trainer_checkpoint(run_dir: Path, step: int, train_seconds: float, seed
     (root / tag).mkdir(parents=True)
     tok = make_tokenizer(root / "tokenizer")
     torch.manual_seed(seed)
-    config = MosaicBertConfig.from_name("tiny", vocab_size=vocab_size or len(tok), attention_impl="torch",
-                                        fused_ops=False)
+    config = MosaicBertConfig.from_name(
+        "tiny", vocab_size=vocab_size or len(tok), attention_impl="torch", fused_ops=False
+    )
     config.to_json_file(str(root / "model_config.json"))
     torch.save({"module": MosaicBertForMaskedLM(config).state_dict()}, root / tag / "mp_rank_00_model_states.pt")
     (root / tag / "trainer_state.json").write_text(json.dumps({"step": step, "train_seconds": train_seconds}))

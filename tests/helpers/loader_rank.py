@@ -17,9 +17,15 @@ from mosaicbert_ds.data import build_mlm_dataloader, sample_tokens
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    loader = build_mlm_dataloader(cfg["path"], split="train", batch_size=cfg["batch_size"], mlm_probability=0.3,
-                                  seed=cfg["seed"], num_canonical_nodes=cfg["ncn"],
-                                  remote_cache=cfg.get("remote_cache"))
+    loader = build_mlm_dataloader(
+        cfg["path"],
+        split="train",
+        batch_size=cfg["batch_size"],
+        mlm_probability=0.3,
+        seed=cfg["seed"],
+        num_canonical_nodes=cfg["ncn"],
+        remote_cache=cfg.get("remote_cache"),
+    )
     if cfg.get("state_in"):
         with open(cfg["state_in"]) as f:
             loader.load_state_dict(json.load(f))

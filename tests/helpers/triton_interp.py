@@ -70,8 +70,13 @@ def fresh_process_test(path: str, in_process: bool, timeout: int):
     @pytest.mark.skipif(ON_GPU or in_process, reason="the interpreter works in this process")
     def test_in_fresh_interpreter():
         env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
     return interpreted_here, test_in_fresh_interpreter

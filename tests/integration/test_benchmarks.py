@@ -17,10 +17,27 @@ import torch
 
 from mosaicbert_ds.benchmarks import cli as bench_cli
 from mosaicbert_ds.benchmarks import report as rep
-from mosaicbert_ds.benchmarks.scaling_model import (DS_CONFIG_DIR, GPU_COUNTS, Assumptions, CommPlan, ComputeProfile, Network,
-                                      bf16_zero1_plan, comm_plan, make_network, measured_efficiency, predict,
-                                      predict_ds_configs, predict_grid, profiles_from_results, read_ds_configs,
-                                      ring_allgather_time, ring_allreduce_time, step_time, validate)
+from mosaicbert_ds.benchmarks.scaling_model import (
+    DS_CONFIG_DIR,
+    GPU_COUNTS,
+    Assumptions,
+    CommPlan,
+    ComputeProfile,
+    Network,
+    bf16_zero1_plan,
+    comm_plan,
+    make_network,
+    measured_efficiency,
+    predict,
+    predict_ds_configs,
+    predict_grid,
+    profiles_from_results,
+    read_ds_configs,
+    ring_allgather_time,
+    ring_allreduce_time,
+    step_time,
+    validate,
+)
 from mosaicbert_ds.cli import main as cli_main
 
 P_BASE = 137_400_384
@@ -66,8 +83,10 @@ def test_network_one_node_then_node_nics():
 
 
 def test_measured_busbw_becomes_the_intra_default():
-    allreduce = [{"world_size": 2, "bytes": 2 * P_BASE, "seconds": P_BASE * 2 / 200e9, "busbw_gbps": 200.0},
-                 {"world_size": 4, "bytes": 4 * P_BASE, "seconds": 1.5 * 4 * P_BASE / 250e9, "busbw_gbps": 250.0}]
+    allreduce = [
+        {"world_size": 2, "bytes": 2 * P_BASE, "seconds": P_BASE * 2 / 200e9, "busbw_gbps": 200.0},
+        {"world_size": 4, "bytes": 4 * P_BASE, "seconds": 1.5 * 4 * P_BASE / 250e9, "busbw_gbps": 250.0},
+    ]
     net = make_network(allreduce=allreduce)
     assert net.intra_busbw == pytest.approx(250e9) and "measured" in net.intra_source
     assert make_network(allreduce=allreduce, intra_busbw=111e9).intra_busbw == 111e9
@@ -81,8 +100,12 @@ def test_comm_plan_follows_deepspeeds_paths():
     cfg = json.loads((DS_CONFIG_DIR / "mosaicbert-base_8gpu.json").read_text())
     plan = comm_plan(cfg, 1000)
     # BF16_Optimizer: bf16 all-reduce of the gradients, then all-gather of the bf16 parameters
-    assert (plan.path, plan.allreduce_bytes, plan.allgather_bytes, plan.optimizer_sharded) == \
-        ("BF16_Optimizer", 2000, 2000, True)
+    assert (plan.path, plan.allreduce_bytes, plan.allgather_bytes, plan.optimizer_sharded) == (
+        "BF16_Optimizer",
+        2000,
+        2000,
+        True,
+    )
     assert comm_plan({**cfg, "communication_data_type": "fp32"}, 1000).allreduce_bytes == 4000
     lamb = comm_plan(json.loads((DS_CONFIG_DIR / "mosaicbert-base_64gpu_lamb.json").read_text()), 1000)
     assert (lamb.allreduce_bytes, lamb.allgather_bytes, lamb.optimizer_sharded) == (4000, 0, False)
@@ -102,16 +125,14 @@ def test_step_time_by_hand_with_and_without_overlap():
     s = step_time(0.003, 4, 0.004, 8, plan, host(), overlap=True, assumptions=EXACT)
     assert s.exposed_comm == pytest.approx(0.0015 + 0.00175)
     # unsharded optimizer (ZeRO-0) does not shrink with n
-    z0 = step_time(0.03, 4, 0.004, 8, replace(plan, optimizer_sharded=False), host(), overlap=False,
-                   assumptions=EXACT)
+    z0 = step_time(0.03, 4, 0.004, 8, replace(plan, optimizer_sharded=False), host(), overlap=False, assumptions=EXACT)
     assert z0.optimizer == 0.004
 
 
 def test_throughput_mfu_and_cost_by_hand():
     profile = ComputeProfile("base", 100_000_000, 0.0, ((128, 0.1),), None, "measured: fixture")
     a = Assumptions(tokens_per_sample=100, peak_flops=1e15, price_per_gpu_hour=2.0)
-    p = predict(profile, host(), gpus=1, global_batch=128, micro_batch=128, plan=bf16_zero1_plan(10**8),
-                assumptions=a)
+    p = predict(profile, host(), gpus=1, global_batch=128, micro_batch=128, plan=bf16_zero1_plan(10**8), assumptions=a)
     # 128 samples in 0.1 s = 1280 samples/s, x 100 tokens = 128,000 tokens/s
     assert (p.step_time_sec, p.samples_per_sec, p.tokens_per_sec) == pytest.approx((0.1, 1280, 128_000))
     # Appendix H: 6 x 1e8 x 128,000 / (1 x 1e15) = 0.0768
@@ -146,14 +167,18 @@ def test_more_gpus_more_tokens_lower_efficiency():
         tps, eff = _weak_line(base_profile(), net)
         assert all(b > a for a, b in zip(tps, tps[1:])), tps
         i8 = GPU_COUNTS.index(8)
-        assert all(b < a for a, b in zip(eff[i8:], eff[i8 + 1:])) and eff[-1] < 1, eff
+        assert all(b < a for a, b in zip(eff[i8:], eff[i8 + 1 :])) and eff[-1] < 1, eff
     # a slower network costs throughput once the ring leaves the node, and only then
     profile = base_profile()
-    fast, slow = (predict(profile, make_network(inter), gpus=64, global_batch=32768, micro_batch=128)
-                  for inter in ("ib-8x400g", "eth-100g"))
+    fast, slow = (
+        predict(profile, make_network(inter), gpus=64, global_batch=32768, micro_batch=128)
+        for inter in ("ib-8x400g", "eth-100g")
+    )
     assert slow.tokens_per_sec < fast.tokens_per_sec
-    in_node = [predict(profile, make_network(inter), gpus=8, global_batch=4096, micro_batch=128).tokens_per_sec
-               for inter in ("ib-8x400g", "eth-100g")]
+    in_node = [
+        predict(profile, make_network(inter), gpus=8, global_batch=4096, micro_batch=128).tokens_per_sec
+        for inter in ("ib-8x400g", "eth-100g")
+    ]
     assert in_node[0] == in_node[1]
 
 
@@ -173,8 +198,12 @@ def test_every_shipped_ds_config_gets_both_rows():
     assert sorted({p.config for p in preds}) == files and len(preds) == 2 * len(files)
     for p in preds:
         run = next(r for r in runs if r.file == p.config)
-        assert (p.gpus, p.global_batch, p.micro_batch, p.accumulation) == \
-            (run.gpus, run.global_batch, run.micro_batch, run.accumulation)
+        assert (p.gpus, p.global_batch, p.micro_batch, p.accumulation) == (
+            run.gpus,
+            run.global_batch,
+            run.micro_batch,
+            run.accumulation,
+        )
         assert p.tokens_per_sec > 0 and 0 < p.mfu < 1 and p.cost_usd > 0 and p.kind == "prediction"
         if p.model == "base":  # the fixture measured micro 128; other sizes are scaled and say so
             assert p.compute_note == ("measured" if p.micro_batch == 128 else "extrapolated")
@@ -213,35 +242,98 @@ def scaling_fixture(busbw: float = 300e9, slow: dict[int, float] | None = None) 
             comm = 0 if n == 1 else 2 * (n - 1) / n * nbytes / busbw + (n - 1) / n * nbytes / busbw
             step = (accum * t_micro + t_opt * (0.25 + 0.75 / n) + comm) * (slow or {}).get(n, 1.0)
             g = 128 * accum * n
-            points.append({"world_size": n, "mode": mode, "global_batch": g, "micro_batch": 128,
-                           "accumulation": accum, "real_tokens_per_sec": g * 112.0 / step, "step_time_sec": step,
-                           "mfu": 0.4})
-    allreduce = [{"world_size": n, "dtype": "bfloat16", "bytes": nbytes, "seconds": 2 * (n - 1) / n * nbytes / busbw,
-                  "busbw_gbps": busbw / 1e9} for n in (2, 4)]
-    return {"device": "NVIDIA H200", "model": "base", "params": P_BASE, "compute_sec_per_micro": t_micro,
-            "optimizer_sec": t_opt, "points": points, "allreduce": allreduce}
+            points.append(
+                {
+                    "world_size": n,
+                    "mode": mode,
+                    "global_batch": g,
+                    "micro_batch": 128,
+                    "accumulation": accum,
+                    "real_tokens_per_sec": g * 112.0 / step,
+                    "step_time_sec": step,
+                    "mfu": 0.4,
+                }
+            )
+    allreduce = [
+        {
+            "world_size": n,
+            "dtype": "bfloat16",
+            "bytes": nbytes,
+            "seconds": 2 * (n - 1) / n * nbytes / busbw,
+            "busbw_gbps": busbw / 1e9,
+        }
+        for n in (2, 4)
+    ]
+    return {
+        "device": "NVIDIA H200",
+        "model": "base",
+        "params": P_BASE,
+        "compute_sec_per_micro": t_micro,
+        "optimizer_sec": t_opt,
+        "points": points,
+        "allreduce": allreduce,
+    }
 
 
 def throughput_fixture() -> dict:
     rows = []
     for model, name, params, micro, step, baseline in [
-            ("base", "mosaicbert-base @128", P_BASE, 128, 0.034, "bert-base @128"),
-            ("bert-base", "bert-base @128", 109_514_298, 128, 0.06, None),
-            ("large", "mosaicbert-large @64", 435_221_312, 64, 0.05, None)]:
-        rows.append({"name": name, "model": model, "micro_batch": micro, "accumulation": 1, "world_size": 1,
-                     "params": params, "real_tokens_per_sec": micro * 112 / step, "samples_per_sec": micro / step,
-                     "step_time_sec": step, "mfu": 0.4, "mfu_exact": 0.45, "peak_mem_gib": 20.0, "baseline": baseline})
-    rows.append({"name": "bare step (no DeepSpeed)", "micro_batch": 256, "params": P_BASE,
-                 "real_tokens_per_sec": 1e6, "step_time_sec": 0.03, "peak_mem_gib": 30.0, "mfu": 0.5, "baseline": None})
+        ("base", "mosaicbert-base @128", P_BASE, 128, 0.034, "bert-base @128"),
+        ("bert-base", "bert-base @128", 109_514_298, 128, 0.06, None),
+        ("large", "mosaicbert-large @64", 435_221_312, 64, 0.05, None),
+    ]:
+        rows.append(
+            {
+                "name": name,
+                "model": model,
+                "micro_batch": micro,
+                "accumulation": 1,
+                "world_size": 1,
+                "params": params,
+                "real_tokens_per_sec": micro * 112 / step,
+                "samples_per_sec": micro / step,
+                "step_time_sec": step,
+                "mfu": 0.4,
+                "mfu_exact": 0.45,
+                "peak_mem_gib": 20.0,
+                "baseline": baseline,
+            }
+        )
+    rows.append(
+        {
+            "name": "bare step (no DeepSpeed)",
+            "micro_batch": 256,
+            "params": P_BASE,
+            "real_tokens_per_sec": 1e6,
+            "step_time_sec": 0.03,
+            "peak_mem_gib": 30.0,
+            "mfu": 0.5,
+            "baseline": None,
+        }
+    )
     return {"device": "NVIDIA H200", "rows": rows}
 
 
 def ablation_fixture() -> dict:
     names = ["BERT-Base", "+ attention dropout 0", "+ GLU", "MosaicBERT-Base"]
-    return {"device": "NVIDIA H200", "rows": [
-        {"name": n, "model": "ablation", "micro_batch": 128, "real_tokens_per_sec": 1e5 * (i + 1),
-         "samples_per_sec": 1e3 * (i + 1), "step_time_sec": 0.1, "mfu": 0.1 * (i + 1), "mfu_exact": None,
-         "peak_mem_gib": 10.0, "baseline": "BERT-Base"} for i, n in enumerate(names)]}
+    return {
+        "device": "NVIDIA H200",
+        "rows": [
+            {
+                "name": n,
+                "model": "ablation",
+                "micro_batch": 128,
+                "real_tokens_per_sec": 1e5 * (i + 1),
+                "samples_per_sec": 1e3 * (i + 1),
+                "step_time_sec": 0.1,
+                "mfu": 0.1 * (i + 1),
+                "mfu_exact": None,
+                "peak_mem_gib": 10.0,
+                "baseline": "BERT-Base",
+            }
+            for i, n in enumerate(names)
+        ],
+    }
 
 
 def test_validate_reproduces_hand_built_points_and_flags_misses():
@@ -285,6 +377,7 @@ def test_profiles_from_the_scripts_formats():
 def _strict_json(path: Path) -> dict:
     def refuse(name):
         raise ValueError(f"{name} in {path}")
+
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
@@ -295,8 +388,13 @@ def test_report_folder_from_all_sections(tmp_path):
     out = rep.run_folder("NVIDIA H200", report["date"], root=tmp_path)
     assert out == tmp_path / "nvidia-h200_2030-01-01"
     written = rep.write_report(report, out)
-    assert {p.name for p in written} == {"report.md", "report.json", "scaling_tokens.png", "scaling_mfu.png",
-                                         "ablations.png"}
+    assert {p.name for p in written} == {
+        "report.md",
+        "report.json",
+        "scaling_tokens.png",
+        "scaling_mfu.png",
+        "ablations.png",
+    }
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     data = _strict_json(out / "report.json")
@@ -333,8 +431,26 @@ def test_report_with_missing_sections(tmp_path):
 
 def test_cli_model_from_numbers(capsys, tmp_path):
     out = tmp_path / "pred.json"
-    code = cli_main(["bench", "model", "--compute-sec-per-micro", "0.03", "--micro", "128", "--optimizer-sec",
-                     "0.004", "--params", str(P_BASE), "--inter", "eth-100g", "--price", "3", "--json", str(out)])
+    code = cli_main(
+        [
+            "bench",
+            "model",
+            "--compute-sec-per-micro",
+            "0.03",
+            "--micro",
+            "128",
+            "--optimizer-sec",
+            "0.004",
+            "--params",
+            str(P_BASE),
+            "--inter",
+            "eth-100g",
+            "--price",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0 and "PREDICTED" in text and "$3 per GPU-hour" in text
     for name in (p.name for p in DS_CONFIG_DIR.glob("*.json")):
@@ -351,8 +467,20 @@ def test_cli_model_and_report_from_json(capsys, tmp_path):
     for name, fixture in (("t.json", throughput_fixture()), ("a.json", ablation_fixture())):
         files.append(tmp_path / name)
         files[-1].write_text(json.dumps(fixture))
-    code = cli_main(["bench", "report", str(scaling), *map(str, files), "--root", str(tmp_path / "res"),
-                     "--date", "2030-01-02", "--hardware", "H200 test"])
+    code = cli_main(
+        [
+            "bench",
+            "report",
+            str(scaling),
+            *map(str, files),
+            "--root",
+            str(tmp_path / "res"),
+            "--date",
+            "2030-01-02",
+            "--hardware",
+            "H200 test",
+        ]
+    )
     assert code == 0 and (tmp_path / "res" / "h200-test_2030-01-02" / "report.md").is_file()
     assert "max error" in capsys.readouterr().out
 
@@ -372,8 +500,16 @@ def test_cli_forwards_arguments_to_modules(monkeypatch, capsys):
 
     monkeypatch.setattr(bench_cli.subprocess, "run", lambda argv: calls.append(argv) or Done())
     assert cli_main(["bench", "ablations", "--steps", "3", "--out", "a.json"]) == 3
-    assert calls[-1] == [sys.executable, "-m", "mosaicbert_ds.benchmarks.throughput", "--ablations", "--steps", "3",
-                         "--out", "a.json"]
+    assert calls[-1] == [
+        sys.executable,
+        "-m",
+        "mosaicbert_ds.benchmarks.throughput",
+        "--ablations",
+        "--steps",
+        "3",
+        "--out",
+        "a.json",
+    ]
     assert cli_main(["bench", "step", "--quick"]) == 3
     assert calls[-1][2:] == ["mosaicbert_ds.benchmarks.step", "--quick"]
     monkeypatch.setitem(bench_cli.RUNNERS, "scaling", ("benchmarks.not_written_yet", []))
@@ -441,27 +577,72 @@ def test_report_states_commit_and_command_from_the_json_or_sources_json(tmp_path
     folder = tmp_path / "h200_2030-01-03"
     (folder / "raw").mkdir(parents=True)
     (folder / "raw" / "throughput_abc1234.json").write_text(json.dumps(throughput_fixture()))
-    scaling = {**scaling_fixture(), "provenance": {"commit": "f" * 40, "dirty": True, "command": "python -m x --y",
-                                                   "versions": {"torch": "9.9"}, "device": "H200 test"}}
+    scaling = {
+        **scaling_fixture(),
+        "provenance": {
+            "commit": "f" * 40,
+            "dirty": True,
+            "command": "python -m x --y",
+            "versions": {"torch": "9.9"},
+            "device": "H200 test",
+        },
+    }
     (folder / "raw" / "scaling_fff.json").write_text(json.dumps(scaling))
-    step = {"kind": "step", "device": "H200 test", "pretrain": [
-        {"config": "mosaicbert (fused GLU)", "step_ms": 40.0, "real_tokens_per_sec": 6e5, "mfu": 0.5, "peak_mem_gib": 13.0},
-        {"config": "hf-bert sdpa compiled", "step_ms": 60.0, "real_tokens_per_sec": 4e5, "mfu": 0.3, "peak_mem_gib": 19.0}],
-        "finetune": []}
+    step = {
+        "kind": "step",
+        "device": "H200 test",
+        "pretrain": [
+            {
+                "config": "mosaicbert (fused GLU)",
+                "step_ms": 40.0,
+                "real_tokens_per_sec": 6e5,
+                "mfu": 0.5,
+                "peak_mem_gib": 13.0,
+            },
+            {
+                "config": "hf-bert sdpa compiled",
+                "step_ms": 60.0,
+                "real_tokens_per_sec": 4e5,
+                "mfu": 0.3,
+                "peak_mem_gib": 19.0,
+            },
+        ],
+        "finetune": [],
+    }
     (folder / "raw" / "step_abc1234.json").write_text(json.dumps(step))
     (folder / "raw" / "profile_abc1234.txt").write_text("kernels\n")
-    sources = {"environment": {"software": "torch 2.11"}, "sources": [
-        {"files": ["raw/throughput_abc1234.json"], "measures": "trainer rows", "command": "python -m benchmarks.throughput",
-         "commit": "abc1234"},
-        {"files": ["raw/step_abc1234.json"], "measures": "bare step", "command": "python -m benchmarks.step", "commit": "abc1234"},
-        {"files": ["raw/profile_abc1234.txt"], "measures": "kernels per step", "command": "python -m benchmarks.profile_step",
-         "commit": "abc1234", "code": "abc1234 + an experiment"}]}
+    sources = {
+        "environment": {"software": "torch 2.11"},
+        "sources": [
+            {
+                "files": ["raw/throughput_abc1234.json"],
+                "measures": "trainer rows",
+                "command": "python -m benchmarks.throughput",
+                "commit": "abc1234",
+            },
+            {
+                "files": ["raw/step_abc1234.json"],
+                "measures": "bare step",
+                "command": "python -m benchmarks.step",
+                "commit": "abc1234",
+            },
+            {
+                "files": ["raw/profile_abc1234.txt"],
+                "measures": "kernels per step",
+                "command": "python -m benchmarks.profile_step",
+                "commit": "abc1234",
+                "code": "abc1234 + an experiment",
+            },
+        ],
+    }
     (folder / "sources.json").write_text(json.dumps(sources))
     inputs = [str(folder / "raw" / n) for n in ("step_abc1234.json", "throughput_abc1234.json", "scaling_fff.json")]
     assert cli_main(["bench", "report", *inputs, "--out", str(folder)]) == 0
     md = (folder / "report.md").read_text()
-    assert "Measured by [raw/throughput_abc1234.json](raw/throughput_abc1234.json) at commit `abc1234`, " \
-           "`python -m benchmarks.throughput`" in md
+    assert (
+        "Measured by [raw/throughput_abc1234.json](raw/throughput_abc1234.json) at commit `abc1234`, "
+        "`python -m benchmarks.throughput`" in md
+    )
     assert "at commit `fffffff` (dirty tree), `python -m x --y`" in md and "torch 9.9" in md
     assert "| mosaicbert (fused GLU) | 40.00 | 600,000 | 50.0% | 13.0 | 1.50x hf-bert sdpa compiled |" in md
     assert "[profile_abc1234.txt](raw/profile_abc1234.txt) | kernels per step |" in md

@@ -41,8 +41,14 @@ def index_of(data) -> dict[tuple, int]:
 
 
 def loader(data, **kwargs):
-    kwargs = {"split": "train", "batch_size": 8, "mlm_probability": 0.3, "seed": SEED, "num_canonical_nodes": NCN,
-              **kwargs}
+    kwargs = {
+        "split": "train",
+        "batch_size": 8,
+        "mlm_probability": 0.3,
+        "seed": SEED,
+        "num_canonical_nodes": NCN,
+        **kwargs,
+    }
     return build_mlm_dataloader(str(data), **kwargs)
 
 
@@ -56,8 +62,11 @@ def take(it, n: int) -> list:
 
 def same_batches(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
-        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
-        and torch.equal(x["cu_seqlens"], y["cu_seqlens"]) for x, y in zip(a, b))
+        torch.equal(x["input_ids"], y["input_ids"])
+        and torch.equal(x["labels"], y["labels"])
+        and torch.equal(x["cu_seqlens"], y["cu_seqlens"])
+        for x, y in zip(a, b)
+    )
 
 
 def test_epochs_cover_the_split_and_reshuffle(data, index_of):
@@ -66,31 +75,32 @@ def test_epochs_cover_the_split_and_reshuffle(data, index_of):
     for batches in epochs:
         flat = [i for b in batches for i in b]
         assert all(len(b) == 8 for b in batches) and len(batches) == 536 // 8
-        assert len(set(flat)) == len(flat) == 536 // 8 * 8        # drop_last drops the partial batch only
+        assert len(set(flat)) == len(flat) == 536 // 8 * 8  # drop_last drops the partial batch only
     assert epochs[0] != epochs[1]
-    assert epochs[0][0] != sorted(epochs[0][0])                    # shuffled
+    assert epochs[0][0] != sorted(epochs[0][0])  # shuffled
     del ld
     gc.collect()
     again = loader(data)
-    assert [ids_of(b, index_of) for b in again] == epochs[0]       # same seed, same order
+    assert [ids_of(b, index_of) for b in again] == epochs[0]  # same seed, same order
     other = loader(data, seed=SEED + 1)
     assert [ids_of(b, index_of) for b in other] != epochs[0]
 
 
 def test_eval_loader_reads_the_val_split_in_order_with_the_same_masks(data):
     val = read_split(data, "val")
-    ld = build_mlm_dataloader(str(data), split="val", batch_size=10, mlm_probability=0.15, seed=0, shuffle=False,
-                              drop_last=False)
+    ld = build_mlm_dataloader(
+        str(data), split="val", batch_size=10, mlm_probability=0.15, seed=0, shuffle=False, drop_last=False
+    )
     first = list(ld)
     assert [s.tolist() for b in first for s in sample_tokens(b)] == [s.tolist() for s in val]
-    assert len(first[-1]["cu_seqlens"]) - 1 == 64 % 10            # the partial batch is kept
-    partial = [next(iter(ld))]                                     # an evaluation capped at one batch
+    assert len(first[-1]["cu_seqlens"]) - 1 == 64 % 10  # the partial batch is kept
+    partial = [next(iter(ld))]  # an evaluation capped at one batch
     assert same_batches(list(ld), first) and same_batches(partial, first[:1])
 
 
 def test_resume_continues_exactly(data):
     full_loader = loader(data)
-    uninterrupted = list(full_loader) + take(iter(full_loader), 20)   # epoch 0, then 20 batches of epoch 1
+    uninterrupted = list(full_loader) + take(iter(full_loader), 20)  # epoch 0, then 20 batches of epoch 1
     del full_loader
     gc.collect()
 
@@ -100,8 +110,8 @@ def test_resume_continues_exactly(data):
     assert state["sample_in_epoch"] == 25 * 8 and state["epoch"] == 0
     del first
     gc.collect()
-    second = loader(data, num_workers=2)          # another worker count must not matter
-    second.load_state_dict(json.loads(json.dumps(state)))   # as stored in a checkpoint
+    second = loader(data, num_workers=2)  # another worker count must not matter
+    second.load_state_dict(json.loads(json.dumps(state)))  # as stored in a checkpoint
     rest = list(second) + take(iter(second), 20)
     assert same_batches(seen + rest, uninterrupted)
 
@@ -123,7 +133,7 @@ def test_accumulation_steps_drop_the_last_incomplete_step(data):
     ld = loader(data, accumulation_steps=4)
     batches = list(ld)
     assert len(batches) == (536 // 8) // 4 * 4
-    assert same_batches(batches, list(loader(data))[:len(batches)])
+    assert same_batches(batches, list(loader(data))[: len(batches)])
 
 
 def global_steps(ids: np.ndarray, micro: int, accum: int) -> list[set[int]]:
@@ -135,7 +145,7 @@ def global_steps(ids: np.ndarray, micro: int, accum: int) -> list[set[int]]:
     per_rank = [ids[n, r].transpose(1, 0, 2).reshape(-1, micro) for n in range(nodes) for r in range(ranks)]
     per_rank = [p[(p >= 0).all(axis=1)] for p in per_rank]
     steps = min(len(p) for p in per_rank) // accum
-    return [{int(i) for p in per_rank for i in p[k * accum:(k + 1) * accum].ravel()} for k in range(steps)]
+    return [{int(i) for p in per_rank for i in p[k * accum : (k + 1) * accum].ravel()} for k in range(steps)]
 
 
 @pytest.mark.parametrize("ncn", [4, 8])
@@ -146,7 +156,13 @@ def test_global_step_is_the_same_set_for_every_layout(data, ncn):
     dataset._set_shuffle_block_size(World(1, 1, 1, 0))
     b = 4
     layouts = {  # (nodes, ranks per node, workers per rank): gradient accumulation for global batch 16
-        (1, 4, 1): 1, (1, 2, 1): 2, (1, 1, 1): 4, (2, 2, 1): 1, (1, 1, 2): 4, (2, 1, 2): 2}
+        (1, 4, 1): 1,
+        (1, 2, 1): 2,
+        (1, 1, 1): 4,
+        (2, 2, 1): 1,
+        (1, 1, 2): 4,
+        (2, 1, 2): 2,
+    }
     for resume_at in (0, 5 * 4 * b):
         reference = None
         for (nodes, ranks, workers), accum in layouts.items():
@@ -170,10 +186,23 @@ def run_ranks(world: int, cfg: dict, tmp_path: Path) -> list[dict]:
     procs, outs = [], []
     for rank in range(world):
         out = tmp_path / f"rank{rank}.json"
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(RANK_SCRIPT), json.dumps({**cfg, "out": str(out)})],
-                                      env=env, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(RANK_SCRIPT), json.dumps({**cfg, "out": str(out)})],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         outs.append(out)
     for p in procs:
         _, err = p.communicate(timeout=300)

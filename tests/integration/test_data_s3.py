@@ -37,10 +37,17 @@ def free_port() -> int:
 def s3(tmp_path_factory):
     """A moto S3 server in its own process; yields the environment that points at it."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     try:
         for _ in range(200):
             try:
@@ -72,17 +79,32 @@ def remote(s3, tmp_path_factory):
     from mosaicbert_ds.data.convert import ConvertConfig, convert_corpus
     from mosaicbert_ds.data.sources import SourceConfig
 
-    convert_corpus(ConvertConfig(source=SourceConfig(paths=[str(src)]), out="s3://data/jargon",
-                                 stage=str(tmp / "stage"), tokenizer=str(tokenizer_dir(tmp_path_factory)),
-                                 max_seq_len=64, val_docs=64, block_docs=200, shard_size="16kb",
-                                 workers=1, progress=False))
+    convert_corpus(
+        ConvertConfig(
+            source=SourceConfig(paths=[str(src)]),
+            out="s3://data/jargon",
+            stage=str(tmp / "stage"),
+            tokenizer=str(tokenizer_dir(tmp_path_factory)),
+            max_seq_len=64,
+            val_docs=64,
+            block_docs=200,
+            shard_size="16kb",
+            workers=1,
+            progress=False,
+        )
+    )
     return "s3://data/jargon"
 
 
 def pretrain(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env},
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -93,20 +115,32 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_the_uploaded_dataset_is_complete_and_checked(s3, remote, tmp_path):
     info = check_dataset(remote, remote_cache=str(tmp_path / "cache"))
     assert set(info["splits"]) == {"train", "val"} and info["shard_hash"] == "xxh64"
-    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"])
-            .list_objects_v2(Bucket="data", Prefix="jargon/")["Contents"]}
+    keys = {
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"]).list_objects_v2(
+            Bucket="data", Prefix="jargon/"
+        )["Contents"]
+    }
     assert "jargon/mosaicbert_index.json" in keys and "jargon/train/index.json" in keys
     assert any(k.startswith("jargon/train/b0000000/shard.") for k in keys)
 
 
 @pytest.mark.slow
 def test_pretrain_from_s3_trains_and_resumes_exactly(s3, remote, tmp_path):
-    common = ["tiny-cpu", f"data.path={remote}", "duration.steps=6", "log.interval=1", "eval.interval=0",
-              "checkpoint.interval=0", "data.num_workers=1"]
+    common = [
+        "tiny-cpu",
+        f"data.path={remote}",
+        "duration.steps=6",
+        "log.interval=1",
+        "eval.interval=0",
+        "checkpoint.interval=0",
+        "data.num_workers=1",
+    ]
     full = pretrain(*common, f"output_dir={tmp_path / 'full'}", f"data.remote_cache={tmp_path / 'c1'}", env=s3)
     assert full.returncode == 0, full.stderr[-3000:]
-    first = pretrain(*common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}",
-                     "--stop-after", "3", env=s3)
+    first = pretrain(
+        *common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}", "--stop-after", "3", env=s3
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     second = pretrain(*common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}", env=s3)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -122,12 +156,30 @@ def test_two_ranks_read_disjoint_samples_from_s3(s3, remote, tmp_path):
     procs, outs = [], []
     for rank in range(2):
         out = tmp_path / f"rank{rank}.json"
-        cfg = {"path": remote, "batch_size": 4, "seed": 3, "ncn": 1, "steps": 5, "out": str(out),
-               "remote_cache": str(tmp_path / "cache")}
-        env = {**os.environ, **s3, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(RANK_SCRIPT), json.dumps(cfg)], env=env,
-                                      stderr=subprocess.PIPE, text=True))
+        cfg = {
+            "path": remote,
+            "batch_size": 4,
+            "seed": 3,
+            "ncn": 1,
+            "steps": 5,
+            "out": str(out),
+            "remote_cache": str(tmp_path / "cache"),
+        }
+        env = {
+            **os.environ,
+            **s3,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(RANK_SCRIPT), json.dumps(cfg)], env=env, stderr=subprocess.PIPE, text=True
+            )
+        )
         outs.append(out)
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -136,10 +188,13 @@ def test_two_ranks_read_disjoint_samples_from_s3(s3, remote, tmp_path):
     assert len(seen[0]) == len(seen[1]) == 20 and not seen[0] & seen[1]
 
 
-@pytest.mark.parametrize("url, message", [
-    ("s3://data/nothing-here", "holds no finished mosaicbert_ds dataset"),
-    ("s3://no-such-bucket/jargon", "holds no finished mosaicbert_ds dataset"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("s3://data/nothing-here", "holds no finished mosaicbert_ds dataset"),
+        ("s3://no-such-bucket/jargon", "holds no finished mosaicbert_ds dataset"),
+    ],
+)
 def test_bad_remote_paths_are_one_line_errors(s3, remote, tmp_path, url, message):
     with pytest.raises(UserError, match=message) as caught:
         check_dataset(url, remote_cache=str(tmp_path / "cache"))
@@ -148,16 +203,27 @@ def test_bad_remote_paths_are_one_line_errors(s3, remote, tmp_path, url, message
 
 def test_a_bucket_without_split_index_and_an_unreachable_store(s3, remote, tmp_path):
     client = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"])
-    client.copy_object(Bucket="data", Key="broken/mosaicbert_index.json",
-                       CopySource={"Bucket": "data", "Key": "jargon/mosaicbert_index.json"})
+    client.copy_object(
+        Bucket="data",
+        Key="broken/mosaicbert_index.json",
+        CopySource={"Bucket": "data", "Key": "jargon/mosaicbert_index.json"},
+    )
     for key in [o["Key"] for o in client.list_objects_v2(Bucket="data", Prefix="jargon/tokenizer/")["Contents"]]:
-        client.copy_object(Bucket="data", Key=key.replace("jargon/", "broken/"),
-                           CopySource={"Bucket": "data", "Key": key})
+        client.copy_object(
+            Bucket="data", Key=key.replace("jargon/", "broken/"), CopySource={"Bucket": "data", "Key": key}
+        )
     with pytest.raises(UserError, match=r"cannot read train/index.json"):
         check_dataset("s3://data/broken", remote_cache=str(tmp_path / "c1"))
     dead = {**s3, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    res = pretrain("tiny-cpu", f"data.path={remote}", f"output_dir={tmp_path / 'run'}",
-                   f"data.remote_cache={tmp_path / 'c2'}", "--dry-run", env=dead, timeout=300)
+    res = pretrain(
+        "tiny-cpu",
+        f"data.path={remote}",
+        f"output_dir={tmp_path / 'run'}",
+        f"data.remote_cache={tmp_path / 'c2'}",
+        "--dry-run",
+        env=dead,
+        timeout=300,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "holds no finished mosaicbert_ds dataset" in res.stderr.strip().splitlines()[-1]
 
@@ -165,12 +231,20 @@ def test_a_bucket_without_split_index_and_an_unreachable_store(s3, remote, tmp_p
 @pytest.mark.slow
 def test_a_shard_lost_from_the_store_mid_run_stops_cleanly_and_resume_continues(s3, remote, tmp_path):
     client = boto3.client("s3", endpoint_url=s3["S3_ENDPOINT_URL"])
-    common = ["tiny-cpu", "data.path=s3://data/lossy", "duration.steps=10", "log.interval=1", "eval.interval=0",
-              "checkpoint.interval=0", f"output_dir={tmp_path / 'run'}"]
+    common = [
+        "tiny-cpu",
+        "data.path=s3://data/lossy",
+        "duration.steps=10",
+        "log.interval=1",
+        "eval.interval=0",
+        "checkpoint.interval=0",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="data", Prefix="jargon/")["Contents"]]
     for key in keys:
-        client.copy_object(Bucket="data", Key=key.replace("jargon/", "lossy/", 1),
-                           CopySource={"Bucket": "data", "Key": key})
+        client.copy_object(
+            Bucket="data", Key=key.replace("jargon/", "lossy/", 1), CopySource={"Bucket": "data", "Key": key}
+        )
     first = pretrain(*common, f"data.remote_cache={tmp_path / 'c1'}", "--stop-after", "3", env=s3)
     assert first.returncode == 0, first.stderr[-3000:]
     latest = tmp_path / "run" / "checkpoints" / "latest"
@@ -183,7 +257,7 @@ def test_a_shard_lost_from_the_store_mid_run_stops_cleanly_and_resume_continues(
     assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
     line = second.stderr.strip().splitlines()[-1]
     assert "shard s3://data/lossy/train/" in line and lost.rsplit("/", 1)[-1] in line, second.stderr[-2000:]
-    assert latest.read_text().strip() == "step_0000003"        # the finished checkpoint is intact
+    assert latest.read_text().strip() == "step_0000003"  # the finished checkpoint is intact
 
     client.put_object(Bucket="data", Key=lost.replace("jargon/", "lossy/", 1), Body=saved)
     third = pretrain(*common, f"data.remote_cache={tmp_path / 'c2'}", env=s3)

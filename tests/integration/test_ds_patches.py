@@ -1,10 +1,12 @@
 """The batched BF16_Optimizer loops (mosaicbert_ds.train.deepspeed_internals: gradient accumulation,
 gradient norm, clipping) against DeepSpeed's own: a real engine (bf16, ZeRO-1, fp32 accumulation)
 on the CPU, in a fresh process per run, two micro batches per step, with clipping that always
-and that never applies; gradient norms and fp32 master weights must match bitwise, with torch's AdamW and its fused kernel
+and that never applies; gradient norms and fp32 master weights must match bitwise, with torch's AdamW
+and its fused kernel
 (with which a non-finite norm is skipped on the device, without a host sync)."""
 
 import pytest
+
 from tests.helpers.ranks import run_script
 
 SCRIPT = r"""
@@ -44,7 +46,8 @@ for step in range(3):
 steps = [float(st["step"]) for st in opt.optimizer.state.values() if "step" in st]
 m = master()
 print(json.dumps({"optimizer": type(opt).__name__, "allreduce": engine.enable_backward_allreduce,
-                  "fused": bool(opt.optimizer.defaults.get("fused")), "patched": opt.update_hp_grads.__func__.__module__,
+                  "fused": bool(opt.optimizer.defaults.get("fused")),
+                  "patched": opt.update_hp_grads.__func__.__module__,
                   "patched_step": opt.step.__func__.__module__, "norms": norms, "losses": losses,
                   "unchanged": unchanged, "adam_steps": steps, "master": m.view(torch.int32).tolist()[:4096],
                   "master_sum": float(m.double().sum())}))
@@ -82,4 +85,3 @@ def test_a_non_finite_gradient_norm_skips_the_step(fused):
         assert out["norms"][1] == float("inf") and all(n < float("inf") for n in (out["norms"][0], out["norms"][2]))
         assert out["adam_steps"] and set(out["adam_steps"]) == {2.0}, out["adam_steps"]  # steps 1 and 3 only
         assert all(x == x for x in out["losses"])  # no NaN after the skipped step
-

@@ -49,8 +49,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
 
 
 def test_tiny_model_learns_the_keyword_rule(mosaic_dir: Path, tmp_path: Path) -> None:
-    summary = ft(mosaic_dir, tmp_path / "o", tasks="sst2", seeds="1",
-                 hparams=["lr=1e-3", "weight_decay=0", "epochs=15"])
+    summary = ft(
+        mosaic_dir, tmp_path / "o", tasks="sst2", seeds="1", hparams=["lr=1e-3", "weight_decay=0", "epochs=15"]
+    )
     assert summary["tasks"]["sst2"]["score"]["mean"] >= 85.0  # chance is 50
 
 
@@ -61,8 +62,14 @@ def test_staged_tasks_start_from_the_mnli_model(mosaic_dir: Path, tmp_path: Path
         loaded[task.name] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, model.config)
 
     out = tmp_path / "o"
-    summary = ft(mosaic_dir, out, tasks="rte,stsb", seeds="1", hparams=["epochs=2", "lr=1e-3"],
-                 hooks=Hooks(on_model_loaded=on_loaded))
+    summary = ft(
+        mosaic_dir,
+        out,
+        tasks="rte,stsb",
+        seeds="1",
+        hparams=["epochs=2", "lr=1e-3"],
+        hooks=Hooks(on_model_loaded=on_loaded),
+    )
     assert list(summary["tasks"]) == ["mnli", "rte", "stsb"]  # MNLI added and run first
     pretrained = load_file(str(mosaic_dir / "model.safetensors"))
     mnli = load_file(str(out / "mnli" / "seed42" / "model" / "model.safetensors"))
@@ -87,13 +94,19 @@ def test_staged_tasks_start_from_the_mnli_model(mosaic_dir: Path, tmp_path: Path
 
 def test_without_mnli_start_staged_tasks_use_the_pretrained_model(mosaic_dir: Path, tmp_path: Path) -> None:
     loaded = {}
-    hooks = Hooks(on_model_loaded=lambda task, seed, model: loaded.update(
-        {k: v.detach().clone() for k, v in model.state_dict().items()}))
-    summary = ft(mosaic_dir, tmp_path / "o", tasks="mrpc", seeds="1", mnli_start=False,
-                 hparams=["epochs=1"], hooks=hooks)
+    hooks = Hooks(
+        on_model_loaded=lambda task, seed, model: loaded.update(
+            {k: v.detach().clone() for k, v in model.state_dict().items()}
+        )
+    )
+    summary = ft(
+        mosaic_dir, tmp_path / "o", tasks="mrpc", seeds="1", mnli_start=False, hparams=["epochs=1"], hooks=hooks
+    )
     assert list(summary["tasks"]) == ["mrpc"]
     pretrained = load_file(str(mosaic_dir / "model.safetensors"))
-    assert torch.equal(loaded["bert.embeddings.word_embeddings.weight"], pretrained["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(
+        loaded["bert.embeddings.word_embeddings.weight"], pretrained["bert.embeddings.word_embeddings.weight"]
+    )
 
 
 @pytest.mark.parametrize("name", ["stsb", "rte", "mnli"])
@@ -169,11 +182,27 @@ def test_trainer_checkpoint_is_exported_then_finetuned(tmp_path: Path) -> None:
     assert result["init"] == str((out / "pretrained").resolve())
 
 
-def test_cli_end_to_end_writes_markdown_and_json(mosaic_dir: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture) -> None:
+def test_cli_end_to_end_writes_markdown_and_json(
+    mosaic_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "o"
-    rc = cli.main(["finetune-glue", str(mosaic_dir), "--out", str(out), "--data-dir", str(TSV),
-                   "--seeds", "1,rte=2", "--hparam", "epochs=1", "--no-progress", "--device", "cpu"])
+    rc = cli.main(
+        [
+            "finetune-glue",
+            str(mosaic_dir),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(TSV),
+            "--seeds",
+            "1,rte=2",
+            "--hparam",
+            "epochs=1",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     table = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
@@ -209,18 +238,21 @@ def _missing_split_data(tmp_path: Path) -> Path:
     return data
 
 
-@pytest.mark.parametrize("case,args,expected", [
-    ("task", ["--tasks", "rte,wnli"], "unknown GLUE task 'wnli'"),
-    ("split", ["--tasks", "rte", "--no-mnli-start"], "missing RTE validation split"),
-    ("label", ["--tasks", "sst2"], "label '3' outside SST-2's classes 0..1"),
-    ("vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
-    ("checkpoint-vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
-    ("model", ["--tasks", "sst2"], "does not exist"),
-    ("hparam", ["--hparam", "lr=-1"], "lr=-1.0 is out of range"),
-])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, args: list[str], expected: str,
-                                                         mosaic_dir: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "case,args,expected",
+    [
+        ("task", ["--tasks", "rte,wnli"], "unknown GLUE task 'wnli'"),
+        ("split", ["--tasks", "rte", "--no-mnli-start"], "missing RTE validation split"),
+        ("label", ["--tasks", "sst2"], "label '3' outside SST-2's classes 0..1"),
+        ("vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
+        ("checkpoint-vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
+        ("model", ["--tasks", "sst2"], "does not exist"),
+        ("hparam", ["--hparam", "lr=-1"], "lr=-1.0 is out of range"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    case: str, args: list[str], expected: str, mosaic_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data, model = TSV, mosaic_dir
     if case == "split":
         data = _missing_split_data(tmp_path)
@@ -234,8 +266,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, args: list[s
     elif case == "model":
         model = tmp_path / "no-such-model"
     out = tmp_path / "out"
-    rc = cli.main(["finetune-glue", str(model), "--out", str(out), "--data-dir", str(data), "--seeds", "1",
-                   "--no-progress", "--device", "cpu", *args])
+    rc = cli.main(
+        [
+            "finetune-glue",
+            str(model),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data),
+            "--seeds",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+            *args,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("mosaicbert-ds finetune-glue: error: "), err
@@ -247,10 +293,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, args: list[s
 def test_two_processes_train_with_ddp(mosaic_dir: Path, tmp_path: Path) -> None:
     """torchrun with two CPU processes (gloo): ranks split each batch, rank 0 writes the results."""
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mosaicbert_ds.cli", "finetune-glue", str(mosaic_dir), "--out", str(out), "--data-dir", str(TSV),
-           "--tasks", "rte", "--seeds", "1,rte=2", "--hparam", "epochs=2", "--save-every", "2", "--no-progress",
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mosaicbert_ds.cli",
+        "finetune-glue",
+        str(mosaic_dir),
+        "--out",
+        str(out),
+        "--data-dir",
+        str(TSV),
+        "--tasks",
+        "rte",
+        "--seeds",
+        "1,rte=2",
+        "--hparam",
+        "epochs=2",
+        "--save-every",
+        "2",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = json.loads((out / "results.json").read_text())

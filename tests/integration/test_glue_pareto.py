@@ -21,11 +21,29 @@ def test_pareto_finetunes_each_checkpoint_and_plots(tmp_path: Path, capsys: pyte
     make_mosaic_model(tmp_path / "ckpt-a", seed=0)
     make_mosaic_model(tmp_path / "ckpt-b", seed=1)
     listing = tmp_path / "checkpoints.json"
-    listing.write_text(json.dumps([{"path": "ckpt-a", "hours": 1.0, "run": "tiny"},
-                                   {"path": "ckpt-b", "hours": 2.5, "run": "tiny"}]))
+    listing.write_text(
+        json.dumps([{"path": "ckpt-a", "hours": 1.0, "run": "tiny"}, {"path": "ckpt-b", "hours": 2.5, "run": "tiny"}])
+    )
     out = tmp_path / "pareto"
-    args = ["pareto", str(listing), "--out", str(out), "--data-dir", str(TSV), "--tasks", "sst2,cola",
-            "--seeds", "2", "--hparam", "epochs=8", "--hparam", "lr=1e-3", "--no-progress", "--device", "cpu"]
+    args = [
+        "pareto",
+        str(listing),
+        "--out",
+        str(out),
+        "--data-dir",
+        str(TSV),
+        "--tasks",
+        "sst2,cola",
+        "--seeds",
+        "2",
+        "--hparam",
+        "epochs=8",
+        "--hparam",
+        "lr=1e-3",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert cli.main(args) == 0
     assert (out / "pareto.png").read_bytes()[:8] == PNG_MAGIC
     points = json.loads((out / "pareto.json").read_text())["points"]
@@ -53,27 +71,36 @@ def test_hours_from_trainer_state_or_metrics_log(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     results.write_text("{}")
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("\n".join(json.dumps(r) for r in [
-        {"step": 1000, "progress/train_hours": 0.5, "loss/train": 3.0},
-        {"step": 2000, "loss/train": 2.5},  # no clock in this record
-        {"step": 3000, "progress/train_hours": 1.25},
-    ]) + "\n")
+    metrics.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": 1000, "progress/train_hours": 0.5, "loss/train": 3.0},
+                {"step": 2000, "loss/train": 2.5},  # no clock in this record
+                {"step": 3000, "progress/train_hours": 1.25},
+            ]
+        )
+        + "\n"
+    )
     listing = tmp_path / "list.csv"
-    listing.write_text("path,step,label,results\n"
-                       "run/checkpoints/step_0003500,,from-state,\n"
-                       ",2500,from-log,results.json\n")
+    listing.write_text(
+        "path,step,label,results\nrun/checkpoints/step_0003500,,from-state,\n,2500,from-log,results.json\n"
+    )
     entries = resolve_entries(listing, metrics)
     assert [(e["label"], e["hours"]) for e in entries] == [("from-state", 1.5), ("from-log", 0.5)]
     assert entries[1]["results"] == str(results.resolve())
 
 
-@pytest.mark.parametrize("rows,error", [
-    ([{"path": "m"}], "give 'hours'"),
-    ([{"path": "m", "hours": 1}, {"path": "m", "hours": 2}], "used twice"),
-    ([{"path": "missing", "hours": 1}], "does not exist"),
-    ([{"path": "m", "hours": "soon"}], "is not a number"),
-    ([], "no checkpoints"),
-])
+@pytest.mark.parametrize(
+    "rows,error",
+    [
+        ([{"path": "m"}], "give 'hours'"),
+        ([{"path": "m", "hours": 1}, {"path": "m", "hours": 2}], "used twice"),
+        ([{"path": "missing", "hours": 1}], "does not exist"),
+        ([{"path": "m", "hours": "soon"}], "is not a number"),
+        ([], "no checkpoints"),
+    ],
+)
 def test_bad_listing_is_a_user_error(tmp_path: Path, rows: list, error: str) -> None:
     (tmp_path / "m").mkdir()
     listing = tmp_path / "list.json"

@@ -14,9 +14,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_trainer_smoke_on_one_gpu(tmp_path):
-    res = subprocess.run(["bash", "launch/smoke_gpu.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         env={**__import__("os").environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "0"},
-                         timeout=900)
+    res = subprocess.run(
+        ["bash", "launch/smoke_gpu.sh", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "0"},
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     print(res.stdout[-1500:])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

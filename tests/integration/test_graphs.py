@@ -18,8 +18,13 @@ def packed_batch(lengths: list[int], vocab: int, seed: int, device: str = "cpu")
     masked = torch.rand(total, generator=g) < 0.3
     masked[0] = True
     labels = torch.where(masked, ids, -100)
-    batch = {"input_ids": torch.where(masked, 4, ids), "cu_seqlens": cu_seqlens_from_lengths(lens),
-             "max_seqlen": max(lengths), "labels": labels, "masked_positions": masked.nonzero().flatten()}
+    batch = {
+        "input_ids": torch.where(masked, 4, ids),
+        "cu_seqlens": cu_seqlens_from_lengths(lens),
+        "max_seqlen": max(lengths),
+        "labels": labels,
+        "masked_positions": masked.nonzero().flatten(),
+    }
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -34,7 +39,7 @@ def test_pad_packed_shapes(lengths):
     cu = out["cu_seqlens"]
     assert cu.dtype == torch.int32 and out["masked_positions"].dtype == batch["masked_positions"].dtype
     assert torch.equal(cu[: len(lengths) + 1], batch["cu_seqlens"]) and cu[-1] == n
-    dummy = cu[len(lengths) + 1:] - cu[len(lengths):-1]
+    dummy = cu[len(lengths) + 1 :] - cu[len(lengths) : -1]
     assert dummy.min() >= 0 and dummy.max() <= out["max_seqlen"] and dummy.sum() == n - total
     assert torch.equal(out["labels"][:total], batch["labels"]) and (out["labels"][total:] == -100).all()
     assert (out["labels"][out["masked_positions"]] != -100).sum() == batch["masked_positions"].numel()
@@ -79,8 +84,10 @@ def test_graph_replay_matches_eager_steps(bf16_weights):
     if bf16_weights:
         model.bfloat16()
     autocast = None if bf16_weights else torch.bfloat16
-    batches = [packed_batch(lens, 30000, seed=i, device="cuda")
-               for i, lens in enumerate([[128] * 30 + [77, 3], [128] * 20 + [1, 50], [128] * 30 + [70, 9]])]
+    batches = [
+        packed_batch(lens, 30000, seed=i, device="cuda")
+        for i, lens in enumerate([[128] * 30 + [77, 3], [128] * 20 + [1, 50], [128] * 30 + [70, 9]])
+    ]
     eager_losses = []
     for b in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast is not None):
@@ -110,8 +117,10 @@ def test_graph_replay_hands_over_each_batchs_gradients():
     own output, nothing allocated up front), across two buckets and back again, with the
     gradients set to None between calls as an optimizer's zero_grad does."""
     model = _base_model(0.0)
-    batches = [packed_batch(lens, 30000, seed=i, device="cuda")
-               for i, lens in enumerate([[128] * 30 + [77, 3], [128] * 20 + [1, 50], [128] * 30 + [70, 9]])]
+    batches = [
+        packed_batch(lens, 30000, seed=i, device="cuda")
+        for i, lens in enumerate([[128] * 30 + [77, 3], [128] * 20 + [1, 50], [128] * 30 + [70, 9]])
+    ]
     eager = []
     for b in batches:
         model.zero_grad(set_to_none=True)
@@ -143,7 +152,6 @@ def test_graph_replays_draw_fresh_dropout_masks():
         step = GraphedMLMStep(_base_model(dropout), autocast_dtype=torch.bfloat16)
         a, b = (step(batch).loss.item() for _ in range(2))
         assert (a != b) == differ, (dropout, a, b)
-
 
 
 TRAINER_SCRIPT = r"""

@@ -50,17 +50,20 @@ def test_parse_hostfile(tmp_path):
     assert parse_hostfile(LAUNCH / "hostfile.example") == {"worker-0": 8, "worker-1": 8}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("a slots=2\nb\n", r":2: expected 'HOST slots=N', got 'b'"),
-    ("a slots=2\nb slots=0\n", r":2: slots must be a positive integer, got '0' for host 'b'"),
-    ("a slots=two\n", r":1: slots must be a positive integer, got 'two'"),
-    ("a slots=-1\n", r":1: slots must be a positive integer, got '-1'"),
-    ("a slots=2\n\nb slots=2\na slots=4\n", r":4: duplicate host 'a' \(first on line 1\)"),
-    ("a slots=2 max_slots=4\n", r":1: expected 'HOST slots=N'"),
-    ("slots=8\n", r":1: line starts with slots= but names no host"),
-    ("# nothing here\n\n", r"hostfile lists no hosts"),
-    ("", r"hostfile lists no hosts"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a slots=2\nb\n", r":2: expected 'HOST slots=N', got 'b'"),
+        ("a slots=2\nb slots=0\n", r":2: slots must be a positive integer, got '0' for host 'b'"),
+        ("a slots=two\n", r":1: slots must be a positive integer, got 'two'"),
+        ("a slots=-1\n", r":1: slots must be a positive integer, got '-1'"),
+        ("a slots=2\n\nb slots=2\na slots=4\n", r":4: duplicate host 'a' \(first on line 1\)"),
+        ("a slots=2 max_slots=4\n", r":1: expected 'HOST slots=N'"),
+        ("slots=8\n", r":1: line starts with slots= but names no host"),
+        ("# nothing here\n\n", r"hostfile lists no hosts"),
+        ("", r"hostfile lists no hosts"),
+    ],
+)
 def test_bad_hostfile(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
         parse_hostfile(_hostfile(tmp_path, text))
@@ -94,8 +97,21 @@ def _free_port() -> int:
 def launch_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """This environment without anything the launch is supposed to provide itself."""
     drop = ("NCCL_", "TORCH_NCCL_", "NVSHMEM_", "TORCH_SYMM_MEM_", "OMPI_", "PMI", "SLURM_")
-    dropped = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-               "DEEPSPEED_TIMEOUT", "DS_ENV_FILE", "HOSTFILE", "NUM_NODES", "GPUS_PER_NODE", "NP"}
+    dropped = {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "DEEPSPEED_TIMEOUT",
+        "DS_ENV_FILE",
+        "HOSTFILE",
+        "NUM_NODES",
+        "GPUS_PER_NODE",
+        "NP",
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in dropped}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MBDS_MODULE"] = "mosaicbert_ds.train.distributed"  # the launch check instead of training
@@ -106,8 +122,9 @@ def launch_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def checks(output: str) -> list[dict]:
     """The launch check's lines, sorted by rank."""
-    records = [json.loads(line.split(" ", 1)[1]) for line in output.splitlines()
-               if line.startswith("mbds-launch-check ")]
+    records = [
+        json.loads(line.split(" ", 1)[1]) for line in output.splitlines() if line.startswith("mbds-launch-check ")
+    ]
     return sorted(records, key=lambda r: r["rank"])
 
 
@@ -135,25 +152,31 @@ def test_bad_hostfile_stops_the_launch_before_deepspeed(tmp_path):
     env = launch_env(tmp_path, HOSTFILE=str(bad), NODE_RANK="0", MASTER_ADDR="127.0.0.1")
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     for script in ("deepspeed_hostfile.sh", "deepspeed_no_ssh.sh"):
-        proc = subprocess.run([str(LAUNCH / script), "run.yaml"], env=env, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run([str(LAUNCH / script), "run.yaml"], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert f"{bad}:2: slots must be a positive integer" in proc.stderr
     assert not marker.exists()
 
 
 def test_script_without_run_file_prints_usage(tmp_path):
-    proc = subprocess.run([str(LAUNCH / "deepspeed_no_ssh.sh")], env=launch_env(tmp_path), capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [str(LAUNCH / "deepspeed_no_ssh.sh")], env=launch_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "NODE_RANK=0 MASTER_ADDR=node0" in proc.stderr
 
 
 def test_env_file_lines(tmp_path):
     """What deepspeed_hostfile.sh writes for DeepSpeed's env file: KEY=VALUE lines only."""
-    env = launch_env(tmp_path, NCCL_IB_HCA="mlx5_0,mlx5_1", MBDS_EXTRA_ENV="MY_SETTING", MY_SETTING="x y",
-                     MBDS_DISABLE_NVLS="1")
-    out = subprocess.run(["bash", "-c", f"source {LAUNCH / 'env.sh'} && mbds_env_lines"], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    env = launch_env(
+        tmp_path, NCCL_IB_HCA="mlx5_0,mlx5_1", MBDS_EXTRA_ENV="MY_SETTING", MY_SETTING="x y", MBDS_DISABLE_NVLS="1"
+    )
+    out = subprocess.run(
+        ["bash", "-c", f"source {LAUNCH / 'env.sh'} && mbds_env_lines"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     pairs = dict(line.split("=", 1) for line in out.splitlines())  # DeepSpeed's reader does exactly this
     assert {k: pairs[k] for k in H200_ENV} == H200_ENV
     assert pairs["NCCL_IB_HCA"] == "mlx5_0,mlx5_1" and pairs["MY_SETTING"] == "x y"
@@ -164,11 +187,24 @@ def test_env_file_lines(tmp_path):
 @pytest.mark.slow
 def test_deepspeed_no_ssh_two_nodes(tmp_path):
     """The real deepspeed launcher, --no_ssh, one invocation per "node" (2 x 1 rank on localhost)."""
-    env = launch_env(tmp_path, NUM_NODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port()), MBDS_DISABLE_NVLS="1")
-    procs = [subprocess.Popen([str(LAUNCH / "deepspeed_no_ssh.sh"), "run.yaml", "a=1", "b=two words"],
-                              env={**env, "NODE_RANK": str(node)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for node in (1, 0)]
+    env = launch_env(
+        tmp_path,
+        NUM_NODES="2",
+        GPUS_PER_NODE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        MBDS_DISABLE_NVLS="1",
+    )
+    procs = [
+        subprocess.Popen(
+            [str(LAUNCH / "deepspeed_no_ssh.sh"), "run.yaml", "a=1", "b=two words"],
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (1, 0)
+    ]
     outputs = [p.communicate(timeout=540)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     records = checks("\n".join(outputs))
@@ -206,12 +242,24 @@ def test_deepspeed_hostfile_pdsh_mode(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     hostfile = _hostfile(tmp_path, "localhost slots=1\nlocalnode1 slots=1\n")
-    env = launch_env(tmp_path, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                     NCCL_IB_HCA="mlx5_test", MBDS_DISABLE_NVLS="1")
+    env = launch_env(
+        tmp_path,
+        HOSTFILE=str(hostfile),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        NCCL_IB_HCA="mlx5_test",
+        MBDS_DISABLE_NVLS="1",
+    )
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(ROOT)  # DeepSpeed forwards PYTHON* itself
-    proc = subprocess.run([str(LAUNCH / "deepspeed_hostfile.sh"), "run.yaml", "x=1"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(
+        [str(LAUNCH / "deepspeed_hostfile.sh"), "run.yaml", "x=1"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = checks(proc.stdout)
     assert_every_rank_ok(records, 2, ["pretrain", "run.yaml", "x=1"], per_node=1)
@@ -222,44 +270,74 @@ def test_deepspeed_hostfile_pdsh_mode(tmp_path):
 def test_nvlink_sharp_is_left_on_unless_opted_out(tmp_path):
     """By default env.sh sets none of the NVLS switches; MBDS_DISABLE_NVLS=1 sets all three."""
     script = f"source {LAUNCH / 'env.sh'} && mbds_env_lines"
-    default = subprocess.run(["bash", "-c", script], env=launch_env(tmp_path), capture_output=True, text=True,
-                             check=True).stdout
+    default = subprocess.run(
+        ["bash", "-c", script], env=launch_env(tmp_path), capture_output=True, text=True, check=True
+    ).stdout
     assert not set(H200_ENV) & {line.split("=", 1)[0] for line in default.splitlines()}, default
-    off = subprocess.run(["bash", "-c", script], env=launch_env(tmp_path, MBDS_DISABLE_NVLS="1"),
-                         capture_output=True, text=True, check=True).stdout
+    off = subprocess.run(
+        ["bash", "-c", script],
+        env=launch_env(tmp_path, MBDS_DISABLE_NVLS="1"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert H200_ENV.items() <= dict(line.split("=", 1) for line in off.splitlines()).items()
-    bad = subprocess.run(["bash", "-c", script], env=launch_env(tmp_path, MBDS_DISABLE_NVLS="yes"),
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        ["bash", "-c", script], env=launch_env(tmp_path, MBDS_DISABLE_NVLS="yes"), capture_output=True, text=True
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "bash: error: MBDS_DISABLE_NVLS='yes' must be 0 (default: NVLink SHARP as NCCL chooses) or 1 (off)"]
+        "bash: error: MBDS_DISABLE_NVLS='yes' must be 0 (default: NVLink SHARP as NCCL chooses) or 1 (off)"
+    ]
 
 
 NO_SSH = dict(NODE_RANK="0", MASTER_ADDR="127.0.0.1", NUM_NODES="2", GPUS_PER_NODE="1")
 
 
-@pytest.mark.parametrize("script, variables, message", [
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, NUM_NODES="two"), "NUM_NODES='two' is not a non-negative integer"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, NUM_NODES="0"), "NUM_NODES=0 is out of range: it must be 1 or more"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK="x"), "NODE_RANK='x' is not a non-negative integer"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK="-1"), "NODE_RANK='-1' is not a non-negative integer"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK="2"),
-     "NODE_RANK=2 is out of range: it must be between 0 and 1 (2 nodes: 0 is the master)"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK=""), "set NODE_RANK (0 on the master node)"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, GPUS_PER_NODE="1.5"), "GPUS_PER_NODE='1.5' is not a non-negative integer"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, GPUS_PER_NODE="0"), "GPUS_PER_NODE=0 is out of range: it must be 1 or more"),
-    ("deepspeed_no_ssh.sh", {k: v for k, v in NO_SSH.items() if k != "GPUS_PER_NODE"},
-     "set GPUS_PER_NODE (GPUs, or CPU ranks, per node)"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, MASTER_PORT="70000"),
-     "MASTER_PORT=70000 is out of range: it must be between 1 and 65535"),
-    ("deepspeed_hostfile.sh", dict(HOSTFILE=str(LAUNCH / "hostfile.example"), NUM_NODES="3"),
-     "NUM_NODES=3 is out of range: it must be between 1 and 2 (the hostfile lists 2 hosts)"),
-    ("deepspeed_hostfile.sh", dict(HOSTFILE=str(LAUNCH / "hostfile.example"), GPUS_PER_NODE="all"),
-     "GPUS_PER_NODE='all' is not a non-negative integer"),
-    ("deepspeed_hostfile.sh", {}, "set HOSTFILE (a DeepSpeed hostfile, see launch/hostfile.example)"),
-    ("mpirun.sh", dict(NP="0"), "NP=0 is out of range: it must be 1 or more"),
-    ("mpirun.sh", dict(NP="eight"), "NP='eight' is not a non-negative integer"),
-    ("deepspeed_no_ssh.sh", dict(NO_SSH, DEEPSPEED_TIMEOUT="30m"), "DEEPSPEED_TIMEOUT='30m' is not a non-negative"),
-])
+@pytest.mark.parametrize(
+    "script, variables, message",
+    [
+        ("deepspeed_no_ssh.sh", dict(NO_SSH, NUM_NODES="two"), "NUM_NODES='two' is not a non-negative integer"),
+        ("deepspeed_no_ssh.sh", dict(NO_SSH, NUM_NODES="0"), "NUM_NODES=0 is out of range: it must be 1 or more"),
+        ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK="x"), "NODE_RANK='x' is not a non-negative integer"),
+        ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK="-1"), "NODE_RANK='-1' is not a non-negative integer"),
+        (
+            "deepspeed_no_ssh.sh",
+            dict(NO_SSH, NODE_RANK="2"),
+            "NODE_RANK=2 is out of range: it must be between 0 and 1 (2 nodes: 0 is the master)",
+        ),
+        ("deepspeed_no_ssh.sh", dict(NO_SSH, NODE_RANK=""), "set NODE_RANK (0 on the master node)"),
+        ("deepspeed_no_ssh.sh", dict(NO_SSH, GPUS_PER_NODE="1.5"), "GPUS_PER_NODE='1.5' is not a non-negative integer"),
+        (
+            "deepspeed_no_ssh.sh",
+            dict(NO_SSH, GPUS_PER_NODE="0"),
+            "GPUS_PER_NODE=0 is out of range: it must be 1 or more",
+        ),
+        (
+            "deepspeed_no_ssh.sh",
+            {k: v for k, v in NO_SSH.items() if k != "GPUS_PER_NODE"},
+            "set GPUS_PER_NODE (GPUs, or CPU ranks, per node)",
+        ),
+        (
+            "deepspeed_no_ssh.sh",
+            dict(NO_SSH, MASTER_PORT="70000"),
+            "MASTER_PORT=70000 is out of range: it must be between 1 and 65535",
+        ),
+        (
+            "deepspeed_hostfile.sh",
+            dict(HOSTFILE=str(LAUNCH / "hostfile.example"), NUM_NODES="3"),
+            "NUM_NODES=3 is out of range: it must be between 1 and 2 (the hostfile lists 2 hosts)",
+        ),
+        (
+            "deepspeed_hostfile.sh",
+            dict(HOSTFILE=str(LAUNCH / "hostfile.example"), GPUS_PER_NODE="all"),
+            "GPUS_PER_NODE='all' is not a non-negative integer",
+        ),
+        ("deepspeed_hostfile.sh", {}, "set HOSTFILE (a DeepSpeed hostfile, see launch/hostfile.example)"),
+        ("mpirun.sh", dict(NP="0"), "NP=0 is out of range: it must be 1 or more"),
+        ("mpirun.sh", dict(NP="eight"), "NP='eight' is not a non-negative integer"),
+        ("deepspeed_no_ssh.sh", dict(NO_SSH, DEEPSPEED_TIMEOUT="30m"), "DEEPSPEED_TIMEOUT='30m' is not a non-negative"),
+    ],
+)
 def test_bad_launch_variables_are_one_line_before_any_launcher(tmp_path, script, variables, message):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -271,8 +349,9 @@ def test_bad_launch_variables_are_one_line_before_any_launcher(tmp_path, script,
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     proc = subprocess.run([str(LAUNCH / script), "run.yaml"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"{script}: error: {message}"] or \
-        (proc.stderr.strip().count("\n") == 0 and message in proc.stderr), proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"{script}: error: {message}"] or (
+        proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+    ), proc.stderr
     assert not marker.exists() and not list(tmp_path.glob("mbds-*"))  # no launcher, no temporary files left
 
 
@@ -285,18 +364,54 @@ def test_two_nodes_on_one_host_train_as_documented(tmp_path):
     from mosaicbert_ds.data import prepare_default_corpus
 
     data = prepare_default_corpus(tmp_path / "data")
-    run = ["tiny-cpu", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "duration.steps=2",
-           "log.interval=1", "eval.interval=2", "eval.batches=1", "checkpoint.interval=0"]
+    run = [
+        "tiny-cpu",
+        f"data.path={data}",
+        f"output_dir={tmp_path / 'run'}",
+        "duration.steps=2",
+        "log.interval=1",
+        "eval.interval=2",
+        "eval.batches=1",
+        "checkpoint.interval=0",
+    ]
     port = str(_free_port())
-    env = launch_env(tmp_path, NUM_NODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                     MBDS_MODULE="mosaicbert_ds.cli", CUDA_VISIBLE_DEVICES="")
+    env = launch_env(
+        tmp_path,
+        NUM_NODES="2",
+        GPUS_PER_NODE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+        MBDS_MODULE="mosaicbert_ds.cli",
+        CUDA_VISIBLE_DEVICES="",
+    )
     hostfile = _hostfile(tmp_path, "node0 slots=1\nnode1 slots=1\n")
-    plain = ["deepspeed", "--no_ssh", "--node_rank", "0", "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
-             "--master_port", port, "--module", "mosaicbert_ds.cli", "pretrain", *run]
+    plain = [
+        "deepspeed",
+        "--no_ssh",
+        "--node_rank",
+        "0",
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        port,
+        "--module",
+        "mosaicbert_ds.cli",
+        "pretrain",
+        *run,
+    ]
     logs = [open(tmp_path / f"node{n}.log", "w+") for n in (0, 1)]
-    procs = [subprocess.Popen([str(LAUNCH / "deepspeed_no_ssh.sh"), *run], env={**env, "NODE_RANK": "1"}, cwd=ROOT,
-                              stdout=logs[1], stderr=subprocess.STDOUT),
-             subprocess.Popen(plain, env=env, cwd=ROOT, stdout=logs[0], stderr=subprocess.STDOUT)]
+    procs = [
+        subprocess.Popen(
+            [str(LAUNCH / "deepspeed_no_ssh.sh"), *run],
+            env={**env, "NODE_RANK": "1"},
+            cwd=ROOT,
+            stdout=logs[1],
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(plain, env=env, cwd=ROOT, stdout=logs[0], stderr=subprocess.STDOUT),
+    ]
     for proc in procs:
         proc.wait(timeout=900)
     text = ""

@@ -52,7 +52,9 @@ def test_compare_flags_a_worse_curve() -> None:
 def test_gpu_loss_curve_matches_reference(tmp_path: Path) -> None:
     reference = json.loads((REFERENCES / "gpu_base.json").read_text())
     data = Path(os.environ.get("PROSE_MDS", REPO / "runs" / "prose" / "mds"))
-    assert (data / "mosaicbert_index.json").is_file(), f"build the corpus first: python -m benchmarks.prose_corpus --out {data.parent}"
+    assert (data / "mosaicbert_index.json").is_file(), (
+        f"build the corpus first: python -m benchmarks.prose_corpus --out {data.parent}"
+    )
     losses = run_once(str(data), "gpu-base", tmp_path, [])
     problems = compare(reference, losses)
     assert not problems, "\n".join(problems)

@@ -30,14 +30,29 @@ def free_port() -> int:
 
 def env(**extra: str) -> dict:
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PATH": f"{bin_dir}:{os.environ['PATH']}",
-            "PYTHON": sys.executable, **extra}
+    return {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        **extra,
+    }
 
 
 def overrides(data: Path, out: Path) -> list[str]:
-    return ["tiny-cpu", f"data.path={data}", f"output_dir={out}", "batch.global_batch=32", "batch.micro_batch=8",
-            f"duration.steps={STEPS}", "log.interval=1", "eval.interval=0", "checkpoint.interval=0",
-            "model.overrides.hidden_dropout_prob=0.0", "data.num_canonical_nodes=2"]
+    return [
+        "tiny-cpu",
+        f"data.path={data}",
+        f"output_dir={out}",
+        "batch.global_batch=32",
+        "batch.micro_batch=8",
+        f"duration.steps={STEPS}",
+        "log.interval=1",
+        "eval.interval=0",
+        "checkpoint.interval=0",
+        "model.overrides.hidden_dropout_prob=0.0",
+        "data.num_canonical_nodes=2",
+    ]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -60,9 +75,14 @@ def dataset(tmp_path_factory) -> Path:
 def runs(dataset, tmp_path_factory) -> dict[str, Path]:
     """The reference (1 rank, accumulation 4) and the 2 nodes x 2 ranks run stopped after 4 steps."""
     tmp = tmp_path_factory.mktemp("runs")
-    single = subprocess.run([sys.executable, "-m", "mosaicbert_ds.cli", "pretrain",
-                             *overrides(dataset, tmp / "single")], cwd=ROOT, env=env(),
-                            capture_output=True, text=True, timeout=900)
+    single = subprocess.run(
+        [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *overrides(dataset, tmp / "single")],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     check(single, "1-rank run", single.stderr)
 
     port = str(free_port())
@@ -70,11 +90,27 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
     args = ["bash", "launch/deepspeed_no_ssh.sh", *overrides(dataset, tmp / "multi"), "--stop-after", "4"]
     # Real nodes do not share /dev/shm (streaming and DeepSpeed's CPU all-reduce keep per-node state
     # there), so "node 1" gets a private one in its own mount namespace.
-    private_shm = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                   'mount -t tmpfs -o size=2g tmpfs /dev/shm && exec "$@"', "sh"]
+    private_shm = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=2g tmpfs /dev/shm && exec "$@"',
+        "sh",
+    ]
     logs = [open(tmp / f"node{n}.log", "w+") for n in (0, 1)]
-    nodes = [subprocess.Popen((private_shm if n else []) + args, cwd=ROOT, env={**node_env, "NODE_RANK": str(n)},
-                              stdout=logs[n], stderr=subprocess.STDOUT) for n in (1, 0)]
+    nodes = [
+        subprocess.Popen(
+            (private_shm if n else []) + args,
+            cwd=ROOT,
+            env={**node_env, "NODE_RANK": str(n)},
+            stdout=logs[n],
+            stderr=subprocess.STDOUT,
+        )
+        for n in (1, 0)
+    ]
     for proc in nodes:
         proc.wait(timeout=1200)
     for n, proc in zip((1, 0), nodes):
@@ -94,8 +130,20 @@ def test_two_nodes_of_two_ranks_match_one_rank_with_accumulation(runs):
 
 def test_four_rank_checkpoint_resumes_on_two_ranks(runs):
     port = str(free_port())
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
-           "--no_local_rank", "--module", "mosaicbert_ds.cli", "pretrain", *overrides(Path("unused"), runs["multi"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        port,
+        "--no_local_rank",
+        "--module",
+        "mosaicbert_ds.cli",
+        "pretrain",
+        *overrides(Path("unused"), runs["multi"]),
+    ]
     data = json.loads((runs["multi"] / "run_config.json").read_text())["data"]["path"]
     cmd[cmd.index("data.path=unused")] = f"data.path={data}"
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1200)
@@ -113,8 +161,14 @@ def test_four_rank_checkpoint_resumes_on_two_ranks(runs):
 
 def test_mpirun_with_two_ranks_trains(dataset, tmp_path):
     out = tmp_path / "mpi"
-    res = subprocess.run(["bash", "launch/mpirun.sh", *overrides(dataset, out)[:-1], "duration.steps=2"],
-                         cwd=ROOT, env=env(NP="2"), capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        ["bash", "launch/mpirun.sh", *overrides(dataset, out)[:-1], "duration.steps=2"],
+        cwd=ROOT,
+        env=env(NP="2"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     check(res, "mpirun -n 2", res.stdout + res.stderr)
     state = json.loads((out / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 2

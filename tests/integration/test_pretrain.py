@@ -13,9 +13,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def pretrain(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -32,8 +37,16 @@ def dataset(tmp_path_factory) -> Path:
 
 def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
     run = tmp_path / "run"
-    res = pretrain("tiny-cpu", f"data.path={dataset}", f"output_dir={run}", "duration.steps=12", "log.interval=2",
-                   "eval.interval=6", "checkpoint.interval=6", "optimizer.lr=3e-3")
+    res = pretrain(
+        "tiny-cpu",
+        f"data.path={dataset}",
+        f"output_dir={run}",
+        "duration.steps=12",
+        "log.interval=2",
+        "eval.interval=6",
+        "checkpoint.interval=6",
+        "optimizer.lr=3e-3",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     curve = losses(run)
     assert sorted(curve) == [2, 4, 6, 8, 10, 12]
@@ -44,9 +57,18 @@ def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("loss/train", "accuracy/train", "optim/lr", "optim/grad_norm", "throughput/tokens_per_sec",
-                "throughput/samples_per_sec", "throughput/tokens_per_sec_per_gpu", "throughput/step_time_sec",
-                "loss/eval", "accuracy/eval"):
+    for tag in (
+        "loss/train",
+        "accuracy/train",
+        "optim/lr",
+        "optim/grad_norm",
+        "throughput/tokens_per_sec",
+        "throughput/samples_per_sec",
+        "throughput/tokens_per_sec_per_gpu",
+        "throughput/step_time_sec",
+        "loss/eval",
+        "accuracy/eval",
+    ):
         assert tag in tags, f"{tag} missing from TensorBoard: {sorted(tags)}"
     assert events.Scalars("throughput/tokens_per_sec")[-1].value > 0
 
@@ -55,11 +77,16 @@ def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
     assert (ckpt / "step_0000006" / "trainer_state.json").is_file()
 
     out = tmp_path / "hf"
-    res = subprocess.run([sys.executable, "-m", "mosaicbert_ds.cli", "export", str(ckpt), str(out)],
-                         capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-m", "mosaicbert_ds.cli", "export", str(ckpt), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    import mosaicbert_ds  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    import mosaicbert_ds  # noqa: F401  (registers the Auto classes)
 
     model = AutoModelForMaskedLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
@@ -71,13 +98,20 @@ def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight,
-                               master["bert.embeddings.word_embeddings.weight"])
+    torch.testing.assert_close(
+        model.bert.embeddings.word_embeddings.weight, master["bert.embeddings.word_embeddings.weight"]
+    )
 
 
 def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(dataset, tmp_path):
-    common = ["tiny-cpu", f"data.path={dataset}", "duration.steps=8", "log.interval=1", "eval.interval=0",
-              "checkpoint.interval=0"]
+    common = [
+        "tiny-cpu",
+        f"data.path={dataset}",
+        "duration.steps=8",
+        "log.interval=1",
+        "eval.interval=0",
+        "checkpoint.interval=0",
+    ]
     full = pretrain(*common, f"output_dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr[-3000:]
     first = pretrain(*common, f"output_dir={tmp_path / 'split'}", "--stop-after", "3")
@@ -91,19 +125,23 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(dataset, tm
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-6), (step, a, b)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["tiny-cpu", "data.path={data}", "optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
-    (["tiny-cpu", "data.path={data}", "duration.steps=ten"], "duration.steps must be an integer"),
-    (["tiny-cpu", "data.path={data}", "batch.global_batch=30"], "not a multiple of batch.micro_batch"),
-    (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
-    (["no-such-recipe"], "not found"),
-    (["tiny-cpu", "data.path={data}", "data.eval_split=heldout"], "data.eval_split: "),  # preflight.check_run
-    (["tiny-cpu", "data.path={data}", "model.overrides.num_attention_heads=3"], "must divide hidden_size"),
-    (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tiny-cpu", "data.path={data}", "optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
+        (["tiny-cpu", "data.path={data}", "duration.steps=ten"], "duration.steps must be an integer"),
+        (["tiny-cpu", "data.path={data}", "batch.global_batch=30"], "not a multiple of batch.micro_batch"),
+        (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
+        (["no-such-recipe"], "not found"),
+        (["tiny-cpu", "data.path={data}", "data.eval_split=heldout"], "data.eval_split: "),  # preflight.check_run
+        (["tiny-cpu", "data.path={data}", "model.overrides.num_attention_heads=3"], "must divide hidden_size"),
+        (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
+    ],
+)
 def test_bad_input_fails_with_one_clear_line(dataset, tmp_path, args, message):
-    (tmp_path / "bad.json").write_text(json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8,
-                                                   "gradient_accumulation_steps": 1}))
+    (tmp_path / "bad.json").write_text(
+        json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1})
+    )
     args = [a.format(data=dataset, tmp=tmp_path) for a in args]
     res = pretrain(*args, f"output_dir={tmp_path / 'run'}", "--dry-run")
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
@@ -132,14 +170,21 @@ def test_bf16_checkpoint_exports_its_fp32_master_weights(dataset, tmp_path):
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    res = pretrain("tiny-cpu", f"data.path={dataset}", f"output_dir={run}", "duration.steps=2", "eval.interval=0",
-                   "precision=bf16")
+    res = pretrain(
+        "tiny-cpu", f"data.path={dataset}", f"output_dir={run}", "duration.steps=2", "eval.interval=0", "precision=bf16"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     tag = sorted((run / "checkpoints").glob("step_*"))[-1]
     assert list(tag.glob("bf16_zero_pp_rank_0_*optim_states.pt")), "expected a BF16_Optimizer checkpoint"
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "mosaicbert_ds.cli", "export", str(run), str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mosaicbert_ds.cli", "export", str(run), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = load_file(out / "model.safetensors")
     module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

@@ -33,8 +33,16 @@ def pretrain(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def common(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["tiny-cpu", f"data.path={data}", f"output_dir={out}", "log.interval=1", "eval.interval=0",
-            "log.progress_bar=false", "log.tensorboard=false", *extra]
+    return [
+        "tiny-cpu",
+        f"data.path={data}",
+        f"output_dir={out}",
+        "log.interval=1",
+        "eval.interval=0",
+        "log.progress_bar=false",
+        "log.tensorboard=false",
+        *extra,
+    ]
 
 
 def last_line(res: subprocess.CompletedProcess) -> str:
@@ -66,11 +74,22 @@ def dataset(tmp_path_factory) -> Path:
 def test_divergence_is_logged_and_stops_the_run_with_the_last_good_checkpoint(dataset, tmp_path):
     run = tmp_path / "run"
     # lr 1e30: step 1 blows the weights up, every later loss is NaN and the optimizer skips the step
-    res = pretrain(*common(dataset, run, "duration.steps=20", "checkpoint.interval=1", "optimizer.lr=1e30",
-                           "schedule.warmup_fraction=0", "divergence.max_nonfinite_steps=3"))
+    res = pretrain(
+        *common(
+            dataset,
+            run,
+            "duration.steps=20",
+            "checkpoint.interval=1",
+            "optimizer.lr=1e30",
+            "schedule.warmup_fraction=0",
+            "divergence.max_nonfinite_steps=3",
+        )
+    )
     assert res.returncode == 3, res.stderr[-3000:]
     line = last_line(res)
-    assert line.startswith("mosaicbert-ds pretrain: diverged at step 4: 3 consecutive non-finite steps from step 2"), line
+    assert line.startswith("mosaicbert-ds pretrain: diverged at step 4: 3 consecutive non-finite steps from step 2"), (
+        line
+    )
     assert "rank(s) 0" in line and f"last good checkpoint: {run / 'checkpoints' / 'step_0000003'}" in line, line
     assert "Traceback" not in res.stderr
     log = {r["step"]: r for r in rows(run)}
@@ -83,8 +102,14 @@ def test_divergence_is_logged_and_stops_the_run_with_the_last_good_checkpoint(da
 
 def test_second_run_on_the_folder_refuses_and_sigterm_saves_and_exits_4(dataset, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen(cmd(*common(dataset, run, "duration.steps=200", "checkpoint.interval=0")), cwd=ROOT,
-                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        cmd(*common(dataset, run, "duration.steps=200", "checkpoint.interval=0")),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_step(run, 1, first)
         second = pretrain(*common(dataset, run, "duration.steps=200"))
@@ -163,8 +188,14 @@ def test_resume_skips_a_damaged_tag_and_recomputes_the_schedule_for_a_longer_run
     root = run / "checkpoints"
     next(iter((root / "step_0000003").glob("*optim_states.pt"))).unlink()  # a missing shard
     before = (root / "step_0000002" / ckpt.COMPLETE).read_text()
-    res = pretrain(*common(Path(json.loads((run / "run_config.json").read_text())["data"]["path"]), run,
-                           "duration.steps=6", "checkpoint.interval=0"))
+    res = pretrain(
+        *common(
+            Path(json.loads((run / "run_config.json").read_text())["data"]["path"]),
+            run,
+            "duration.steps=6",
+            "checkpoint.interval=0",
+        )
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "skipping damaged checkpoint" in res.stderr and "optim_states.pt is missing" in res.stderr
     assert "the duration changes from 3 to 6 steps" in res.stderr
@@ -183,11 +214,26 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_pa
     mnt.mkdir()
     run = mnt / "run"
     # one checkpoint of the tiny model is about 10 MB: the first fits, the second does not
-    script = ('mount -t tmpfs -o size=16m tmpfs "$1" && shift && "$@"; rc=$?; cp -a "$MNT/run" "$KEPT"; exit $rc')
-    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(mnt),
-                          *cmd(*common(dataset, run, "duration.steps=4", "checkpoint.interval=1"))],
-                         cwd=ROOT, env={**env(), "MNT": str(mnt), "KEPT": str(kept)}, capture_output=True,
-                         text=True, timeout=900)
+    script = 'mount -t tmpfs -o size=16m tmpfs "$1" && shift && "$@"; rc=$?; cp -a "$MNT/run" "$KEPT"; exit $rc'
+    res = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(mnt),
+            *cmd(*common(dataset, run, "duration.steps=4", "checkpoint.interval=1")),
+        ],
+        cwd=ROOT,
+        env={**env(), "MNT": str(mnt), "KEPT": str(kept)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 5, res.stderr[-3000:]
     line = last_line(res)
     assert "could not save checkpoint step_0000002 at step 2: no space left on device" in line, line
@@ -217,18 +263,34 @@ def test_a_killed_rank_is_resumed_by_rerunning_and_reproduces_the_losses(dataset
     the job, the same command is run again (what a job script, Slurm's requeue or a DeepSpeed
     launcher re-run does); it resumes from the newest complete checkpoint and every logged loss
     equals the uninterrupted run's."""
-    def torchrun(out: Path) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "mosaicbert_ds.cli", "pretrain",
-                *common(dataset, out, "duration.steps=6", "checkpoint.interval=1", "batch.global_batch=32",
-                        "batch.micro_batch=8")]
 
-    full = subprocess.run(torchrun(tmp_path / "full"), cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=900)
+    def torchrun(out: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "mosaicbert_ds.cli",
+            "pretrain",
+            *common(
+                dataset,
+                out,
+                "duration.steps=6",
+                "checkpoint.interval=1",
+                "batch.global_batch=32",
+                "batch.micro_batch=8",
+            ),
+        ]
+
+    full = subprocess.run(torchrun(tmp_path / "full"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert full.returncode == 0, full.stderr[-3000:]
     run = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun(run), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        torchrun(run), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for_step(run, 3, proc)
         victim = next(p for p in children(proc.pid) if rank_of(p) == "1")

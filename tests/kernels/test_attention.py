@@ -18,7 +18,7 @@ def test_slopes_power_of_two_heads():
 def test_slopes_twelve_heads_follow_the_paper():
     # 8-head slopes 2^-1..2^-8, then every other 16-head slope: 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5
     exponents = [-1, -2, -3, -4, -5, -6, -7, -8, -0.5, -1.5, -2.5, -3.5]
-    assert torch.equal(alibi_slopes(12), torch.tensor([2.0 ** e for e in exponents], dtype=torch.float32))
+    assert torch.equal(alibi_slopes(12), torch.tensor([2.0**e for e in exponents], dtype=torch.float32))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7, 20, 24])
@@ -33,7 +33,7 @@ def dense_oracle(q, k, v, lengths, slopes, causal=False):
     out, start = [], 0
     scale = 1.0 / math.sqrt(q.shape[-1])
     for n in lengths:
-        qs, ks, vs = (t[start:start + n].double().transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+        qs, ks, vs = (t[start : start + n].double().transpose(0, 1) for t in (q, k, v))  # (H, n, D)
         s = qs @ ks.transpose(-1, -2) * scale
         i = torch.arange(n)
         s = s - slopes.double()[:, None, None] * (i[:, None] - i[None, :]).abs()
@@ -53,8 +53,7 @@ def test_reference_matches_float64_softmax(causal):
     q, k, v = (torch.randn(total, h, d, generator=g) for _ in range(3))
     cu = cu_seqlens_from_lengths(torch.tensor(lengths))
     slopes = alibi_slopes(h)
-    out = varlen_attention_reference(q, k, v, cu, cu, max(lengths), max(lengths), alibi_slopes=slopes,
-                                     causal=causal)
+    out = varlen_attention_reference(q, k, v, cu, cu, max(lengths), max(lengths), alibi_slopes=slopes, causal=causal)
     ref = dense_oracle(q, k, v, lengths, slopes, causal)
     err = (out.double() - ref).norm() / ref.norm()
     assert err < 1e-6, f"relative error {err:.2e}"
@@ -64,15 +63,15 @@ def test_reference_matches_float64_softmax(causal):
 def test_reference_is_exact_in_float64_and_differentiable():
     g = torch.Generator().manual_seed(1)
     lengths = [5, 1, 12]
-    q, k, v = (torch.randn(sum(lengths), 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (torch.randn(sum(lengths), 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     cu = cu_seqlens_from_lengths(torch.tensor(lengths))
     slopes = alibi_slopes(2)
     out = varlen_attention_reference(q, k, v, cu, cu, 12, 12, alibi_slopes=slopes)
     ref = dense_oracle(q, k, v, lengths, slopes)
     assert torch.allclose(out, ref, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: varlen_attention_reference(a, b, c, cu, cu, 12, 12, alibi_slopes=slopes), (q, k, v))
+        lambda a, b, c: varlen_attention_reference(a, b, c, cu, cu, 12, 12, alibi_slopes=slopes), (q, k, v)
+    )
 
 
 def test_sequences_do_not_see_each_other():

@@ -48,8 +48,15 @@ LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def make_case(rows: int, vocab: int, dtype: torch.dtype, seed: int, ignore_every: int = 3,
-              ignore_index: int = -100, scale: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_case(
+    rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    seed: int,
+    ignore_every: int = 3,
+    ignore_index: int = -100,
+    scale: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     logits = (scale * torch.randn(rows, vocab, device=DEVICE, generator=g)).to(dtype)
     labels = torch.randint(0, vocab, (rows,), device=DEVICE, generator=g)

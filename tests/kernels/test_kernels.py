@@ -101,8 +101,15 @@ def make_qkv(lengths: list[int], heads: int, head_dim: int, dtype: torch.dtype, 
     return qkv, cu, max(lengths), dout
 
 
-def reference(qkv: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dout: torch.Tensor, causal: bool,
-              slopes: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    qkv: torch.Tensor,
+    cu: torch.Tensor,
+    max_seqlen: int,
+    dout: torch.Tensor,
+    causal: bool,
+    slopes: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and d(qkv) of the PyTorch reference run in `dtype` (float64 for the oracle)."""
     x = qkv.detach().to(dtype).requires_grad_(True)
     q, k, v = x.unbind(1)
@@ -111,8 +118,9 @@ def reference(qkv: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dout: torch.
     return out.detach(), x.grad
 
 
-def kernel_poisoned(qkv: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dout: torch.Tensor, causal: bool,
-                    slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def kernel_poisoned(
+    qkv: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dout: torch.Tensor, causal: bool, slopes: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The launchers on NaN-filled output buffers: any element left unwritten shows up as NaN."""
     q, k, v = qkv.unbind(1)  # token stride 3*H*D: the model's layout, read in place
     scale = q.shape[-1] ** -0.5
@@ -126,8 +134,9 @@ def kernel_poisoned(qkv: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dout: 
     return out, dqkv
 
 
-def check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, causal, slopes, label: str,
-                         conditioned: bool = True) -> dict[str, float]:
+def check_against_oracle(
+    out, dqkv, qkv, cu, max_seqlen, dout, causal, slopes, label: str, conditioned: bool = True
+) -> dict[str, float]:
     """Errors of out, dq, dk, dv against float64; at most twice PyTorch's in the same dtype and,
     for well-conditioned inputs, under an absolute cap per dtype."""
     ref_out, ref_d = reference(qkv, cu, max_seqlen, dout, causal, slopes, torch.float64)
@@ -135,15 +144,17 @@ def check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, causal, slopes, l
     cap = (2e-2 if qkv.dtype == torch.bfloat16 else 3e-3) if conditioned else math.inf
     errors = {}
     for name, x, ref, same in [("out", out, ref_out, same_out)] + [
-            (n, dqkv[:, i], ref_d[:, i], same_d[:, i]) for i, n in enumerate(("dq", "dk", "dv"))]:
+        (n, dqkv[:, i], ref_d[:, i], same_d[:, i]) for i, n in enumerate(("dq", "dk", "dv"))
+    ]:
         assert not x.isnan().any(), f"{label}: {name} has NaN (unwritten or 0/0)"
         err, torch_err = rel_err(x, ref), rel_err(same, ref)
         errors[name] = err
-        errors[name + '_torch'] = torch_err
+        errors[name + "_torch"] = torch_err
         worst = (x.double() - ref).abs().flatten().argmax().item()
         assert err <= max(2 * torch_err, 1e-3) and err <= cap, (
             f"{label}: {name} error {err:.2e} vs PyTorch {qkv.dtype} {torch_err:.2e} (cap {cap:.0e}); "
-            f"worst at flat index {worst}: {x.flatten()[worst].item():.4g} vs {ref.flatten()[worst].item():.4g}")
+            f"worst at flat index {worst}: {x.flatten()[worst].item():.4g} vs {ref.flatten()[worst].item():.4g}"
+        )
     return errors
 
 
@@ -153,8 +164,9 @@ def check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, causal, slopes, l
 
 if ON_GPU:
     _g = torch.Generator().manual_seed(1234)
-    LENGTHS = [1, 2, 7, 33, 97, 127, 128, 129, 255, 511, 513, 1000, 1025, 2047, 2048, 1] + \
-        torch.randint(1, 2049, (16,), generator=_g).tolist()
+    LENGTHS = [1, 2, 7, 33, 97, 127, 128, 129, 255, 511, 513, 1000, 1025, 2047, 2048, 1] + torch.randint(
+        1, 2049, (16,), generator=_g
+    ).tolist()
     HEADS = 12
     SMALL = [1, 7, 33, 97, 300, 64, 1]
 else:
@@ -170,8 +182,15 @@ CASES = [  # id, dtype, head_dim, causal, alibi, forced configs in the interpret
     ("bf16-d32-alibi-store", torch.bfloat16, 32, False, True, (F_(16, 64, 4, 1), B_(16, 128, 4, 1, "store")), False),
     ("bf16-d32-alibi", torch.bfloat16, 32, False, True, (F_(32, 16, 4, 1), B_(16, 32, 4, 1, "kernel", 32, 16)), True),
     ("fp16-d64-alibi-causal", torch.float16, 64, True, True, (F_(32, 32, 4, 1), B_(16, 32, 4, 1, "atomic")), True),
-    ("bf16-d64-alibi-causal-store", torch.bfloat16, 64, True, True, (F_(32, 16, 4, 1), B_(32, 128, 4, 1, "store")),
-     False),
+    (
+        "bf16-d64-alibi-causal-store",
+        torch.bfloat16,
+        64,
+        True,
+        True,
+        (F_(32, 16, 4, 1), B_(32, 128, 4, 1, "store")),
+        False,
+    ),
     ("bf16-d32-causal", torch.bfloat16, 32, True, False, (F_(16, 32, 4, 1), B_(32, 16, 4, 1, "kernel", 16, 32)), True),
     ("fp16-d128-alibi", torch.float16, 128, False, True, None, True),
     ("bf16-d64", torch.bfloat16, 64, False, False, (F_(32, 32, 4, 1), B_(32, 32, 4, 1, "atomic")), True),
@@ -185,6 +204,7 @@ def forced():
     def force(configs):
         if configs is not None and not ON_GPU:
             fa.force_config(*configs)
+
     yield force
     fa.force_config()
 
@@ -292,8 +312,11 @@ def test_buckets_and_candidates_are_consistent():
 
 
 # the regimes of benchmarks/attention.py with 8192 tokens: same kernel specialisations, small oracle
-CANDIDATE_CASES = [(bucket, i) for bucket, n in ((64, 32), (128, 128), (512, 512), (2048, 2048))
-                   for i in range(max(len(fa.fwd_candidates(bucket, 64)), len(fa.bwd_candidates(bucket, 64))))]
+CANDIDATE_CASES = [
+    (bucket, i)
+    for bucket, n in ((64, 32), (128, 128), (512, 512), (2048, 2048))
+    for i in range(max(len(fa.fwd_candidates(bucket, 64)), len(fa.bwd_candidates(bucket, 64))))
+]
 
 
 @pytest.mark.parametrize("bucket,index", CANDIDATE_CASES, ids=[f"{b}-{i}" for b, i in CANDIDATE_CASES])
@@ -355,8 +378,11 @@ def test_geglu_matches_definition(approximate, dtype):
         return F.gelu(gate, approximate=approximate) * up
 
     results = {}
-    for label, fn, t in [("kernel", lambda x: fused.geglu(x, approximate), h), ("torch", definition, h),
-                         ("fp64", definition, h.double())]:
+    for label, fn, t in [
+        ("kernel", lambda x: fused.geglu(x, approximate), h),
+        ("torch", definition, h),
+        ("fp64", definition, h.double()),
+    ]:
         x = t.detach().clone().requires_grad_(True)
         out = fn(x)
         out.backward(dout.to(out.dtype))
@@ -382,12 +408,16 @@ def _ln_case(dtype_x, dtype_r, seed, hidden=HIDDEN):
 
 # (autocast, low_precision, x dtype, residual dtype): the model's two settings under bf16 autocast
 # (residual fp32 after an fp32 LayerNorm, bf16 after a low-precision one) and plain fp32
-LN_CASES = [(True, False, torch.bfloat16, torch.float32), (True, True, torch.bfloat16, torch.bfloat16),
-            (False, False, torch.float32, torch.float32)]
+LN_CASES = [
+    (True, False, torch.bfloat16, torch.float32),
+    (True, True, torch.bfloat16, torch.bfloat16),
+    (False, False, torch.float32, torch.float32),
+]
 
 
-@pytest.mark.parametrize("autocast,low_precision,dtype_x,dtype_r", LN_CASES,
-                         ids=["autocast-fp32ln", "autocast-bf16ln", "fp32"])
+@pytest.mark.parametrize(
+    "autocast,low_precision,dtype_x,dtype_r", LN_CASES, ids=["autocast-fp32ln", "autocast-bf16ln", "fp32"]
+)
 def test_dropout_add_layer_norm_matches_definition(autocast, low_precision, dtype_x, dtype_r):
     x, r, ln, dout = _ln_case(dtype_x, dtype_r, seed=1)
     ln.low_precision = low_precision
@@ -647,8 +677,9 @@ def test_dropout_threshold_edges():
     torch.testing.assert_close(out_l, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("autocast,low_precision,dtype_x,dtype_r", LN_CASES,
-                         ids=["autocast-fp32ln", "autocast-bf16ln", "fp32"])
+@pytest.mark.parametrize(
+    "autocast,low_precision,dtype_x,dtype_r", LN_CASES, ids=["autocast-fp32ln", "autocast-bf16ln", "fp32"]
+)
 def test_linear_bias_inside_layer_norm(autocast, low_precision, dtype_x, dtype_r):
     """LayerNorm(x + linear_bias + residual): output and all five gradients (the linear bias's is
     the column sum of dx) against float64, within twice PyTorch's own error."""
@@ -661,8 +692,9 @@ def test_linear_bias_inside_layer_norm(autocast, low_precision, dtype_x, dtype_r
         ln.zero_grad()
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
             if label == "kernel":
-                out = fused.dropout_add_layer_norm(xs, rs, ln.weight, ln.bias, ln.eps, 0.0, low_precision,
-                                                   linear_bias=lbs)
+                out = fused.dropout_add_layer_norm(
+                    xs, rs, ln.weight, ln.bias, ln.eps, 0.0, low_precision, linear_bias=lbs
+                )
             else:
                 out = ln(xs + lbs.to(xs.dtype) + rs)
         out.backward(dout.to(out.dtype))
@@ -689,9 +721,19 @@ def test_linear_bias_gradient_sees_the_dropout_mask():
 
 # tilings the fused kernels must agree under: rows per program that do not divide the row count,
 # several rows per LayerNorm-backward iteration, programs that get no rows or a ragged run
-TILINGS = [dict(geglu_rows=4, geglu_warps=8, geglu_bwd_rows=2, ln_rows=4, ln_bwd_rows=2, ln_bwd_programs=3),
-           dict(geglu_rows=2, geglu_bwd_rows=4, geglu_bwd_warps=2, ln_rows=8, ln_elems_per_warp=1024,
-                ln_bwd_rows=4, ln_bwd_programs=ROWS + 5, ln_bwd_elems_per_warp=64)]
+TILINGS = [
+    dict(geglu_rows=4, geglu_warps=8, geglu_bwd_rows=2, ln_rows=4, ln_bwd_rows=2, ln_bwd_programs=3),
+    dict(
+        geglu_rows=2,
+        geglu_bwd_rows=4,
+        geglu_bwd_warps=2,
+        ln_rows=8,
+        ln_elems_per_warp=1024,
+        ln_bwd_rows=4,
+        ln_bwd_programs=ROWS + 5,
+        ln_bwd_elems_per_warp=64,
+    ),
+]
 
 
 @pytest.mark.parametrize("tiling", TILINGS, ids=["a", "b"])
@@ -712,9 +754,16 @@ def test_fused_kernels_do_not_depend_on_the_tiling(tiling, monkeypatch):
         out_l.backward(dout)
         out_g = fused.geglu(hs, "none", 0.3)
         out_g.backward(dh_out)
-        return {"geglu out": out_g.detach(), "dh": hs.grad, "ln out": out_l.detach(), "dx": xs.grad,
-                "dresidual": rs.grad, "dweight": ln.weight.grad.clone(), "dbias": ln.bias.grad.clone(),
-                "dlinear_bias": lbs.grad}
+        return {
+            "geglu out": out_g.detach(),
+            "dh": hs.grad,
+            "ln out": out_l.detach(),
+            "dx": xs.grad,
+            "dresidual": rs.grad,
+            "dweight": ln.weight.grad.clone(),
+            "dbias": ln.bias.grad.clone(),
+            "dlinear_bias": lbs.grad,
+        }
 
     a = run()
     monkeypatch.setattr(fused, "TILING", fused.Tiling(**tiling))
@@ -734,6 +783,7 @@ def test_fused_kernels_do_not_depend_on_the_tiling(tiling, monkeypatch):
 # the residual's gradient handed from the LayerNorm kernel's backward to the first linear
 # (mosaicbert_ds.ops.ResidualSplit); on the CPU the model's ops are pointed at the interpreter
 # ----------------------------------------------------------------------------------------------
+
 
 def _fused_ops_here(monkeypatch) -> None:
     from mosaicbert_ds import ops

@@ -19,8 +19,11 @@ def help_text(name: str, capsys) -> str:
 def test_every_subcommand_help_shows_an_example(name, capsys):
     text = help_text(name, capsys)
     assert text.startswith(f"usage: mosaicbert-ds {name}")
-    examples = [line for line in text.splitlines()
-                if line.startswith("    ") and (f"mosaicbert-ds {name}" in line or f"mosaicbert_ds.cli {name}" in line)]
+    examples = [
+        line
+        for line in text.splitlines()
+        if line.startswith("    ") and (f"mosaicbert-ds {name}" in line or f"mosaicbert_ds.cli {name}" in line)
+    ]
     assert examples, f"`mosaicbert-ds {name} --help` shows no example:\n{text}"
 
 

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.data import read_dataset_info
+from mosaicbert_ds.errors import UserError
 from tests.helpers.data import jargon_docs, run_cli, tokenizer_dir, write_jsonl
 
 
@@ -24,8 +24,19 @@ def tok_dir(tmp_path_factory):
 
 
 def convert_args(tmp_path, tok_dir, *inputs):
-    return ["convert", *inputs, "--tokenizer", tok_dir, "--out", tmp_path / "out", "--quiet", "--workers", 1,
-            "--val-fraction", 0]
+    return [
+        "convert",
+        *inputs,
+        "--tokenizer",
+        tok_dir,
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        "--workers",
+        1,
+        "--val-fraction",
+        0,
+    ]
 
 
 def assert_user_error(code: int, err: str, *needles: str, command: str = "convert") -> None:
@@ -106,8 +117,9 @@ def test_unknown_format_and_bad_options(tmp_path, tok_dir, capsys):
     write_jsonl(tmp_path / "a.jsonl", ["hello there"])
     code, _, err = run_cli([*convert_args(tmp_path, tok_dir, tmp_path / "a.jsonl"), "--max-seq-len", 2], capsys)
     assert_user_error(code, err, "--max-seq-len")
-    code, _, err = run_cli(["convert", tmp_path / "a.jsonl", "--tokenizer", tmp_path / "no-tokenizer",
-                            "--out", tmp_path / "out"], capsys)
+    code, _, err = run_cli(
+        ["convert", tmp_path / "a.jsonl", "--tokenizer", tmp_path / "no-tokenizer", "--out", tmp_path / "out"], capsys
+    )
     assert_user_error(code, err, "cannot load tokenizer")
 
 
@@ -137,8 +149,14 @@ def test_loader_refuses_what_is_not_a_finished_dataset(tmp_path):
 def test_killed_conversion_leaves_nothing_finished_and_reruns(tmp_path, tok_dir, capsys):
     docs = jargon_docs(4000)
     write_jsonl(tmp_path / "big.jsonl", docs * 8)
-    cmd = [sys.executable, "-m", "mosaicbert_ds.cli", *map(str, convert_args(tmp_path, tok_dir, tmp_path / "big.jsonl")),
-           "--shard-size", "16kb"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mosaicbert_ds.cli",
+        *map(str, convert_args(tmp_path, tok_dir, tmp_path / "big.jsonl")),
+        "--shard-size",
+        "16kb",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial_train = tmp_path / "out.partial" / "train"
     try:
@@ -146,7 +164,7 @@ def test_killed_conversion_leaves_nothing_finished_and_reruns(tmp_path, tok_dir,
         while not list(partial_train.rglob("shard.*")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, "conversion ended before it could be interrupted: " + proc.stderr.read().decode()
-        os.killpg(proc.pid, signal.SIGKILL)   # the converter and its pool, mid-write
+        os.killpg(proc.pid, signal.SIGKILL)  # the converter and its pool, mid-write
     finally:
         proc.wait()
     assert (tmp_path / "out.partial").exists()

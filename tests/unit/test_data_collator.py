@@ -10,13 +10,20 @@ from mosaicbert_ds.data import MLMCollator
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 VOCAB = 1000
-UNUSED = np.arange(5, 15)          # "[unusedN]" entries: real ids, never random replacements
+UNUSED = np.arange(5, 15)  # "[unusedN]" entries: real ids, never random replacements
 REPLACEMENT = np.arange(15, VOCAB)
 
 
 def collator(p: float = 0.30, seed: int = 0, **kwargs) -> MLMCollator:
-    return MLMCollator(mask_token_id=MASK, pad_token_id=PAD, special_token_ids=[PAD, UNK, CLS, SEP, MASK],
-                       replacement_ids=REPLACEMENT, mlm_probability=p, seed=seed, **kwargs)
+    return MLMCollator(
+        mask_token_id=MASK,
+        pad_token_id=PAD,
+        special_token_ids=[PAD, UNK, CLS, SEP, MASK],
+        replacement_ids=REPLACEMENT,
+        mlm_probability=p,
+        seed=seed,
+        **kwargs,
+    )
 
 
 def make_samples(n: int, rng: np.random.Generator, min_len: int = 3, max_len: int = 128, first_index: int = 0):
@@ -103,7 +110,7 @@ def test_padded_batch_matches_unpadded():
     assert torch.equal(padded["input_ids"][mask], flat["input_ids"])
     assert torch.equal(padded["labels"][mask], flat["labels"])
     fixed = collator(padded=True, pad_to=128)(samples)
-    assert fixed["input_ids"].shape == (5, 128) and torch.equal(fixed["labels"][:, :max(lengths)], padded["labels"])
+    assert fixed["input_ids"].shape == (5, 128) and torch.equal(fixed["labels"][:, : max(lengths)], padded["labels"])
     with pytest.raises(ValueError):
         collator(padded=True, pad_to=8)(samples)
 
@@ -146,8 +153,15 @@ def test_every_batch_with_maskable_tokens_gets_a_masked_token():
 
 
 def test_from_dataset_info_excludes_specials_and_unused_from_replacements():
-    info = {"tokenizer": {"vocab_size": VOCAB, "mask_token_id": MASK, "pad_token_id": PAD,
-                          "special_token_ids": [0, 1, 2, 3, 4], "non_replacement_ids": list(range(15))}}
+    info = {
+        "tokenizer": {
+            "vocab_size": VOCAB,
+            "mask_token_id": MASK,
+            "pad_token_id": PAD,
+            "special_token_ids": [0, 1, 2, 3, 4],
+            "non_replacement_ids": list(range(15)),
+        }
+    }
     c = MLMCollator.from_dataset_info(info, mlm_probability=0.15, seed=1)
     assert np.array_equal(c.replacement_ids, REPLACEMENT)
     assert c.mlm_probability == 0.15 and c.seed == 1

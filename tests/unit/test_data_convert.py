@@ -59,7 +59,7 @@ def test_split_long_keeps_every_token(tmp_path, hf_tok):
     expected, it = [], iter(samples)
     for doc in docs:
         ids = hf_tok(doc, add_special_tokens=False)["input_ids"]
-        windows = [ids[i:i + MAX_LEN - 2] for i in range(0, len(ids), MAX_LEN - 2)]
+        windows = [ids[i : i + MAX_LEN - 2] for i in range(0, len(ids), MAX_LEN - 2)]
         expected += [[hf_tok.cls_token_id, *w, hf_tok.sep_token_id] for w in windows]
         # the windows of one document, unwrapped, are the document's full tokenization
         got = [next(it).tolist() for _ in windows]
@@ -113,8 +113,19 @@ def test_clean_drops_table_rows_and_collapses_whitespace():
 
 def test_rerun_same_dataset_is_a_no_op_and_different_needs_overwrite(tmp_path, tok_dir, capsys):
     src = write_jsonl(tmp_path / "a.jsonl", jargon_docs(50))
-    args = ["convert", src, "--tokenizer", tok_dir, "--out", tmp_path / "out", "--quiet", "--workers", 1,
-            "--val-docs", 5]
+    args = [
+        "convert",
+        src,
+        "--tokenizer",
+        tok_dir,
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        "--workers",
+        1,
+        "--val-docs",
+        5,
+    ]
     assert run_cli(args, capsys)[0] == 0
     stamp = (tmp_path / "out" / INDEX_NAME).stat().st_mtime_ns
     code, out, _ = run_cli(args, capsys)
@@ -132,8 +143,24 @@ def test_rerun_same_dataset_is_a_no_op_and_different_needs_overwrite(tmp_path, t
 def test_bad_utf8_skip_counts_and_reports(tmp_path, tok_dir, capsys):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good line one\nbad \xff\xfe line\ngood line two\n")
-    code, out, err = run_cli(["convert", path, "--tokenizer", tok_dir, "--out", tmp_path / "o", "--quiet",
-                              "--on-bad-utf8", "skip", "--val-fraction", 0, "--workers", 1], capsys)
+    code, out, err = run_cli(
+        [
+            "convert",
+            path,
+            "--tokenizer",
+            tok_dir,
+            "--out",
+            tmp_path / "o",
+            "--quiet",
+            "--on-bad-utf8",
+            "skip",
+            "--val-fraction",
+            0,
+            "--workers",
+            1,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "1 not UTF-8" in out
     info = read_dataset_info(str(tmp_path / "o"))

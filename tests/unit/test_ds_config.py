@@ -18,8 +18,15 @@ from pathlib import Path
 import pytest
 
 from mosaicbert_ds.errors import UserError
-from mosaicbert_ds.train.ds_config import (BATCH_KEYS, KNOWN_KEYS, DsConfigError, build_ds_config,
-                                           load_ds_config, parse_with_deepspeed, precision_path)
+from mosaicbert_ds.train.ds_config import (
+    BATCH_KEYS,
+    KNOWN_KEYS,
+    DsConfigError,
+    build_ds_config,
+    load_ds_config,
+    parse_with_deepspeed,
+    precision_path,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIGS = ROOT / "ds_configs"
@@ -68,14 +75,17 @@ def test_cpu_variant_has_no_fused_kernel_and_fp32():
     assert precision_path(cfg) == "DeepSpeedZeroOptimizer"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(global_batch=4096, micro_batch=128, world_size=3), "not divisible"),
-    (dict(global_batch=4096, micro_batch=0, world_size=8), "positive integer"),
-    (dict(optimizer="sgd"), "optimizer must be one of"),
-    (dict(optimizer="lamb", zero_stage=1), "ZeRO stage 0"),
-    (dict(zero_stage=3), "zero_stage must be 1 or 2"),
-    (dict(lr=0.0), "lr must be positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(global_batch=4096, micro_batch=128, world_size=3), "not divisible"),
+        (dict(global_batch=4096, micro_batch=0, world_size=8), "positive integer"),
+        (dict(optimizer="sgd"), "optimizer must be one of"),
+        (dict(optimizer="lamb", zero_stage=1), "ZeRO stage 0"),
+        (dict(zero_stage=3), "zero_stage must be 1 or 2"),
+        (dict(lr=0.0), "lr must be positive"),
+    ],
+)
 def test_build_refuses(kwargs, message):
     with pytest.raises(DsConfigError, match=message) as err:
         paper_config(**kwargs)
@@ -108,7 +118,9 @@ def test_every_shipped_file_is_accepted_at_its_world_size():
         gpus = int(re.search(r"_(\d+)gpu", path.name).group(1))  # from the name, not from the plan
         raw = json.loads(path.read_text())
         # the arithmetic holds exactly as written (nothing left for DeepSpeed to fill in)
-        assert raw["train_batch_size"] == raw["train_micro_batch_size_per_gpu"] * raw["gradient_accumulation_steps"] * gpus
+        assert (
+            raw["train_batch_size"] == raw["train_micro_batch_size_per_gpu"] * raw["gradient_accumulation_steps"] * gpus
+        )
         assert load_ds_config(path, gpus) == raw  # our checks and DeepSpeed's parser at this world size
         assert parse_with_deepspeed(raw, gpus).train_batch_size == raw["train_batch_size"]
         with pytest.raises(UserError, match=f"this file is for {gpus} ranks"):
@@ -141,26 +153,42 @@ def _without(cfg: dict, *keys: str) -> dict:
 
 
 BAD_CONFIGS = {
-    "typo": (lambda c: {**_without(c, "train_batch_size"), "train_batch_szie": 4096},
-             r"unknown top-level key 'train_batch_szie' \(did you mean 'train_batch_size'\?\)"),
+    "typo": (
+        lambda c: {**_without(c, "train_batch_size"), "train_batch_szie": 4096},
+        r"unknown top-level key 'train_batch_szie' \(did you mean 'train_batch_size'\?\)",
+    ),
     "elasticity": (lambda c: {**c, "elasticity": {"enabled": True}}, r"'elasticity' section was removed"),
     "scheduler": (lambda c: {**c, "scheduler": {"type": "WarmupLR"}}, r"remove the 'scheduler' section"),
-    "batch mismatch": (lambda c: {**c, "gradient_accumulation_steps": 3},
-                       r"train_batch_size 4096 != train_micro_batch_size_per_gpu 128 x gradient_accumulation_steps 3 "
-                       r"x world size 8 \(= 3072\)"),
-    "not divisible": (lambda c: {**_without(c, "gradient_accumulation_steps"), "train_batch_size": 4000},
-                      r"4000 is not divisible by train_micro_batch_size_per_gpu 128 x world size 8"),
-    "no batch": (lambda c: _without(c, "train_batch_size", "train_micro_batch_size_per_gpu"),
-                 r"set train_batch_size or train_micro_batch_size_per_gpu"),
+    "batch mismatch": (
+        lambda c: {**c, "gradient_accumulation_steps": 3},
+        r"train_batch_size 4096 != train_micro_batch_size_per_gpu 128 x gradient_accumulation_steps 3 "
+        r"x world size 8 \(= 3072\)",
+    ),
+    "not divisible": (
+        lambda c: {**_without(c, "gradient_accumulation_steps"), "train_batch_size": 4000},
+        r"4000 is not divisible by train_micro_batch_size_per_gpu 128 x world size 8",
+    ),
+    "no batch": (
+        lambda c: _without(c, "train_batch_size", "train_micro_batch_size_per_gpu"),
+        r"set train_batch_size or train_micro_batch_size_per_gpu",
+    ),
     "bad batch type": (lambda c: {**c, "train_batch_size": "4096"}, r"train_batch_size must be a positive integer"),
-    "deepspeed rejects": (lambda c: {**c, "zero_optimization": {"stagee": 1}},
-                          r"DeepSpeed rejects it: .*DeepSpeedZeroConfig.*stagee"),
-    "optimizer param": (lambda c: {**c, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True,
-                                                                                   "max_grad_norm": 1.0}}},
-                        r"optimizer AdamW does not take max_grad_norm"),
+    "deepspeed rejects": (
+        lambda c: {**c, "zero_optimization": {"stagee": 1}},
+        r"DeepSpeed rejects it: .*DeepSpeedZeroConfig.*stagee",
+    ),
+    "optimizer param": (
+        lambda c: {
+            **c,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True, "max_grad_norm": 1.0}},
+        },
+        r"optimizer AdamW does not take max_grad_norm",
+    ),
     "accum dtype": (lambda c: {**c, "data_types": {"grad_accum_dtype": "fp33"}}, r"grad_accum_dtype 'fp33'"),
-    "stage0 bf16 fp32 accum": (lambda c: {**c, "zero_optimization": {"stage": 0}},
-                               r"bf16 weights with fp32 gradient accumulation need ZeRO stage 1 or 2"),
+    "stage0 bf16 fp32 accum": (
+        lambda c: {**c, "zero_optimization": {"stage": 0}},
+        r"bf16 weights with fp32 gradient accumulation need ZeRO stage 1 or 2",
+    ),
 }
 
 
@@ -174,11 +202,14 @@ def test_load_refuses(tmp_path, case):
     assert "\n" not in text and text.startswith(str(path)), text
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"train_batch_size": 8,', r"invalid JSON at line 1 column"),
-    ("[1, 2]", r"a DeepSpeed config is a JSON object, got list"),
-    ('{"train_batch_size": 8, "train_batch_size": 16}', r"duplicate key 'train_batch_size'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"train_batch_size": 8,', r"invalid JSON at line 1 column"),
+        ("[1, 2]", r"a DeepSpeed config is a JSON object, got list"),
+        ('{"train_batch_size": 8, "train_batch_size": 16}', r"duplicate key 'train_batch_size'"),
+    ],
+)
 def test_load_refuses_bad_json(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
         load_ds_config(_write(tmp_path, text), 1)
@@ -294,11 +325,17 @@ ENGINE_SCRIPT = textwrap.dedent("""
 
 
 def test_precision_table_matches_the_engine():
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT, env=_single_process_env())
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=_single_process_env(),
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[0][len("RESULT "):])
+    result = json.loads(lines[0][len("RESULT ") :])
     for name, row in result.items():
         assert row["engine"] == row["expected"], (name, row)
         assert row["basic"] == "AdamW" and row["steps"] == 1, (name, row)

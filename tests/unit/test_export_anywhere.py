@@ -73,8 +73,14 @@ def test_export_loads_with_transformers_alone(tmp_path):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     torch.save(_batch(), tmp_path / "batch.pt")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", ELSEWHERE, str(out), str(tmp_path / "res.pt"), str(tmp_path / "batch.pt")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", ELSEWHERE, str(out), str(tmp_path / "res.pt"), str(tmp_path / "batch.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     res = torch.load(tmp_path / "res.pt")
     with torch.no_grad():
@@ -89,8 +95,9 @@ def test_export_with_the_package_needs_no_remote_code(tmp_path):
     out = export_checkpoint(src, tmp_path / "export")
     loaded = AutoModelForMaskedLM.from_pretrained(out).eval()
     assert type(loaded) is MosaicBertForMaskedLM
-    assert isinstance(AutoModelForTokenClassification.from_pretrained(out, num_labels=3),
-                      MosaicBertForTokenClassification)
+    assert isinstance(
+        AutoModelForTokenClassification.from_pretrained(out, num_labels=3), MosaicBertForTokenClassification
+    )
     with torch.no_grad():
         assert torch.equal(loaded(**_batch()).logits, model(**_batch()).logits)
     with pytest.raises(UserError, match="holds the input"):

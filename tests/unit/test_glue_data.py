@@ -11,7 +11,6 @@ import pytest
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.glue.data import load_split, tokenize
 from mosaicbert_ds.glue.tasks import TASKS, apply_overrides, parse_seed_counts, parse_tasks
-
 from tests.helpers.glue import JSONL, TSV, make_tokenizer
 
 
@@ -65,14 +64,18 @@ def _edit_line(path: Path, line_no: int, old: str, new: str) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@pytest.mark.parametrize("folder,task,line_no,old,new", [
-    ("SST-2", "sst2", 3, "\t1", "\t2"),               # class outside 0..1
-    ("STS-B", "stsb", 3, "\t1.000", "\t7.500"),       # score outside 0..5
-    ("MNLI", "mnli", 3, "\tneutral", "\tmaybe"),      # unknown label name
-    ("CoLA", "cola", 1, "gj04\t1\t", "gj04\tx\t"),   # not a class number (no header)
-])
-def test_label_outside_task_range_is_a_user_error(tmp_path: Path, folder: str, task: str, line_no: int,
-                                                  old: str, new: str) -> None:
+@pytest.mark.parametrize(
+    "folder,task,line_no,old,new",
+    [
+        ("SST-2", "sst2", 3, "\t1", "\t2"),  # class outside 0..1
+        ("STS-B", "stsb", 3, "\t1.000", "\t7.500"),  # score outside 0..5
+        ("MNLI", "mnli", 3, "\tneutral", "\tmaybe"),  # unknown label name
+        ("CoLA", "cola", 1, "gj04\t1\t", "gj04\tx\t"),  # not a class number (no header)
+    ],
+)
+def test_label_outside_task_range_is_a_user_error(
+    tmp_path: Path, folder: str, task: str, line_no: int, old: str, new: str
+) -> None:
     _edit_line(_copy_task(tmp_path, folder) / "train.tsv", line_no, old, new)
     with pytest.raises(UserError, match=f"train.tsv line {line_no}: label"):
         load_split(TASKS[task], "train", tmp_path)
@@ -100,8 +103,16 @@ def test_task_names_seeds_and_overrides() -> None:
     with pytest.raises(UserError, match="unknown GLUE task 'wnli'"):
         parse_tasks("rte,wnli")
     tasks = parse_tasks("all")
-    assert parse_seed_counts(None, tasks) == {"mnli": 1, "qnli": 1, "qqp": 1, "sst2": 5, "cola": 5, "rte": 5,
-                                              "mrpc": 5, "stsb": 5}
+    assert parse_seed_counts(None, tasks) == {
+        "mnli": 1,
+        "qnli": 1,
+        "qqp": 1,
+        "sst2": 5,
+        "cola": 5,
+        "rte": 5,
+        "mrpc": 5,
+        "stsb": 5,
+    }
     assert parse_seed_counts("3,mnli=1", tasks)["rte"] == 3 and parse_seed_counts("3,mnli=1", tasks)["mnli"] == 1
     with pytest.raises(UserError):
         parse_seed_counts("rte=0", tasks)
@@ -114,12 +125,20 @@ def test_task_names_seeds_and_overrides() -> None:
 
 
 def test_paper_recipe_table() -> None:
-    recipe = {n: (t.hparams.lr, t.hparams.weight_decay, t.hparams.epochs, t.hparams.batch_size, t.from_mnli)
-              for n, t in TASKS.items()}
-    assert recipe == {"mnli": (5e-5, 5e-6, 3, 48, False), "qnli": (1e-5, 1e-6, 10, 16, False),
-                      "qqp": (3e-5, 3e-6, 5, 16, False), "sst2": (3e-5, 3e-6, 3, 16, False),
-                      "cola": (5e-5, 5e-6, 10, 32, False), "rte": (1e-5, 1e-5, 3, 16, True),
-                      "mrpc": (8e-5, 8e-6, 10, 32, True), "stsb": (3e-5, 3e-6, 10, 32, True)}
+    recipe = {
+        n: (t.hparams.lr, t.hparams.weight_decay, t.hparams.epochs, t.hparams.batch_size, t.from_mnli)
+        for n, t in TASKS.items()
+    }
+    assert recipe == {
+        "mnli": (5e-5, 5e-6, 3, 48, False),
+        "qnli": (1e-5, 1e-6, 10, 16, False),
+        "qqp": (3e-5, 3e-6, 5, 16, False),
+        "sst2": (3e-5, 3e-6, 3, 16, False),
+        "cola": (5e-5, 5e-6, 10, 32, False),
+        "rte": (1e-5, 1e-5, 3, 16, True),
+        "mrpc": (8e-5, 8e-6, 10, 32, True),
+        "stsb": (3e-5, 3e-6, 10, 32, True),
+    }
 
 
 def test_packed_and_padded_batches_agree(tmp_path: Path) -> None:

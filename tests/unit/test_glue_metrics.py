@@ -100,9 +100,16 @@ def test_report_spread_and_average() -> None:
 
 
 def test_average_complete_with_all_tasks() -> None:
-    tasks = {name: {"score": {"mean": 50.0, "sem": None}, "score_metric": t.score_metric}
-             for name, t in TASKS.items()}
+    tasks = {name: {"score": {"mean": 50.0, "sem": None}, "score_metric": t.score_metric} for name, t in TASKS.items()}
     avg = glue_average(tasks)
     assert avg["complete"] and avg["mean"] == 50.0 and avg["sem"] == 0.0
-    assert avg["metrics"] == {"mnli": "accuracy_m", "qnli": "accuracy", "qqp": "f1", "sst2": "accuracy",
-                              "cola": "mcc", "rte": "accuracy", "mrpc": "f1", "stsb": "spearman"}
+    assert avg["metrics"] == {
+        "mnli": "accuracy_m",
+        "qnli": "accuracy",
+        "qqp": "f1",
+        "sst2": "accuracy",
+        "cola": "mcc",
+        "rte": "accuracy",
+        "mrpc": "f1",
+        "stsb": "spearman",
+    }

@@ -43,8 +43,15 @@ def _batch(vocab: int) -> dict[str, torch.Tensor]:
 
 
 def _hf_bert(tmp_path, cls=BertForMaskedLM):
-    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=37, max_position_embeddings=40, layer_norm_eps=1e-6)
+    cfg = BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=40,
+        layer_norm_eps=1e-6,
+    )
     model = _randomise(cls(cfg))
     model.tie_weights()
     model.save_pretrained(tmp_path / "hf")
@@ -84,28 +91,62 @@ def test_hf_bert_model_without_head_imports_and_says_so(tmp_path):
 
 # --- the authors' layout: state dict built with their names, checked against a computation here ---
 
+
 def _hub_folder(tmp_path, vocab=104, d=32, heads=4, ff=40, layers=2, eps=1e-6):
     g = torch.Generator().manual_seed(11)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
-    sd = {"bert.embeddings.word_embeddings.weight": r(vocab, d), "bert.embeddings.token_type_embeddings.weight": r(2, d),
-          "bert.embeddings.LayerNorm.weight": 1 + r(d), "bert.embeddings.LayerNorm.bias": r(d)}
+    sd = {
+        "bert.embeddings.word_embeddings.weight": r(vocab, d),
+        "bert.embeddings.token_type_embeddings.weight": r(2, d),
+        "bert.embeddings.LayerNorm.weight": 1 + r(d),
+        "bert.embeddings.LayerNorm.bias": r(d),
+    }
     for i in range(layers):
         t = f"bert.encoder.layer.{i}"
-        sd.update({f"{t}.attention.self.Wqkv.weight": r(3 * d, d), f"{t}.attention.self.Wqkv.bias": r(3 * d),
-                   f"{t}.attention.output.dense.weight": r(d, d), f"{t}.attention.output.dense.bias": r(d),
-                   f"{t}.attention.output.LayerNorm.weight": 1 + r(d), f"{t}.attention.output.LayerNorm.bias": r(d),
-                   f"{t}.mlp.gated_layers.weight": r(2 * ff, d), f"{t}.mlp.wo.weight": r(d, ff), f"{t}.mlp.wo.bias": r(d),
-                   f"{t}.mlp.layernorm.weight": 1 + r(d), f"{t}.mlp.layernorm.bias": r(d)})
+        sd.update(
+            {
+                f"{t}.attention.self.Wqkv.weight": r(3 * d, d),
+                f"{t}.attention.self.Wqkv.bias": r(3 * d),
+                f"{t}.attention.output.dense.weight": r(d, d),
+                f"{t}.attention.output.dense.bias": r(d),
+                f"{t}.attention.output.LayerNorm.weight": 1 + r(d),
+                f"{t}.attention.output.LayerNorm.bias": r(d),
+                f"{t}.mlp.gated_layers.weight": r(2 * ff, d),
+                f"{t}.mlp.wo.weight": r(d, ff),
+                f"{t}.mlp.wo.bias": r(d),
+                f"{t}.mlp.layernorm.weight": 1 + r(d),
+                f"{t}.mlp.layernorm.bias": r(d),
+            }
+        )
     p = "cls.predictions"
-    sd.update({f"{p}.transform.dense.weight": r(d, d), f"{p}.transform.dense.bias": r(d),
-               f"{p}.transform.LayerNorm.weight": 1 + r(d), f"{p}.transform.LayerNorm.bias": r(d),
-               f"{p}.decoder.bias": r(vocab)})
+    sd.update(
+        {
+            f"{p}.transform.dense.weight": r(d, d),
+            f"{p}.transform.dense.bias": r(d),
+            f"{p}.transform.LayerNorm.weight": 1 + r(d),
+            f"{p}.transform.LayerNorm.bias": r(d),
+            f"{p}.decoder.bias": r(vocab),
+        }
+    )
     sd[f"{p}.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"].clone()
-    cfg = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": vocab, "hidden_size": d,
-           "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": ff,
-           "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.0,
-           "max_position_embeddings": 512, "alibi_starting_size": 512, "type_vocab_size": 2,
-           "layer_norm_eps": eps, "position_embedding_type": "absolute", "pad_token_id": 0}
+    cfg = {
+        "architectures": ["BertForMaskedLM"],
+        "model_type": "bert",
+        "vocab_size": vocab,
+        "hidden_size": d,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": ff,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.0,
+        "max_position_embeddings": 512,
+        "alibi_starting_size": 512,
+        "type_vocab_size": 2,
+        "layer_norm_eps": eps,
+        "position_embedding_type": "absolute",
+        "pad_token_id": 0,
+    }
     src = tmp_path / "hub"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(cfg))
@@ -122,7 +163,10 @@ def _hub_reference(sd, cfg, ids, mask, tt):
     out = torch.zeros(*ids.shape, cfg["vocab_size"], dtype=torch.float64)
     for b in range(ids.shape[0]):
         n = int(mask[b].sum())
-        x = sd["bert.embeddings.word_embeddings.weight"][ids[b, :n]] + sd["bert.embeddings.token_type_embeddings.weight"][tt[b, :n]]
+        x = (
+            sd["bert.embeddings.word_embeddings.weight"][ids[b, :n]]
+            + sd["bert.embeddings.token_type_embeddings.weight"][tt[b, :n]]
+        )
         x = ln(x, "bert.embeddings.LayerNorm")
         pos = torch.arange(n, dtype=torch.float64)
         alibi = -slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs()
@@ -131,7 +175,10 @@ def _hub_reference(sd, cfg, ids, mask, tt):
             qkv = x @ sd[f"{t}.attention.self.Wqkv.weight"].T + sd[f"{t}.attention.self.Wqkv.bias"]
             q, k, v = qkv.view(n, 3, h, d // h).permute(1, 2, 0, 3)
             att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h) + alibi, dim=-1) @ v
-            a = att.transpose(0, 1).reshape(n, d) @ sd[f"{t}.attention.output.dense.weight"].T + sd[f"{t}.attention.output.dense.bias"]
+            a = (
+                att.transpose(0, 1).reshape(n, d) @ sd[f"{t}.attention.output.dense.weight"].T
+                + sd[f"{t}.attention.output.dense.bias"]
+            )
             x = ln(a + x, f"{t}.attention.output.LayerNorm")
             gu = x @ sd[f"{t}.mlp.gated_layers.weight"].T
             ff = gu.shape[1] // 2
@@ -156,13 +203,22 @@ def test_mosaicbert_hub_imports_exactly(tmp_path):
         _close_at_real_tokens(ours(**batch).logits.double(), ref, batch["attention_mask"])
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.pop("bert.encoder.layer.1.mlp.wo.bias"), "missing weight 'bert.encoder.layer.1.mlp.wo.bias'"),
-    (lambda sd: sd.__setitem__("bert.encoder.layer.0.extra.weight", torch.zeros(2)), "unexpected weight 'bert.encoder.layer.0.extra.weight'"),
-    (lambda sd: sd.__setitem__("bert.encoder.layer.0.mlp.wo.weight", torch.zeros(32, 41)), "bert.layers.0.mlp.Wo.weight has shape (32, 41)"),
-    (lambda sd: sd.__setitem__("bert.encoder.layer.2.mlp.wo.bias", torch.zeros(32)), "unexpected weight"),
-    (lambda sd: [sd.pop(k) for k in list(sd) if "encoder" in k], "neither BERT nor MosaicBERT"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda sd: sd.pop("bert.encoder.layer.1.mlp.wo.bias"), "missing weight 'bert.encoder.layer.1.mlp.wo.bias'"),
+        (
+            lambda sd: sd.__setitem__("bert.encoder.layer.0.extra.weight", torch.zeros(2)),
+            "unexpected weight 'bert.encoder.layer.0.extra.weight'",
+        ),
+        (
+            lambda sd: sd.__setitem__("bert.encoder.layer.0.mlp.wo.weight", torch.zeros(32, 41)),
+            "bert.layers.0.mlp.Wo.weight has shape (32, 41)",
+        ),
+        (lambda sd: sd.__setitem__("bert.encoder.layer.2.mlp.wo.bias", torch.zeros(32)), "unexpected weight"),
+        (lambda sd: [sd.pop(k) for k in list(sd) if "encoder" in k], "neither BERT nor MosaicBERT"),
+    ],
+)
 def test_anything_that_does_not_fit_is_refused_in_one_line(tmp_path, edit, message):
     sd, cfg, src = _hub_folder(tmp_path)
     edit(sd)

@@ -21,8 +21,11 @@ def test_an_installed_kernels_distribution_wins_over_the_folder(tmp_path):
     (fake / "kernels" / "__init__.py").write_text("WHO = 'the kernels distribution'\n")
     (fake / "kernels-0.9.dist-info").mkdir()
     (fake / "kernels-0.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.9\n")
-    res = _run("import kernels, mosaicbert_ds.kernels as ours; print(kernels.WHO); print(ours.flash_attn_varlen_func.__name__)",
-               [str(fake)])
+    res = _run(
+        "import kernels, mosaicbert_ds.kernels as ours; "
+        "print(kernels.WHO); print(ours.flash_attn_varlen_func.__name__)",
+        [str(fake)],
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines()[0] == "the kernels distribution"
 
@@ -30,10 +33,13 @@ def test_an_installed_kernels_distribution_wins_over_the_folder(tmp_path):
 def test_without_one_kernels_is_empty_and_transformers_imports(tmp_path):
     """transformers 5 imports `kernels` when it finds one without metadata: it must see an empty
     namespace-like module (no __file__), not the Triton kernels."""
-    res = _run("import transformers\n"
-               "from transformers import PreTrainedModel, BertForMaskedLM\n"
-               "import kernels\n"
-               "print(getattr(kernels, '__file__', None), hasattr(kernels, 'flash_attn_varlen_func'))\n"
-               "print(transformers.utils.is_kernels_available())", [])
+    res = _run(
+        "import transformers\n"
+        "from transformers import PreTrainedModel, BertForMaskedLM\n"
+        "import kernels\n"
+        "print(getattr(kernels, '__file__', None), hasattr(kernels, 'flash_attn_varlen_func'))\n"
+        "print(transformers.utils.is_kernels_available())",
+        [],
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["None", "False", "False"]

@@ -4,8 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-from mosaicbert_ds import (MosaicBertConfig, MosaicBertForMaskedLM, MosaicBertForSequenceClassification,
-                           MosaicBertModel)
+from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM, MosaicBertForSequenceClassification, MosaicBertModel
 from mosaicbert_ds.padding import cu_seqlens_from_lengths
 
 ABLATIONS = {
@@ -17,8 +16,13 @@ ABLATIONS = {
     "fp32_layernorm": dict(low_precision_layernorm=False),
     "attention_dropout": dict(attention_probs_dropout_prob=0.1),
     "no_vocab_padding": dict(pad_vocab_size_multiple=1, vocab_size=1000),
-    "bert_baseline_like": dict(position_embedding_type="learned", mlp_type="gelu", unpad=False,
-                               low_precision_layernorm=False, attention_probs_dropout_prob=0.1),
+    "bert_baseline_like": dict(
+        position_embedding_type="learned",
+        mlp_type="gelu",
+        unpad=False,
+        low_precision_layernorm=False,
+        attention_probs_dropout_prob=0.1,
+    ),
 }
 
 
@@ -39,18 +43,26 @@ def test_presets_and_vocab_padding():
     assert MosaicBertConfig.from_name("bert-base").vocab_size == 30522
     assert MosaicBertConfig.from_name("base", vocab_size=30522).vocab_size == 30528
     c = MosaicBertConfig.from_name("bert-base")
-    assert (c.position_embedding_type, c.mlp_type, c.unpad, c.low_precision_layernorm) == ("learned", "gelu", False, False)
+    assert (c.position_embedding_type, c.mlp_type, c.unpad, c.low_precision_layernorm) == (
+        "learned",
+        "gelu",
+        False,
+        False,
+    )
     assert c.attention_probs_dropout_prob == 0.1
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(hidden_size=100, num_attention_heads=3), "must divide hidden_size"),
-    (dict(hidden_dropout_prob=-0.1), "hidden_dropout_prob"),
-    (dict(attention_probs_dropout_prob=1.5), "attention_probs_dropout_prob"),
-    (dict(position_embedding_type="rope"), "position_embedding_type"),
-    (dict(mlp_type="swiglu"), "mlp_type"),
-    (dict(attention_impl="cuda"), "attention_impl"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_size=100, num_attention_heads=3), "must divide hidden_size"),
+        (dict(hidden_dropout_prob=-0.1), "hidden_dropout_prob"),
+        (dict(attention_probs_dropout_prob=1.5), "attention_probs_dropout_prob"),
+        (dict(position_embedding_type="rope"), "position_embedding_type"),
+        (dict(mlp_type="swiglu"), "mlp_type"),
+        (dict(attention_impl="cuda"), "attention_impl"),
+    ],
+)
 def test_bad_config_is_rejected_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MosaicBertConfig.from_name("tiny", **kwargs)
@@ -181,5 +193,6 @@ def test_classification_and_regression_heads():
     reg = MosaicBertForSequenceClassification(MosaicBertConfig.from_name("tiny", num_labels=1)).eval()
     out = reg(flat, cu_seqlens=cu, max_seqlen=6, labels=torch.tensor([0.5, 4.0, 2.0]))
     assert reg.config.problem_type == "regression"
-    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1),
-                                                                      torch.tensor([0.5, 4.0, 2.0])))
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, 4.0, 2.0]))
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
@@ -36,7 +37,7 @@ def test_foreign_or_other_kind_folder_is_refused_and_kept(tmp_path, marker):
     dest.mkdir()
     (dest / "notes.txt").write_text("keep me")
     if marker:
-        (dest / MARKER).write_text('{"kind": "%s"}' % marker)
+        (dest / MARKER).write_text(json.dumps({"kind": marker}))
     with pytest.raises(UserError, match="refusing to replace"):
         with output_folder(dest, "export"):
             pass

@@ -3,10 +3,9 @@ on a real converted dataset: each bad input is one UserError line and nothing is
 
 from __future__ import annotations
 
-import re
-
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def fails(data: Path, out: Path, message: str, *overrides: str, global_batch: in
     text = str(err.value)
     assert message in text and "\n" not in text, text
     assert snapshot(data) == before  # the dataset is never touched
-    assert not out.exists()          # nor is the output folder created
+    assert not out.exists()  # nor is the output folder created
     return text
 
 
@@ -93,15 +92,23 @@ def test_corrupt_shard_of_the_right_size(dataset, tmp_path):
 
 
 def test_token_ids_beyond_the_model_vocabulary(dataset, tmp_path):
-    text = fails(dataset, tmp_path / "run", "is not below the model's vocab_size 64",
-                 "model.overrides={vocab_size: 64, pad_vocab_size_multiple: 1}")
+    text = fails(
+        dataset,
+        tmp_path / "run",
+        "is not below the model's vocab_size 64",
+        "model.overrides={vocab_size: 64, pad_vocab_size_multiple: 1}",
+    )
     assert re.search(r"split 'train', shard (\S+/)?shard\.00000\.mds", text), text
 
 
 def test_too_few_samples_for_one_global_batch(dataset, tmp_path):
     samples = sum(s["samples"] for s in train_shards(dataset))
-    fails(dataset, tmp_path / "run", f"has {samples} samples, fewer than one global batch ({samples + 1})",
-          global_batch=samples + 1)
+    fails(
+        dataset,
+        tmp_path / "run",
+        f"has {samples} samples, fewer than one global batch ({samples + 1})",
+        global_batch=samples + 1,
+    )
 
 
 def test_split_index_of_another_dataset(dataset, tmp_path):
@@ -112,8 +119,12 @@ def test_split_index_of_another_dataset(dataset, tmp_path):
 
 
 def test_learned_positions_must_cover_the_sequences(dataset, tmp_path):
-    fails(dataset, tmp_path / "run", "learned position embeddings stop at max_position_embeddings=8",
-          "model.overrides={position_embedding_type: learned, max_position_embeddings: 8}")
+    fails(
+        dataset,
+        tmp_path / "run",
+        "learned position embeddings stop at max_position_embeddings=8",
+        "model.overrides={position_embedding_type: learned, max_position_embeddings: 8}",
+    )
 
 
 def test_output_folder_is_a_file_or_not_writable(tmp_path):

@@ -19,8 +19,13 @@ def test_nonfinite_metrics_are_logged_as_what_they_are(tmp_path):
     logger.log(1, {"loss/train": float("nan"), "optim/grad_norm": float("inf"), "optim/lr": 1e-3, "x": None})
     logger.close()
     row = json.loads((tmp_path / "metrics.jsonl").read_text())  # strict JSON: no NaN literal
-    assert row == {"step": 1, "loss/train": None, "optim/grad_norm": None, "optim/lr": 1e-3,
-                   "nonfinite": ["loss/train", "optim/grad_norm"]}
+    assert row == {
+        "step": 1,
+        "loss/train": None,
+        "optim/grad_norm": None,
+        "optim/lr": 1e-3,
+        "nonfinite": ["loss/train", "optim/grad_norm"],
+    }
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -45,8 +50,7 @@ def test_health_counts_consecutive_nonfinite_steps_on_the_device():
     assert health.row(0).tolist()[0] == 0 and health.row(0).tolist()[MAX_STREAK] == 3  # the streak goes on
 
 
-@pytest.mark.parametrize("text, seconds", [("3h50m", 13800), ("90m", 5400), ("45s", 45), ("1.5h", 5400),
-                                           ("120", 120)])
+@pytest.mark.parametrize("text, seconds", [("3h50m", 13800), ("90m", 5400), ("45s", 45), ("1.5h", 5400), ("120", 120)])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 

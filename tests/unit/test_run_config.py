@@ -30,23 +30,34 @@ def test_paper_recipe_values():
 
 
 def test_overrides_are_typed_and_replace_alternatives():
-    cfg = load_run_config("tiny-cpu", ["data.path=/d", "optimizer.lr=3e-4", "optimizer.betas=[0.8, 0.9]",
-                                       "log.tensorboard=false", "model.overrides.num_hidden_layers=3",
-                                       "duration.samples=1000"])
+    cfg = load_run_config(
+        "tiny-cpu",
+        [
+            "data.path=/d",
+            "optimizer.lr=3e-4",
+            "optimizer.betas=[0.8, 0.9]",
+            "log.tensorboard=false",
+            "model.overrides.num_hidden_layers=3",
+            "duration.samples=1000",
+        ],
+    )
     assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.betas == (0.8, 0.9)
     assert cfg.log.tensorboard is False and cfg.model.overrides == {"num_hidden_layers": 3}
     assert cfg.duration.samples == 1000 and cfg.duration.steps is None
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
-    (["optimizer.lr=fast"], "optimizer.lr must be a number"),
-    (["batch.micro_batch=5"], "not a multiple"),
-    (["data.mlm_probability=1.5"], "mlm_probability"),
-    (["precision=fp8"], "precision"),
-    (["eval.interval=-1"], "eval.interval"),
-    (["seed"], "key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
+        (["optimizer.lr=fast"], "optimizer.lr must be a number"),
+        (["batch.micro_batch=5"], "not a multiple"),
+        (["data.mlm_probability=1.5"], "mlm_probability"),
+        (["precision=fp8"], "precision"),
+        (["eval.interval=-1"], "eval.interval"),
+        (["seed"], "key=value"),
+    ],
+)
 def test_bad_run_configs(overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_run_config("tiny-cpu", ["data.path=/d", *overrides])
@@ -100,19 +111,22 @@ def test_appendix_h_formula_against_a_hand_count_for_the_tiny_model():
     assert paper_flops_per_token(n) == 6 * n
     # Exact matmul count: 2 sequences of 10 and 3 tokens, 4 masked tokens.
     matmul = 2 * (d * 3 * d + d * d + d * 2 * ff + ff * d)
-    attention = 4 * (10 ** 2 + 3 ** 2) * d
+    attention = 4 * (10**2 + 3**2) * d
     head_flops = 4 * 2 * (d * d + d * v)
     expected = 3 * (layers * (13 * matmul + attention) + head_flops)
     assert training_flops(cfg, [10, 3], 4) == expected
     assert mfu(1e12, 2, 1e12) == 0.5 and mfu(1e12, 1, None) is None
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.padded=true"], "packed batches"),
-    (["compile=true"], "exclusive"),
-    (["precision=fp32"], "bf16 path"),
-    (["optimizer.zero_stage=2"], "BF16_Optimizer"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.padded=true"], "packed batches"),
+        (["compile=true"], "exclusive"),
+        (["precision=fp32"], "bf16 path"),
+        (["optimizer.zero_stage=2"], "BF16_Optimizer"),
+    ],
+)
 def test_cuda_graphs_refuses_what_it_cannot_run(overrides, message):
     with pytest.raises(UserError, match=message):
         load_run_config("tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=auto", *overrides])
@@ -149,11 +163,17 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
         load_run_config(str(path))
 
 
-@pytest.mark.parametrize("text, message", [
-    (RUN_FILE + "optimizer:\n  lr: 2e-3\n", "line 11: duplicate key 'optimizer' (first on line 5)"),
-    (RUN_FILE.replace("  eps: 1E-8\n", "  eps: 1E-8\n  lr: 5e-4\n"), "line 8: duplicate key 'lr' (first on line 6)"),
-    (RUN_FILE.replace("preset: tiny", "preset: tiny\n  preset: base"), "duplicate key 'preset'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (RUN_FILE + "optimizer:\n  lr: 2e-3\n", "line 11: duplicate key 'optimizer' (first on line 5)"),
+        (
+            RUN_FILE.replace("  eps: 1E-8\n", "  eps: 1E-8\n  lr: 5e-4\n"),
+            "line 8: duplicate key 'lr' (first on line 6)",
+        ),
+        (RUN_FILE.replace("preset: tiny", "preset: tiny\n  preset: base"), "duplicate key 'preset'"),
+    ],
+)
 def test_duplicate_sections_and_keys_are_errors(tmp_path, text, message):
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -170,13 +190,19 @@ def test_duplicate_keys_in_a_json_run_file(tmp_path):
         load_run_config(str(path))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.preset=huge"], "model.preset: unknown model preset 'huge'"),
-    (["model.overrides.hiden_size=64"], "model.overrides: unknown model config key(s) ['hiden_size']"),
-    (["model.overrides.num_attention_heads=3"], "model.overrides: num_attention_heads (3) must divide hidden_size (64)"),
-    (["model.overrides.hidden_size=big"], "model.overrides: "),
-    (["model.overrides.mlp_type=swiglu"], "mlp_type must be 'glu' or 'gelu'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.preset=huge"], "model.preset: unknown model preset 'huge'"),
+        (["model.overrides.hiden_size=64"], "model.overrides: unknown model config key(s) ['hiden_size']"),
+        (
+            ["model.overrides.num_attention_heads=3"],
+            "model.overrides: num_attention_heads (3) must divide hidden_size (64)",
+        ),
+        (["model.overrides.hidden_size=big"], "model.overrides: "),
+        (["model.overrides.mlp_type=swiglu"], "mlp_type must be 'glu' or 'gelu'"),
+    ],
+)
 def test_model_config_mistakes_are_one_line(overrides, message, capsys):
     with pytest.raises(UserError) as err:
         load_run_config("tiny-cpu", ["data.path=/d", *overrides])

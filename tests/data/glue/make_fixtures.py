@@ -12,8 +12,10 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FILLER = ("the a cat dog man woman child bird sat ran saw ate took gave on in under near big small red blue "
-          "old new house tree car road park river city book song").split()
+FILLER = (
+    "the a cat dog man woman child bird sat ran saw ate took gave on in under near big small red blue "
+    "old new house tree car road park river city book song"
+).split()
 N_TRAIN, N_DEV = 48, 24
 
 
@@ -64,50 +66,119 @@ def make(rng: random.Random) -> None:
         rows = []
         for i in range(n):
             y = (i // 2) % 2
-            rows.append([str(i), str(2 * i), str(2 * i + 1), sentence(rng), sentence(rng, "same" if y else "other"),
-                         str(y)])
+            rows.append(
+                [str(i), str(2 * i), str(2 * i + 1), sentence(rng), sentence(rng, "same" if y else "other"), str(y)]
+            )
         write_tsv(tsv / "QQP" / f"{split}.tsv", ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"], rows)
         # QNLI and RTE: string labels entailment / not_entailment
-        for task, header in (("QNLI", ["index", "question", "sentence", "label"]),
-                             ("RTE", ["index", "sentence1", "sentence2", "label"])):
+        for task, header in (
+            ("QNLI", ["index", "question", "sentence", "label"]),
+            ("RTE", ["index", "sentence1", "sentence2", "label"]),
+        ):
             rows = []
             for i in range(n):
                 y = i % 2
-                rows.append([str(i), sentence(rng), sentence(rng, "no" if y else "yes"),
-                             "not_entailment" if y else "entailment"])
+                rows.append(
+                    [
+                        str(i),
+                        sentence(rng),
+                        sentence(rng, "no" if y else "yes"),
+                        "not_entailment" if y else "entailment",
+                    ]
+                )
             write_tsv(tsv / task / f"{split}.tsv", header, rows)
         # STS-B: ... sentence1, sentence2, score (the number of "match" words)
         rows = []
         for i in range(n):
             score = i % 6
-            rows.append([str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", sentence(rng),
-                         sentence(rng, "match", score) if score else sentence(rng), f"{score:.3f}"])
-        write_tsv(tsv / "STS-B" / f"{split}.tsv", ["index", "genre", "filename", "year", "old_index", "source1",
-                                                     "source2", "sentence1", "sentence2", "score"], rows)
+            rows.append(
+                [
+                    str(i),
+                    "main-captions",
+                    "MSRvid",
+                    "2012test",
+                    f"{i:04d}",
+                    "none",
+                    "none",
+                    sentence(rng),
+                    sentence(rng, "match", score) if score else sentence(rng),
+                    f"{score:.3f}",
+                ]
+            )
+        write_tsv(
+            tsv / "STS-B" / f"{split}.tsv",
+            [
+                "index",
+                "genre",
+                "filename",
+                "year",
+                "old_index",
+                "source1",
+                "source2",
+                "sentence1",
+                "sentence2",
+                "score",
+            ],
+            rows,
+        )
     # MNLI: train.tsv (label1, gold_label), dev_matched / dev_mismatched (label1..label5, gold_label)
     names = ["entailment", "neutral", "contradiction"]
     keyword = {"entailment": "alpha", "neutral": "beta", "contradiction": "gamma"}
     for split, n, n_labels in (("train", 2 * N_TRAIN, 1), ("dev_matched", N_DEV, 5), ("dev_mismatched", N_DEV, 5)):
-        header = (["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-                   "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
-                  + [f"label{j + 1}" for j in range(n_labels)] + ["gold_label"])
+        header = (
+            [
+                "index",
+                "promptID",
+                "pairID",
+                "genre",
+                "sentence1_binary_parse",
+                "sentence2_binary_parse",
+                "sentence1_parse",
+                "sentence2_parse",
+                "sentence1",
+                "sentence2",
+            ]
+            + [f"label{j + 1}" for j in range(n_labels)]
+            + ["gold_label"]
+        )
         rows = []
         for i in range(n):
             gold = names[i % 3]
             a, b = sentence(rng), sentence(rng, keyword[gold])
-            rows.append([str(i), str(i), f"{i}e", "fiction", f"( {a} )", f"( {b} )", f"(ROOT {a})", f"(ROOT {b})",
-                         a, b] + [gold] * n_labels + [gold])
+            rows.append(
+                [str(i), str(i), f"{i}e", "fiction", f"( {a} )", f"( {b} )", f"(ROOT {a})", f"(ROOT {b})", a, b]
+                + [gold] * n_labels
+                + [gold]
+            )
         write_tsv(tsv / "MNLI" / f"{split}.tsv", header, rows)
 
     # JSONL with the HF dataset's field names: RTE (integer labels) and STS-B (float labels).
     jsonl = HERE / "jsonl"
     for split, n in (("train", N_TRAIN), ("validation", N_DEV)):
-        write_jsonl(jsonl / "rte" / f"{split}.jsonl",
-                    [{"sentence1": sentence(rng), "sentence2": sentence(rng, "no" if i % 2 else "yes"),
-                      "label": i % 2, "idx": i} for i in range(n)])
-        write_jsonl(jsonl / "stsb" / f"{split}.jsonl",
-                    [{"sentence1": sentence(rng), "sentence2": sentence(rng, "match", i % 6) if i % 6 else sentence(rng),
-                      "label": float(i % 6), "idx": i} for i in range(n)])
+        write_jsonl(
+            jsonl / "rte" / f"{split}.jsonl",
+            [
+                {
+                    "sentence1": sentence(rng),
+                    "sentence2": sentence(rng, "no" if i % 2 else "yes"),
+                    "label": i % 2,
+                    "idx": i,
+                }
+                for i in range(n)
+            ],
+        )
+        write_jsonl(
+            jsonl / "stsb" / f"{split}.jsonl",
+            [
+                {
+                    "sentence1": sentence(rng),
+                    "sentence2": sentence(rng, "match", i % 6) if i % 6 else sentence(rng),
+                    "label": float(i % 6),
+                    "idx": i,
+                }
+                for i in range(n)
+            ],
+        )
 
 
 if __name__ == "__main__":
