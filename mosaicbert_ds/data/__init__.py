@@ -8,7 +8,9 @@ Public names are imported lazily, so `mosaicbert-ds tokenizer` does not pay for 
     build_mlm_dataloader(path, *, split, batch_size, mlm_probability, seed, ...) -> MLMDataLoader
     MLMCollator, TokenSampleDataset, MLMDataLoader, default_num_canonical_nodes
     convert_corpus(ConvertConfig) -> index dict;  merge_parts(out, part_dirs) -> index dict
-    upload_dataset(local, url) -> files uploaded;  train_tokenizer(texts, out_dir, vocab_size) -> Path
+    upload_dataset(local, url, overwrite=False) -> files uploaded (0: the URL holds this dataset)
+    probe_store(url, action) -> None   (UserError naming credentials, endpoint or bucket; s3:// only)
+    train_tokenizer(texts, out_dir, vocab_size) -> Path
     prepare_default_corpus(out_dir) -> Path   (the bundled Jargon File, for the quickstart)
 """
 
@@ -34,6 +36,7 @@ _EXPORTS = {
     "merge_parts": "convert",
     "SourceConfig": "sources",
     "upload_dataset": "upload",
+    "probe_store": "store",
     "train_tokenizer": "tokenizer",
     "prepare_default_corpus": "default_corpus",
     "bundled_corpus_path": "default_corpus",

@@ -15,7 +15,9 @@ Output and re-runs: the dataset is written to `<out>.partial/` and renamed to `<
 complete (index last), so a stopped conversion leaves nothing a loader accepts and can simply be
 re-run. Re-running into a folder that already holds the same dataset (same input files, sizes
 and times, tokenizer and options) does nothing; a different dataset there needs --overwrite.
-A non-empty folder that is not a mosaicbert_ds dataset is never replaced.
+A non-empty folder that is not a mosaicbert_ds dataset is never replaced. A URL --out (s3://...)
+is probed before anything is converted (credentials, endpoint, bucket: see store.py), then the
+dataset is staged locally and uploaded (upload.py).
 """
 
 from __future__ import annotations
@@ -248,12 +250,16 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
     """Convert `config.source` into a finished dataset at `config.out`; returns its index."""
     _check_options(config)
     if is_remote(config.out):  # write and publish locally, then upload (index last)
-        from .upload import stage_dir, upload_dataset
+        from .upload import check_upload_target, stage_dir, upload_dataset
 
+        check_upload_target(config.out)  # credentials, endpoint, bucket: before any conversion work
         local = replace(config, out=config.stage or stage_dir(config.out))
         index = convert_corpus(local)
-        files = upload_dataset(local.out, config.out)
-        print(f"uploaded {files} files to {config.out} (local copy: {local.out})")
+        files = upload_dataset(local.out, config.out, overwrite=config.overwrite)
+        if files:
+            print(f"uploaded {files} files to {config.out} (local copy: {local.out})")
+        else:
+            print(f"{config.out} already holds this dataset; nothing uploaded (--overwrite uploads it again)")
         return index
     reader = DocumentSource(config.source)  # validates files, globs, formats, columns
     tokenizer = _load_tokenizer(config.tokenizer)

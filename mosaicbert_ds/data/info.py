@@ -59,6 +59,13 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def probe_remote(url: str) -> None:
+    """After a failed fetch: raise the store's own one-line error (credentials, endpoint, bucket), if any."""
+    from .store import probe_store
+
+    probe_store(url, "read")
+
+
 def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, Any]:
     """Read the index of a finished dataset, so loaders and the trainer never guess its layout.
 
@@ -73,7 +80,8 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
         local_index = os.path.join(cache, INDEX_NAME)
         try:
             _fetch(path.rstrip("/") + "/" + INDEX_NAME, local_index)
-        except Exception as err:  # any storage backend error means "not a finished dataset"
+        except Exception as err:  # the store's own problems first, then "not a finished dataset"
+            probe_remote(path)
             raise UserError(
                 f"{path} holds no finished mosaicbert_ds dataset (could not fetch {INDEX_NAME}: {first_line(err)})"
             ) from None
@@ -106,7 +114,8 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
         for name in info["tokenizer"]["files"]:
             try:
                 _fetch(f"{path.rstrip('/')}/{TOKENIZER_DIR}/{name}", os.path.join(folder, name))
-            except Exception as err:  # as above: the dataset is incomplete or unreachable
+            except Exception as err:  # as above: the store refuses, or the dataset is incomplete
+                probe_remote(path)
                 raise UserError(f"{path}: could not fetch {TOKENIZER_DIR}/{name} ({first_line(err)})") from None
     else:
         folder = os.path.join(os.path.abspath(path), TOKENIZER_DIR)
@@ -161,7 +170,8 @@ def check_dataset(
             try:
                 _fetch(f"{str(path).rstrip('/')}/{split}/index.json", local)
                 json.loads(Path(local).read_text())["shards"]
-            except Exception as err:  # any backend error: unreachable, denied, missing
+            except Exception as err:  # as above: the store refuses, or the split index is missing
+                probe_remote(path)
                 raise UserError(f"{path}: cannot read {split}/index.json ({first_line(err)})") from None
         else:
             from .blocks import verify_split

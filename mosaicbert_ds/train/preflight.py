@@ -154,14 +154,15 @@ def _sample_tokens(folder: Path, split: str, shard: dict[str, Any], dtype: np.dt
 
 def check_remote_split(url: str, split: str, expected_samples: int, remote_cache: str | None) -> None:
     """A remote split: its MDS index.json is fetched into the cache and its sample count compared."""
-    from ..data.info import _fetch, default_cache_dir, first_line
+    from ..data.info import _fetch, default_cache_dir, first_line, probe_remote
 
     cache = Path(remote_cache or default_cache_dir(url)) / split
     cache.mkdir(parents=True, exist_ok=True)
     remote_index = f"{url.rstrip('/')}/{split}/index.json"
     try:
         _fetch(remote_index, str(cache / "index.json"))
-    except Exception as err:  # any storage backend error: the split is missing or unreachable
+    except Exception as err:  # the store refuses (credentials, endpoint, bucket), or the split is missing
+        probe_remote(url)
         raise UserError(f"cannot fetch {remote_index} ({first_line(err)})") from None
     _read_split_index(cache / "index.json", split, expected_samples)
 
