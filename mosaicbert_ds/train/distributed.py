@@ -180,6 +180,7 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None) -
     info = discover()
     if use_cuda is None:
         use_cuda = torch.cuda.is_available()
+    device = None
     if use_cuda:
         count = torch.cuda.device_count()
         # One visible GPU per task (srun --gpus-per-task) means device 0 whatever the local rank.
@@ -192,9 +193,43 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None) -
 
     import deepspeed
 
+    _start_group_on_this_attempt(info, backend, device)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     share_host_memory(info)
     return info
+
+
+def _start_group_on_this_attempt(info: DistInfo, backend: str, device: int | None) -> None:
+    """Under torchrun, start the process group on keys of this restart attempt only.
+
+    torchrun's workers share the agent's TCP store, which lives as long as the job, and torch
+    does not prefix the workers' keys per attempt: after a `--max-restarts` restart the ranks
+    would read the dead attempt's gloo addresses or NCCL ids and fail to connect. A prefix with
+    TORCHELASTIC_RESTART_COUNT gives every attempt its own keys (DeepSpeed then finds the group
+    started and uses it)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or info.world_size == 1:
+        return
+    import torch
+    import torch.distributed as dist
+    from deepspeed.constants import default_pg_timeout
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        info.world_size,
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    extra = {"device_id": torch.device("cuda", device)} if device is not None else {}
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"mosaicbert_ds/attempt_{attempt}", agent),
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=default_pg_timeout,
+        **extra,
+    )
 
 
 def ranks_per_host(hosts: list[str], node_rank_of: list[int]) -> int | None:

@@ -250,21 +250,35 @@ def children(pid: int) -> list[int]:
     return kids
 
 
-def rank_of(pid: int) -> str | None:
+def worker_env(pid: int, name: str) -> str | None:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return None
-    return next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), None)
+    prefix = name.encode() + b"="
+    return next((e[len(prefix) :].decode() for e in environ if e.startswith(prefix)), None)
 
 
-def test_a_killed_rank_is_resumed_by_rerunning_and_reproduces_the_losses(dataset, tmp_path):
-    """2 CPU ranks under torchrun (gloo): rank 1 is killed (SIGKILL) after step 3, the launcher ends
-    the job, the same command is run again (what a job script, Slurm's requeue or a DeepSpeed
-    launcher re-run does); it resumes from the newest complete checkpoint and every logged loss
-    equals the uninterrupted run's."""
+def kill_rank_1(proc: subprocess.Popen, attempt: str) -> None:
+    """SIGKILL rank 1 of torchrun's restart attempt `attempt` (TORCHELASTIC_RESTART_COUNT)."""
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        for pid in children(proc.pid):
+            if worker_env(pid, "RANK") == "1" and worker_env(pid, "TORCHELASTIC_RESTART_COUNT") == attempt:
+                os.kill(pid, signal.SIGKILL)
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no rank 1 of attempt {attempt}")
 
-    def torchrun(out: Path) -> list[str]:
+
+def test_a_killed_rank_is_restarted_in_place_then_by_a_rerun_and_reproduces_the_losses(dataset, tmp_path):
+    """2 CPU ranks under `torchrun --max-restarts 1` (gloo): rank 1 is killed (SIGKILL) after step 2
+    and torchrun restarts both ranks in place; rank 1 of that attempt is killed after step 4, with
+    no restart left, so the job ends; the same command is run again (what a job script, Slurm's
+    requeue or a DeepSpeed launcher re-run does). Each start resumes from the newest complete
+    checkpoint, and every logged loss equals the uninterrupted run's."""
+
+    def torchrun(out: Path, restarts: int = 0) -> list[str]:
         return [
             sys.executable,
             "-m",
@@ -272,6 +286,8 @@ def test_a_killed_rank_is_resumed_by_rerunning_and_reproduces_the_losses(dataset
             "--standalone",
             "--nproc-per-node",
             "2",
+            "--max-restarts",
+            str(restarts),
             "-m",
             "mosaicbert_ds.cli",
             "pretrain",
@@ -289,12 +305,13 @@ def test_a_killed_rank_is_resumed_by_rerunning_and_reproduces_the_losses(dataset
     assert full.returncode == 0, full.stderr[-3000:]
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        torchrun(run), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        torchrun(run, restarts=1), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        wait_for_step(run, 3, proc)
-        victim = next(p for p in children(proc.pid) if rank_of(p) == "1")
-        os.kill(victim, signal.SIGKILL)
+        wait_for_step(run, 2, proc)
+        kill_rank_1(proc, "0")
+        wait_for_step(run, 4, proc)  # attempt 0 cannot pass step 3 without rank 1
+        kill_rank_1(proc, "1")
         proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -305,7 +322,7 @@ def test_a_killed_rank_is_resumed_by_rerunning_and_reproduces_the_losses(dataset
     assert again.returncode == 0, "\n".join(l for l in again.stderr.splitlines() if "Error" in l)[-3000:]
     a = {r["step"]: r["loss/train"] for r in rows(tmp_path / "full")}
     b = {}
-    for r in rows(run):  # the re-run logs the steps after its checkpoint again: the last entry counts
+    for r in rows(run):  # each restart logs the steps after its checkpoint again: the last entry counts
         b[r["step"]] = r["loss/train"]
     assert sorted(a) == sorted(b) == list(range(1, 7)) and killed_at < 6
     for step in a:
