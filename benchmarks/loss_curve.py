@@ -19,6 +19,7 @@ moves the curve outside it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -87,11 +88,33 @@ def run_once(data: str, profile: str, workdir: Path, extra: list[str]) -> list[f
     return [r["loss/train"] for r in rows if "loss/train" in r]
 
 
+def data_identity(data: str) -> dict[str, Any] | None:
+    """What a curve depends on in the dataset: the tokenizer's vocabulary and the split sizes.
+
+    WordPiece training is not reproducible bit for bit (tokenizers breaks count ties in hash-map
+    order), so a corpus rebuilt from the same text can carry another vocabulary and another curve.
+    None for a remote dataset."""
+    root = Path(data)
+    index_file = root / "mosaicbert_index.json"
+    if not index_file.is_file():
+        return None
+    splits = json.loads(index_file.read_text()).get("splits", {})
+    vocab = root / "tokenizer" / "vocab.txt"
+    if not vocab.is_file():
+        vocab = root / "tokenizer" / "tokenizer.json"
+    return {
+        "vocab_sha256": hashlib.sha256(vocab.read_bytes()).hexdigest() if vocab.is_file() else None,
+        "splits": {name: {k: s.get(k) for k in ("samples", "tokens")} for name, s in sorted(splits.items())},
+    }
+
+
 def windows(losses: list[float]) -> list[float]:
     return [sum(losses[i : i + WINDOW]) / len(losses[i : i + WINDOW]) for i in range(0, len(losses), WINDOW)]
 
 
-def make_reference(runs: list[list[float]], profile: str, floor: float) -> dict[str, Any]:
+def make_reference(
+    runs: list[list[float]], profile: str, floor: float, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     per_run = [windows(r) for r in runs]
     mean = [sum(col) / len(col) for col in zip(*per_run)]
     spread = max((max(col) - min(col)) for col in zip(*per_run))
@@ -102,6 +125,7 @@ def make_reference(runs: list[list[float]], profile: str, floor: float) -> dict[
         "recipe": PROFILES[profile]["recipe"],
         "overrides": PROFILES[profile]["overrides"],
         "window": WINDOW,
+        "data": data,
         "runs": runs,
         "window_mean": mean,
         "spread": spread,
@@ -112,8 +136,14 @@ def make_reference(runs: list[list[float]], profile: str, floor: float) -> dict[
     }
 
 
-def compare(reference: dict[str, Any], losses: list[float]) -> list[str]:
-    """Problems of a new run against a reference (empty when it matches)."""
+def compare(reference: dict[str, Any], losses: list[float], data: dict[str, Any] | None = None) -> list[str]:
+    """Problems of a new run against a reference (empty when it matches); `data`: the run's
+    dataset (`data_identity`), which must be the reference's."""
+    if data is not None and reference.get("data") not in (None, data):
+        return [
+            f"the reference was made on another dataset ({reference['data']}; this one: {data}): "
+            "rebuild the corpus with the reference's tokenizer or make a new reference"
+        ]
     expected = reference["window_mean"]
     got = windows(losses)
     if len(got) != len(expected):
@@ -146,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = json.loads(Path(args.check).read_text())
         with tempfile.TemporaryDirectory() as tmp:
             losses = run_once(args.data, reference["profile"], Path(tmp), args.override)
-        problems = compare(reference, losses)
+        problems = compare(reference, losses, data_identity(args.data))
         print("\n".join(problems) or f"loss curve matches {args.check} ({len(losses)} steps)")
         return 1 if problems else 0
     runs = []
@@ -155,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_once(args.data, args.profile, Path(tmp), args.override))
         print(f"run {i + 1}: {len(runs[-1])} steps, last window {windows(runs[-1])[-1]:.5f}", flush=True)
     floor = PROFILES[args.profile]["floor"] if args.floor is None else args.floor
-    reference = make_reference(runs, args.profile, floor)
+    reference = make_reference(runs, args.profile, floor, data_identity(args.data))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(reference, indent=1) + "\n")
     print(

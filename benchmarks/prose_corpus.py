@@ -20,7 +20,10 @@ document per source file, written as JSONL (`corpus.jsonl.gz`); `convert --split
 each document into full 128-token samples. About 8.1 million words, over 10 million WordPiece tokens.
 
 Steps (each skipped when its output exists): fetch+extract -> corpus.jsonl.gz -> tokenizer/
-(WordPiece 30522 -> 30528, trained on this corpus) -> mds/ (train, val: 2% of documents).
+(WordPiece 30522 -> 30528, trained on this corpus, or `--tokenizer DIR`) -> mds/ (train, val: 2% of
+documents). Tokenizer training is not reproducible bit for bit (tokenizers breaks count ties in
+hash-map order), so to rebuild a corpus with the ids of an earlier one (a loss-curve reference
+records its vocabulary's hash), pass that build's `mds/tokenizer` as `--tokenizer`.
 `--text-only` stops after the JSONL file (the small file to carry to a machine without apt).
 """
 
@@ -366,10 +369,17 @@ def build_text(out: Path) -> Path:
     return corpus
 
 
-def build_dataset(out: Path, corpus: Path, vocab_size: int, max_seq_len: int, val_fraction: float) -> Path:
-    """tokenizer/ and mds/ under out, through the `mosaicbert-ds tokenizer` and `convert` commands."""
-    tokenizer, mds = out / "tokenizer", out / "mds"
+def build_dataset(
+    out: Path, corpus: Path, vocab_size: int, max_seq_len: int, val_fraction: float, tokenizer: Path | None = None
+) -> Path:
+    """tokenizer/ (unless `tokenizer` is given) and mds/ under out, through the `mosaicbert-ds
+    tokenizer` and `convert` commands."""
+    mds = out / "mds"
     cli = [sys.executable, "-m", "mosaicbert_ds.cli"]
+    if tokenizer is None:
+        tokenizer = out / "tokenizer"
+    elif not (tokenizer / "tokenizer.json").is_file():
+        raise UserError(f"--tokenizer {tokenizer} holds no tokenizer.json")
     if not (tokenizer / "tokenizer.json").exists():
         subprocess.run(
             [*cli, "tokenizer", str(corpus), "--out", str(tokenizer), "--vocab-size", str(vocab_size)], check=True
@@ -406,12 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--text-only", action="store_true", help="stop after corpus.jsonl.gz")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="use this tokenizer instead of training one (e.g. an earlier build's OUT/mds/tokenizer: "
+        "WordPiece training is not reproducible bit for bit, a loss-curve reference needs the same ids)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
         corpus = build_text(out)
         if not args.text_only:
-            print(build_dataset(out, corpus, args.vocab_size, args.max_seq_len, args.val_fraction))
+            print(build_dataset(out, corpus, args.vocab_size, args.max_seq_len, args.val_fraction, args.tokenizer))
     except UserError as err:
         print(f"prose_corpus: error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.loss_curve import compare, run_once
+from benchmarks.loss_curve import compare, data_identity, run_once
 from tests.helpers.data import convert_docs, jargon_docs, tokenizer_dir
 
 REFERENCES = Path(__file__).resolve().parents[1] / "data" / "loss_curves"
@@ -33,8 +33,9 @@ def test_cpu_loss_curve_matches_reference(tmp_path_factory, tmp_path: Path) -> N
     reference = json.loads((REFERENCES / "cpu_tiny.json").read_text())
     tokenizer_dir(tmp_path_factory)
     data = build_cpu_dataset(tmp_path_factory.mktemp("curve"))
+    assert data_identity(str(data)) == reference["data"]  # the shipped tokenizer: the same token ids
     losses = run_once(str(data), "cpu-tiny", tmp_path, [])
-    problems = compare(reference, losses)
+    problems = compare(reference, losses, data_identity(str(data)))
     assert not problems, "\n".join(problems) + f"\nnew losses: {losses}"
 
 
@@ -45,6 +46,8 @@ def test_compare_flags_a_worse_curve() -> None:
     worse = [x + 0.05 for x in same]
     assert compare(reference, worse)  # a model that learns 0.05 nats worse fails
     assert compare(reference, same[:-1])  # a different step count fails
+    other = {**reference["data"], "vocab_sha256": "0" * 64}
+    assert "another dataset" in compare(reference, same, other)[0]  # another tokenizer fails
 
 
 @pytest.mark.gpu
@@ -56,5 +59,5 @@ def test_gpu_loss_curve_matches_reference(tmp_path: Path) -> None:
         f"build the corpus first: python -m benchmarks.prose_corpus --out {data.parent}"
     )
     losses = run_once(str(data), "gpu-base", tmp_path, [])
-    problems = compare(reference, losses)
+    problems = compare(reference, losses, data_identity(str(data)))
     assert not problems, "\n".join(problems)
