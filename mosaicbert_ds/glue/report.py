@@ -44,7 +44,19 @@ def summarize_task(task: Task, results: list[dict[str, Any]]) -> dict[str, Any]:
         "score_metric": task.score_metric,
         "score": metrics[task.score_metric],
         "finetune_seconds": sum(seconds) if all(isinstance(x, (int, float)) for x in seconds) else None,
+        "tokens_per_sec": _mean_of(r.get("tokens_per_sec") for r in results),
+        "mfu": _mean_of(r.get("mfu") for r in results),
     }
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _mean_of(values: Any) -> float | None:
+    """The mean of the numbers among `values` (None without any)."""
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return sum(numbers) / len(numbers) if numbers else None
 
 
 def glue_average(tasks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -92,8 +104,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "| task | metrics (mean ± std over seeds) | score in average | seeds | finetune s |",
-        "|------|--------------------------------|------------------|-------|------------|",
+        "| task | metrics (mean ± std over seeds) | score in average | seeds | finetune s | tokens/s | MFU |",
+        "|------|--------------------------------|------------------|-------|------------|----------|-----|",
     ]
     for task in summary["tasks"].values():
         metrics = ", ".join(f"{_metric_label(k)} {_fmt(v)}" for k, v in task["metrics"].items())
@@ -101,17 +113,20 @@ def to_markdown(summary: dict[str, Any]) -> str:
         ft = task.get("finetune_seconds")
         lines.append(
             f"| {task['display']} | {metrics} | {score} | {len(task['seeds'])} | "
-            f"{'-' if ft is None else format(ft, '.1f')} |"
+            f"{'-' if ft is None else format(ft, '.1f')} | {_rate(task.get('tokens_per_sec'))} | "
+            f"{'-' if task.get('mfu') is None else format(task['mfu'], '.1%')} |"
         )
     avg = summary["glue_average"]
     if avg is not None:
         label = "GLUE average" if avg["complete"] else f"partial average ({len(avg['tasks'])} of {len(TASKS)} tasks)"
         total = [t.get("finetune_seconds") for t in summary["tasks"].values()]
         ft = f"{sum(total):.1f}" if all(x is not None for x in total) else "-"
-        lines.append(f"| **{label}** | | **{avg['mean']:.2f}** ± {avg['sem']:.2f} (s.e.) | | {ft} |")
+        lines.append(f"| **{label}** | | **{avg['mean']:.2f}** ± {avg['sem']:.2f} (s.e.) | | {ft} | | |")
     lines += [
         "",
         "Average: MNLI-m acc, QNLI acc, QQP F1, SST-2 acc, CoLA MCC, RTE acc, MRPC F1, STS-B Spearman; "
-        "± after the average is its standard error over finetuning seeds.",
+        "± after the average is its standard error over finetuning seeds. tokens/s: real (non-pad) "
+        "training tokens per second of the finetuning loop, all ranks; MFU: 6 x parameters x tokens/s over "
+        "the GPUs' bf16 peak (the paper's Appendix H formula, '-' where the peak is not known).",
     ]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
+from ..flops import mfu, paper_flops_per_token, peak_flops
 from ..train.checkpoint import rng_state, set_rng_state
 from ..train.schedule import WarmupLinearDecay
 from . import atomic
@@ -197,9 +198,13 @@ def run_seed(
     if progress is not None:
         progress.update(step)
     recent: list[torch.Tensor] = []
+    tokens, steps_timed = 0, total - step  # this rank's real (non-pad) training tokens
+    lengths = np.diff(train.offsets)
     net.train()
+    loop_started = time.perf_counter()
     while step < total:
         idx = batch_indices(step, per_epoch, run.seed, len(train), hp.batch_size)[rt.rank :: rt.world_size]
+        tokens += int(lengths[idx].sum())
         with rt.autocast():
             loss = net(**_to_device(train.batch(idx, packed, pad_id), rt.device)).loss
         loss.backward()
@@ -219,6 +224,12 @@ def run_seed(
         if hooks.on_step is not None:
             hooks.on_step(task, run.seed, step)
 
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - loop_started  # includes the periodic state saves
+    tokens = sum(rt.all_gather(tokens))
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_sec = tokens / train_seconds if steps_timed and train_seconds > 0 else None
     metrics: dict[str, float] = {}
     eval_loss: dict[str, float] = {}
     eval_examples: dict[str, int] = {}
@@ -245,6 +256,12 @@ def run_seed(
         "world_size": rt.world_size,
         "train_loss_recent": float(torch.stack(recent).float().mean()) if recent else None,
         "seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "train_tokens": tokens,
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": None
+        if tokens_per_sec is None
+        else mfu(paper_flops_per_token(n_params) * tokens_per_sec, rt.world_size, peak_flops(rt.device)),
         "hparams": dataclasses.asdict(hp),
         "init": str(run.init_dir),
     }

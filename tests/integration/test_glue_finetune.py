@@ -217,10 +217,14 @@ def test_cli_end_to_end_writes_markdown_and_json(
     rte = table["tasks"]["rte"]
     assert rte["seeds"] == [42, 43] and rte["score"]["std"] is not None and rte["score"]["n"] == 2
     assert set(table["tasks"]["mnli"]["metrics"]) == {"accuracy_m", "accuracy_mm"}
-    # both RTE seeds start from the one MNLI seed
-    for seed in (42, 43):
-        result = json.loads((out / "rte" / f"seed{seed}" / "result.json").read_text())
+    # both RTE seeds start from the one MNLI seed, and train on every example once (one epoch)
+    results = [json.loads((out / "rte" / f"seed{seed}" / "result.json").read_text()) for seed in (42, 43)]
+    for result in results:
         assert result["init"] == str((out / "mnli" / "seed42" / "model").resolve())
+        assert result["tokens_per_sec"] == pytest.approx(result["train_tokens"] / result["train_seconds"])
+        assert result["mfu"] is None  # no GPU peak on the CPU
+    assert results[0]["train_tokens"] == results[1]["train_tokens"] > 30 * results[0]["train_examples"] / 10
+    assert f"| {rte['tokens_per_sec']:,.0f} | - |" in md
 
 
 def _bad_label_data(tmp_path: Path) -> Path:
