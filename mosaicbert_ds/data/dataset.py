@@ -40,16 +40,17 @@ epoch, the loader goes straight on to the next epoch.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from streaming import StreamingDataLoader, StreamingDataset
-from torch.utils.data import DataLoader
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState
+from torch.utils.data import DataLoader, get_worker_info
 
 from ..batch import IGNORE_INDEX
 from ..errors import UserError
@@ -60,18 +61,55 @@ MAX_DEFAULT_CANONICAL_NODES = 64
 SAMPLES_PER_DEFAULT_CANONICAL_NODE = 4096
 
 
+class CheckedStream(Stream):
+    """A Stream that trusts a decompressed shard only if it is what its compressed file gives.
+
+    Read in place, streaming decompresses each `.mds.zstd` into a `.mds` beside it and keeps it
+    for later runs, checking the hash only while decompressing. A kept copy of the wrong size, or
+    not newer than its compressed file (which was rewritten or damaged after the copy was made),
+    is removed here, so the shard is decompressed and checked again when it is first read.
+    Two `stat` calls per shard, made once per node by streaming's local leader.
+    """
+
+    def set_up_local(self, shards: list[Any], cache_usage_per_shard: np.ndarray) -> None:
+        for shard in shards:
+            if any(_stale_raw(self.local, self.split, raw, zip_) for raw, zip_ in shard.file_pairs if zip_):
+                shard._evict_raw()
+        super().set_up_local(shards, cache_usage_per_shard)
+
+
+def _stale_raw(local: str, split: str, raw_info: Any, zip_info: Any) -> bool:
+    try:
+        raw = os.stat(os.path.join(local, split, raw_info.basename))
+        packed = os.stat(os.path.join(local, split, zip_info.basename))
+    except FileNotFoundError:
+        return False  # nothing to compare; streaming's own set-up handles a missing half
+    return raw.st_size != raw_info.bytes or raw.st_mtime_ns <= packed.st_mtime_ns
+
+
 class TokenSampleDataset(StreamingDataset):
     """StreamingDataset of converted samples: {"input_ids": token ids, "index": global sample
     index, "epoch": epoch}; index and epoch are what seed the per-sample MLM mask.
 
     `token_dtype` is the index's token_dtype (shards hold the ids as little-endian raw bytes).
+    `remote`, `local` and `split` describe one CheckedStream; the other keyword arguments are
+    StreamingDataset's.
     """
 
     _epoch = 0
+    failure_file: str | None = None  # set by MLMDataLoader: where a worker leaves its line
 
-    def __init__(self, *, token_dtype: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        token_dtype: str,
+        remote: str | None = None,
+        local: str | None = None,
+        split: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.token_dtype = np.dtype(token_dtype).newbyteorder("<")
-        super().__init__(**kwargs)
+        super().__init__(streams=[CheckedStream(remote=remote, local=local, split=split)], **kwargs)
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         # Every process that iterates (main or worker) passes here at the start of an epoch;
@@ -82,9 +120,12 @@ class TokenSampleDataset(StreamingDataset):
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         # A shard that fails to download, verify or decompress must stop the run with one line.
-        # Streaming raises it inside a background thread's callback, where it is swallowed and
-        # other DataLoader workers may wait for that shard forever; so a worker reports the
-        # line through a file its parent reads, and exits at once.
+        # Streaming raises it inside a background thread's callback, where it is swallowed, and
+        # leaves the shard PREPARING, where every other reader of it (a thread of this process
+        # or another worker) would wait for it forever. Marked LOCAL instead, the shard is
+        # prepared again by whoever reads it next, which then fails the same way. No process
+        # exits: errors reach the parent through the DataLoader, and a worker also leaves the
+        # line in the loader's failure file (an epoch can end early without an error).
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as err:  # any download, checksum or decompression failure
@@ -93,18 +134,17 @@ class TokenSampleDataset(StreamingDataset):
             stream = self.streams[self.stream_per_shard[shard_id]]
             where = os.path.join(stream.remote or stream.local, stream.split or "", name)
             message = f"shard {where} is unreadable or damaged ({first_line(err)})"
-            from torch.utils.data import get_worker_info
-
-            if get_worker_info() is not None:
-                with open(_failure_file(os.getppid()), "w", encoding="utf-8") as f:
-                    f.write(message)
-                sys.stderr.write(f"data loader worker: {message}\n")
-                os._exit(3)
+            # the line is in place before anything can stop on the event set below
+            if get_worker_info() is not None and self.failure_file:
+                with open(self.failure_file, "a", encoding="utf-8") as f:
+                    f.write(message + "\n")  # one short append: lines of two workers never mix
             self._failure = message
+            if hasattr(self, "_event"):
+                self._event.set()  # this process's streaming threads stop
+            self._shard_states[shard_id] = _ShardState.LOCAL
             if threading.current_thread() is not threading.main_thread():
-                # streaming's prepare thread: stop its threads quietly (a raise here is logged
-                # as a traceback by concurrent.futures); the loader raises the line
-                self._event.set()
+                # streaming's prepare thread: end quietly (a raise here is logged as a traceback
+                # by concurrent.futures); the loader raises the line
                 return
             raise UserError(message) from None
 
@@ -127,6 +167,10 @@ class MLMDataLoader(StreamingDataLoader):
         super().__init__(*args, **kwargs)
         self.accumulation_steps = accumulation_steps
         self._resumed = False
+        # one file per loader: a line left by another loader's worker is never read as ours
+        self._failure_file = os.path.join(tempfile.gettempdir(), f"mosaicbert_ds_loader_failure.{uuid.uuid4().hex}")
+        if isinstance(self.dataset, TokenSampleDataset):
+            self.dataset.failure_file = self._failure_file
 
     def _get_batch_size(self, batch: Any) -> int:
         if isinstance(batch, dict) and "cu_seqlens" in batch:
@@ -138,22 +182,27 @@ class MLMDataLoader(StreamingDataLoader):
         self._resumed = True
 
     def __iter__(self) -> Iterator[Any]:
-        failure = _failure_file(os.getpid())
         try:
             yield from self._iter_steps()
-        except RuntimeError:
-            if os.path.exists(failure):  # a worker that exited on a damaged shard left its line
-                with open(failure, encoding="utf-8") as f:
-                    message = f.read()
-                os.remove(failure)
-                raise UserError(message) from None
-            self._raise_shard_failure()  # num_workers=0: streaming refuses the next epoch
+        except Exception:  # the DataLoader's form of a shard failure in a worker, or streaming's
+            self._raise_shard_failure()
             raise
-        # num_workers=0: the shard failed in streaming's thread, which ends the epoch early
+        # the shard failed in a streaming thread, which ends the epoch early without an error
         self._raise_shard_failure()
 
+    def __del__(self) -> None:
+        _remove(self.__dict__.get("_failure_file"))  # left when iteration stopped before reading it
+        super().__del__()
+
     def _raise_shard_failure(self) -> None:
-        message = self.dataset.__dict__.get("_failure")
+        message = self.dataset.__dict__.get("_failure")  # this process's (num_workers=0)
+        if os.path.exists(self._failure_file):  # a DataLoader worker's
+            if self._iterator is not None:  # stopped first, so no worker goes on reading or writing
+                self._iterator._shutdown_workers()
+                self._iterator = None
+            with open(self._failure_file, encoding="utf-8") as f:
+                message = f.readline().strip() or message
+            _remove(self._failure_file)
         if message:
             raise UserError(message) from None
 
@@ -173,9 +222,12 @@ class MLMDataLoader(StreamingDataLoader):
                 return
 
 
-def _failure_file(main_pid: int) -> str:
-    """Where a DataLoader worker of process `main_pid` leaves the line that stopped it."""
-    return os.path.join(tempfile.gettempdir(), f"mosaicbert_ds_loader_failure.{main_pid}")
+def _remove(path: str | None) -> None:
+    if path:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def default_num_canonical_nodes(num_samples: int) -> int:
