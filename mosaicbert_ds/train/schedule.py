@@ -23,13 +23,17 @@ class WarmupLinearDecay:
         self.final_ratio = final_ratio
         self.floor_offset = 0 if floor_after_last_step else 1
         self.budget_fitted = False  # warmup fixed once by fit_schedule_to_budget
+        self.decay_start: int | None = None  # where a re-fitted decay starts (None: end of warmup)
+        self.decay_start_value = 1.0
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        decay_steps = max(1, self.total_steps - self.floor_offset - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-        return 1.0 - (1.0 - self.final_ratio) * progress
+        start = self.warmup_steps if self.decay_start is None else self.decay_start
+        value = 1.0 if self.decay_start is None else self.decay_start_value
+        decay_steps = max(1, self.total_steps - self.floor_offset - start)
+        progress = min(1.0, max(0.0, (step - start) / decay_steps))
+        return value - (value - self.final_ratio) * progress
 
 
 def fit_schedule_to_budget(
@@ -38,12 +42,16 @@ def fit_schedule_to_budget(
     """Fit a schedule to a wall-clock budget from the latest estimate of the steps it has left.
 
     The warmup length is set once, from the first estimate (after the start-up interval), so that
-    the rate only rises during warmup; the end of the decay follows every later estimate. The
-    step cap `max_steps` still holds."""
+    the rate only rises during warmup. The end of the decay follows every later estimate; once the
+    decay has begun it goes on linearly from the current rate to the floor at the new end, so the
+    rate stays continuous and never rises again. The step cap `max_steps` still holds."""
     total = max(step + 1, min(max_steps, step + round(steps_left)))
     if not schedule.budget_fitted:
         schedule.warmup_steps = max(1, round(total * warmup_fraction))
         schedule.budget_fitted = True
+    if step >= schedule.warmup_steps:
+        schedule.decay_start_value = schedule(step)
+        schedule.decay_start = step
     schedule.total_steps = total
 
 

@@ -99,6 +99,12 @@ def test_both_models_learn_beyond_unigram(dataset: Path, tmp_path: Path) -> None
         assert len(seconds) >= 3 and seconds == sorted(seconds)
         assert m["final_loss"] < unigram - 0.15, (name, m["final_loss"], unigram, m["points"])
         assert set(m["time_to_final_of"]) == {"mosaicbert", "bert"} - {name}
+        # the budget's schedule: the rate only rises in warmup, then only falls, to the floor at the end
+        logged = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        lrs = [r["optim/lr"] for r in logged if "optim/lr" in r]
+        peak = lrs.index(max(lrs))
+        assert lrs[:peak] == sorted(lrs[:peak]) and lrs[peak:] == sorted(lrs[peak:], reverse=True), lrs
+        assert max(lrs) == pytest.approx(3e-3, rel=0.05) and lrs[-1] == pytest.approx(0.02 * 3e-3, rel=0.05)
     # checkpoints at the timed points and at the end, listed for `mosaicbert-ds pareto`
     done = run(["--out", str(out), "--pareto-listing"])
     assert done.returncode == 0, done.stderr

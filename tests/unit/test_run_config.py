@@ -99,6 +99,18 @@ def test_budget_fit_warms_up_monotonically_and_decays_to_the_floor_at_the_estima
     assert s.total_steps == 7000 and s(6999) == pytest.approx(0.02)  # the step cap holds
 
 
+def test_budget_refit_during_decay_stays_continuous_and_never_rises():
+    s = WarmupLinearDecay(total_steps=1000, warmup_fraction=0.1, final_ratio=0.02)
+    s.budget_fitted = True
+    before = s(500)
+    fit_schedule_to_budget(s, 500, steps_left=1500, max_steps=10_000, warmup_fraction=0.1)  # slower estimate: later end
+    assert s(500) == pytest.approx(before)  # no jump up
+    lrs = [s(t) for t in range(500, 2000)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.02)
+    fit_schedule_to_budget(s, 800, steps_left=100, max_steps=10_000, warmup_fraction=0.1)  # faster: earlier end
+    assert s(800) == pytest.approx(lrs[300]) and s(899) == pytest.approx(0.02) and s(850) < s(800)
+
+
 def test_appendix_h_formula_against_a_hand_count_for_the_tiny_model():
     cfg = MosaicBertConfig.from_name("tiny")  # 2 layers, d=64, 2 heads, GLU ff=128, vocab 1024
     d, ff, v, layers = 64, 128, 1024, 2
