@@ -61,6 +61,9 @@ def classify(result: Mapping[str, Any]) -> str:
     "finetune" rows) or "combined" (a dict of those sections)."""
     if "pretrain" in result and isinstance(result["pretrain"], list):
         return "step"
+    own = "convergence" if "unigram_loss" in result else "convert" if "c4_en" in result else None
+    if own:  # these benchmarks write their own report (convergence.md, convert.md) beside the JSON
+        raise ValueError(f"a `bench {own}` result: its report is {own}.md, written by that benchmark")
     if any(k in result for k in SECTIONS) and "rows" not in result and "points" not in result:
         return "combined"
     if "points" in result or "allreduce" in result:

@@ -423,6 +423,10 @@ def test_report_with_missing_sections(tmp_path):
     assert md.count("Not measured in this run.") >= 2 and "PREDICTED, not" not in md
     with pytest.raises(ValueError, match="not a benchmark result"):
         rep.classify({"foo": 1})
+    with pytest.raises(ValueError, match="its report is convert.md"):  # rows, but not throughput rows
+        rep.classify({"rows": [{"writers": 1}], "c4_en": {}})
+    with pytest.raises(ValueError, match="its report is convergence.md"):
+        rep.classify({"models": {}, "unigram_loss": 6.8})
 
 
 # ---------------------------------------------------------------------------------------------
