@@ -198,7 +198,7 @@ def run_seed(
     if progress is not None:
         progress.update(step)
     recent: list[torch.Tensor] = []
-    tokens, steps_timed = 0, total - step  # this rank's real (non-pad) training tokens
+    tokens = 0  # this rank's real (non-pad) training tokens since the start or the resume
     lengths = np.diff(train.offsets)
     net.train()
     loop_started = time.perf_counter()
@@ -229,7 +229,7 @@ def run_seed(
     train_seconds = time.perf_counter() - loop_started  # includes the periodic state saves
     tokens = sum(rt.all_gather(tokens))
     n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_sec = tokens / train_seconds if steps_timed and train_seconds > 0 else None
+    tokens_per_sec = tokens / train_seconds if tokens else None
     metrics: dict[str, float] = {}
     eval_loss: dict[str, float] = {}
     eval_examples: dict[str, int] = {}
