@@ -36,30 +36,31 @@ def _gelu_approximate(act: str) -> str:
     return "tanh" if act == "gelu_tanh" else "none"
 
 
-class _SourceTreeKernels(importlib.abc.MetaPathFinder):
-    """Run from a source checkout without installing (PYTHONPATH=<repo>), the repo's kernels/ folder
-    sits beside the package rather than inside it: this finds it under its installed name,
-    mosaicbert_ds.kernels, so that it is never imported as a top-level `kernels`."""
+class _SourceTreePackages(importlib.abc.MetaPathFinder):
+    """Run from a source checkout without installing (PYTHONPATH=<repo>), the repo's kernels/ and
+    benchmarks/ folders sit beside the package rather than inside it: this finds them under their
+    installed names, mosaicbert_ds.kernels and mosaicbert_ds.benchmarks, so that the kernels are
+    never imported as a top-level `kernels` and `mosaicbert-ds bench` works from the checkout."""
 
-    source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    root = Path(__file__).resolve().parent.parent
+    folders = {"mosaicbert_ds.kernels": "kernels", "mosaicbert_ds.benchmarks": "benchmarks"}
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "mosaicbert_ds.kernels":
+        if name not in self.folders:
             return None
-        return importlib.util.spec_from_file_location(
-            name, self.source, submodule_search_locations=[str(self.source.parent)]
-        )
+        source = self.root / self.folders[name] / "__init__.py"
+        return importlib.util.spec_from_file_location(name, source, submodule_search_locations=[str(source.parent)])
 
 
-def _kernels_installed() -> bool:
+def _installed(name: str) -> bool:
     try:
-        return importlib.util.find_spec("mosaicbert_ds.kernels") is not None
+        return importlib.util.find_spec(name) is not None
     except ImportError:  # a copy of this file in an exported model folder: no mosaicbert_ds at all
         return True
 
 
-if _SourceTreeKernels.source.is_file() and not _kernels_installed():
-    sys.meta_path.append(_SourceTreeKernels())
+if (_SourceTreePackages.root / "kernels" / "__init__.py").is_file() and not _installed("mosaicbert_ds.kernels"):
+    sys.meta_path.append(_SourceTreePackages())
 
 
 @functools.cache

@@ -43,3 +43,24 @@ def test_without_one_kernels_is_empty_and_transformers_imports(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["None", "False", "False"]
+
+
+def test_a_source_checkout_finds_kernels_and_benchmarks_under_the_package_names():
+    """As on a machine that runs the tree without installing it (PYTHONPATH=<repo>): `python -S`
+    skips the .pth files, so the editable install's finder is absent and only ops.py maps the
+    folders to mosaicbert_ds.kernels and mosaicbert_ds.benchmarks."""
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    code = (
+        "import mosaicbert_ds.benchmarks.cli as bench, mosaicbert_ds.kernels as k\n"
+        "print(bench.__file__); print(k.__file__)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), site])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [str(ROOT / "benchmarks" / "cli.py"), str(ROOT / "kernels" / "__init__.py")]
