@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
@@ -16,6 +12,7 @@ from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.interop import read_model_folder
 from mosaicbert_ds.interop.cli import import_folder
 from mosaicbert_ds.train.export import export_checkpoint
+from tests.helpers.layouts import hub_folder, hub_reference
 
 TOL = 1e-5
 
@@ -89,116 +86,15 @@ def test_hf_bert_model_without_head_imports_and_says_so(tmp_path):
     assert (a.pooler_output - b.pooler_output).abs().max() < TOL
 
 
-# --- the authors' layout: state dict built with their names, checked against a computation here ---
-
-
-def _hub_folder(tmp_path, vocab=104, d=32, heads=4, ff=40, layers=2, eps=1e-6):
-    g = torch.Generator().manual_seed(11)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
-    sd = {
-        "bert.embeddings.word_embeddings.weight": r(vocab, d),
-        "bert.embeddings.token_type_embeddings.weight": r(2, d),
-        "bert.embeddings.LayerNorm.weight": 1 + r(d),
-        "bert.embeddings.LayerNorm.bias": r(d),
-    }
-    for i in range(layers):
-        t = f"bert.encoder.layer.{i}"
-        sd.update(
-            {
-                f"{t}.attention.self.Wqkv.weight": r(3 * d, d),
-                f"{t}.attention.self.Wqkv.bias": r(3 * d),
-                f"{t}.attention.output.dense.weight": r(d, d),
-                f"{t}.attention.output.dense.bias": r(d),
-                f"{t}.attention.output.LayerNorm.weight": 1 + r(d),
-                f"{t}.attention.output.LayerNorm.bias": r(d),
-                f"{t}.mlp.gated_layers.weight": r(2 * ff, d),
-                f"{t}.mlp.wo.weight": r(d, ff),
-                f"{t}.mlp.wo.bias": r(d),
-                f"{t}.mlp.layernorm.weight": 1 + r(d),
-                f"{t}.mlp.layernorm.bias": r(d),
-            }
-        )
-    p = "cls.predictions"
-    sd.update(
-        {
-            f"{p}.transform.dense.weight": r(d, d),
-            f"{p}.transform.dense.bias": r(d),
-            f"{p}.transform.LayerNorm.weight": 1 + r(d),
-            f"{p}.transform.LayerNorm.bias": r(d),
-            f"{p}.decoder.bias": r(vocab),
-        }
-    )
-    sd[f"{p}.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"].clone()
-    cfg = {
-        "architectures": ["BertForMaskedLM"],
-        "model_type": "bert",
-        "vocab_size": vocab,
-        "hidden_size": d,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "intermediate_size": ff,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.0,
-        "max_position_embeddings": 512,
-        "alibi_starting_size": 512,
-        "type_vocab_size": 2,
-        "layer_norm_eps": eps,
-        "position_embedding_type": "absolute",
-        "pad_token_id": 0,
-    }
-    src = tmp_path / "hub"
-    src.mkdir()
-    (src / "config.json").write_text(json.dumps(cfg))
-    save_file(sd, str(src / "model.safetensors"))
-    return sd, cfg, src
-
-
-def _hub_reference(sd, cfg, ids, mask, tt):
-    """The authors' MosaicBERT forward, one sequence at a time (no padding), in float64."""
-    d, h, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layer_norm_eps"]
-    sd = {k: v.double() for k, v in sd.items()}
-    ln = lambda x, p, e=eps: F.layer_norm(x, (d,), sd[p + ".weight"], sd[p + ".bias"], e)  # noqa: E731
-    slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], dtype=torch.float64)
-    out = torch.zeros(*ids.shape, cfg["vocab_size"], dtype=torch.float64)
-    for b in range(ids.shape[0]):
-        n = int(mask[b].sum())
-        x = (
-            sd["bert.embeddings.word_embeddings.weight"][ids[b, :n]]
-            + sd["bert.embeddings.token_type_embeddings.weight"][tt[b, :n]]
-        )
-        x = ln(x, "bert.embeddings.LayerNorm")
-        pos = torch.arange(n, dtype=torch.float64)
-        alibi = -slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs()
-        for i in range(cfg["num_hidden_layers"]):
-            t = f"bert.encoder.layer.{i}"
-            qkv = x @ sd[f"{t}.attention.self.Wqkv.weight"].T + sd[f"{t}.attention.self.Wqkv.bias"]
-            q, k, v = qkv.view(n, 3, h, d // h).permute(1, 2, 0, 3)
-            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h) + alibi, dim=-1) @ v
-            a = (
-                att.transpose(0, 1).reshape(n, d) @ sd[f"{t}.attention.output.dense.weight"].T
-                + sd[f"{t}.attention.output.dense.bias"]
-            )
-            x = ln(a + x, f"{t}.attention.output.LayerNorm")
-            gu = x @ sd[f"{t}.mlp.gated_layers.weight"].T
-            ff = gu.shape[1] // 2
-            m = (F.gelu(gu[:, :ff]) * gu[:, ff:]) @ sd[f"{t}.mlp.wo.weight"].T + sd[f"{t}.mlp.wo.bias"]
-            x = ln(m + x, f"{t}.mlp.layernorm")
-        p = "cls.predictions"
-        y = F.gelu(x @ sd[f"{p}.transform.dense.weight"].T + sd[f"{p}.transform.dense.bias"])
-        y = ln(y, f"{p}.transform.LayerNorm", 1e-12)  # the authors fix the head's eps
-        out[b, :n] = y @ sd[f"{p}.decoder.weight"].T + sd[f"{p}.decoder.bias"]
-    return out
-
-
-def test_mosaicbert_hub_imports_exactly(tmp_path):
-    sd, cfg, src = _hub_folder(tmp_path)
+@pytest.mark.parametrize("heads", [4, 12])  # 12: BERT-Base's count, not a power of two
+def test_mosaicbert_hub_imports_exactly(tmp_path, heads):
+    sd, cfg, src = hub_folder(tmp_path, d=4 * heads, heads=heads)
     assert import_folder(src, tmp_path / "out") == ["layout mosaicbert-hub"]
     ours = MosaicBertForMaskedLM.from_pretrained(tmp_path / "out").eval()
     c = ours.config
     assert (c.vocab_size, c.position_embedding_type, c.mlp_type, c.head_layer_norm_eps) == (104, "alibi", "glu", 1e-12)
     batch = _batch(104)
-    ref = _hub_reference(sd, cfg, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    ref = hub_reference(sd, cfg, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     with torch.no_grad():
         _close_at_real_tokens(ours(**batch).logits.double(), ref, batch["attention_mask"])
 
@@ -220,7 +116,7 @@ def test_mosaicbert_hub_imports_exactly(tmp_path):
     ],
 )
 def test_anything_that_does_not_fit_is_refused_in_one_line(tmp_path, edit, message):
-    sd, cfg, src = _hub_folder(tmp_path)
+    sd, cfg, src = hub_folder(tmp_path)
     edit(sd)
     save_file(sd, str(src / "model.safetensors"))
     with pytest.raises(UserError, match="^.*$") as err:
@@ -234,7 +130,7 @@ def test_round_trip_import_export_import_is_exact(tmp_path, which):
     if which == "hf-bert":
         _, src = _hf_bert(tmp_path)
     else:
-        _, _, src = _hub_folder(tmp_path)
+        _, _, src = hub_folder(tmp_path)
     import_folder(src, tmp_path / "a")
     export_checkpoint(tmp_path / "a", tmp_path / "theirs", layout=which)
     before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
@@ -250,7 +146,7 @@ def test_round_trip_import_export_import_is_exact(tmp_path, which):
 
 
 def test_export_refuses_a_layout_that_cannot_hold_the_model(tmp_path):
-    _, _, src = _hub_folder(tmp_path)
+    _, _, src = hub_folder(tmp_path)
     import_folder(src, tmp_path / "a")
     with pytest.raises(UserError, match="hf-bert layout needs a bert-base-style model"):
         export_checkpoint(tmp_path / "a", tmp_path / "theirs", layout="hf-bert")
@@ -262,7 +158,7 @@ def test_glue_loader_imports_the_authors_layout_and_refuses_partial_weights(tmp_
     from mosaicbert_ds.glue.tasks import get_task
     from mosaicbert_ds.model import MosaicBertForSequenceClassification
 
-    sd, cfg, src = _hub_folder(tmp_path)
+    sd, cfg, src = hub_folder(tmp_path)
     model_dir = resolve_model_dir(src, tmp_path / "ft")
     assert model_dir == tmp_path / "ft" / "imported"
     model = load_for_task(model_dir, get_task("rte"))
@@ -277,3 +173,22 @@ def test_glue_loader_imports_the_authors_layout_and_refuses_partial_weights(tmp_
     save_file(state, str(hf / "model.safetensors"))
     with pytest.raises(UserError, match="does not fit the chosen model: it has no weight for 'bert.encoder.layer.1"):
         load_for_task(hf, get_task("rte"))
+
+
+def test_init_from_takes_a_raw_folder_as_its_import_and_refuses_other_sizes(tmp_path):
+    from mosaicbert_ds.interop.init_from import config_and_weights
+
+    _, src = _hf_bert(tmp_path)
+    import_folder(src, tmp_path / "imported")
+    raw_cfg, raw = config_and_weights(str(src), "", {"hidden_dropout_prob": 0.0})
+    imp_cfg, imp = config_and_weights(str(tmp_path / "imported"), "", {})
+    assert raw.keys() == imp.keys() and all(torch.equal(raw[k], imp[k]) for k in raw)
+    assert not any(k.startswith("bert.pooler.") for k in raw)  # the MaskedLM model has no pooler
+    assert raw_cfg.hidden_dropout_prob == 0.0 and imp_cfg.hidden_dropout_prob == 0.1  # weight-free overrides apply
+    assert (raw_cfg.hidden_size, raw_cfg.position_embedding_type) == (32, "learned")
+    with pytest.raises(UserError, match="model.preset 'bert-base' conflicts with model.init_from"):
+        config_and_weights(str(src), "bert-base", {})
+    with pytest.raises(UserError, match=r"model.overrides.num_hidden_layers=4 conflicts"):
+        config_and_weights(str(src), "", {"num_hidden_layers": 4})
+    with pytest.raises(UserError, match=r"model.overrides.mlp_type='glu' conflicts"):
+        config_and_weights(str(src), "", {"mlp_type": "glu"})
