@@ -126,8 +126,8 @@ def load_for_task(model_dir: Path, task: Task) -> torch.nn.Module:
     hf_logging.set_verbosity_error()  # the new or re-initialised head is expected, not news
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), config=config, ignore_mismatched_sizes=True, dtype=torch.float32, output_loading_info=True
-        )
+            str(model_dir), config=config, ignore_mismatched_sizes=True, output_loading_info=True
+        )  # in the checkpoint's dtype (no dtype argument: its name differs across transformers 4 and 5)
     finally:
         hf_logging.set_verbosity(verbosity)
     check_loading_info(model_dir, info)

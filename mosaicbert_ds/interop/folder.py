@@ -185,6 +185,20 @@ def copy_tokenizer(src: Path, dest: Path) -> list[str]:
     return copied
 
 
+def record_tokenizer_class(dest: Path) -> None:
+    """Name the folder's tokenizer class in its config.json, as transformers' own saves do, so
+    that `pipeline(task, model=dest)` loads the tokenizer also for a remote-code model (older
+    transformers look the tokenizer up by config class, which fails for one not built in)."""
+    tok_cfg, cfg_path = dest / "tokenizer_config.json", dest / "config.json"
+    if not (tok_cfg.is_file() and cfg_path.is_file()):
+        return
+    name = json.loads(tok_cfg.read_text()).get("tokenizer_class")
+    cfg = json.loads(cfg_path.read_text())
+    if name and not cfg.get("tokenizer_class"):
+        cfg["tokenizer_class"] = name
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def write_model_folder(
     model: ConvertedModel, dest: Path, layout: str = OURS, tokenizer_from: Path | None = None
 ) -> None:
@@ -205,3 +219,4 @@ def write_model_folder(
         _save_safetensors(target.from_ours(model.state, model.config), dest / "model.safetensors")
     if tokenizer_from is not None:
         copy_tokenizer(tokenizer_from, dest)
+        record_tokenizer_class(dest)

@@ -31,7 +31,14 @@ import torch
 
 from ..config import RUNTIME_KEYS, MosaicBertConfig
 from ..errors import UserError
-from ..interop.folder import OURS, ConvertedModel, copy_tokenizer, read_model_folder, write_model_folder
+from ..interop.folder import (
+    OURS,
+    ConvertedModel,
+    copy_tokenizer,
+    read_model_folder,
+    record_tokenizer_class,
+    write_model_folder,
+)
 from ..interop.layouts import LAYOUTS
 from ..outputs import output_folder
 from .checkpoint import latest_tag
@@ -185,6 +192,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tag: str | No
             write_model_folder(model, tmp, layout)
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
+            record_tokenizer_class(tmp)
     return out
 
 

@@ -38,7 +38,7 @@ def test_without_one_kernels_is_empty_and_transformers_imports(tmp_path):
         "from transformers import PreTrainedModel, BertForMaskedLM\n"
         "import kernels\n"
         "print(getattr(kernels, '__file__', None), hasattr(kernels, 'flash_attn_varlen_func'))\n"
-        "print(transformers.utils.is_kernels_available())",
+        "print(getattr(transformers.utils, 'is_kernels_available', lambda: False)())",  # 5.x has it
         [],
     )
     assert res.returncode == 0, res.stderr[-2000:]
