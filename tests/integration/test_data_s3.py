@@ -298,10 +298,15 @@ AWS_SETTINGS = (
 )
 SETUP_REQUESTS = 3
 """Requests the server answers unsigned (create the admin user, its policy, its key); then it checks every one."""
-ROLES = {  # moto checks a HEAD on a bucket as s3:HeadBucket (AWS: s3:ListBucket)
+# The roles in AWS's IAM actions, each followed by the operation names that moto checks instead
+# (moto 5.2.x authorises some requests by their operation name: HeadBucket and ListObjectsV2 where
+# AWS checks s3:ListBucket, HeadObject where it checks s3:GetObject, DeleteObjects for
+# s3:DeleteObject). Granting both keeps each role's meaning on AWS and on every moto release.
+READ = ["s3:ListBucket", "s3:HeadBucket", "s3:ListObjectsV2", "s3:GetObject", "s3:HeadObject"]
+ROLES = {
     "writer": ["s3:*"],
-    "reader": ["s3:ListBucket", "s3:HeadBucket", "s3:GetObject"],
-    "replacer": ["s3:ListBucket", "s3:HeadBucket", "s3:GetObject", "s3:DeleteObject"],
+    "reader": READ,
+    "replacer": [*READ, "s3:DeleteObject", "s3:DeleteObjects"],
 }
 UNKNOWN_KEY = "AKIAUNKNOWNKEY000000"
 
