@@ -28,7 +28,8 @@ import torch.distributed as dist
 from mosaicbert_ds import MosaicBertConfig
 from mosaicbert_ds.flops import mfu, paper_flops_per_token, peak_flops
 from mosaicbert_ds.train.ds_config import build_ds_config
-from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
+from mosaicbert_ds.train.engine import build_engine
+from mosaicbert_ds.train.step import Window, train_step
 
 from .provenance import write_result
 from .synthetic import PRETRAIN, make_batch

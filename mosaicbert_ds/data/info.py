@@ -120,7 +120,26 @@ def read_dataset_info(path: str, remote_cache: str | None = None) -> dict[str, A
     else:
         folder = os.path.join(os.path.abspath(path), TOKENIZER_DIR)
     info["tokenizer_dir"] = folder  # a local folder in both cases, for AutoTokenizer and export
+    try:
+        info["identity"] = dataset_identity(local_index, folder, info["tokenizer"]["files"])
+    except OSError as err:
+        raise UserError(
+            f"{path}: cannot read its tokenizer ({first_line(err)}); re-run `mosaicbert-ds convert`"
+        ) from None
     return info
+
+
+def dataset_identity(index_file: str, tokenizer_dir: str, tokenizer_files: list[str]) -> dict[str, str]:
+    """What a checkpoint records of its training data: sha256 of the dataset index (counts, splits,
+    shard hashes) and of the tokenizer's files, so a resume on other data is noticed."""
+    tokenizer = hashlib.sha256()
+    for name in sorted(tokenizer_files):
+        tokenizer.update(name.encode() + b"\0")
+        with open(os.path.join(tokenizer_dir, name), "rb") as f:
+            tokenizer.update(f.read())
+    with open(index_file, "rb") as f:
+        index = hashlib.sha256(f.read()).hexdigest()
+    return {"index": index, "tokenizer": tokenizer.hexdigest()}
 
 
 def load_tokenizer(path: str, remote_cache: str | None = None):

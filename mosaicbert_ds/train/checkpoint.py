@@ -196,6 +196,17 @@ def check_model_matches(root: Path, model_config: dict[str, Any]) -> None:
         raise UserError(f"checkpoint {root} holds another model shape ({'; '.join(diff)})")
 
 
+def guess_precision_path(tag_dir: Path) -> str | None:
+    """DeepSpeed's optimizer path from the files of a checkpoint that did not record it: BF16_Optimizer
+    writes bf16_zero_pp_rank_* files, the ZeRO optimizer zero_pp_rank_* (None: cannot tell)."""
+    names = [p.name for p in Path(tag_dir).glob("*zero_pp_rank_*")]
+    if any(n.startswith("bf16_zero_pp_rank_") for n in names):
+        return "BF16_Optimizer"
+    if any(n.startswith("zero_pp_rank_") for n in names):
+        return "DeepSpeedZeroOptimizer"
+    return None
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():

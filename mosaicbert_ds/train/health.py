@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from .stops import ExitCode, RunStopped
+
 # per-rank slots, gathered by summing a [world, SLOTS] tensor with this rank's row filled in
-BAD_STEPS, MAX_STREAK, STREAK, STREAK_START, LOSS_START, STOP = range(6)
+BAD_STEPS, MAX_STREAK, STREAK, STREAK_START, LOSS_START, BAD_SINCE_SAVE = range(6)
 SLOTS = 6
 
 
@@ -24,11 +26,14 @@ class Health:
         self.device = device
         z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
         self.streak, self.streak_start, self.loss_start = z(), z(), z()
-        self.bad_steps, self.max_streak = z(), z()
+        self.bad_steps, self.max_streak, self.bad_since_save = z(), z(), z()
 
     def reset_interval(self) -> None:
         self.bad_steps.zero_()
         self.max_streak.copy_(self.streak)
+
+    def reset_save_point(self) -> None:
+        self.bad_since_save.zero_()
 
     def update(self, step: int, step_loss: torch.Tensor, grad_norm: Any) -> None:
         """After optimizer step `step` (1-based): no host sync."""
@@ -46,13 +51,13 @@ class Health:
         self.loss_start.copy_(self.loss_start * bad * (1 - new_loss) + new_loss * step)
         self.streak.copy_((self.streak + 1) * bad)
         self.bad_steps += bad
+        self.bad_since_save += bad
         torch.maximum(self.max_streak, self.streak, out=self.max_streak)
 
-    def row(self, stop: int) -> torch.Tensor:
-        row = torch.zeros(SLOTS, device=self.device, dtype=torch.float64)
-        row[BAD_STEPS], row[MAX_STREAK], row[STREAK] = self.bad_steps, self.max_streak, self.streak
-        row[STREAK_START], row[LOSS_START], row[STOP] = self.streak_start, self.loss_start, stop
-        return row
+    def row(self) -> torch.Tensor:
+        return torch.stack(
+            [self.bad_steps, self.max_streak, self.streak, self.streak_start, self.loss_start, self.bad_since_save]
+        )
 
 
 def weights_finite(module: torch.nn.Module) -> torch.Tensor:
@@ -71,3 +76,19 @@ def describe_divergence(rows: list[list[float]], limit: int) -> tuple[int, str]:
         ranks = [rank for s, rank in loss_starts if s == first]
         return step, f"non-finite loss first on rank(s) {', '.join(map(str, ranks))} at step {first}"
     return step, "finite losses on every rank, non-finite gradient norm"
+
+
+def check_divergence(rows: list[list[float]], limit: int, step: int, last_good: str, weights_ok: bool = True) -> None:
+    """Stop the run (exit 3) after `limit` consecutive non-finite steps on any rank, or on
+    non-finite weights; `rows` are every rank's Health.row()."""
+    if max(r[MAX_STREAK] for r in rows) < limit and weights_ok:
+        return
+    first, where = describe_divergence(rows, limit)
+    what = f"{limit} consecutive non-finite steps from step {first}"
+    if not weights_ok:
+        what = f"non-finite weights at step {step}"
+    raise RunStopped(
+        ExitCode.DIVERGED,
+        f"diverged at step {step}: {what} ({where}); no checkpoint written; last good checkpoint: {last_good}",
+        {"step": step},
+    )

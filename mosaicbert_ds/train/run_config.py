@@ -50,12 +50,16 @@ class DataSection:
     padded: bool = False
     """Feed padded batches (the BERT baseline) instead of the packed stream."""
     num_workers: int = 2
+    """Loader worker processes per rank (0: load in the training process)."""
     remote_cache: str | None = None
     """Local cache folder for a remote dataset."""
     num_canonical_nodes: int | None = None
     """Fix this to resume on a different number of nodes with the same sample order."""
     verify_hashes: bool = True
     """Check each shard's xxh64 hash (written by convert) as it is decompressed; costs ~1% of I/O."""
+    new_dataset: bool = False
+    """On resume, accept a dataset other than the checkpoint's (another tokenizer or index): the
+    weights and optimizer carry over, the data position restarts at its beginning."""
 
 
 @dataclass
@@ -154,18 +158,27 @@ class RunConfig:
     log: LogSection = field(default_factory=LogSection)
     divergence: DivergenceSection = field(default_factory=DivergenceSection)
     output_dir: str = "runs/mosaicbert"
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds another run's checkpoints, deleting that run's
+    checkpoints, metrics and TensorBoard logs; without it such a start is refused."""
     seed: int = 17
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
     deepspeed_config: str | None = None
-    """A ds_configs/*.json file; its batch, optimizer, ZeRO and clipping keys replace the sections above."""
+    """A ds_configs/*.json file. Its batch, optimizer, ZeRO, clipping and precision keys decide; a
+    value the user set (command line or own run file) that differs from it is refused."""
     peak_flops: float | None = None
     """Peak FLOP/s per GPU for MFU; default from the table in mosaicbert_ds.flops by GPU name."""
     compile: bool = False
     """torch.compile the model's layers."""
-    cuda_graphs: bool = False
-    """Replay each micro batch's forward + backward as a CUDA graph (GPU, packed batches, bf16 with
-    ZeRO-1): the host issues one replay instead of thousands of kernels (mosaicbert_ds.train.graphed)."""
+    cuda_graphs: bool | None = None
+    """Replay each micro batch's forward + backward as a CUDA graph: the host issues one replay
+    instead of thousands of kernels (mosaicbert_ds.train.graphed). Empty (the default): wherever
+    they apply (a CUDA GPU, packed batches, bf16 with ZeRO-1, no compile); true: required; false: off."""
+
+    def __post_init__(self) -> None:
+        self.explicit: frozenset[str] = frozenset()
+        """Dotted keys the user set (command line, or a run file that is not a bundled recipe)."""
 
     def validate(self) -> None:
         def need(cond: bool, message: str) -> None:
@@ -177,6 +190,7 @@ class RunConfig:
             "model.preset is empty: name a preset or set model.init_from",
         )
         need(bool(self.data.path), "data.path is not set: point it at a dataset written by `mosaicbert-ds convert`")
+        need(self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}")
         need(
             0.0 < self.data.mlm_probability < 1.0,
             f"data.mlm_probability must be in (0, 1), got {self.data.mlm_probability}",
@@ -233,13 +247,12 @@ class RunConfig:
             need(not self.data.padded, "cuda_graphs needs packed batches (data.padded: false)")
             need(not self.compile, "cuda_graphs and compile are exclusive: pick one")
             need(self.precision != "fp32", "cuda_graphs runs the bf16 path: precision must be auto or bf16")
-            need(
-                self.optimizer.zero_stage in (None, 1) and self.optimizer.name == "adamw",
-                "cuda_graphs needs DeepSpeed's BF16_Optimizer: optimizer adamw at ZeRO stage 1",
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_SECTIONS = frozenset(name for name, hint in get_type_hints(RunConfig).items() if dataclasses.is_dataclass(hint))
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -394,6 +407,18 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _leaf_keys(tree: dict[str, Any]) -> set[str]:
+    """Dotted names of the values in a run-file tree: `section.key` inside the sections, the key
+    itself at the top level (a mapping such as model.overrides counts as one value)."""
+    keys = set()
+    for key, value in tree.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            keys |= {f"{key}.{inner}" for inner in value}
+        else:
+            keys.add(str(key))
+    return keys
+
+
 _ALTERNATIVES = {"duration.steps": "samples", "duration.samples": "steps"}
 
 
@@ -435,6 +460,8 @@ def load_run_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
         if key in _ALTERNATIVES:  # duration.steps on the command line replaces the file's samples
             tree.get("duration", {}).pop(_ALTERNATIVES[key], None)
     cfg = _from_dict(RunConfig, tree)
+    from_file = set() if path.resolve().parent == RECIPES_DIR.resolve() else _leaf_keys(tree)
+    cfg.explicit = frozenset(from_file | {item.split("=", 1)[0].strip() for item in overrides})
     cfg.validate()
     check_model_config(cfg)
     return cfg

@@ -14,7 +14,7 @@ import json, sys, torch
 from mosaicbert_ds import MosaicBertConfig
 from mosaicbert_ds.train.distributed import init_distributed
 from mosaicbert_ds.train.ds_config import build_ds_config
-from mosaicbert_ds.train.pretrain import build_engine
+from mosaicbert_ds.train.engine import build_engine
 from benchmarks.synthetic import PRETRAIN, make_batch
 
 batched, clip, fused, poison = sys.argv[1] == "1", float(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])

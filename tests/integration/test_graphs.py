@@ -161,7 +161,8 @@ from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.distributed import init_distributed
 from mosaicbert_ds.train.ds_config import build_ds_config
 from mosaicbert_ds.train.graphed import GraphedEngineStep
-from mosaicbert_ds.train.pretrain import Window, build_engine, train_step
+from mosaicbert_ds.train.engine import build_engine
+from mosaicbert_ds.train.step import Window, train_step
 from benchmarks.synthetic import PRETRAIN, make_batch
 
 preset, micro, dropout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])

@@ -90,14 +90,17 @@ def test_divergence_is_logged_and_stops_the_run_with_the_last_good_checkpoint(da
     assert line.startswith("mosaicbert-ds pretrain: diverged at step 4: 3 consecutive non-finite steps from step 2"), (
         line
     )
-    assert "rank(s) 0" in line and f"last good checkpoint: {run / 'checkpoints' / 'step_0000003'}" in line, line
+    # steps 2 and 3 were non-finite: their save points are skipped, so the last good one is step 1's
+    assert "rank(s) 0" in line and f"last good checkpoint: {run / 'checkpoints' / 'step_0000001'}" in line, line
     assert "Traceback" not in res.stderr
+    for step in (2, 3):
+        assert f"no checkpoint at step {step}: 1 non-finite step(s) since the previous save point" in res.stderr
     log = {r["step"]: r for r in rows(run)}
     assert log[1]["loss/train"] is not None and "nonfinite" not in log[1]
     assert log[2]["loss/train"] is None and "loss/train" in log[2]["nonfinite"]  # logged as what it is
     assert [log[s]["optim/nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
     root = run / "checkpoints"
-    assert ckpt.complete_tags(root) == ["step_0000001", "step_0000002", "step_0000003"]  # none after step 3
+    assert ckpt.step_tags(root) == ["step_0000001"]  # nothing saved after the first non-finite step
 
 
 def test_second_run_on_the_folder_refuses_and_sigterm_saves_and_exits_4(dataset, tmp_path):

@@ -39,15 +39,15 @@ def test_health_counts_consecutive_nonfinite_steps_on_the_device():
     nan, ok = torch.tensor(float("nan"), dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
     for step, loss in enumerate([ok, nan, nan, ok, nan, nan, nan], start=1):
         health.update(step, loss, torch.tensor(1.0))
-    row = health.row(0).tolist()
+    row = health.row().tolist()
     assert row[MAX_STREAK] == 3 and row[STREAK] == 3 and row[STREAK_START] == 5 and row[0] == 5
     other = Health(torch.device("cpu"))  # a rank whose loss stayed finite; its gradient norm did not
     for step in range(1, 8):
         other.update(step, ok, torch.tensor(float("inf")) if step >= 5 else torch.tensor(1.0))
-    first, where = describe_divergence([row, other.row(0).tolist()], 3)
+    first, where = describe_divergence([row, other.row().tolist()], 3)
     assert first == 5 and where == "non-finite loss first on rank(s) 0 at step 5"
     health.reset_interval()
-    assert health.row(0).tolist()[0] == 0 and health.row(0).tolist()[MAX_STREAK] == 3  # the streak goes on
+    assert health.row().tolist()[0] == 0 and health.row().tolist()[MAX_STREAK] == 3  # the streak goes on
 
 
 @pytest.mark.parametrize("text, seconds", [("3h50m", 13800), ("90m", 5400), ("45s", 45), ("1.5h", 5400), ("120", 120)])

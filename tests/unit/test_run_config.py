@@ -1,5 +1,7 @@
 """Run files, overrides, the learning-rate schedule and the FLOP counts."""
 
+import json
+
 import pytest
 import torch
 
@@ -136,13 +138,33 @@ def test_appendix_h_formula_against_a_hand_count_for_the_tiny_model():
         (["data.padded=true"], "packed batches"),
         (["compile=true"], "exclusive"),
         (["precision=fp32"], "bf16 path"),
-        (["optimizer.zero_stage=2"], "BF16_Optimizer"),
     ],
 )
 def test_cuda_graphs_refuses_what_it_cannot_run(overrides, message):
     with pytest.raises(UserError, match=message):
         load_run_config("tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=auto", *overrides])
     load_run_config("tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=auto"])  # accepted
+
+
+def test_cuda_graphs_are_checked_against_the_deepspeed_config_that_runs(tmp_path):
+    from mosaicbert_ds.train.ds_config import build_ds_config
+    from mosaicbert_ds.train.engine import resolve_ds_config, use_graphs
+
+    zero2 = load_run_config(
+        "tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=bf16", "optimizer.zero_stage=2"]
+    )
+    with pytest.raises(UserError, match="cuda_graphs: true cannot run: .*BF16_Optimizer.*DeepSpeedZeroOptimizer"):
+        use_graphs(zero2, resolve_ds_config(zero2, 1)[0])
+    # the run file says ZeRO-1, the JSON that runs says ZeRO-2: the JSON decides, and is refused
+    path = tmp_path / "zero2.json"
+    path.write_text(json.dumps(build_ds_config(global_batch=8, micro_batch=8, world_size=1, lr=1e-3, zero_stage=2)))
+    cfg = load_run_config(
+        "tiny-cpu", ["data.path=/d", "cuda_graphs=true", "precision=bf16", f"deepspeed_config={path}"]
+    )
+    with pytest.raises(UserError, match="BF16_Optimizer"):
+        use_graphs(cfg, resolve_ds_config(cfg, 1)[0])
+    auto = load_run_config("tiny-cpu", ["data.path=/d", "precision=bf16", f"deepspeed_config={path}"])
+    assert use_graphs(auto, resolve_ds_config(auto, 1)[0]) is False  # auto: off where they do not apply
 
 
 RUN_FILE = """\
