@@ -3,6 +3,11 @@
 Importing the package registers the model with transformers' Auto classes, so that
 `AutoModelForMaskedLM.from_pretrained(dir)` loads a saved MosaicBERT without trust_remote_code.
 """
+# ruff: noqa: E402  (the stop-signal recorder is installed before the heavy imports)
+
+from .train.stops import record_early  # stdlib only: runs before the heavy imports below
+
+record_early()
 
 from transformers import (
     AutoConfig,

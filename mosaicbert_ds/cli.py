@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"mosaicbert-ds {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # key=value overrides may follow options (`pretrain RUN --dry-run a=b`): parse them intermixed,
+    # except where a command forwards its remaining arguments (REMAINDER cannot be intermixed)
+    remainder = any(a.nargs == argparse.REMAINDER for a in parser._actions)
+    args = parser.parse_args(rest) if remainder else parser.parse_intermixed_args(rest)
     try:
         return int(module.main(args) or 0)
     except UserError as err:

@@ -50,7 +50,7 @@ from .run_config import RunConfig, load_run_config
 from .run_folder import OutputLock, check_fresh_start, clear_previous_run, write_run_files
 from .schedule import retarget_schedule
 from .step import train_step
-from .stops import ExitCode, RunStopped, StopRequests, parse_duration
+from .stops import ExitCode, RunStopped, StopRequests, parse_duration, stop_requests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,8 +81,8 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
     run ends early (signal, time limit, divergence, failed save) with its exit code and one line."""
     if stop_after is not None and stop_after < 1:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
-    stops = StopRequests()
-    stops.install()  # first: a signal during set-up stops cleanly too
+    stops = stop_requests()  # recording since the package's import in a `pretrain` process
+    stops.install()  # (else from here): a signal during set-up stops cleanly too
     try:
         checked = plan(cfg)
         if dry_run:  # the checkpoint to resume too, without the lock (nothing is written)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from enum import IntEnum
 from typing import Any
@@ -57,6 +58,8 @@ class StopRequests:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        if self._previous:  # already installed
+            return
         for signum in _NAMES:
             self._previous[signum] = signal.signal(signum, self._handle)
 
@@ -74,6 +77,41 @@ class StopRequests:
             self._first_sigint = now
         if self.signal_name is None:
             self.signal_name = _NAMES[signum]
+
+
+_early: StopRequests | None = None
+
+
+def _is_pretrain_cli(argv: list[str]) -> bool:
+    """`mosaicbert-ds pretrain ...` or `python [opts] -m mosaicbert_ds.cli [--local_rank=N] pretrain ...`."""
+    if "-m" in argv[:-1]:
+        rest = argv[argv.index("-m") + 1 :]
+        if rest[0] != "mosaicbert_ds.cli":
+            return False
+        rest = rest[1:]
+    elif argv and os.path.basename(argv[0]) == "mosaicbert-ds":
+        rest = argv[1:]
+    else:
+        return False
+    rest = [a for a in rest if not a.startswith("--local_rank")]
+    return bool(rest) and rest[0] == "pretrain"
+
+
+def record_early() -> None:
+    """Called first thing when the package is imported: in a `pretrain` process, start recording
+    stop signals at once, before the seconds of heavy imports, so that a signal that comes while
+    the run is still starting stops it cleanly (exit 4) instead of killing it. Other processes
+    (a library user's, other commands) keep their own handlers."""
+    global _early
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if _early is None and _is_pretrain_cli(argv):
+        _early = StopRequests()
+        _early.install()
+
+
+def stop_requests() -> StopRequests:
+    """The recorder installed by record_early(), or a fresh one (install it before the run starts)."""
+    return _early if _early is not None else StopRequests()
 
 
 def parse_duration(text: str) -> float:
