@@ -40,7 +40,7 @@ def main() -> None:
     init_distributed()
     print(describe(provenance()))
     config = MosaicBertConfig.from_name("base")
-    engine, batches, _ = trainer_setup(config, args.micro, args.accum)
+    engine, batches, _ = trainer_setup(config, args.micro, args.accum, batched_optimizer=args.graphs)
     graphed = GraphedEngineStep(engine) if args.graphs else None
     window = Window(engine.device)
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput --out throughput.json              # models x micro batches
     python -m benchmarks.throughput --ablations --out ablations.json  # BERT-Base -> MosaicBERT
+    python -m benchmarks.throughput --sweep --out sweep.json          # micro 16..256, eager vs fast path
 
 Each configuration gets a fresh engine (bf16, ZeRO-1, fused AdamW: what `pretrain` runs) and is fed
 synthetic batches with the C4-like length mix (benchmarks.synthetic) through the trainer's own
@@ -66,10 +67,10 @@ ABLATIONS: list[tuple[str, dict[str, Any]]] = [
 
 
 # Trainer variants compared by --overhead: (ds_config additions, build_engine's batched_optimizer,
-# cuda_graphs)
+# cuda_graphs). With CUDA graphs the trainer uses the batched optimizer step, as `pretrain` does.
 DS_VARIANTS: dict[str, tuple[dict[str, Any], bool, bool]] = {
     "trainer (as pretrain runs it)": ({}, False, False),
-    "trainer, CUDA graphs": ({}, False, True),
+    "trainer, CUDA graphs": ({}, True, True),
     "trainer, batched BF16_Optimizer loops": ({}, True, False),
     "trainer, immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": True}}, False, False),
 }
@@ -181,6 +182,68 @@ def bare_step(
     }
 
 
+def hf_bert_step(micro: int, warmup: int, steps: int) -> dict[str, Any]:
+    """Compiled transformers BertForMaskedLM (SDPA, autocast, fused AdamW) on the padded form of the
+    same batches: the baseline at this micro batch."""
+    from .step import hf_bert
+
+    model = hf_bert(True)
+    data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i) for i in range(6)]
+    seconds, mem = time_steps(model, [to_device(d["padded"], torch.device("cuda")) for d in data], warmup, steps)
+    tokens = sum(d["tokens"] for d in data) / len(data)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return {
+        "name": f"compiled HF BERT @{micro}",
+        "micro_batch": micro,
+        "accumulation": 1,
+        "params": n_params,
+        "real_tokens_per_sec": tokens / seconds,
+        "step_time_sec": seconds,
+        "peak_mem_gib": mem,
+        "mfu": mfu(paper_flops_per_token(n_params) * tokens / seconds, 1, peak_flops()),
+    }
+
+
+def sweep(micros: list[int], per_gpu_batch: int, warmup: int, steps: int, hf: bool) -> list[dict[str, Any]]:
+    """The real trainer at each micro batch (accumulation = per_gpu_batch / micro), eager and with the
+    fast path (CUDA graphs, as `pretrain` runs by default), against the best bare step at micro 256
+    measured in the same process, and compiled transformers BERT at the same micro batch."""
+    config = MosaicBertConfig.from_name("base")
+    rows = []
+    for graphs in (True, False):
+        bare = attempt(bare_step, config, 256, warmup, steps, per_gpu_batch // 256, graphs=graphs)
+        if bare:
+            bare.update(name=f"bare step @256{', CUDA graphs' if graphs else ''}", baseline=None)
+            rows.append(bare)
+    best = max((r for r in rows), key=lambda r: r["real_tokens_per_sec"], default=None)
+    for micro in micros:
+        accum = max(1, per_gpu_batch // micro)
+        for graphs in (True, False):
+            row = attempt(
+                measure,
+                f"trainer @{micro}{', CUDA graphs' if graphs else ', eager'}",
+                config,
+                micro,
+                warmup,
+                steps,
+                accum,
+                baseline=best["name"] if best else None,
+                batched_optimizer=graphs,
+                cuda_graphs=graphs,
+            )
+            if row:
+                rows.append(row)
+                print_rows("so far", rows[-1:])
+        if hf:
+            row = attempt(hf_bert_step, micro, warmup * accum, steps * accum)
+            if row:
+                row["baseline"] = best["name"] if best else None
+                rows.append(row)
+    return rows
+
+
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n{title}")
     print(
@@ -218,6 +281,9 @@ def main() -> None:
         action="store_true",
         help="MosaicBERT-Base: bare step vs the trainer with each DeepSpeed variant, interleaved",
     )
+    parser.add_argument("--sweep", action="store_true", help="MosaicBERT-Base micro 16..256, eager vs CUDA graphs")
+    parser.add_argument("--hf", action="store_true", help="--sweep: compiled transformers BERT at each micro batch")
+    parser.add_argument("--per-gpu-batch", type=int, default=512, help="--sweep: sequences per GPU per step")
     parser.add_argument("--rounds", type=int, default=2, help="--overhead: rounds of interleaved measurements")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
@@ -235,7 +301,15 @@ def main() -> None:
     init_distributed()
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     rows = result["rows"]
-    if args.overhead:
+    if args.sweep:
+        micros = args.micro or [16, 32, 64, 128, 256]
+        rows.extend(sweep(micros, args.per_gpu_batch, args.warmup, args.steps, args.hf))
+        print_rows(
+            f"MosaicBERT-Base, {args.per_gpu_batch} sequences per GPU per step (C4-like lengths at 128); "
+            "'vs base': against the best bare step at micro 256",
+            rows,
+        )
+    elif args.overhead:
         micro = args.micro[0] if args.micro else 256
         config = MosaicBertConfig.from_name("base")
         for rnd in range(args.rounds):  # interleaved rounds: process-to-process drift shows as their spread

@@ -150,12 +150,37 @@ def check_graphable(engine: Any) -> str | None:
     return None
 
 
-def graphed_backward_epilogue(engine: Any) -> None:
-    """What `engine.backward` does after autograd on the BF16_Optimizer path: fp32 += bf16 gradients
-    (BF16_Optimizer.backward_epilogue), then the all-reduce (a no-op except at accumulation
-    boundaries). Zeroing the bf16 .grad first (backward_prologue) is not needed after a graph
-    replay: each .grad is then the graph's own gradient output."""
-    engine.optimizer.backward_epilogue()
+def _hp_slots(opt: Any, params: list[torch.nn.Parameter]) -> list[tuple[int, int] | None]:
+    """(group, index) of each parameter in BF16_Optimizer's groups (None for one it does not train)."""
+    where = {id(lp): (i, j) for i, group in enumerate(opt.bf16_groups) for j, lp in enumerate(group)}
+    return [where.get(id(p)) for p in params]
+
+
+def fp32_gradient_buffers(engine: Any, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    """BF16_Optimizer's fp32 gradient-accumulation buffer of each parameter (None for one it does not
+    train). These are views into flat buffers that live as long as the optimizer and are zeroed in
+    place after each step (clear_hp_grads), so a CUDA graph may add into them. Each parameter's
+    `_hp_grad` is pointed at its buffer, as BF16_Optimizer.update_hp_grads does."""
+    opt = engine.optimizer
+    _require(opt, ("bf16_groups", "fp32_groups_gradients", "fp32_groups_has_gradients"))
+    buffers: list[torch.Tensor | None] = []
+    for p, slot in zip(params, _hp_slots(opt, params)):
+        buffers.append(None if slot is None else opt.fp32_groups_gradients[slot[0]][slot[1]])
+        if slot is not None:
+            p._hp_grad = buffers[-1]
+    engine._graph_hp_slots = _hp_slots(opt, params)
+    return buffers
+
+
+def graphed_backward_epilogue(engine: Any, used: tuple[bool, ...]) -> None:
+    """What `engine.backward` does after autograd on the BF16_Optimizer path, for a graph replay that
+    added its gradients into the fp32 buffers itself (fp32_gradient_buffers): BF16_Optimizer's record
+    of which buffers hold gradients (update_hp_grads sets it per parameter), then the all-reduce (a
+    no-op except at accumulation boundaries)."""
+    has_gradients = engine.optimizer.fp32_groups_has_gradients
+    for slot, has_grad in zip(engine._graph_hp_slots, used):
+        if has_grad and slot is not None:
+            has_gradients[slot[0]][slot[1]] = True
     if engine.enable_backward_allreduce:
         engine.allreduce_gradients()
 

@@ -267,6 +267,7 @@ def setup(p: Plan, stops: StopRequests) -> Run:
             compile_layers=cfg.compile,
             init_state=p.init_state,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
+            batched_optimizer=p.graphs,  # the optimizer step without host syncs, where the host is quick
         )
         torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
         train_loader, eval_loader = build_loaders(cfg, p.ds_config)

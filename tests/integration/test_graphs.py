@@ -173,7 +173,8 @@ batches = [make_batch(PRETRAIN, micro, vocab=config.vocab_size, seed=i)["packed"
 
 
 def run(graphs):
-    engine, _ = build_engine(config, ds, total_steps=100, warmup_fraction=0.0, final_lr_ratio=0.02)
+    engine, _ = build_engine(config, ds, total_steps=100, warmup_fraction=0.0, final_lr_ratio=0.02,
+                             batched_optimizer=graphs)  # as pretrain runs it
     if engine.device.type != "cuda":  # the CPU check: a clear refusal
         try:
             GraphedEngineStep(engine)
