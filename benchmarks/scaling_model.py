@@ -673,10 +673,13 @@ def predict_grid(
     per_gpu_batch: int = 512,
     micro_batch: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Prediction lines for the Appendix-G plot: one per fixed global batch, plus the ds_configs
-    rule (`per_gpu_batch` sequences per GPU). The micro batch is the profile's largest measured
-    one (or `micro_batch`), reduced to a divisor of the per-GPU batch when that is smaller; GPU
-    counts that do not divide the global batch are skipped. BF16_Optimizer path."""
+    """Prediction lines for the Appendix-G plot: one per fixed global batch (strong scaling: the
+    per-GPU batch shrinks as GPUs are added, 4096 -> 512, 128, 64 and 20 per GPU at 8, 32, 64 and
+    200 GPUs; where the GPUs do not divide the global batch, each takes the floor and the global
+    batch is that times the GPUs), plus the ds_configs rule (`per_gpu_batch` sequences per GPU:
+    weak scaling). The micro batch is the profile's largest measured one (or `micro_batch`),
+    reduced to a divisor of the per-GPU batch when that is smaller, and its time comes from the
+    measured per-GPU curve (ComputeProfile.seconds_per_micro). BF16_Optimizer path."""
     micro = micro_batch or max(m for m, _ in profile.micro_sec)
     lines = []
     specs = [(f"global batch {g:,}", g, None) for g in global_batches]
@@ -684,8 +687,8 @@ def predict_grid(
     for label, fixed, per_gpu in specs:
         points = []
         for n in gpu_counts:
-            g = fixed if fixed else per_gpu * n
-            if g % n:
+            g = (fixed // n) * n if fixed else per_gpu * n
+            if g == 0:
                 continue
             m = largest_divisor_at_most(g // n, micro)
             for overlap in (False, True):

@@ -234,6 +234,8 @@ def sweep(micros: list[int], per_gpu_batch: int, warmup: int, steps: int, hf: bo
                 cuda_graphs=graphs,
             )
             if row:
+                if graphs:  # the fast path is what pretrain runs: the scaling model's per-GPU curve
+                    row["model"] = "base"
                 rows.append(row)
                 print_rows("so far", rows[-1:])
         if hf:

@@ -187,7 +187,8 @@ def test_fixed_global_batch_starves_gpus():
     line = predict_grid(base_profile(), make_network("ib-8x400g"), global_batches=(4096,))[0]
     mfu = [p["mfu"] for p in line["points"] if not p["overlap"]]
     assert all(b < a for a, b in zip(mfu, mfu[1:])), mfu
-    assert 200 not in [p["gpus"] for p in line["points"]]  # 4096 is not a multiple of 200
+    at200 = next(p for p in line["points"] if p["gpus"] == 200)  # 4096 / 200: 20 each, 4000 in all
+    assert at200["global_batch"] == 4000 and at200["micro_batch"] == 20
 
 
 def test_every_shipped_ds_config_gets_both_rows():
