@@ -9,6 +9,7 @@
     mosaicbert-ds bench tiling [ARGS]       python -m benchmarks.fused_tiling ARGS
     mosaicbert-ds bench matmuls [ARGS]      python -m benchmarks.matmuls ARGS
     mosaicbert-ds bench profile [ARGS]      python -m benchmarks.profile_step ARGS
+    mosaicbert-ds bench profile-trainer     python -m benchmarks.profile_trainer ARGS (the real trainer)
     mosaicbert-ds bench dropout-cost [ARGS] python -m benchmarks.dropout_cost ARGS
     mosaicbert-ds bench convergence [ARGS]  python -m benchmarks.convergence ARGS (time to loss)
     mosaicbert-ds bench convert [ARGS]      python -m benchmarks.convert ARGS (CPU: convert vs writers)
@@ -51,6 +52,7 @@ RUNNERS: dict[str, tuple[str, list[str]]] = {
     "tiling": ("benchmarks.fused_tiling", []),
     "matmuls": ("benchmarks.matmuls", []),
     "profile": ("benchmarks.profile_step", []),
+    "profile-trainer": ("benchmarks.profile_trainer", []),
     "dropout-cost": ("benchmarks.dropout_cost", []),
     "convergence": ("benchmarks.convergence", []),
     "convert": ("benchmarks.convert", []),
