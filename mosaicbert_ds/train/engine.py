@@ -106,11 +106,13 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> tuple[dict[str, Any], int]:
 
 def graphs_apply(cfg: RunConfig, ds_config: dict[str, Any]) -> str | None:
     """Why CUDA graphs cannot run this run (None when they can): they need a CUDA device, packed
-    batches, no torch.compile and DeepSpeed's BF16_Optimizer."""
+    batches, DeepSpeed's BF16_Optimizer, and neither torch.compile nor gradient checkpointing."""
     if cfg.data.padded:
         return "it needs packed batches (data.padded: false)"
     if cfg.compile:
         return "compile and CUDA graphs are exclusive"
+    if cfg.model.gradient_checkpointing:
+        return "gradient checkpointing runs eagerly (its recomputation is not captured)"
     path = precision_path(ds_config)
     if path != "BF16_Optimizer":
         return f"it needs DeepSpeed's BF16_Optimizer (bf16, AdamW at ZeRO stage 1); this run uses {path}"

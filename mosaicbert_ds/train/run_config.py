@@ -174,7 +174,8 @@ class RunConfig:
     cuda_graphs: bool | None = None
     """Replay each micro batch's forward + backward as a CUDA graph: the host issues one replay
     instead of thousands of kernels (mosaicbert_ds.train.graphed). Empty (the default): wherever
-    they apply (a CUDA GPU, packed batches, bf16 with ZeRO-1, no compile); true: required; false: off."""
+    they apply (a CUDA GPU, packed batches, bf16 with ZeRO-1, no compile or gradient checkpointing);
+    true: required; false: off."""
 
     def __post_init__(self) -> None:
         self.explicit: frozenset[str] = frozenset()
