@@ -45,6 +45,7 @@ from . import checkpoint as ckpt
 from .graphed import GraphedEngineStep
 from .health import MAX_STREAK, SLOTS, STOP, Health, describe_divergence, weights_finite
 from .metrics import MetricsLogger, console_line
+from .plateau import PlateauWatch
 from .preflight import check_run
 from .run_config import RunConfig, load_run_config
 from .schedule import fit_schedule_to_budget, make_scheduler, retarget_schedule
@@ -277,6 +278,7 @@ def build_engine(
     batched_optimizer: bool = False,
     init_state: dict[str, torch.Tensor] | None = None,
     gradient_checkpointing: bool = False,
+    min_warmup_steps: int = 0,
 ) -> tuple[Any, int]:
     """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count.
 
@@ -303,7 +305,7 @@ def build_engine(
         model=model,
         model_parameters=model.parameters(),
         config=ds_config,
-        lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio),
+        lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio, min_warmup_steps),
     )
     prepare_engine(engine, batched_optimizer=batched_optimizer)
     return engine, n_params
@@ -332,6 +334,7 @@ class Run:
     lock: OutputLock
     health: Health
     stops: StopRequests
+    plateau: PlateauWatch
     deadline: float | None
     """time.monotonic() after which the run stops (duration.wall_time), or None."""
     last_saved: str | None = None
@@ -417,6 +420,7 @@ def setup(cfg: RunConfig, dry_run: bool = False) -> Run | dict[str, Any]:
         compile_layers=cfg.compile,
         init_state=init_state,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
+        min_warmup_steps=cfg.schedule.min_warmup_steps,
     )
     torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
     graphed = GraphedEngineStep(engine) if cfg.cuda_graphs else None
@@ -457,7 +461,12 @@ def setup(cfg: RunConfig, dry_run: bool = False) -> Run | dict[str, Any]:
             train_loader.load_state_dict(state.train_loader)
         ckpt.load_rng(*resume, rank, required=same_world)
         old_total = retarget_schedule(
-            engine.lr_scheduler, total_steps, cfg.schedule.warmup_fraction, cfg.schedule.final_lr_ratio
+            engine.lr_scheduler,
+            total_steps,
+            cfg.schedule.warmup_fraction,
+            cfg.schedule.final_lr_ratio,
+            cfg.schedule.min_warmup_steps,
+            budget=bool(cfg.duration.train_seconds),
         )
         if old_total != total_steps and rank == 0:
             print(
@@ -491,6 +500,7 @@ def setup(cfg: RunConfig, dry_run: bool = False) -> Run | dict[str, Any]:
         lock=lock,
         health=Health(engine.device),
         stops=StopRequests(),
+        plateau=PlateauWatch.for_run(cfg, info, engine.lr_scheduler, rank),
         deadline=started + parse_duration(cfg.duration.wall_time) if cfg.duration.wall_time else None,
         last_saved=resume[1].removesuffix("_universal") if resume else None,
     )
@@ -536,6 +546,7 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
                 run.timed_eval or finished or (cfg.eval.interval and state.step % cfg.eval.interval == 0)
             ):
                 metrics = evaluate(engine, run.eval_loader, cfg.eval.batches)
+                run.plateau.observe(state.step, metrics)
                 last.update(metrics)
                 run.logger.log(state.step, metrics)
             if (
