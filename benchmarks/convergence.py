@@ -42,7 +42,7 @@ from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.outputs import atomic_write_json, atomic_write_text
 
 DEFAULT_MODELS = ["mosaicbert=mosaicbert-base", "bert=bert-base"]
-DEFAULT_MIN_WARMUP_STEPS = 300  # schedule.min_warmup_steps for every model (docs/convergence.md)
+DEFAULT_MIN_WARMUP_STEPS = 1000  # schedule.min_warmup_steps for every model (docs/convergence.md)
 RESULT = "convergence_run.json"  # written in OUT/NAME/ when that model's training has finished
 
 
@@ -116,6 +116,7 @@ def train_model(args: argparse.Namespace, spec: str) -> Path:
             "data": str(args.data),
             "corpus": args.corpus or corpus_label(args.data),
             "seed": args.seed,
+            "unigram_loss": dataset_unigram(args.data),
             **provenance(sys.argv[1:]),
         },
     )
@@ -195,6 +196,11 @@ def time_to_targets(m: dict[str, Any], targets: list[dict[str, float]]) -> list[
     return out
 
 
+def dataset_unigram(data: str | Path) -> float | None:
+    """The held-out unigram level of a local dataset (None without val/)."""
+    return unigram_loss(data) if (Path(data) / "val").is_dir() else None
+
+
 def corpus_label(data: str | Path) -> str:
     """A dataset's name in reports: its folder, with the parent for the usual OUT/mds layout."""
     path = Path(data).resolve()
@@ -239,7 +245,7 @@ def report(out: Path, argv: list[str], nats: list[float] = (1.0, 2.0, 3.0)) -> d
         models[meta["name"]] = {**meta, **read_curve(run_dir)}
     first = next(iter(models.values()))
     data = first.get("data")
-    unigram = unigram_loss(data) if data and (Path(data) / "val").is_dir() else None
+    unigram = dataset_unigram(data) if data and Path(data).is_dir() else first.get("unigram_loss")
     targets = targets_below_unigram(unigram, nats)
     for name, m in models.items():
         m["time_to_final_of"] = {
@@ -465,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only write OUT/pareto_listing.json (the --only models' checkpoints, or all) for `mosaicbert-ds pareto`",
     )
     p.add_argument("--seconds", type=float, default=300.0, help="training seconds per model (default 300)")
-    p.add_argument("--eval-every", type=float, default=30.0, help="eval every this many training seconds")
+    p.add_argument("--eval-every", type=float, default=15.0, help="eval every this many training seconds")
     p.add_argument("--eval-batches", type=int, default=8, help="micro batches per eval (0: the whole val split)")
     p.add_argument("--eval-mlm", type=float, default=0.15, help="masking rate at eval, the same for every model")
     p.add_argument(

@@ -84,7 +84,7 @@ class OptimizerSection:
 class ScheduleSection:
     warmup_fraction: float = 0.06
     """Linear warmup over this fraction of the run's steps (the paper: 6% of 70,000)."""
-    min_warmup_steps: int = 300
+    min_warmup_steps: int = 1000
     """The warmup's floor in optimizer steps, for runs too short for the fraction to give one (a
     time budget, a quickstart); it counts for at most half the run. 0: the fraction alone."""
     final_lr_ratio: float = 0.02

@@ -244,3 +244,29 @@ def test_combined_report_gives_mean_and_spread_of_the_time_ratios(dataset, tmp_p
     capsys.readouterr()
     assert main(["--combine", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "convergence.json is missing or unreadable" in capsys.readouterr().err
+
+
+# ---- the quickstart's held-out predictions --------------------------------------------------
+
+
+def test_held_out_words_follow_the_rule_and_rank_against_the_unigram(dataset, tmp_path):
+    from transformers import AutoTokenizer
+
+    from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
+    from mosaicbert_ds.held_out import format_predictions, held_out_predictions, pick_position
+
+    assert pick_position(["[CLS]", *"a b c d e f g".split(), "of", "walk", "##ing", "dog", "x", "[SEP]"]) == 11
+    assert pick_position(["[CLS]", "dog", "[SEP]"]) is None
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    MosaicBertForMaskedLM(MosaicBertConfig.from_name("tiny", vocab_size=2048)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(dataset / "tokenizer").save_pretrained(model_dir)
+    result = held_out_predictions(model_dir, dataset, n=3, samples=16)
+    assert result["unigram_top"][0] == "the" and len(result["rows"]) == 3
+    for row in result["rows"]:
+        assert "[MASK]" in row["context"] and len(row["answer"]) >= 3 and row["answer"].isalpha()
+        assert 1 <= row["model_rank"] <= 2048 and 1 <= row["unigram_rank"] <= 2048
+    st = result["stats"]
+    assert st["words"] == 16 and st["unigram_top1"] <= st["unigram_top5"] <= 16 and st["model_top1"] <= st["model_top5"]
+    lines = format_predictions(result)
+    assert len(lines) == 2 + 2 * 3 + 1 and "over the first 16 val samples" in lines[-1]
