@@ -143,16 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"plateau_probe: error: {err}", file=sys.stderr)
         return 2
+    at = [args.steps // 3, 2 * args.steps // 3, args.steps]
     lines = [
         f"unigram baseline {unigram:.3f}; left = first eval {args.margin} nats below it",
         "",
-        "| run | left plateau at step | final eval loss | final train loss | mean grad norm |",
-        "|---|---:|---:|---:|---:|",
+        "| run | "
+        + " | ".join(f"eval loss at {a}" for a in at)
+        + " | left at step | final train loss | mean grad norm |",
+        "|---|" + "---:|" * (len(at) + 3),
     ]
     for r in results:
+        losses = dict(r["eval"])
+        cells = [f"{losses[a]:.3f}" if a in losses else "-" for a in at]
         lines.append(
-            f"| {r['name']} | {r['left_plateau_at_step'] or 'never'} | {r['final_eval_loss']:.3f} | "
-            f"{r['final_train_loss']:.3f} | {r['mean_grad_norm']:.3f} |"
+            f"| {r['name']} | {' | '.join(cells)} | {r['left_plateau_at_step'] or 'never'} | "
+            f"{r['final_train_loss']:.3f} | {r['mean_grad_norm']:.2f} |"
         )
     text = "\n".join(lines) + "\n"
     out = Path(args.out)

@@ -43,6 +43,8 @@ CPU_ARGS = [
     "32",
     "--lr",
     "3e-3",
+    "--min-warmup-steps",
+    "100",
     "--num-workers",
     "0",
     "--log-interval",
@@ -99,6 +101,7 @@ def test_both_models_learn_beyond_unigram(dataset: Path, tmp_path: Path) -> None
         assert len(seconds) >= 3 and seconds == sorted(seconds)
         assert m["final_loss"] < unigram - 0.15, (name, m["final_loss"], unigram, m["points"])
         assert set(m["time_to_final_of"]) == {"mosaicbert", "bert"} - {name}
+        assert [t["below_unigram"] for t in m["time_to_targets"]] == [1.0, 2.0, 3.0]
         # the budget's schedule: the rate only rises in warmup, then only falls, to the floor at the end
         logged = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         lrs = [r["optim/lr"] for r in logged if "optim/lr" in r]
