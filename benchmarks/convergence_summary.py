@@ -203,13 +203,17 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax_c.set_xlabel("training minutes")
     ax_c.set_ylabel("eval loss - unigram level (nats)")
     ax_c.grid(alpha=0.3)
+    others = [n for n in names if n != baseline]
+    nats = [t["below_unigram"] for t in runs[0]["models"][baseline]["time_to_targets"]]
     for row in (r for r in summary["ratios"] if r["corpus"] == "all" or len(corpora) == 1):
-        x = row["below_unigram"] + 0.15 * names.index(row["model"])
+        x = row["below_unigram"] + 0.15 * (others.index(row["model"]) - (len(others) - 1) / 2)
         ax_r.scatter([x] * row["n"], row["values"], color=colors[row["model"]], alpha=0.5, s=14)
         if row["mean"] is not None:
             ax_r.errorbar(x, row["mean"], yerr=row["sd"] or 0, color=colors[row["model"]], marker="D", capsize=4)
     ax_r.axhline(1, color="grey", lw=1, ls="--")
-    ax_r.set_xlabel("target: nats below the unigram level")
+    ax_r.set_xticks(nats, [f"unigram - {k:g}" for k in nats])
+    ax_r.set_xlim(min(nats) - 0.5, max(nats) + 0.5)
+    ax_r.set_xlabel("loss target")
     ax_r.set_ylabel(f"time ratio ({baseline} s / model s)")
     ax_r.grid(alpha=0.3)
     fig.tight_layout()
