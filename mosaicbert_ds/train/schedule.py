@@ -101,11 +101,12 @@ def retarget_schedule(
     (and sit at the floor past it). The learning rate of the current step is recomputed at once.
     With `budget` (duration.train_seconds), a schedule already fitted to the budget is kept as
     restored (warmup, decay start and estimated end; the next log interval re-fits the end), and
-    the total it had is returned as the new one: the budget, not the step cap, sets the duration."""
+    `total_steps` is returned: the budget, not the step cap, sets the duration, so there is no
+    change of duration to report."""
     fn = scheduler.lr_lambdas[0]
     old = fn.total_steps
     if budget and getattr(fn, "budget_fitted", False):
-        return old
+        return total_steps
     scheduler.lr_lambdas = [
         WarmupLinearDecay(total_steps, warmup_fraction, final_ratio, min_warmup_steps=min_warmup_steps)
         for _ in scheduler.lr_lambdas
