@@ -19,9 +19,15 @@ Models are `NAME=RECIPE[,key=value,...]`; the default pair is
 
 The report (OUT/convergence.md, .json, .png) gives per model the final eval loss, the training
 seconds it needed to reach each other model's final loss (interpolated between eval points; "-"
-when it never did), the median tokens/s and MFU over the training log intervals (the first one,
-with start-up and compilation, left out), and the curves of eval loss against seconds and tokens.
-The JSON also records the git commit, whether the tree was dirty, the command lines and versions.
+when it never did), the training seconds and steps to each loss target below the unigram level
+(`--targets`, nats below it; "never" with the best loss reached, and a sentence saying so), the
+median tokens/s and MFU over the training log intervals (the first one, with start-up and
+compilation, left out), and the curves of eval loss against seconds and tokens. The JSON also
+records the corpus, seed, git commit, whether the tree was dirty, the command lines and versions.
+
+Several (corpus, seed) runs, one OUT each, are combined with
+`--combine OUT1 OUT2 ... --out SUMMARY` (benchmarks.convergence_summary): mean and spread of the
+time ratios to each target.
 """
 
 from __future__ import annotations
