@@ -54,7 +54,7 @@ def pretrain(model: str, data: Path, out: Path) -> subprocess.CompletedProcess:
         "precision=fp32",
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
 
 
 def evals(out: Path) -> list[dict]:
