@@ -19,9 +19,15 @@ Models are `NAME=RECIPE[,key=value,...]`; the default pair is
 
 The report (OUT/convergence.md, .json, .png) gives per model the final eval loss, the training
 seconds it needed to reach each other model's final loss (interpolated between eval points; "-"
-when it never did), the median tokens/s and MFU over the training log intervals (the first one,
-with start-up and compilation, left out), and the curves of eval loss against seconds and tokens.
-The JSON also records the git commit, whether the tree was dirty, the command lines and versions.
+when it never did), the training seconds and steps to each loss target below the unigram level
+(`--targets`, nats below it; "never" with the best loss reached, and a sentence saying so), the
+median tokens/s and MFU over the training log intervals (the first one, with start-up and
+compilation, left out), and the curves of eval loss against seconds and tokens. The JSON also
+records the corpus, seed, git commit, whether the tree was dirty, the command lines and versions.
+
+Several (corpus, seed) runs, one OUT each, are combined with
+`--combine OUT1 OUT2 ... --out SUMMARY` (benchmarks.convergence_summary): mean and spread of the
+time ratios to each target.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.outputs import atomic_write_json, atomic_write_text
 
 DEFAULT_MODELS = ["mosaicbert=mosaicbert-base", "bert=bert-base"]
+DEFAULT_MIN_WARMUP_STEPS = 1000  # schedule.min_warmup_steps for every model (docs/convergence.md)
 RESULT = "convergence_run.json"  # written in OUT/NAME/ when that model's training has finished
 
 
@@ -66,6 +73,7 @@ def shared_overrides(args: argparse.Namespace, out_dir: Path) -> list[str]:
         f"batch.micro_batch={args.micro_batch}",
         f"optimizer.lr={args.lr}",
         f"schedule.warmup_fraction={args.warmup_fraction}",
+        f"schedule.min_warmup_steps={args.min_warmup_steps}",
         f"duration.steps={args.max_steps}",
         f"duration.train_seconds={args.seconds}",
         "eval.interval=0",
@@ -112,6 +120,9 @@ def train_model(args: argparse.Namespace, spec: str) -> Path:
             "train_command": shlex.join(cmd),
             "budget_seconds": args.seconds,
             "data": str(args.data),
+            "corpus": args.corpus or corpus_label(args.data),
+            "seed": args.seed,
+            "unigram_loss": dataset_unigram(args.data),
             **provenance(sys.argv[1:]),
         },
     )
@@ -157,17 +168,49 @@ def read_curve(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def time_to_loss(points: list[dict[str, Any]], target: float) -> float | None:
-    """Training seconds at which the eval curve first reaches `target` (linear between points)."""
+def crossing(points: list[dict[str, Any]], target: float) -> dict[str, float] | None:
+    """Training seconds, steps and tokens at which the eval curve first reaches `target` (linear
+    between eval points), or None when it never does."""
     prev = None
     for p in points:
         if p["loss"] <= target:
             if prev is None or prev["loss"] == p["loss"]:
-                return p["seconds"]
+                return {k: p[k] for k in ("seconds", "step", "tokens")}
             frac = (prev["loss"] - target) / (prev["loss"] - p["loss"])
-            return prev["seconds"] + frac * (p["seconds"] - prev["seconds"])
+            return {k: prev[k] + frac * (p[k] - prev[k]) for k in ("seconds", "step", "tokens")}
         prev = p
     return None
+
+
+def time_to_loss(points: list[dict[str, Any]], target: float) -> float | None:
+    """Training seconds at which the eval curve first reaches `target` (linear between points)."""
+    hit = crossing(points, target)
+    return None if hit is None else hit["seconds"]
+
+
+def targets_below_unigram(unigram: float | None, nats: list[float]) -> list[dict[str, float]]:
+    """The loss targets `unigram - k` for each k in `nats` (none without a unigram level)."""
+    return [] if unigram is None else [{"below_unigram": k, "loss": unigram - k} for k in nats]
+
+
+def time_to_targets(m: dict[str, Any], targets: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """Per target: seconds, steps and tokens to reach it (None each when never reached)."""
+    out = []
+    for t in targets:
+        hit = crossing(m["points"], t["loss"])
+        out.append({**t, **(hit or {"seconds": None, "step": None, "tokens": None}), "reached": hit is not None})
+    return out
+
+
+def dataset_unigram(data: str | Path) -> float | None:
+    """The held-out unigram level of a local dataset (None without val/)."""
+    return unigram_loss(data) if (Path(data) / "val").is_dir() else None
+
+
+def corpus_label(data: str | Path) -> str:
+    """A dataset's name in reports: its folder, with the parent for the usual OUT/mds layout."""
+    path = Path(data).resolve()
+    return path.parent.name if path.name == "mds" else path.name
 
 
 def provenance(argv: list[str]) -> dict[str, Any]:
@@ -195,8 +238,10 @@ def provenance(argv: list[str]) -> dict[str, Any]:
     }
 
 
-def report(out: Path, argv: list[str]) -> dict[str, Any]:
-    """Merge OUT/*/convergence_run.json runs into convergence.md/.json/.png."""
+def report(out: Path, argv: list[str], nats: list[float] = (1.0, 2.0, 3.0)) -> dict[str, Any]:
+    """Merge OUT/*/convergence_run.json runs into convergence.md/.json/.png: per model the final
+    and best eval loss, the time to every other model's final loss and to the targets `nats`
+    below the unigram level."""
     runs = sorted(p.parent for p in out.glob(f"*/{RESULT}"))
     if not runs:
         raise UserError(f"no finished model runs under {out} (each has {RESULT})")
@@ -204,14 +249,19 @@ def report(out: Path, argv: list[str]) -> dict[str, Any]:
     for run_dir in runs:
         meta = json.loads((run_dir / RESULT).read_text())
         models[meta["name"]] = {**meta, **read_curve(run_dir)}
+    first = next(iter(models.values()))
+    data = first.get("data")
+    unigram = dataset_unigram(data) if data and Path(data).is_dir() else first.get("unigram_loss")
+    targets = targets_below_unigram(unigram, nats)
     for name, m in models.items():
         m["time_to_final_of"] = {
             other: time_to_loss(m["points"], o["final_loss"])
             for other, o in models.items()
             if other != name and o["final_loss"] is not None
         }
+        m["best_loss"] = min((p["loss"] for p in m["points"]), default=None)
+        m["time_to_targets"] = time_to_targets(m, targets)
     # where the runs were measured (each model's own record) and where the report was merged
-    first = next(iter(models.values()))
     result = {
         "models": models,
         "device": first.get("device"),
@@ -220,11 +270,13 @@ def report(out: Path, argv: list[str]) -> dict[str, Any]:
         "report": provenance(argv),
     }
     result["command"] = "; ".join(m.get("command", "") for m in models.values())
-    data = first.get("data")
-    result["unigram_loss"] = unigram_loss(data) if data and (Path(data) / "val").is_dir() else None
+    result["unigram_loss"] = unigram
+    result["targets"] = targets
+    result["corpus"] = first.get("corpus") or (corpus_label(data) if data else None)
+    result["seed"] = first.get("seed")
     atomic_write_json(out / "convergence.json", result)
     atomic_write_text(out / "convergence.md", markdown(result))
-    plot(models, out / "convergence.png")
+    plot(models, out / "convergence.png", targets)
     return result
 
 
@@ -307,6 +359,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"Unigram baseline (token frequencies of train/, cross-entropy on val/): "
             f"{result['unigram_loss']:.4f} nats per token.",
         ]
+    lines += targets_markdown(result)
     lines += [
         "",
         *[
@@ -319,7 +372,40 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(models: dict[str, Any], path: Path) -> None:
+def describe_target(m: dict[str, Any], t: dict[str, Any]) -> str:
+    """One table cell: seconds and steps to a target, or `never` with the best loss reached."""
+    if t["reached"]:
+        return f"{t['seconds']:.0f} s ({t['step']:,.0f} steps)"
+    return f"never (best {_fmt(m.get('best_loss'), '.3f')})"
+
+
+def targets_markdown(result: dict[str, Any]) -> list[str]:
+    """The time-to-target table and one plain sentence per target some model never reached."""
+    models, targets = result["models"], result.get("targets") or []
+    if not targets:
+        return []
+    head = ["model", *[f"unigram - {t['below_unigram']:g} ({t['loss']:.3f})" for t in targets]]
+    lines = [
+        "",
+        "Training time (and steps) to reach each loss target below the unigram level:",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    missed = []
+    for name, m in models.items():
+        reached = m.get("time_to_targets") or []
+        lines.append("| " + " | ".join([name, *[describe_target(m, t) for t in reached]]) + " |")
+        missed += [
+            f"- {name} never reached {t['loss']:.3f} (unigram - {t['below_unigram']:g}) in its "
+            f"{_fmt(m.get('train_seconds'), '.0f')} s; its best eval loss was {_fmt(m.get('best_loss'), '.3f')}."
+            for t in reached
+            if not t["reached"]
+        ]
+    return lines + ([""] + missed if missed else [])
+
+
+def plot(models: dict[str, Any], path: Path, targets: list[dict[str, float]] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,6 +419,10 @@ def plot(models: dict[str, Any], path: Path) -> None:
     ax_t.set_xlabel("training minutes")
     ax_k.set_xlabel("tokens seen (millions)")
     for ax in (ax_t, ax_k):
+        for t in targets:
+            ax.axhline(t["loss"], color="grey", lw=0.8, ls=":")
+        if targets:
+            ax.axhline(targets[0]["loss"] + targets[0]["below_unigram"], color="grey", lw=1, ls="--", label="unigram")
         ax.set_ylabel("held-out MLM loss (15% masking)")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -368,12 +458,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--report", action="store_true", help="only merge the finished runs under --out")
     p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="DIR",
+        help="only combine the reports (DIR/convergence.json) of several (corpus, seed) runs into --out "
+        "(convergence_summary.md, .json, .png): mean and spread of the time ratios per target",
+    )
+    p.add_argument("--baseline", default="bert", help="the model the time ratios are taken against (--combine)")
+    p.add_argument(
+        "--targets",
+        default="1,2,3",
+        help="loss targets as nats below the unigram level, comma-separated (default 1,2,3)",
+    )
+    p.add_argument("--corpus", help="the corpus's name in reports (default: the --data folder's name)")
+    p.add_argument(
         "--pareto-listing",
         action="store_true",
         help="only write OUT/pareto_listing.json (the --only models' checkpoints, or all) for `mosaicbert-ds pareto`",
     )
     p.add_argument("--seconds", type=float, default=300.0, help="training seconds per model (default 300)")
-    p.add_argument("--eval-every", type=float, default=30.0, help="eval every this many training seconds")
+    p.add_argument("--eval-every", type=float, default=15.0, help="eval every this many training seconds")
     p.add_argument("--eval-batches", type=int, default=8, help="micro batches per eval (0: the whole val split)")
     p.add_argument("--eval-mlm", type=float, default=0.15, help="masking rate at eval, the same for every model")
     p.add_argument(
@@ -386,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-fraction", type=float, default=0.06)
+    p.add_argument(
+        "--min-warmup-steps",
+        type=int,
+        default=DEFAULT_MIN_WARMUP_STEPS,
+        help=f"warmup floor in optimizer steps, schedule.min_warmup_steps (default {DEFAULT_MIN_WARMUP_STEPS})",
+    )
     p.add_argument("--max-steps", type=int, default=100000, help="step cap (the budget normally ends the run)")
     p.add_argument("--log-interval", type=int, default=10, help="steps between log points (where time is checked)")
     p.add_argument("--num-workers", type=int, default=2)
@@ -401,11 +511,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_targets(text: str) -> list[float]:
+    try:
+        nats = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        nats = []
+    if not nats or any(not math.isfinite(k) or k <= 0 for k in nats):
+        raise UserError(f"--targets {text!r}: give positive numbers of nats, comma-separated (e.g. 1,2,3)")
+    return sorted(nats)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
+        nats = parse_targets(args.targets)
+        if args.combine:
+            from .convergence_summary import combine
+
+            combine([Path(d) for d in args.combine], out, args.baseline, argv)
+            print((out / "convergence_summary.md").read_text())
+            print(f"wrote {out}/convergence_summary.md, convergence_summary.json, convergence_summary.png")
+            return 0
         if args.pareto_listing:
             print(pareto_listing(out, args.only or None))
             return 0
@@ -425,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                     train_model(args, spec)
             if args.only:
                 return 0
-        result = report(out, argv)
+        result = report(out, argv, nats)
         print((out / "convergence.md").read_text())
         print(f"wrote {out}/convergence.md, convergence.json, convergence.png")
         return 0 if all(m["final_loss"] is not None for m in result["models"].values()) else 1

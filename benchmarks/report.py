@@ -61,7 +61,8 @@ def classify(result: Mapping[str, Any]) -> str:
     "finetune" rows) or "combined" (a dict of those sections)."""
     if "pretrain" in result and isinstance(result["pretrain"], list):
         return "step"
-    own = "convergence" if "unigram_loss" in result else "convert" if "c4_en" in result else None
+    convergence = "unigram_loss" in result or result.get("kind") == "convergence-summary"
+    own = "convergence" if convergence else "convert" if "c4_en" in result else None
     if own:  # these benchmarks write their own report (convergence.md, convert.md) beside the JSON
         raise ValueError(f"a `bench {own}` result: its report is {own}.md, written by that benchmark")
     if any(k in result for k in SECTIONS) and "rows" not in result and "points" not in result:

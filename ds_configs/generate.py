@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mosaicbert_ds.train.ds_config import build_ds_config
+from mosaicbert_ds.train.schedule import warmup_length
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -27,6 +28,7 @@ TABLE_START, TABLE_END = "<!-- generated table: start -->", "<!-- generated tabl
 GPU_COUNTS = (1, 8, 16, 32, 64, 128, 200)
 SAMPLE_BUDGET = 286_720_000  # the paper's 70,000 steps x 4096
 WARMUP_FRACTION = 0.06
+MIN_WARMUP_STEPS = 1000  # schedule.min_warmup_steps of the mosaicbert-base/-large recipes
 PAPER_BATCH, PAPER_LR = 4096, 5e-4
 PER_GPU_SAMPLES = 512  # sequences per GPU per optimizer step beyond one node (Appendix G)
 ADAMW_LR_CAP = 2e-3
@@ -57,7 +59,7 @@ class Plan:
 
     @property
     def warmup_steps(self) -> int:
-        return math.floor(WARMUP_FRACTION * self.steps + 0.5)
+        return warmup_length(self.steps, WARMUP_FRACTION, MIN_WARMUP_STEPS)
 
     @property
     def filename(self) -> str:

@@ -57,21 +57,6 @@ def _pretrain(recipe: str, overrides: list[str], n_gpus: int) -> dict:
     return train(load_run_config(recipe, overrides))
 
 
-def _fill_mask(model_dir: Path, text: str) -> str:
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    import mosaicbert_ds  # noqa: F401  (Auto class registration)
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
-    enc = tok([text], return_tensors="pt")
-    with torch.no_grad():
-        logits = model(enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0]
-    pos = (enc["input_ids"][0] == tok.mask_token_id).nonzero()[0, 0]
-    top = logits[pos].topk(5).indices.tolist()
-    return ", ".join(tok.convert_ids_to_tokens(top))
-
-
 RUN_KIND = "quickstart-pretrain"
 
 
@@ -117,10 +102,10 @@ def main(args: argparse.Namespace) -> int:
 
     model_dir = export_checkpoint(run_dir / "checkpoints", out / "model")
     print("[4/4] AutoModelForMaskedLM.from_pretrained on the export")
-    prompt = "a hacker is a person who enjoys exploring the details of programmable [MASK]."
-    guesses = _fill_mask(model_dir, prompt)
-
     from .data.unigram import unigram_loss
+    from .held_out import format_predictions, held_out_predictions
+
+    learned = held_out_predictions(model_dir, data)
 
     unigram = unigram_loss(data)
 
@@ -139,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"  real tokens/s      {fmt('throughput/tokens_per_sec', ',.0f')}")
     print(f"  MFU (paper, App. H) {fmt('throughput/mfu', '.1%')}")
-    print(f"  fill-mask          '{prompt}' -> {guesses}")
+    print("\n".join(format_predictions(learned)))
     print(f"  TensorBoard        tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"  checkpoint         {run_dir / 'checkpoints'}  (run again with --keep to resume)")
     print(f"  transformers model {model_dir}")

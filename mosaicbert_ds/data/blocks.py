@@ -56,13 +56,15 @@ def val_mask(doc_numbers: np.ndarray, val_docs: int | None, val_fraction: float)
 
 
 def write_block(tokenizer, spec: BlockSpec, block: int, first_doc: int, texts: list[str]) -> dict[str, Any]:
-    """Tokenize one block and write its samples; returns its counts (per split and tokens)."""
+    """Tokenize one block and write its samples; returns its counts (per split and tokens) and each
+    split's token-id counts without [CLS] and [SEP] (for the dataset's unigram baseline)."""
     from streaming import MDSWriter
 
     stored = np.dtype(spec.sample.dtype).newbyteorder("<")
     writers: dict[str, Any] = {}
     counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in spec.splits}
     kept = dropped = truncated = 0
+    token_ids: dict[str, list[np.ndarray]] = {n: [] for n in spec.splits}  # for the unigram counts
     for start in range(0, len(texts), spec.chunk_docs):
         chunk_texts = texts[start : start + spec.chunk_docs]
         chunk = encode_documents(tokenizer, chunk_texts, spec.sample)
@@ -89,6 +91,7 @@ def write_block(tokenizer, spec: BlockSpec, block: int, first_doc: int, texts: l
                 ids = chunk.tokens[offsets[s] : offsets[s + 1]]
                 writers[split].write({"input_ids": ids.astype(stored, copy=False).tobytes(), "length": len(ids)})
                 count["tokens"] += len(ids)
+                token_ids[split].append(ids[1:-1])  # [CLS] and [SEP] are never masked
             count["samples"] += int(n_samples)
             sample += int(n_samples)
     for writer in writers.values():
@@ -100,6 +103,10 @@ def write_block(tokenizer, spec: BlockSpec, block: int, first_doc: int, texts: l
         "tokens_kept": kept,
         "tokens_dropped": dropped,
         "documents_truncated": truncated,
+        "token_counts": {
+            n: np.bincount(np.concatenate(ids).astype(np.int64)) if ids else np.zeros(0, np.int64)
+            for n, ids in token_ids.items()
+        },
     }
 
 

@@ -36,6 +36,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import UserError
 from .blocks import (
     SHARD_HASH,
@@ -59,6 +61,7 @@ from .info import (
     token_dtype,
 )
 from .sources import DocumentSource, SourceConfig
+from .unigram import unigram_stats
 
 
 @dataclass
@@ -457,6 +460,7 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
         str(root), tuple(names), sample, config.shard_size, config.chunk_docs, config.val_docs, config.val_fraction
     )
     counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in names}
+    token_counts = {n: np.zeros(vocab_size, np.int64) for n in names}
     kept = dropped = truncated_docs = 0
     written: list[int] = []
     blocks_total = 0
@@ -472,6 +476,8 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
             for name, count in result["splits"].items():
                 for key, value in count.items():
                     counts[name][key] += value
+            for name, ids in result["token_counts"].items():
+                token_counts[name] = _add_counts(token_counts[name], ids)
             bar.update(n_docs)
             bar.set_postfix_str(f"{(kept + dropped) / max(time.time() - started, 1e-9):,.0f} tok/s", refresh=False)
     bar.close()
@@ -530,9 +536,24 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
         "shards": shards,
         "seconds": round(time.time() - started, 2),
     }
-    if config.part is not None:
-        index["part"] = {"index": config.part[0], "count": config.part[1], "written_blocks": written}
+    if config.part is None:
+        index.update(unigram_stats(token_counts["train"], token_counts.get("val"), vocab_size))
+    else:  # the merge computes the unigram levels from every part's counts
+        index["part"] = {
+            "index": config.part[0],
+            "count": config.part[1],
+            "written_blocks": written,
+            "token_counts": {n: c.tolist() for n, c in token_counts.items()},
+        }
     return index
+
+
+def _add_counts(total: np.ndarray, more: Any) -> np.ndarray:
+    more = np.asarray(more, dtype=np.int64)
+    if len(more) > len(total):
+        total = np.pad(total, (0, len(more) - len(total)))
+    total[: len(more)] += more
+    return total
 
 
 def _print_summary(index: dict[str, Any], out: Path) -> None:
@@ -633,6 +654,14 @@ def merge_parts(out: str, part_dirs: list[str], overwrite: bool = False) -> dict
     for name in names:
         if counts[name]["samples"] == 0:
             raise UserError(f"the merged {name}/ split has no documents; convert again with other val options")
+    index.pop("unigram_entropy", None)
+    index.pop("unigram_val_loss", None)
+    if all("token_counts" in ix["part"] for _, ix in parts.values()):  # parts of older versions have none
+        summed = {n: np.zeros(index["vocab_size"], np.int64) for n in names}
+        for _, ix in parts.values():
+            for name in names:
+                summed[name] = _add_counts(summed[name], ix["part"]["token_counts"][name])
+        index.update(unigram_stats(summed["train"], summed.get("val"), index["vocab_size"]))
 
     partial = dest.with_name(dest.name + ".partial")
     if partial.exists():

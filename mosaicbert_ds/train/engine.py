@@ -140,6 +140,7 @@ def build_engine(
     batched_optimizer: bool = False,
     init_state: dict[str, torch.Tensor] | None = None,
     gradient_checkpointing: bool = False,
+    min_warmup_steps: int = 0,
 ) -> tuple[Any, int]:
     """The DeepSpeed engine around a freshly initialised MosaicBertForMaskedLM, and its parameter count.
 
@@ -166,7 +167,7 @@ def build_engine(
         model=model,
         model_parameters=model.parameters(),
         config=ds_config,
-        lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio),
+        lr_scheduler=make_scheduler(total_steps, warmup_fraction, final_lr_ratio, min_warmup_steps),
     )
     prepare_engine(engine, batched_optimizer=batched_optimizer)
     return engine, n_params

@@ -44,6 +44,7 @@ from .graphed import GraphedEngineStep
 from .health import Health
 from .intervals import NOTHING, Intervals
 from .metrics import MetricsLogger
+from .plateau import PlateauWatch
 from .preflight import check_run
 from .reduce import all_reduce_named
 from .run_config import RunConfig, load_run_config
@@ -118,6 +119,7 @@ def loop(run: Run, stop_after: int | None) -> dict[str, Any]:
         with run.intervals.paused():  # eval and checkpoint time stay out of the throughput window
             if run.evaluator.due(state.step, last_step, result.evaluate):
                 metrics = run.evaluator.evaluate(engine)
+                run.plateau.observe(state.step, metrics)
                 last.update(metrics)
                 run.logger.log(state.step, metrics)
             if run.checkpointer.save_due(state.step, last_step, result.stop is not None, result.checkpoint):
@@ -229,6 +231,7 @@ class Run:
     intervals: Intervals
     evaluator: Evaluator
     checkpointer: Checkpointer
+    plateau: PlateauWatch
     lock: OutputLock
 
     def close(self) -> None:
@@ -268,6 +271,7 @@ def setup(p: Plan, stops: StopRequests) -> Run:
             init_state=p.init_state,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             batched_optimizer=p.graphs,  # the optimizer step without host syncs, where the host is quick
+            min_warmup_steps=cfg.schedule.min_warmup_steps,
         )
         torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
         train_loader, eval_loader = build_loaders(cfg, p.ds_config)
@@ -327,6 +331,7 @@ def setup(p: Plan, stops: StopRequests) -> Run:
         intervals=intervals,
         evaluator=Evaluator(eval_loader, cfg.eval.interval, cfg.eval.batches),
         checkpointer=checkpointer,
+        plateau=PlateauWatch.for_run(cfg, p.info, engine.lr_scheduler, rank),
         lock=lock,
     )
 
@@ -427,7 +432,14 @@ def restore(
         train_loader.load_state_dict(state.train_loader)
     ckpt.load_rng(root, tag, rank, required=same_world)
     schedule = p.cfg.schedule
-    old_total = retarget_schedule(engine.lr_scheduler, p.total_steps, schedule.warmup_fraction, schedule.final_lr_ratio)
+    old_total = retarget_schedule(
+        engine.lr_scheduler,
+        p.total_steps,
+        schedule.warmup_fraction,
+        schedule.final_lr_ratio,
+        schedule.min_warmup_steps,
+        budget=bool(p.cfg.duration.train_seconds),
+    )
     if old_total != p.total_steps and rank == 0:
         print(
             f"mosaicbert-ds: the duration changes from {old_total} to {p.total_steps} steps: the learning-"

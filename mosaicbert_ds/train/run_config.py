@@ -87,6 +87,10 @@ class OptimizerSection:
 @dataclass
 class ScheduleSection:
     warmup_fraction: float = 0.06
+    """Linear warmup over this fraction of the run's steps (the paper: 6% of 70,000)."""
+    min_warmup_steps: int = 1000
+    """The warmup's floor in optimizer steps, for runs too short for the fraction to give one (a
+    time budget, a quickstart); it counts for at most half the run. 0: the fraction alone."""
     final_lr_ratio: float = 0.02
     """The linear decay ends at this fraction of the peak learning rate."""
 
@@ -114,6 +118,11 @@ class EvalSection:
     """Micro batches per rank per evaluation; 0 means the whole held-out split."""
     interval_seconds: float = 0.0
     """Also evaluate each time training seconds pass a multiple of this (checked at log intervals); 0: off."""
+    plateau_steps: int = 1000
+    """Warn once (never stop) when the held-out loss is still at the unigram plateau this many steps
+    after warmup (train.plateau; needs a dataset whose index stores its unigram level); 0: off."""
+    plateau_margin: float = 0.1
+    """Nats below the unigram level that count as off the plateau."""
 
 
 @dataclass
@@ -212,6 +221,8 @@ class RunConfig:
         need(self.optimizer.zero_stage in (None, 0, 1, 2), "optimizer.zero_stage must be 0, 1 or 2")
         need(0.0 <= self.schedule.warmup_fraction < 1.0, "schedule.warmup_fraction must be in [0, 1)")
         need(0.0 <= self.schedule.final_lr_ratio <= 1.0, "schedule.final_lr_ratio must be in [0, 1]")
+        need(self.schedule.min_warmup_steps >= 0, "schedule.min_warmup_steps must be >= 0")
+        need(self.eval.plateau_margin >= 0, "eval.plateau_margin must be >= 0")
         need(
             (self.duration.steps is None) != (self.duration.samples is None),
             "set exactly one of duration.steps and duration.samples",
@@ -228,7 +239,13 @@ class RunConfig:
         need(
             self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}"
         )
-        for name in ("eval.interval", "eval.batches", "checkpoint.interval", "checkpoint.keep_last"):
+        for name in (
+            "eval.interval",
+            "eval.batches",
+            "eval.plateau_steps",
+            "checkpoint.interval",
+            "checkpoint.keep_last",
+        ):
             section, key = name.split(".")
             need(getattr(getattr(self, section), key) >= 0, f"{name} must be >= 0")
         need(self.log.interval > 0, "log.interval must be positive")

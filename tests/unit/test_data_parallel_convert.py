@@ -58,10 +58,20 @@ def test_writers_and_parts_give_the_same_dataset(corpus, single, tmp_path):
     merge_parts(str(merged), [str(p) for p in reversed(parts)])  # any order on the command line
 
     ref = read_dataset_info(str(single))
+    assert ref["unigram_entropy"] > 0 and ref["unigram_val_loss"] > ref["unigram_entropy"]
     assert ref["blocks"] == 9 and len(list((single / "train").iterdir())) > 9  # 9 blocks, several shards
     for other in (multi, merged):
         info = read_dataset_info(str(other))
-        for key in ("documents", "samples", "tokens_kept", "splits", "shards", "fingerprint"):
+        for key in (
+            "documents",
+            "samples",
+            "tokens_kept",
+            "splits",
+            "shards",
+            "fingerprint",
+            "unigram_entropy",
+            "unigram_val_loss",
+        ):
             assert info[key] == ref[key], key
         assert shard_bytes(other) == shard_bytes(single)
         for split, shuffle in (("train", True), ("val", False)):
