@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -45,6 +43,7 @@ from . import checkpoint as ckpt
 from .graphed import GraphedEngineStep
 from .health import MAX_STREAK, SLOTS, STOP, Health, describe_divergence, weights_finite
 from .metrics import MetricsLogger, console_line
+from .output_lock import OutputLock
 from .preflight import check_run
 from .run_config import RunConfig, load_run_config
 from .schedule import fit_schedule_to_budget, make_scheduler, retarget_schedule
@@ -733,45 +732,6 @@ def write_run_files(
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tokenizer_dir, tmp)
         os.replace(tmp, ckpt_root / "tokenizer")
-
-
-class OutputLock:
-    """An exclusive flock on `<output_dir>/.run.lock`, held by rank 0 for the run's life: a second run
-    on the same folder refuses to start. The kernel drops it when the process dies, however it dies."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    @classmethod
-    def acquire_on_rank0(cls, out_dir: Path, rank: int) -> OutputLock:
-        fd, holder = None, ""
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / ".run.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                fd = None
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        busy = torch.tensor([float(rank == 0 and fd is None)], device=device)  # NCCL needs a GPU tensor
-        if dist.is_initialized():
-            dist.all_reduce(busy)
-        if busy.item():
-            where = f" ({holder})" if holder else ""
-            raise UserError(
-                f"output_dir {out_dir} is in use by another run{where}; wait for it to end or choose another output_dir"
-            )
-        return cls(fd)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 def check_train_seconds(run: Run, before: float, step_seconds: float) -> None:
