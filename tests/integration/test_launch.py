@@ -324,7 +324,7 @@ NO_SSH = dict(NODE_RANK="0", MASTER_ADDR="127.0.0.1", NUM_NODES="2", GPUS_PER_NO
         ),
         (
             "deepspeed_hostfile.sh",
-            dict(HOSTFILE=str(LAUNCH / "hostfile.example"), NUM_NODES="3"),
+            dict(HOSTFILE=str(LAUNCH / "hostfile.example"), NUM_NODES="3", MASTER_ADDR="127.0.0.1"),
             "NUM_NODES=3 is out of range: it must be between 1 and 2 (the hostfile lists 2 hosts)",
         ),
         (
