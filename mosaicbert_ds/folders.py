@@ -110,9 +110,10 @@ def check_destination(dest: str | os.PathLike, writes: str) -> None:
                 "choose a folder outside it"
             )
         if kind == RUN and below.name in RUN_ENTRIES:
+            inside = "" if below == dest else "inside "
             raise UserError(
-                f"refusing to write {what} into {dest}: it is inside {below.name}/ of the run folder "
-                f"{folder}; choose a folder outside it (e.g. {folder / 'hf'})"
+                f"refusing to write {what} into {dest}: it is {inside}{below.name}/ of the run folder "
+                f"{folder}; choose a folder beside it (e.g. {folder / 'hf'})"
             )
         below = folder
 
