@@ -224,8 +224,6 @@ def check_model_matches(root: Path, model_config: dict[str, Any]) -> None:
         "mlp_type",
         "glu_fused",
         "position_embedding_type",
-        "max_position_embeddings",
-        "type_vocab_size",
     )
     diff = [
         f"{k}: checkpoint {saved.get(k)!r} vs run {model_config.get(k)!r}"
