@@ -4,8 +4,8 @@ write, so that no output is written into another, or swallows one.
 | kind (writer) | recognised by |
 |---|---|
 | dataset (`convert`) | `mosaicbert_index.json`, or the unfinished-conversion marker |
-| run folder (`pretrain`) | `.run.lock`, `run_config.json`, a checkpoint folder `checkpoints/`, a quickstart marker |
-| checkpoint folder (RUN/checkpoints) | `latest` or `model_config.json` |
+| run folder (`pretrain`) | `.run.lock`, a checkpoint folder `checkpoints/`, or a quickstart marker |
+| checkpoint folder (RUN/checkpoints) | `latest` or `model_config.json`, named checkpoints or holding a tag |
 | checkpoint tag (`step_N`) | in a checkpoint folder, or holding `complete.json` or `trainer_state.json` |
 | export, import, tokenizer, GLUE model | outputs.MARKER with that kind |
 
@@ -56,7 +56,11 @@ _OUTPUT = {
 
 
 def _is_checkpoint_folder(path: Path) -> bool:
-    return (path / "latest").is_file() or (path / "model_config.json").is_file()
+    """`latest` or `model_config.json`, in a folder named checkpoints or holding a step_N folder
+    (those names alone are common enough to be a user's file elsewhere)."""
+    if not ((path / "latest").is_file() or (path / "model_config.json").is_file()):
+        return False
+    return path.name == "checkpoints" or any(_TAG.match(p.name) and p.is_dir() for p in path.iterdir())
 
 
 def folder_kind(path: str | os.PathLike) -> str | None:
@@ -74,9 +78,9 @@ def folder_kind(path: str | os.PathLike) -> str | None:
         return RUN
     if marked is not None:
         return marked
-    if (path / ".run.lock").exists() or (path / "run_config.json").is_file():
-        return RUN
-    if (path / "checkpoints").is_dir() and _is_checkpoint_folder(path / "checkpoints"):
+    if (path / ".run.lock").exists() or (
+        (path / "checkpoints").is_dir() and _is_checkpoint_folder(path / "checkpoints")
+    ):
         return RUN
     if _TAG.match(path.name) and (
         _is_checkpoint_folder(path.parent) or any((path / f).is_file() for f in ("complete.json", "trainer_state.json"))
