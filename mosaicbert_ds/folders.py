@@ -122,10 +122,10 @@ def check_destination(dest: str | os.PathLike, writes: str) -> None:
         below = folder
 
 
-def check_location(path: str | os.PathLike, what: str, swapped: bool = False) -> None:
-    """`path` is a folder or can be created, and a file can be written in it or in the nearest
-    existing folder above it (with `swapped`, in its parent: the folder is written beside itself
-    and renamed). Writes one probe file there and removes it at once. `what` starts the message."""
+def check_location(path: str | os.PathLike, what: str, swapped: bool = False, probe: bool = True) -> None:
+    """`path` is a folder or can be created, and (with `probe`) a file can be written in it or in
+    the nearest existing folder above it (with `swapped`, in its parent: the folder is written
+    beside itself and renamed). The probe is one file, removed at once. `what` starts the message."""
     import tempfile
 
     out = Path(path)
@@ -138,6 +138,8 @@ def check_location(path: str | os.PathLike, what: str, swapped: bool = False) ->
         if base == out:
             raise UserError(f"{what} {out} is a file, not a folder")
         raise UserError(f"{what} {out} cannot be created: {base} is a file")
+    if not probe:
+        return
     probe_in = out.parent if swapped and base == out else base
     try:
         fd, name = tempfile.mkstemp(prefix=".mosaicbert_write_probe.", dir=probe_in)

@@ -215,29 +215,38 @@ def output_folder(dest: str | os.PathLike, kind: str, sources: Iterable[str | os
 
     dest = Path(dest)
     check_replaceable(dest, kind, sources)
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"cannot create {dest.parent}: {err.strerror or err}") from None
-    with OutputLock.acquire(dest.parent / f".{dest.name}.mosaicbert-ds.lock", f"{dest}"):
-        remove_dead_leftovers(dest)
-        tmp = temporary_sibling(dest)
-        try:
-            yield tmp
-            write_marker(tmp, kind)
-            for p in [tmp, *tmp.rglob("*")]:
-                p.chmod(0o755 if p.is_dir() else 0o644)
-            if dest.exists():
-                check_replaceable(dest, kind, sources)  # again: it may have changed while we wrote
-                old = temporary_sibling(dest, ".old")
-                os.replace(dest, old / dest.name)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
-        except BaseException as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            reason = write_failure(err, dest.parent)
-            if reason is None:
-                raise
-            raise OutputError(f"could not write {dest}: {reason}; nothing there was changed") from None
+    try:
+        with OutputLock.acquire(dest.parent / f".{dest.name}.mosaicbert-ds.lock", f"{dest}"):
+            remove_dead_leftovers(dest)
+            tmp = temporary_sibling(dest)
+            try:
+                yield tmp
+                write_marker(tmp, kind)
+                for p in [tmp, *tmp.rglob("*")]:
+                    p.chmod(0o755 if p.is_dir() else 0o644)
+                if dest.exists():
+                    check_replaceable(dest, kind, sources)  # again: it may have changed while we wrote
+                    old = temporary_sibling(dest, ".old")
+                    os.replace(dest, old / dest.name)
+                    os.replace(tmp, dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, dest)
+            except BaseException as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                reason = write_failure(err, dest.parent)
+                if reason is None:
+                    raise
+                raise OutputError(f"could not write {dest}: {reason}; nothing there was changed") from None
+    except BaseException:
+        for folder in created:  # the folders made for `dest`, if still empty: nothing is left behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise

@@ -351,14 +351,15 @@ def _load_tokenizer(name: str):
 
 
 def check_convert_destination(out: str | Path) -> None:
-    """Before any work: `out` can be written (a folder, or creatable, in a writable folder), is a
-    place a dataset may go (folders.check_destination: not a run, checkpoint or model folder, nor
-    inside one or inside another dataset) and, if it exists, is empty or holds a dataset; its
-    `<out>.partial` sibling, if any, is an unfinished conversion (which is replaced)."""
+    """Before any work: `out` is a folder or can be created, is a place a dataset may go
+    (folders.check_destination: not a run, checkpoint or model folder, nor inside one or inside
+    another dataset) and, if it exists, is empty or holds a dataset; its `<out>.partial` sibling,
+    if any, is an unfinished conversion (which is replaced). Whether it can be written is checked
+    once there is work to do (`_fresh_partial`): a dataset already there is not rewritten."""
     from ..folders import check_destination, check_location
 
     out = Path(out)
-    check_location(out, "--out", swapped=True)
+    check_location(out, "--out", swapped=True, probe=False)  # writable: checked once there is work to do
     check_destination(out, "dataset")
     if out.is_dir() and any(out.iterdir()) and not ((out / INDEX_NAME).exists() or (out / PARTIAL_MARKER).exists()):
         raise UserError(f"{out} is not empty and holds no mosaicbert_ds dataset; choose a new or empty folder")
@@ -370,10 +371,13 @@ def check_convert_destination(out: str | Path) -> None:
 
 
 def _fresh_partial(out: Path) -> Path:
-    """`<out>.partial`, empty: an unfinished conversion there is removed (check_convert_destination
-    refused anything else), as are the swap leftovers of a killed conversion into `out`."""
+    """`<out>.partial`, empty, once `out`'s folder is known to be writable: an unfinished conversion
+    there is removed (check_convert_destination refused anything else), as are the swap leftovers
+    of a killed conversion into `out`."""
+    from ..folders import check_location
     from ..outputs import remove_dead_leftovers
 
+    check_location(out, "--out", swapped=True)  # a read-only place: one line, before any conversion
     remove_dead_leftovers(out)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():

@@ -132,3 +132,11 @@ def test_the_lock_beside_the_folder_is_held_while_writing_and_removed_after(tmp_
             with output_folder(dest, "export"):
                 pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_failed_write_leaves_no_folder_it_created(tmp_path):
+    dest = tmp_path / "new" / "deeper" / "model"
+    with pytest.raises(UserError, match="no such checkpoint"):
+        with output_folder(dest, "export"):
+            raise UserError("no such checkpoint")  # e.g. a bad --tag, found once the lock is held
+    assert list(tmp_path.iterdir()) == []
