@@ -92,11 +92,15 @@ def check_start_over(run_dir: Path) -> None:
                 "OUT, remove it yourself, or pass --keep to resume a run there"
             )
         extras = extra_entries(run_dir)
-        if extras is None or extras:
-            what = ", ".join(extras[:3]) if extras else "files an older version did not list"
+        if extras is None:
             raise UserError(
-                f"refusing to replace {run_dir}: it holds {what}, which the quickstart did not write; "
-                "move them out, choose another OUT, or pass --keep to resume the run there"
+                f"refusing to replace {run_dir}: its marker does not list what the quickstart wrote there "
+                "(an older version made it); remove it yourself, choose another OUT, or pass --keep"
+            )
+        if extras:
+            raise UserError(
+                f"refusing to replace {run_dir}: it holds {', '.join(extras[:3])}, which the quickstart "
+                "did not write; move them out, choose another OUT, or pass --keep to resume the run there"
             )
 
 

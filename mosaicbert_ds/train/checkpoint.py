@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..outputs import atomic_torch_save, atomic_write_json, atomic_write_text
 
 TRAINER_STATE = "trainer_state.json"
@@ -187,9 +187,7 @@ def read_model_config(root: Path) -> dict[str, Any]:
             "`pretrain`); restore it from a copy of the run"
         ) from None
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"{path} is not readable JSON ({str(err).splitlines()[0]}); restore it from a copy of the run"
-        ) from None
+        raise UserError(f"{path} is not readable JSON ({first_line(err)}); restore it from a copy of the run") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a model config (a JSON object)")
     return saved
@@ -234,7 +232,7 @@ def check_model_matches(root: Path, model_config: dict[str, Any]) -> None:
         try:
             ours, theirs = _shapes(model_config), _shapes(saved)
         except (TypeError, ValueError) as err:
-            raise UserError(f"{path} is not a valid model config ({str(err).splitlines()[0]})") from None
+            raise UserError(f"{path} is not a valid model config ({first_line(err)})") from None
         diff = [
             f"{k}: checkpoint {theirs.get(k)} vs run {ours.get(k)}"
             for k in sorted(set(ours) | set(theirs))
