@@ -9,7 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 mbds_usage "$@"
 run_file="$1"; shift
 mbds_require HOSTFILE "a DeepSpeed hostfile, see launch/hostfile.example"
-mbds_check_hostfile "$HOSTFILE"
+mbds_check_hostfile "$HOSTFILE" "${MASTER_ADDR:-}"  # the master address (default: the first host) must resolve
 mbds_check_int NUM_NODES 1 "$HOSTFILE_NODES" "the hostfile lists $HOSTFILE_NODES hosts"
 
 # pdsh starts a fresh shell on each node: DeepSpeed exports what its env file lists there (it

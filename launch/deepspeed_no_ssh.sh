@@ -20,7 +20,11 @@ if [ -z "$hostfile" ]; then
   trap 'rm -f "$hostfile"' EXIT
   for ((i = 0; i < 10#$NUM_NODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$hostfile"
 fi
-mbds_check_hostfile "$hostfile"
+# MASTER_ADDR must resolve; node 0's DNS name may appear only once it runs (Kubernetes): the other
+# nodes retry for MBDS_RESOLVE_WAIT seconds (default 120)
+resolve_wait=0
+if [ "$((10#$NODE_RANK))" -ne 0 ]; then resolve_wait="${MBDS_RESOLVE_WAIT:-120}"; fi
+mbds_check_hostfile "$hostfile" "$MASTER_ADDR" "$resolve_wait"
 mbds_check_int NODE_RANK 0 $((HOSTFILE_NODES - 1)) "$HOSTFILE_NODES nodes: 0 is the master"
 
 # Under --no_ssh DeepSpeed neither writes nor reads .deepspeed_env: the ranks inherit this

@@ -4,6 +4,8 @@
 #                    runs the launch check instead of training)
 #   MBDS_EXTRA_ENV   names of further variables to hand to every rank, space separated
 #   MBDS_DISABLE_NVLS  1 switches NVLink SHARP / multicast off (NCCL, torch symmetric memory, NVSHMEM)
+#   MBDS_RESOLVE_WAIT  seconds a node other than node 0 retries resolving MASTER_ADDR (deepspeed_no_ssh.sh;
+#                    default 120)
 
 # NCCL: which interfaces carry bootstrap and socket traffic. "^lo,docker0" means any but loopback
 # and docker's bridge; set the real one (e.g. eth0, ens5, bond0) on clusters with several.
@@ -75,10 +77,12 @@ mbds_env_lines() {
 }
 
 # Check a hostfile before any GPU time is spent; sets HOSTFILE_NODES, HOSTFILE_SLOTS and
-# HOSTFILE_FIRST_HOST.
+# HOSTFILE_FIRST_HOST. mbds_check_hostfile FILE [MASTER [WAIT]]: with MASTER (empty: the first
+# host) also check that the master address resolves, retrying for WAIT seconds (default 0).
 mbds_check_hostfile() {
-  local vars
-  vars="$("${PYTHON:-python}" -m mosaicbert_ds.train.hostfile --check "$1" --print vars)" || exit 2
+  local vars extra=()
+  if [ $# -ge 2 ]; then extra=(--master-addr "$2" --resolve-wait "${3:-0}"); fi
+  vars="$("${PYTHON:-python}" -m mosaicbert_ds.train.hostfile --check "$1" --print vars ${extra[@]+"${extra[@]}"})" || exit 2
   eval "$vars"
 }
 
@@ -94,3 +98,4 @@ mbds_check_int NUM_NODES 1
 mbds_check_int GPUS_PER_NODE 1
 mbds_check_int NODE_RANK 0
 mbds_check_int NP 1
+mbds_check_int MBDS_RESOLVE_WAIT 0

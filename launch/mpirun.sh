@@ -16,7 +16,8 @@ read -r -a extra <<< "${MPIRUN_ARGS:-}"
 
 np="${NP:-1}"
 if [ -n "${HOSTFILE:-}" ]; then
-  mbds_check_hostfile "$HOSTFILE"
+  # a MASTER_ADDR given must resolve (without one, rank 0 names its own host)
+  if [ -n "${MASTER_ADDR:-}" ]; then mbds_check_hostfile "$HOSTFILE" "$MASTER_ADDR"; else mbds_check_hostfile "$HOSTFILE"; fi
   np="${NP:-$HOSTFILE_SLOTS}"
 fi
 names=($(mbds_env_names) MASTER_ADDR MASTER_PORT)

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module, imported only when it runs, and exposes
 `add_arguments(parser)` and `main(args) -> int`. Errors that are the user's (bad files, bad
-configs, missing data) are raised as `UserError` and printed as one line with exit code 2.
+configs, missing data) are raised as `UserError` and printed as one line with exit code 2; an output
+that cannot be written (disk full, I/O error) is an `OutputError`: one line, exit code 5.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except UserError as err:
         print(f"mosaicbert-ds {name}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 if __name__ == "__main__":

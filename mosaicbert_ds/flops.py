@@ -28,6 +28,22 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 }
 
 
+# The bare MosaicBERT-Base training step at micro batch 256 (real tokens/s, the best of autocast and
+# CUDA graphs), measured per GPU: what the trainer's throughput is held against. Each entry names the
+# result folder, commit and command it comes from.
+BARE_STEP_TOKENS_PER_SEC: dict[str, tuple[float, str]] = {
+    "H200": (604_708, "benchmarks/results/h200_2026-11-29, a609120, python -m benchmarks.step --quick"),
+}
+
+
+def bare_step_reference(device: torch.device | str | None = None) -> tuple[float, str] | None:
+    """(real tokens/s, source) of the bare step on the current CUDA device's kind, or None."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in BARE_STEP_TOKENS_PER_SEC.items() if key in name), None)
+
+
 def peak_flops(device: torch.device | str | None = None, override: float | None = None) -> float | None:
     """The bf16 peak of the current CUDA device by name, or `override`; None when unknown (CPU)."""
     if override:

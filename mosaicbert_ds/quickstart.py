@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .folders import QUICKSTART_RUN, RUN_ENTRIES
+
 QUICKSTART_VOCAB = 2048
 
 
@@ -57,14 +59,14 @@ def _pretrain(recipe: str, overrides: list[str], n_gpus: int) -> dict:
     return train(load_run_config(recipe, overrides))
 
 
-RUN_KIND = "quickstart-pretrain"
+RUN_KIND = QUICKSTART_RUN
 
 
-def start_over(run_dir: Path) -> None:
-    """Remove an earlier quickstart's pretraining folder (marked as such); refuse anything else that
-    is not empty, so that a folder of the user's is never deleted. Then mark the fresh folder."""
+def check_start_over(run_dir: Path) -> None:
+    """Refuse, before any work, what `start_over` would refuse: anything but an absent or empty
+    folder, or an earlier quickstart's run folder holding only what a run writes there."""
     from .errors import UserError
-    from .outputs import MARKER, atomic_write_json, output_kind
+    from .outputs import extra_entries, output_kind
 
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise UserError(f"refusing to use {run_dir}: it is not a folder")
@@ -74,14 +76,51 @@ def start_over(run_dir: Path) -> None:
                 f"refusing to replace {run_dir}: it is not a quickstart run folder; choose another "
                 "OUT, remove it yourself, or pass --keep to resume a run there"
             )
+        extras = extra_entries(run_dir)
+        if extras is None:
+            raise UserError(
+                f"refusing to replace {run_dir}: its marker does not list what the quickstart wrote there "
+                "(an older version made it); remove it yourself, choose another OUT, or pass --keep"
+            )
+        if extras:
+            raise UserError(
+                f"refusing to replace {run_dir}: it holds {', '.join(extras[:3])}, which the quickstart "
+                "did not write; move them out, choose another OUT, or pass --keep to resume the run there"
+            )
+
+
+def start_over(run_dir: Path) -> None:
+    """Remove an earlier quickstart's pretraining folder (marked as such, holding only what a run
+    writes); refuse anything else that is not empty, so that nothing of the user's is deleted.
+    Then mark the fresh folder with the entries a run writes (folders.RUN_ENTRIES)."""
+    from .outputs import write_marker
+
+    check_start_over(run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
-    atomic_write_json(run_dir / MARKER, {"kind": RUN_KIND})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir, RUN_KIND, RUN_ENTRIES)
+
+
+def check_outputs(out: Path, keep: bool) -> None:
+    """Every output of the quickstart, before any work: OUT/data (a dataset), OUT/pretrain (a run
+    folder: replaced, or resumed with --keep) and OUT/model (an export)."""
+    from .data.default_corpus import check_default_corpus_destination
+    from .folders import check_destination
+    from .outputs import check_replaceable
+
+    check_default_corpus_destination(out / "data", vocab_size=QUICKSTART_VOCAB)
+    check_destination(out / "pretrain", "run")
+    if not keep:
+        check_start_over(out / "pretrain")
+    check_replaceable(out / "model", "export", sources=[out / "pretrain" / "checkpoints"])
 
 
 def main(args: argparse.Namespace) -> int:
     from .data import prepare_default_corpus
 
     out = Path(args.out)
+    check_outputs(out, args.keep)
     n_gpus = torch.cuda.device_count()
     where = f"{n_gpus} GPU(s): {torch.cuda.get_device_name()}" if n_gpus else f"CPU ({os.cpu_count()} cores)"
     print(f"[1/4] tokenizer + MDS shards from the bundled Jargon File -> {out / 'data'}")
@@ -122,7 +161,14 @@ def main(args: argparse.Namespace) -> int:
         f"  unigram baseline   {unigram:.3f}   (token frequencies alone; the eval loss below it is what the "
         f"model learned from context)"
     )
-    print(f"  real tokens/s      {fmt('throughput/tokens_per_sec', ',.0f')}")
+    from .flops import bare_step_reference
+
+    reference = bare_step_reference()
+    beside = ""
+    if reference and summary.get("throughput/tokens_per_sec"):
+        ratio = summary["throughput/tokens_per_sec"] / n_gpus / reference[0]
+        beside = f"   ({ratio:.2f} of the bare step on this GPU, {reference[0]:,.0f} per GPU: {reference[1]})"
+    print(f"  real tokens/s      {fmt('throughput/tokens_per_sec', ',.0f')}{beside}")
     print(f"  MFU (paper, App. H) {fmt('throughput/mfu', '.1%')}")
     print("\n".join(format_predictions(learned)))
     print(f"  TensorBoard        tensorboard --logdir {run_dir / 'tensorboard'}")

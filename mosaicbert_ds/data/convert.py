@@ -15,7 +15,10 @@ Output and re-runs: the dataset is written to `<out>.partial/` and renamed to `<
 complete (index last), so a stopped conversion leaves nothing a loader accepts and can simply be
 re-run. Re-running into a folder that already holds the same dataset (same input files, sizes
 and times, tokenizer and options) does nothing; a different dataset there needs --overwrite.
-A non-empty folder that is not a mosaicbert_ds dataset is never replaced. A URL --out (s3://...)
+A non-empty folder that is not a mosaicbert_ds dataset is never replaced, nor is a dataset
+holding files `convert` did not write (named in the refusal); `--out` is checked before any
+work (`check_convert_destination`: writable, not a run, checkpoint or model folder, not inside
+one or inside another dataset). A failure to write (no space, I/O error) is one line, exit code 5. A URL --out (s3://...)
 is probed before anything is converted (credentials, endpoint, bucket: see store.py), then the
 dataset is staged locally and uploaded (upload.py).
 """
@@ -264,9 +267,10 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         else:
             print(f"{config.out} already holds this dataset; nothing uploaded (--overwrite uploads it again)")
         return index
+    out = Path(config.out).resolve()
+    check_convert_destination(out)
     reader = DocumentSource(config.source)  # validates files, globs, formats, columns
     tokenizer = _load_tokenizer(config.tokenizer)
-    out = Path(config.out).resolve()
     description = {
         "source": config.source.describe(),
         "tokenizer_sha256": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
@@ -283,10 +287,7 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         print(f"{out} already holds this dataset; nothing to do (--overwrite rebuilds it)")
         return existing
 
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial = _fresh_partial(out)
     try:
         (partial / PARTIAL_MARKER).write_text("conversion in progress\n")
         tokenizer.save_pretrained(str(partial / TOKENIZER_DIR))
@@ -300,8 +301,9 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         )
         _write_index(partial, index)
         _publish(partial, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        _raise_write_failure(err, out)
         raise
     _print_summary(index, out)
     return index
@@ -351,8 +353,61 @@ def _load_tokenizer(name: str):
     return tokenizer
 
 
+def check_convert_destination(out: str | Path) -> None:
+    """Before any work: `out` is a folder or can be created, is a place a dataset may go
+    (folders.check_destination: not a run, checkpoint or model folder, nor inside one or inside
+    another dataset) and, if it exists, is empty or holds a dataset; its `<out>.partial` sibling,
+    if any, is an unfinished conversion (which is replaced). Whether it can be written is checked
+    once there is work to do (`_fresh_partial`): a dataset already there is not rewritten."""
+    from ..folders import check_destination, check_location
+
+    out = Path(out)
+    check_location(out, "--out", swapped=True, probe=False)  # writable: checked once there is work to do
+    check_destination(out, "dataset")
+    if out.is_dir() and any(out.iterdir()) and not ((out / INDEX_NAME).exists() or (out / PARTIAL_MARKER).exists()):
+        raise UserError(f"{out} is not empty and holds no mosaicbert_ds dataset; choose a new or empty folder")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not (
+        partial.is_dir() and ((partial / PARTIAL_MARKER).exists() or not any(partial.iterdir()))
+    ):
+        raise UserError(f"{partial} exists and is not an unfinished conversion; move it away or choose another --out")
+
+
+def _fresh_partial(out: Path) -> Path:
+    """`<out>.partial`, empty, once `out`'s folder is known to be writable: an unfinished conversion
+    there is removed (check_convert_destination refused anything else), as are the swap leftovers
+    of a killed conversion into `out`."""
+    from ..folders import check_location
+    from ..outputs import remove_dead_leftovers
+
+    check_location(out, "--out", swapped=True)  # a read-only place: one line, before any conversion
+    remove_dead_leftovers(out)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _raise_write_failure(err: BaseException, out: Path) -> None:
+    """An OutputError (exit code 5) when `err` is a failure to write (no space, I/O error)."""
+    from ..errors import OutputError
+    from ..outputs import write_failure
+
+    reason = write_failure(err, out.parent)
+    if reason is not None:
+        raise OutputError(f"could not write {out}: {reason}; nothing there was changed") from None
+
+
+def dataset_extras(out: Path, index: dict[str, Any]) -> list[str]:
+    """Names at the top of a dataset folder that `convert` did not write there (the user's)."""
+    ours = {INDEX_NAME, TOKENIZER_DIR, PARTIAL_MARKER, *index.get("splits", {})}
+    return sorted(p.name for p in out.iterdir() if p.name not in ours)
+
+
 def _existing_dataset(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
-    """The index at `out` if it is this very dataset (and we may keep it); errors for the rest."""
+    """The index at `out` if it is this very dataset (and we may keep it); errors for the rest.
+    A dataset that is to be replaced must hold nothing but what `convert` wrote."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -367,6 +422,7 @@ def _existing_dataset(out: Path, fingerprint: str, overwrite: bool) -> dict[str,
             problems = dataset_problems(out, index)
             if not problems:
                 return index
+            check_dataset_extras(out, index)
             print(
                 f"{out} holds this dataset but it is damaged ({problems[0]}"
                 + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
@@ -377,19 +433,34 @@ def _existing_dataset(out: Path, fingerprint: str, overwrite: bool) -> dict[str,
             raise UserError(
                 f"{out} already holds a different dataset; pass --overwrite to replace it or choose another --out"
             )
+        check_dataset_extras(out, index)
         return None
     if (out / PARTIAL_MARKER).exists() or not any(out.iterdir()):
         return None
     raise UserError(f"{out} is not empty and holds no mosaicbert_ds dataset; choose a new or empty folder")
 
 
+def check_dataset_extras(out: Path, index: dict[str, Any]) -> None:
+    """Refuse to replace a dataset folder holding files `convert` did not write (named)."""
+    extras = dataset_extras(out, index)
+    if extras:
+        more = f" and {len(extras) - 3} more" if len(extras) > 3 else ""
+        raise UserError(
+            f"refusing to replace the dataset {out}: it holds {', '.join(extras[:3])}{more}, which "
+            "`convert` did not write; move them out or choose another --out"
+        )
+
+
 def _publish(partial: Path, out: Path) -> None:
-    """Swap the finished folder into place; the marker goes last so a crash stays visible."""
+    """Swap the finished folder into place; the marker goes last so a crash stays visible. The
+    replaced dataset waits in a temporary sibling (outputs.temporary_sibling) until the swap is done."""
+    from ..outputs import temporary_sibling
+
     old = None
     if out.exists():
         if any(out.iterdir()):
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+            old = temporary_sibling(out, ".old")
+            os.replace(out, old / out.name)
         else:
             out.rmdir()
     os.replace(partial, out)
@@ -637,6 +708,7 @@ def merge_parts(out: str, part_dirs: list[str], overwrite: bool = False) -> dict
     dest = Path(out).resolve()
     if any(dest == p or p in dest.parents for p in paths):
         raise UserError(f"--merge OUT ({dest}) must not be one of the parts or inside one")
+    check_convert_destination(dest)
     existing = _existing_dataset(dest, fingerprint, overwrite)
     if existing is not None:
         print(f"{dest} already holds this dataset; nothing to do (--overwrite rebuilds it)")
@@ -663,10 +735,7 @@ def merge_parts(out: str, part_dirs: list[str], overwrite: bool = False) -> dict
                 summed[name] = _add_counts(summed[name], ix["part"]["token_counts"][name])
         index.update(unigram_stats(summed["train"], summed.get("val"), index["vocab_size"]))
 
-    partial = dest.with_name(dest.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial = _fresh_partial(dest)
     try:
         (partial / PARTIAL_MARKER).write_text("merge in progress\n")
         shutil.copytree(first_path / TOKENIZER_DIR, partial / TOKENIZER_DIR)
@@ -691,8 +760,9 @@ def merge_parts(out: str, part_dirs: list[str], overwrite: bool = False) -> dict
         )
         _write_index(partial, index)
         _publish(partial, dest)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        _raise_write_failure(err, dest)
         raise
     _print_summary(index, dest)
     return index

@@ -39,6 +39,7 @@ epoch, the loader goes straight on to the next epoch.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -61,30 +62,62 @@ MAX_DEFAULT_CANONICAL_NODES = 64
 SAMPLES_PER_DEFAULT_CANONICAL_NODE = 4096
 
 
+STAMP_SUFFIX = ".checked"
+"""Beside a decompressed shard `X.mds`: `X.mds.checked`, what the copy and its compressed file were
+(inode, size, mtime, ctime) when the copy was made from the hash-checked compressed data."""
+
+
 class CheckedStream(Stream):
-    """A Stream that trusts a decompressed shard only if it is what its compressed file gives.
+    """A Stream that reads a decompressed shard only if it was made, by this class, from its
+    hash-checked compressed file, and neither has changed since.
 
     Read in place, streaming decompresses each `.mds.zstd` into a `.mds` beside it and keeps it
-    for later runs, checking the hash only while decompressing. A kept copy of the wrong size, or
-    not newer than its compressed file (which was rewritten or damaged after the copy was made),
-    is removed here, so the shard is decompressed and checked again when it is first read.
-    Two `stat` calls per shard, made once per node by streaming's local leader.
+    for later runs, checking the hash only while decompressing; the loader then reads the `.mds`.
+    Here every decompression leaves a stamp (STAMP_SUFFIX) of both files; at set-up a kept copy
+    without a stamp that matches both files as they are now (a copy garbled or rewritten at the
+    same size, whatever its mtime; a compressed file replaced after the copy was made; a copy of
+    another version or tool) is removed, so the shard is decompressed and checked again when it
+    is first read. What the loader reads is then always what preflight checked: the compressed
+    file. A few `stat` calls and one small read per shard, once per node (streaming's local leader).
     """
 
     def set_up_local(self, shards: list[Any], cache_usage_per_shard: np.ndarray) -> None:
         for shard in shards:
-            if any(_stale_raw(self.local, self.split, raw, zip_) for raw, zip_ in shard.file_pairs if zip_):
+            if any(not _trusted_raw(self.local, self.split, raw, zip_) for raw, zip_ in shard.file_pairs if zip_):
                 shard._evict_raw()
         super().set_up_local(shards, cache_usage_per_shard)
 
+    def _decompress_shard_part(self, zip_info: Any, zip_filename: str, raw_filename: str, compression: Any) -> None:
+        super()._decompress_shard_part(zip_info, zip_filename, raw_filename, compression)
+        stamp = {"raw": _identity(raw_filename), "zip": _identity(zip_filename)}
+        tmp = f"{raw_filename}{STAMP_SUFFIX}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(stamp, f)
+        os.replace(tmp, raw_filename + STAMP_SUFFIX)
 
-def _stale_raw(local: str, split: str, raw_info: Any, zip_info: Any) -> bool:
+
+def _identity(path: str) -> list[int] | None:
     try:
-        raw = os.stat(os.path.join(local, split, raw_info.basename))
-        packed = os.stat(os.path.join(local, split, zip_info.basename))
+        st = os.stat(path)
     except FileNotFoundError:
-        return False  # nothing to compare; streaming's own set-up handles a missing half
-    return raw.st_size != raw_info.bytes or raw.st_mtime_ns <= packed.st_mtime_ns
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _trusted_raw(local: str, split: str, raw_info: Any, zip_info: Any) -> bool:
+    """Whether a kept decompressed copy may be read: absent (nothing to trust), or stamped as made
+    from the compressed file as it is now, and unchanged since, at the index's size."""
+    raw = os.path.join(local, split or "", raw_info.basename)
+    current = _identity(raw)
+    if current is None:
+        return True
+    try:
+        with open(raw + STAMP_SUFFIX, encoding="utf-8") as f:
+            stamp = json.load(f)
+    except (OSError, ValueError):
+        return False
+    packed = _identity(os.path.join(local, split or "", zip_info.basename))
+    return current[1] == raw_info.bytes and stamp == {"raw": current, "zip": packed}
 
 
 class TokenSampleDataset(StreamingDataset):

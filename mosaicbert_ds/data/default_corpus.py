@@ -38,7 +38,7 @@ def prepare_default_corpus(
     from .tokenizer import train_tokenizer
 
     out = Path(out_dir)
-    recipe = {"name": RECIPE, "vocab_size": vocab_size, "max_seq_len": max_seq_len, "val_fraction": val_fraction}
+    recipe = _recipe(vocab_size, max_seq_len, val_fraction)
     existing = _existing_recipe(out)
     if existing == recipe:
         return out
@@ -61,6 +61,30 @@ def prepare_default_corpus(
             )
         )
     return out
+
+
+def _recipe(vocab_size: int, max_seq_len: int, val_fraction: float) -> dict:
+    return {"name": RECIPE, "vocab_size": vocab_size, "max_seq_len": max_seq_len, "val_fraction": val_fraction}
+
+
+def check_default_corpus_destination(
+    out_dir: str | Path, *, vocab_size: int = 8192, max_seq_len: int = 128, val_fraction: float = 0.05
+) -> None:
+    """What `prepare_default_corpus` with these settings would refuse, found before any work: an
+    `out_dir` that convert may not write (convert.check_convert_destination), a dataset there that
+    this function did not make, or one it would replace that holds files convert did not write."""
+    from .convert import check_convert_destination, check_dataset_extras
+
+    out = Path(out_dir)
+    check_convert_destination(out)
+    existing = _existing_recipe(out)
+    if existing == _recipe(vocab_size, max_seq_len, val_fraction):
+        return
+    index = out / INDEX_NAME
+    if index.exists() and not (out / PARTIAL_MARKER).exists():
+        if existing is None:
+            raise UserError(f"{out} holds a dataset the quickstart did not make; choose another folder")
+        check_dataset_extras(out, json.loads(index.read_text(encoding="utf-8")))
 
 
 def _existing_recipe(out: Path) -> dict | None:

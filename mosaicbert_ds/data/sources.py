@@ -3,7 +3,8 @@
 `DocumentSource` validates what it can up front (files exist, globs match, the format is known,
 the text column exists) and then yields one string per document, keeping counts of what it
 skipped (bad UTF-8, empty or too short) so the converter can report them. Problems with the
-user's input raise UserError with one sentence that names the file and line.
+user's input raise UserError with one sentence that names the file and line; a file that cannot be
+read to its end (a truncated .gz, a damaged Parquet file) names the file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,12 +182,15 @@ class DocumentSource:
     # ---- local files ----------------------------------------------------------------------
     def _iter_files(self) -> Iterator[str | None]:
         for path, fmt in self.files:
-            if fmt == "text":
-                yield from self._iter_text(path)
-            elif fmt == "jsonl":
-                yield from self._iter_jsonl(path)
-            else:
-                yield from self._iter_parquet(path)
+            read = {"text": self._iter_text, "jsonl": self._iter_jsonl}.get(fmt, self._iter_parquet)
+            try:
+                yield from read(path)
+            except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt file (.gz too)
+                raise UserError(f"{path} cannot be read: it is truncated or corrupt ({first_line(err)})") from None
+            except Exception as err:
+                if type(err).__module__.startswith("pyarrow"):  # Parquet's own errors for damaged files
+                    raise UserError(f"{path} cannot be read: it is truncated or corrupt ({first_line(err)})") from None
+                raise
 
     def _iter_text(self, path: Path) -> Iterator[str | None]:
         with _open_binary(path) as f:

@@ -9,7 +9,9 @@ recipe: BertNormalizer (lowercase, strip accents, clean text, split CJK), BertPr
 WordPiece with `##` continuations, [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 and the BERT
 post-processor. The vocabulary size is rounded up to a multiple of 64 (tensor-core friendly
 embedding rows); if the corpus is too small to fill it, `[unusedN]` entries pad it, as in
-BERT's own vocabulary. The folder loads offline with AutoTokenizer.from_pretrained.
+BERT's own vocabulary. The folder loads offline with AutoTokenizer.from_pretrained. `--out` is
+checked before training and written whole (outputs.output_folder): an empty or new folder, or an
+earlier tokenizer output holding nothing the user added.
 WordPiece training is not bit-for-bit deterministic, so keep the folder you trained with.
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import output_folder
 from .sources import DocumentSource, SourceConfig
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -115,9 +118,8 @@ def main(args: argparse.Namespace) -> int:
         )
     )
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an empty folder; choose another --out")
-    train_tokenizer(source, out, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
+    with output_folder(out, kind="tokenizer") as tmp:  # checked and locked before training
+        train_tokenizer(source, tmp, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
     stats = source.stats
     size = round_vocab_size(args.vocab_size)
     print(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .dataset import STAMP_SUFFIX
 from .info import INDEX_NAME, PARTIAL_MARKER, _fetch, first_line
 
 
@@ -49,8 +50,10 @@ def upload_dataset(local: str, remote: str, overwrite: bool = False) -> int:
             f"or choose another --out (the converted copy stays in {local})"
         )
     files = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".mds" and p.name != INDEX_NAME
-    )  # raw .mds: decompressed caches
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix not in (".mds", STAMP_SUFFIX) and p.name != INDEX_NAME
+    )  # raw .mds and their stamps: decompressed caches
     try:
         if existing is not None:
             _remove_remote_index(remote)

@@ -2,16 +2,25 @@
 
 A result file's presence is what marks a task seed as finished, so it must never exist
 half-written; a folder that is replaced (the MNLI model) is complete before it gets its name, and
-an existing folder there is replaced only if this project wrote it (outputs' marker file).
+an existing folder there is replaced only if this project wrote it and it holds nothing the user
+added (outputs' marker file lists what was written).
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..outputs import MARKER, atomic_torch_save, atomic_write_json, atomic_write_text, check_replaceable, output_kind
+from ..outputs import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_replaceable,
+    output_kind,
+    remove_dead_leftovers,
+    temporary_sibling,
+    write_marker,
+)
 
 MODEL_KIND = "glue-model"
 
@@ -32,14 +41,14 @@ def tmp_dir_for(path: Path) -> Path:
     """A fresh, uniquely named empty sibling folder to fill before `replace_dir` gives it `path`'s name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_dead_leftovers(path)
+    return temporary_sibling(path)
 
 
 def replace_dir(tmp: Path, path: Path, kind: str | None = None) -> None:
     """Publish the finished folder `tmp` as `path`. An existing `path` is replaced only if it is
     this project's output of the same kind (default: the kind `tmp` is marked with, else a GLUE
     model folder); anything else is refused with a UserError and `tmp` is removed."""
-    import json
     import os
     import shutil
 
@@ -51,9 +60,9 @@ def replace_dir(tmp: Path, path: Path, kind: str | None = None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if output_kind(tmp) is None:
-        (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+        write_marker(tmp, kind)
     if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        old = temporary_sibling(path, ".old")
         os.replace(path, old / path.name)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)

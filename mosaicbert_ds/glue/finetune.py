@@ -18,7 +18,9 @@ CUDA, fp32 on CPU; several processes use DistributedDataParallel (runtime.py).
 OUT holds run.json (what the folder was made from), <task>/seed<N>/ (result.json once
 finished, state.pt while running, model/ for MNLI), results.json and results.md. Re-running
 with the same OUT skips finished seeds and resumes interrupted ones from their last state; a
-multi-node run needs OUT on a shared filesystem.
+multi-node run needs OUT on a shared filesystem. OUT is checked first: it can be written, and it is
+not a run folder, a dataset, a checkpoint or a model folder, nor inside one (mosaicbert_ds.folders);
+the model's weight files are checked before any task starts.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..folders import check_destination, check_location
+from ..interop.folder import check_weight_files
 from . import atomic
 from .data import Examples, load_split, tokenize
 from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir
@@ -223,6 +227,8 @@ def finetune_glue(
     _check_positive("--limit-eval", limit_eval)
     if not model.exists():
         raise UserError(f"model {model} does not exist")
+    check_location(out, "--out")
+    check_destination(out, "glue")
     meta = {
         "model": str(model),
         "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
@@ -315,6 +321,7 @@ def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) 
                 resolve_model_dir(model, out, is_main=True)
             rt.barrier()
         model_dir = resolve_model_dir(model, out, is_main=False)
+        check_weight_files(model_dir)  # a truncated file fails here, not when the first task loads it
         tok = load_tokenizer(tokenizer or model_dir)
         check_vocab(model_dir, tok)
         return model_dir, tok

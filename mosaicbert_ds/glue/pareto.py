@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..folders import check_destination, check_location
 from ..outputs import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .finetune import add_finetune_options, finetune_glue, finetune_options
 from .models import TRAINER_STATE, trainer_checkpoint
@@ -248,6 +249,8 @@ def to_markdown(points: list[dict[str, Any]]) -> str:
 def main(args: argparse.Namespace) -> int:
     entries = resolve_entries(args.listing, args.metrics)
     out = Path(args.out)
+    check_location(out, "--out")  # before any finetuning: the same rules as finetune-glue --out
+    check_destination(out, "glue")
     needs_training = args.finetune and any(not e["results"] for e in entries)
     rt = setup_runtime(args.device) if needs_training else Runtime(torch.device("cpu"))
     try:

@@ -27,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def import_folder(src: str | Path, out: str | Path) -> list[str]:
-    """Convert `src` into `out`; returns the notes (what was filled in or dropped)."""
-    model = read_model_folder(src)
+    """Convert `src` into `out`; returns the notes (what was filled in or dropped). `out` is
+    checked and locked (outputs.output_folder) before the weights are read."""
     with output_folder(out, kind="import", sources=[src]) as tmp:
+        model = read_model_folder(src)
         write_model_folder(model, tmp, tokenizer_from=Path(src))
     return [f"layout {model.layout}", *model.notes]
 

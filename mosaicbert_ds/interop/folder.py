@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import RUNTIME_KEYS, MosaicBertConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .layouts import LAYOUTS, KeyPool, Tensors
 
 OURS = "mosaicbert-ds"
@@ -50,20 +50,57 @@ class ConvertedModel:
         return model.eval()
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The files holding a folder's weights: model.safetensors, the shards its index names, or
+    pytorch_model.bin. UserError if there are none or the index is unreadable."""
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{index} is not a readable safetensors index ({first_line(err)})") from None
+        return [path / name for name in names]
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
+    raise UserError(f"{path} has no weights (model.safetensors, its index, or pytorch_model.bin)")
+
+
+def _damaged(file: Path, err: BaseException) -> UserError:
+    return UserError(f"{file} cannot be read: it is truncated or not a weights file ({first_line(err)})")
+
+
+def check_weight_files(path: Path) -> None:
+    """Every weights file of the folder opens and is as long as its header says (safetensors: the
+    header only, nothing else is read); UserError naming the first that is not."""
+    from safetensors import safe_open
+
+    for file in weight_files(path):
+        if not file.is_file():
+            raise UserError(f"{file} is missing (named in {path / 'model.safetensors.index.json'})")
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
+            raise _damaged(file, err) from None
+
+
 def _load_state(path: Path) -> Tensors:
     from safetensors.torch import load_file
 
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        state: Tensors = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(path / shard))
-        return state
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise UserError(f"{path} has no weights (model.safetensors, its index, or pytorch_model.bin)")
+    state: Tensors = {}
+    for file in weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                state.update(load_file(file))
+            else:
+                state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as err:  # SafetensorError, pickle and zip errors, OSError: damaged weights
+            raise _damaged(file, err) from None
+    return state
 
 
 def _with_prefix(state: Tensors) -> Tensors:

@@ -16,7 +16,8 @@ damaged newer tag is skipped with a warning. Resuming on another number of ranks
 DeepSpeed's universal checkpoint format (converted once, on rank 0).
 
 `complete_tags(root)` and `resolve_tag(root, tag)` are the entry points for anything that reads a
-checkpoint (resume, export).
+checkpoint (resume, export); a tag is the name of a folder inside the checkpoint folder, never a
+path. `read_model_config(root)` reads `model_config.json` or says in one line why it cannot.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..outputs import atomic_torch_save, atomic_write_json, atomic_write_text
 
 TRAINER_STATE = "trainer_state.json"
@@ -120,6 +121,10 @@ def resolve_tag(root: str | Path, tag: str | None = None) -> str:
     warning about newer damaged ones and about a `latest` that disagrees. UserError if none."""
     root = Path(root)
     if tag is not None:
+        if tag in ("", ".", "..") or "/" in tag or "\\" in tag or "\0" in tag:
+            newest = step_tags(root)
+            example = f" such as {newest[-1]!r}" if newest else ""
+            raise UserError(f"checkpoint tag {tag!r} is not the name of a folder in {root}; name one{example}")
         why = problem(root, tag)
         if why:
             raise UserError(f"checkpoint {root / tag} is not complete: {why}")
@@ -171,12 +176,43 @@ def resolve_resume(resume: str, default_root: Path) -> tuple[Path, str] | None:
     )
 
 
+def read_model_config(root: Path) -> dict[str, Any]:
+    """`root/model_config.json` as a dict; UserError if it is missing or unreadable."""
+    path = Path(root) / "model_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"checkpoint folder {root} has no model_config.json (written beside the checkpoints by "
+            "`pretrain`); restore it from a copy of the run"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not readable JSON ({first_line(err)}); restore it from a copy of the run") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is not a model config (a JSON object)")
+    return saved
+
+
+def _shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape for a model config, computed on the meta device (nothing allocated)."""
+    from ..config import RUNTIME_KEYS, MosaicBertConfig
+    from ..model import MosaicBertForMaskedLM
+
+    with torch.device("meta"):
+        model = MosaicBertForMaskedLM(
+            MosaicBertConfig.from_dict({k: v for k, v in config.items() if k not in RUNTIME_KEYS})
+        )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def check_model_matches(root: Path, model_config: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint of another model shape, before any engine is built."""
+    """Refuse to resume a checkpoint of another model shape, before any engine is built: every
+    weight's name and shape from the saved model_config.json must be the run's. A checkpoint
+    folder with tags but without a readable model_config.json is refused too (its shape is unknown)."""
     path = root / "model_config.json"
-    if not path.is_file():
+    if not path.is_file() and not step_tags(root):
         return
-    saved = json.loads(path.read_text())
+    saved = read_model_config(root)
     keys = (
         "vocab_size",
         "hidden_size",
@@ -192,6 +228,16 @@ def check_model_matches(root: Path, model_config: dict[str, Any]) -> None:
         for k in keys
         if saved.get(k) != model_config.get(k)
     ]
+    if not diff:
+        try:
+            ours, theirs = _shapes(model_config), _shapes(saved)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{path} is not a valid model config ({first_line(err)})") from None
+        diff = [
+            f"{k}: checkpoint {theirs.get(k)} vs run {ours.get(k)}"
+            for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)
+        ][:3]
     if diff:
         raise UserError(f"checkpoint {root} holds another model shape ({'; '.join(diff)})")
 

@@ -16,6 +16,7 @@ address with `hostname -I` and the local rank from processor names).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Mapping, MutableMapping
@@ -190,6 +191,11 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None) -
         torch.cuda.set_device(device)
     if backend is None:
         backend = "nccl" if use_cuda else "gloo"
+    if not torch.cuda.is_available():
+        # DeepSpeed builds its CPU communication op through torch.utils.cpp_extension, whose import
+        # warns "No CUDA runtime is found" wherever a CUDA toolkit is installed without a GPU: not
+        # a problem of a CPU run, and it would stand before every one-line error of the run.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
     import deepspeed
 

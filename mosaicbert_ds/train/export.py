@@ -15,8 +15,11 @@ otherwise run the exact PyTorch path.
 --layout mosaicbert-hub: the paper authors' MosaicBERT layout (mosaicml/mosaic-bert-base).
 
 The config holds the architecture only: attention_impl and fused_ops are chosen where the
-model runs. OUT is written beside itself and swapped in whole; it is never the source, and an
-existing OUT is replaced only if it is an earlier export. Files are world-readable.
+model runs. OUT is written beside itself and swapped in whole; it is never the source, nor a
+run folder, dataset or checkpoint (or inside one: mosaicbert_ds.folders), and an existing OUT is
+replaced only if it is an earlier export holding nothing the user added. One export at a time
+writes OUT (a lock beside it); leftovers of a killed export are removed by the next one. A
+checkpoint is read only from a complete tag (train.checkpoint.resolve_tag). Files are world-readable.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import RUNTIME_KEYS, MosaicBertConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..interop.folder import (
     OURS,
     ConvertedModel,
@@ -41,7 +44,7 @@ from ..interop.folder import (
 )
 from ..interop.layouts import LAYOUTS
 from ..outputs import output_folder
-from .checkpoint import latest_tag
+from .checkpoint import read_model_config, resolve_tag
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 MODELING_FILES = ("config.py", "model.py", "attention.py", "ops.py", "padding.py", "batch.py")
@@ -119,19 +122,24 @@ def _fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def _from_checkpoint(root: Path, tag: str | None, shown: str) -> tuple[ConvertedModel, Path | None]:
-    tag = tag or latest_tag(root)
-    if tag is None or not (root / tag).is_dir():
-        raise UserError(f"{shown} holds no finished checkpoint (no 'latest' file or tag {tag!r})")
-    config_path = root / "model_config.json"
-    if not config_path.is_file():
-        raise UserError(f"{root} has no model_config.json; is it a mosaicbert-ds checkpoint folder?")
-    cfg = json.loads(config_path.read_text())
-    config = MosaicBertConfig.from_dict({k: v for k, v in cfg.items() if k not in RUNTIME_KEYS})
+def _from_checkpoint(root: Path, tag: str | None) -> tuple[ConvertedModel, Path | None]:
+    """The fp32 model of a complete tag (`tag`, or the newest complete one: checkpoint.resolve_tag)."""
+    tag = resolve_tag(root, tag)
+    cfg = read_model_config(root)
+    try:
+        config = MosaicBertConfig.from_dict({k: v for k, v in cfg.items() if k not in RUNTIME_KEYS})
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{root / 'model_config.json'} is not a valid model config ({first_line(err)})") from None
     from ..model import MosaicBertForMaskedLM
 
-    expected = MosaicBertForMaskedLM(config).state_dict()
-    state = _fp32_state_dict(root, tag)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MosaicBertForMaskedLM(config).state_dict().items()}
+    try:
+        state = _fp32_state_dict(root, tag)
+    except UserError:
+        raise
+    except Exception as err:  # torch.load, zip and pickle errors: a file changed after its save completed
+        raise UserError(f"checkpoint {root / tag} cannot be read ({first_line(err)})") from None
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -139,6 +147,12 @@ def _from_checkpoint(root: Path, tag: str | None, shown: str) -> tuple[Converted
             f"checkpoint {root / tag} does not match its model_config.json "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise UserError(
+                f"checkpoint {root / tag} does not match its model_config.json "
+                f"({name} has shape {tuple(state[name].shape)}, the config needs {shape})"
+            )
     tokenizer = root / "tokenizer" if (root / "tokenizer").is_dir() else None
     return ConvertedModel(config, state, OURS, root / tag), tokenizer
 
@@ -148,15 +162,19 @@ def load_source(source: str | Path, tag: str | None = None) -> tuple[ConvertedMo
     path = Path(source)
     if not path.exists():
         raise UserError(f"{source} does not exist")
-    if (path / "checkpoints" / "latest").is_file():
-        return _from_checkpoint(path / "checkpoints", tag, str(source))
-    if (path / "latest").is_file() or (path / "model_config.json").is_file():
-        return _from_checkpoint(path, tag, str(source))
+    if _is_checkpoint_folder(path / "checkpoints"):
+        return _from_checkpoint(path / "checkpoints", tag)
+    if _is_checkpoint_folder(path):
+        return _from_checkpoint(path, tag)
     if (path / "config.json").is_file():
         if tag:
             raise UserError(f"--tag applies to training checkpoints; {source} is a model folder")
         return read_model_folder(path), path
     raise UserError(f"{source} is neither a training checkpoint (latest) nor a model folder (config.json)")
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    return (path / "latest").is_file() or (path / "model_config.json").is_file()
 
 
 def _write_tokenizer(tokenizer: Path, dest: Path) -> None:
@@ -178,14 +196,15 @@ def write_loadable_folder(model: ConvertedModel, dest: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, layout: str = OURS) -> Path:
-    """Write `out_dir` from a trainer checkpoint or a model folder; returns out_dir."""
+    """Write `out_dir` from a trainer checkpoint or a model folder; returns out_dir. The output
+    folder is checked and locked (outputs.output_folder) before the weights are read."""
     if layout != OURS and layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; choose one of {', '.join([OURS, *LAYOUTS])}")
-    model, tokenizer = load_source(checkpoint, tag)
-    if layout != OURS:
-        LAYOUTS[layout].check_exportable(model.config)  # before anything is written
     out = Path(out_dir)
     with output_folder(out, kind="export", sources=[checkpoint]) as tmp:
+        model, tokenizer = load_source(checkpoint, tag)
+        if layout != OURS:
+            LAYOUTS[layout].check_exportable(model.config)
         if layout == OURS:
             write_loadable_folder(model, tmp)
         else:

@@ -10,6 +10,13 @@ this one names the line. `--print vars` gives the scripts what they need in one 
 the package takes seconds) without parsing in shell: shell assignments of HOSTFILE_NODES,
 HOSTFILE_SLOTS and HOSTFILE_FIRST_HOST (the default MASTER_ADDR); `--print mpich` writes the same
 hosts as an MPICH (hydra) machinefile.
+
+`--master-addr ADDR` also checks that the address the ranks will meet at resolves (an empty ADDR:
+the hostfile's first host, DeepSpeed's default), so that a name the launcher would hand to every
+node as --master_addr fails here with one line naming it, not in torch's rendezvous on every node.
+`--resolve-wait S` retries for up to S seconds (a Kubernetes pod's DNS name appears only once the
+pod runs: the launch scripts wait on nodes other than node 0). A host with a `:PORT` is refused:
+the port goes in MASTER_PORT (checked by launch/env.sh).
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import sys
+import time
 
 from mosaicbert_ds.errors import UserError
 
@@ -52,6 +61,33 @@ def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:
     return hosts
 
 
+def check_resolves(host: str, what: str, wait: float = 0.0) -> None:
+    """`host` is a name or address that resolves (getaddrinfo, as torch's rendezvous does), retried
+    every 2 s for up to `wait` seconds. UserError naming it, as `what` describes it, otherwise."""
+    if host.count(":") == 1:
+        raise UserError(f"{what} {host!r} includes a port: give the host alone and the port in MASTER_PORT")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except (socket.gaierror, UnicodeError) as err:
+            if time.monotonic() >= deadline:
+                reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+                waited = f" (tried for {wait:.0f} s)" if wait else ""
+                raise UserError(f"{what} {host!r} does not resolve: {reason}{waited}") from None
+        time.sleep(2)
+
+
+def check_master(hosts: dict[str, int], path: str | os.PathLike, master_addr: str, wait: float = 0.0) -> None:
+    """The master address resolves: `master_addr`, or the hostfile's first host when it is empty."""
+    if master_addr:
+        check_resolves(master_addr, "MASTER_ADDR", wait)
+    else:
+        first = next(iter(hosts))
+        check_resolves(first, f"{path}: the first host (the master address unless MASTER_ADDR is set)", wait)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mosaicbert_ds.train.hostfile", description=__doc__.splitlines()[0])
     parser.add_argument("--check", metavar="FILE", required=True, help="hostfile to check")
@@ -62,9 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         default="summary",
         help="what to print once the file is good (default: summary)",
     )
+    parser.add_argument(
+        "--master-addr",
+        default=None,
+        metavar="ADDR",
+        help="check that ADDR (empty: the first host) resolves before anything is launched",
+    )
+    parser.add_argument("--resolve-wait", type=float, default=0.0, metavar="S", help="retry resolving for S seconds")
     args = parser.parse_args(argv)
     try:
         hosts = parse_hostfile(args.check)
+        if args.master_addr is not None:
+            check_master(hosts, args.check, args.master_addr, args.resolve_wait)
     except UserError as err:
         print(f"hostfile: error: {err}", file=sys.stderr)
         return 2

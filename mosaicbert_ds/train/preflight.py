@@ -11,7 +11,9 @@ line. What it checks (docs/preflight.md lists each message):
 - token ids of a sample of stored sequences (a few shards, up to SAMPLES_PER_SHARD each) are below
   the model's vocabulary, and sequence lengths fit learned position embeddings;
 - the train split holds at least one global batch; the eval split at least one sample;
-- the output folder is a folder (or can be created) and a file can be written in it.
+- the output folder is a folder (or can be created) and a file can be written in it, and it is
+  not (nor inside) a dataset, an export or other model folder, a checkpoint folder or a tag
+  (`folders.check_destination`): a run written there would be swallowed when that is replaced.
 
 Nothing is written except one probe file, removed at once, in the output folder or the nearest
 existing folder above it; a missing output folder is not created here.
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -168,23 +169,10 @@ def check_remote_split(url: str, split: str, expected_samples: int, remote_cache
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> None:
-    """The output folder is a folder, or can be created, and a file can be written in it."""
-    out = Path(output_dir)
-    probe_in = out
-    while not probe_in.exists():
-        if probe_in.parent == probe_in:
-            break
-        probe_in = probe_in.parent
-    if not probe_in.is_dir():
-        raise UserError(
-            f"output_dir {out} is a file, not a folder"
-            if probe_in == out
-            else f"output_dir {out} cannot be created: {probe_in} is a file"
-        )
-    try:
-        fd, name = tempfile.mkstemp(prefix=".mosaicbert_write_probe.", dir=probe_in)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as err:
-        where = f"{out}" if probe_in == out else f"{out} (cannot be created in {probe_in})"
-        raise UserError(f"output_dir {where} is not writable: {err.strerror or err}") from None
+    """The output folder is a folder, or can be created, and a file can be written in it; it is
+    not a dataset, an export or another model folder, a checkpoint folder or tag, nor inside one
+    or inside a run's own entries (mosaicbert_ds.folders)."""
+    from ..folders import check_destination, check_location
+
+    check_location(output_dir, "output_dir")
+    check_destination(output_dir, "run")

@@ -44,11 +44,12 @@ from .graphed import GraphedEngineStep
 from .health import Health
 from .intervals import NOTHING, Intervals
 from .metrics import MetricsLogger
+from .output_lock import OutputLock
 from .plateau import PlateauWatch
 from .preflight import check_run
 from .reduce import all_reduce_named
 from .run_config import RunConfig, load_run_config
-from .run_folder import OutputLock, check_fresh_start, clear_previous_run, write_run_files
+from .run_folder import check_fresh_start, clear_previous_run, write_run_files
 from .schedule import retarget_schedule
 from .step import train_step
 from .stops import ExitCode, RunStopped, StopRequests, parse_duration, stop_requests

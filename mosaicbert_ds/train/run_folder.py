@@ -15,24 +15,21 @@ unless overwrite_output_dir is set; then exactly the files listed above are dele
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from ..config import MosaicBertConfig
 from ..errors import UserError
+from ..folders import RUN_ENTRIES
 from ..outputs import atomic_write_json, atomic_write_text
 from . import checkpoint as ckpt
 from .run_config import RunConfig
 
-RUN_FILES = ("run_config.json", "ds_config.json", "metrics.jsonl", "tensorboard", "checkpoints")
-"""What a run writes into its output_dir (besides the lock), and all that overwrite_output_dir deletes."""
+RUN_FILES = tuple(name for name in RUN_ENTRIES if name != ".run.lock")
+"""What a run writes into its output_dir besides the lock (mosaicbert_ds.folders.RUN_ENTRIES), and
+all that overwrite_output_dir deletes."""
 
 
 def check_fresh_start(cfg: RunConfig, resume: tuple[Path, str] | None) -> bool:
@@ -85,42 +82,3 @@ def write_run_files(
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tokenizer_dir, tmp)
         os.replace(tmp, ckpt_root / "tokenizer")
-
-
-class OutputLock:
-    """An exclusive flock on `<output_dir>/.run.lock`, held by rank 0 for the run's life: a second run
-    on the same folder refuses to start. The kernel drops it when the process dies, however it dies."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    @classmethod
-    def acquire_on_rank0(cls, out_dir: Path, rank: int) -> OutputLock:
-        fd, holder = None, ""
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / ".run.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                fd = None
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        busy = torch.tensor([float(rank == 0 and fd is None)], device=device)  # NCCL needs a GPU tensor
-        if dist.is_initialized():
-            dist.all_reduce(busy)
-        if busy.item():
-            where = f" ({holder})" if holder else ""
-            raise UserError(
-                f"output_dir {out_dir} is in use by another run{where}; wait for it to end or choose another output_dir"
-            )
-        return cls(fd)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None

@@ -256,3 +256,23 @@ def test_wrong_split_and_node_count_are_user_errors(data, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     with pytest.raises(UserError, match="num_canonical_nodes=4 and 3 nodes"):
         loader(data)
+
+
+def test_a_kept_decompressed_copy_is_read_only_as_made_from_its_checked_shard(data, index_of, tmp_path):
+    """Streaming keeps each decompressed `.mds` beside its `.mds.zstd` and reads it in later runs.
+    A copy garbled at the same size with a newer mtime (what the shard hash never sees) is not
+    read: without a stamp matching it, it is decompressed again from the checked shard."""
+    import shutil
+    import time
+
+    copy = Path(shutil.copytree(data, tmp_path / "ds"))
+    first = [ids_of(b, index_of) for b in loader(copy)]
+    kept = sorted((copy / "train").rglob("*.mds"))
+    assert kept and all(p.with_name(p.name + ".checked").is_file() for p in kept)
+    garbled = kept[len(kept) // 2]
+    size = garbled.stat().st_size
+    garbled.write_bytes(os.urandom(size))
+    later = time.time() + 60
+    os.utime(garbled, (later, later))  # newer than its compressed shard, as a rewrite would be
+    assert [ids_of(b, index_of) for b in loader(copy)] == first
+    assert garbled.stat().st_size == size and garbled.stat().st_mtime < later  # made again

@@ -251,6 +251,9 @@ def _missing_split_data(tmp_path: Path) -> Path:
         ("vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
         ("checkpoint-vocab", ["--tasks", "sst2"], "vocabulary mismatch"),
         ("model", ["--tasks", "sst2"], "does not exist"),
+        ("weights", ["--tasks", "sst2"], "model.safetensors cannot be read: it is truncated or not a weights file"),
+        ("out", ["--tasks", "sst2"], "out cannot be created: "),
+        ("out-in-checkpoint", ["--tasks", "sst2"], "refusing to write GLUE results into "),
         ("hparam", ["--hparam", "lr=-1"], "lr=-1.0 is out of range"),
     ],
 )
@@ -269,7 +272,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         model = make_trainer_checkpoint(tmp_path / "run", step=2, train_seconds=60.0, vocab_size=1024).parent
     elif case == "model":
         model = tmp_path / "no-such-model"
+    elif case == "weights":  # a truncated file: found before any task starts, not when one loads it
+        model = Path(shutil.copytree(mosaic_dir, tmp_path / "truncated"))
+        (model / "model.safetensors").write_bytes((mosaic_dir / "model.safetensors").read_bytes()[:4000])
     out = tmp_path / "out"
+    if case == "out":
+        (tmp_path / "file").write_text("mine")
+        out = tmp_path / "file" / "out"
+    elif case == "out-in-checkpoint":  # --out inside a run's checkpoints (or a dataset, an export)
+        model = make_trainer_checkpoint(tmp_path / "run", step=2, train_seconds=60.0).parent
+        out = tmp_path / "run" / "checkpoints" / "glue"
     rc = cli.main(
         [
             "finetune-glue",

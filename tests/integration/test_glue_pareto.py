@@ -117,3 +117,15 @@ def test_bad_listing_via_cli_exits_2_and_writes_nothing(tmp_path: Path, capsys: 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mosaicbert-ds pareto: error: ")
     assert not out.exists()
+
+
+def test_out_under_a_regular_file_is_one_line_before_any_finetuning(tmp_path: Path, capsys) -> None:
+    (tmp_path / "m").mkdir()
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([{"path": str(tmp_path / "m"), "hours": 1}]))
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" / "out"
+    assert cli.main(["pareto", str(listing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mosaicbert-ds pareto: error: --out {out} cannot be created: {tmp_path / 'file'} is a file"]
+    assert (tmp_path / "file").read_text() == "mine"

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from mosaicbert_ds.errors import UserError
+from mosaicbert_ds.train.hostfile import check_master, parse_hostfile
 from mosaicbert_ds.train.hostfile import main as hostfile_main
-from mosaicbert_ds.train.hostfile import parse_hostfile
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
@@ -324,7 +324,7 @@ NO_SSH = dict(NODE_RANK="0", MASTER_ADDR="127.0.0.1", NUM_NODES="2", GPUS_PER_NO
         ),
         (
             "deepspeed_hostfile.sh",
-            dict(HOSTFILE=str(LAUNCH / "hostfile.example"), NUM_NODES="3"),
+            dict(HOSTFILE=str(LAUNCH / "hostfile.example"), NUM_NODES="3", MASTER_ADDR="127.0.0.1"),
             "NUM_NODES=3 is out of range: it must be between 1 and 2 (the hostfile lists 2 hosts)",
         ),
         (
@@ -353,6 +353,48 @@ def test_bad_launch_variables_are_one_line_before_any_launcher(tmp_path, script,
         proc.stderr.strip().count("\n") == 0 and message in proc.stderr
     ), proc.stderr
     assert not marker.exists() and not list(tmp_path.glob("mbds-*"))  # no launcher, no temporary files left
+
+
+def test_check_master_resolves_the_address_the_ranks_meet_at(tmp_path):
+    hosts = parse_hostfile(_hostfile(tmp_path, "localhost slots=1\nno-such-node.invalid slots=1\n"))
+    check_master(hosts, "hf", "")  # the first host, localhost
+    check_master(hosts, "hf", "127.0.0.1")
+    check_master(hosts, "hf", "::1")
+    with pytest.raises(UserError, match="MASTER_ADDR 'no-such-node.invalid' does not resolve: "):
+        check_master(hosts, "hf", "no-such-node.invalid")
+    with pytest.raises(UserError, match="MASTER_ADDR '127.0.0.1:29500' includes a port: give the host alone"):
+        check_master(hosts, "hf", "127.0.0.1:29500")
+    with pytest.raises(UserError, match=r"'no-such-node.invalid' does not resolve: .* \(tried for 2 s\)"):
+        check_master({"no-such-node.invalid": 1}, "hf", "", wait=2)
+
+
+def test_a_master_address_that_does_not_resolve_stops_the_launch(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "deepspeed-was-called"
+    (bin_dir / "deepspeed").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (bin_dir / "deepspeed").chmod(0o755)
+    hostfile = _hostfile(tmp_path, "no-such-node.invalid slots=1\nlocalhost slots=1\n")
+    for script, variables, message in (
+        (
+            "deepspeed_hostfile.sh",
+            dict(HOSTFILE=str(hostfile)),
+            f"{hostfile}: the first host (the master address unless MASTER_ADDR is set) 'no-such-node.invalid' "
+            "does not resolve: ",
+        ),
+        (
+            "deepspeed_no_ssh.sh",
+            dict(NO_SSH, MASTER_ADDR="no-such-node.invalid"),
+            "MASTER_ADDR 'no-such-node.invalid' does not resolve: ",
+        ),
+    ):
+        env = launch_env(tmp_path, **variables)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+        proc = subprocess.run([str(LAUNCH / script), "run.yaml"], env=env, capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"hostfile: error: {message}"), lines
+    assert not marker.exists() and not list(tmp_path.glob("mbds-*"))
 
 
 @pytest.mark.slow

@@ -331,3 +331,86 @@ def test_a_killed_rank_is_restarted_in_place_then_by_a_rerun_and_reproduces_the_
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (step, a, b)
     assert ckpt.complete_tags(run / "checkpoints")[-1] == "step_0000006"
+
+
+def test_pretrain_refuses_an_output_dir_that_is_a_dataset_with_one_line(dataset, tmp_path):
+    """A run written into a dataset (or an export) would be swallowed when that is replaced. The
+    refusal comes after the process group is up, where DeepSpeed's CPU op used to pull in torch's
+    cpp_extension and its "No CUDA runtime is found" warning (CUDA_HOME set makes it appear)."""
+    before = {p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()}
+    res = subprocess.run(
+        cmd(*common(dataset, dataset)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env(), "CUDA_HOME": str(tmp_path)},
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines() == [
+        f"mosaicbert-ds pretrain: error: refusing to write a run into {dataset.resolve()}: it is a dataset; "
+        "choose another folder"
+    ]
+    assert {p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()} == before
+
+
+UNWRITABLE = """
+import contextlib, io, json, sys
+from mosaicbert_ds import cli
+run, ro, full, corpus, tok = sys.argv[1:6]
+results = []
+convert = ["convert", corpus, "--tokenizer", tok, "--quiet", "--workers", "1", "--out"]
+export = ["export", run]
+for argv in ([*export, f"{ro}/hf"], [*convert, f"{ro}/ds"], [*export, f"{full}/hf"], [*convert, f"{full}/ds"]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_read_only_and_full_outputs_are_one_line_and_leave_nothing(tmp_path):
+    """A read-only file system (a read-only bind mount: as root, permission bits do not deny) is
+    found before any work (exit 2); a full one (a 96 KB tmpfs) while writing (exit 5)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root to mount a read-only folder and a small tmpfs")
+    from tests.helpers.data import SHIPPED_TOKENIZER, jargon_docs
+    from tests.helpers.glue import make_trainer_checkpoint
+
+    run = make_trainer_checkpoint(tmp_path / "run", step=2, train_seconds=1.0).parent
+    (tmp_path / "corpus.txt").write_text("\n".join(jargon_docs(1000)))
+    ro, full = tmp_path / "ro", tmp_path / "full"
+    ro.mkdir()
+    full.mkdir()
+    (ro / "kept").write_text("x")
+    script = (
+        'mount --bind "$RO" "$RO" && mount -o remount,ro,bind "$RO" && mount -t tmpfs -o size=96k tmpfs "$FULL" '
+        '&& "$@"; rc=$?; ls -A "$FULL" > "$LISTING"; exit $rc'
+    )
+    res = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", sys.executable, "-c", UNWRITABLE]
+        + [str(run), str(ro), str(full), str(tmp_path / "corpus.txt"), str(SHIPPED_TOKENIZER)],
+        cwd=ROOT,
+        env={**env(), "RO": str(ro), "FULL": str(full), "LISTING": str(tmp_path / "listing")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    (code1, err1), (code2, err2), (code3, err3), (code4, err4) = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (code1, err1.strip()) == (
+        2,
+        f"mosaicbert-ds export: error: output folder {ro}/hf is not writable: {ro}: Read-only file system",
+    )
+    assert (code2, err2.strip()) == (
+        2,
+        f"mosaicbert-ds convert: error: --out {ro}/ds is not writable: {ro}: Read-only file system",
+    )
+    for code, err, command, dest in ((code3, err3, "export", "hf"), (code4, err4, "convert", "ds")):
+        assert code == 5 and err.strip().lower().splitlines() == [
+            f"mosaicbert-ds {command}: error: could not write {full}/{dest}: no space left on device; "
+            "nothing there was changed"
+        ], err
+    assert [p.name for p in ro.iterdir()] == ["kept"]
+    assert (tmp_path / "listing").read_text() == ""  # no temporary folder, lock or half-written output left

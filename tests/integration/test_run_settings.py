@@ -111,7 +111,14 @@ def test_deepspeed_config_values_decide_and_conflicts_are_refused(datasets, tmp_
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
         assert len(res.stderr.strip().splitlines()) == 1 and line in last_line(res), res.stderr
     # the same value as the JSON's (weight decay compared in the decoupled convention) is accepted
-    res = pretrain(*tiny_run(datasets[0], tmp_path / "run", *base, "optimizer.lr=5e-4", "optimizer.weight_decay=1e-5"))
+    import json
+
+    from mosaicbert_ds.train.ds_config import build_ds_config
+
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(build_ds_config(global_batch=16, micro_batch=8, world_size=1, lr=5e-4, bf16=False)))
+    agree = ["optimizer.lr=5e-4", "optimizer.weight_decay=1e-5", "batch.global_batch=16"]
+    res = pretrain(*tiny_run(datasets[0], tmp_path / "run", f"deepspeed_config={small}", "--dry-run", *agree))
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (tmp_path / "run").exists(), "a dry run writes nothing"
 

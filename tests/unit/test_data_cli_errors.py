@@ -23,14 +23,14 @@ def tok_dir(tmp_path_factory):
     return tokenizer_dir(tmp_path_factory)
 
 
-def convert_args(tmp_path, tok_dir, *inputs):
+def convert_args(tmp_path, tok_dir, *inputs, out=None):
     return [
         "convert",
         *inputs,
         "--tokenizer",
         tok_dir,
         "--out",
-        tmp_path / "out",
+        out or tmp_path / "out",
         "--quiet",
         "--workers",
         1,
@@ -181,3 +181,63 @@ def test_killed_conversion_leaves_nothing_finished_and_reruns(tmp_path, tok_dir,
     assert read_dataset_info(str(tmp_path / "out"))["documents"] == 200
     assert not (tmp_path / "out.partial").exists()
     assert json.loads((tmp_path / "out" / "mosaicbert_index.json").read_text())["splits"]["train"]["samples"] == 200
+
+
+def test_truncated_gzip_input_is_one_line(tmp_path, tok_dir, capsys):
+    import gzip
+
+    (tmp_path / "corpus.txt.gz").write_bytes(gzip.compress("\n".join(jargon_docs(200)).encode())[:3000])
+    code, _, err = run_cli(convert_args(tmp_path, tok_dir, tmp_path / "corpus.txt.gz"), capsys)
+    assert_user_error(code, err, "corpus.txt.gz cannot be read: it is truncated or corrupt")
+    assert_no_dataset(tmp_path)
+    code, _, err = run_cli(["tokenizer", tmp_path / "corpus.txt.gz", "--out", tmp_path / "tok"], capsys)
+    assert_user_error(code, err, "corpus.txt.gz cannot be read: it is truncated or corrupt", command="tokenizer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt.gz"]
+
+
+def test_output_under_a_regular_file_or_inside_another_output(tmp_path, tok_dir, capsys):
+    from mosaicbert_ds.outputs import output_folder
+
+    write_jsonl(tmp_path / "a.jsonl", jargon_docs(30))
+    (tmp_path / "file").write_text("mine")
+    under = tmp_path / "file" / "out"
+    code, _, err = run_cli(convert_args(tmp_path, tok_dir, tmp_path / "a.jsonl", out=under), capsys)
+    assert_user_error(code, err, f"--out {under} cannot be created: {tmp_path / 'file'} is a file")
+    code, _, err = run_cli(["tokenizer", tmp_path / "a.jsonl", "--out", under], capsys)
+    assert_user_error(code, err, f"output folder {under} cannot be created", command="tokenizer")
+    assert (tmp_path / "file").read_text() == "mine"
+    with output_folder(tmp_path / "hf", "export") as tmp:
+        (tmp / "config.json").write_text("{}")
+    for dest, message in (
+        (tmp_path / "hf", "it is an export"),
+        (tmp_path / "hf" / "data", "it is inside an export"),
+        (tmp_path / "run" / "checkpoints" / "data", "it is inside a checkpoint folder"),
+    ):
+        if "run" in dest.parts:
+            (tmp_path / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "run" / "checkpoints" / "latest").write_text("step_0000001")
+        code, _, err = run_cli(convert_args(tmp_path, tok_dir, tmp_path / "a.jsonl", out=dest), capsys)
+        assert_user_error(code, err, f"refusing to write a dataset into {dest.resolve()}: {message}")
+        code, _, err = run_cli(["tokenizer", tmp_path / "a.jsonl", "--out", dest / "tok"], capsys)
+        assert_user_error(code, err, "refusing to write a tokenizer into", "it is inside", command="tokenizer")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [".mosaicbert-ds-output.json", "config.json"]
+
+
+def test_a_dataset_holding_a_users_file_or_a_foreign_partial_is_not_replaced(tmp_path, tok_dir, capsys):
+    write_jsonl(tmp_path / "a.jsonl", jargon_docs(30))
+    args = convert_args(tmp_path, tok_dir, tmp_path / "a.jsonl")
+    assert run_cli(args, capsys)[0] == 0
+    (tmp_path / "out" / "README.md").write_text("what this dataset is")
+    write_jsonl(tmp_path / "a.jsonl", jargon_docs(31))  # another input: a different dataset
+    code, _, err = run_cli([*args, "--overwrite"], capsys)
+    assert_user_error(code, err, "refusing to replace the dataset", "it holds README.md, which `convert` did not write")
+    assert (tmp_path / "out" / "README.md").is_file() and read_dataset_info(str(tmp_path / "out"))["documents"] == 30
+    (tmp_path / "out" / "README.md").unlink()
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "thesis.tex").write_text("mine")
+    code, _, err = run_cli([*args, "--overwrite"], capsys)
+    assert_user_error(code, err, "out.partial exists and is not an unfinished conversion")
+    assert (tmp_path / "out.partial" / "thesis.tex").read_text() == "mine"
+    (tmp_path / "out.partial" / "thesis.tex").unlink()
+    assert run_cli([*args, "--overwrite"], capsys)[0] == 0
+    assert read_dataset_info(str(tmp_path / "out"))["documents"] == 31

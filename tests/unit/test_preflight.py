@@ -148,3 +148,30 @@ def test_output_folder_is_a_file_or_not_writable(tmp_path):
     finally:
         locked.chmod(0o700)
     assert [p.name for p in locked.iterdir()] == ["kept"]  # the probe file is gone
+
+
+def test_output_folder_is_not_a_dataset_export_or_checkpoint_nor_inside_one(dataset, tmp_path):
+    from mosaicbert_ds.outputs import output_folder
+    from tests.helpers.glue import make_trainer_checkpoint
+
+    with output_folder(tmp_path / "hf", "export") as tmp:
+        (tmp / "config.json").write_text("{}")
+    make_trainer_checkpoint(tmp_path / "run", step=2, train_seconds=1.0)
+    root = tmp_path / "run" / "checkpoints"
+    before = snapshot(tmp_path)
+    for out, message in (
+        (dataset, "it is a dataset"),
+        (dataset / "runs" / "a", "it is inside a dataset"),
+        (tmp_path / "hf", "it is an export"),
+        (tmp_path / "hf" / "run", "it is inside an export"),
+        (root, "it is a checkpoint folder"),
+        (root / "step_0000002", "it is a checkpoint tag"),
+        (root / "step_0000002" / "run", "it is inside a checkpoint tag"),
+        (tmp_path / "run" / "tensorboard", "it is tensorboard/ of the run folder"),
+    ):
+        with pytest.raises(UserError) as err:
+            run_check(dataset, out)
+        assert str(err.value).startswith(f"refusing to write a run into {out.resolve()}: {message}"), err.value
+    assert snapshot(tmp_path) == before
+    run_check(dataset, tmp_path / "run")  # a run folder: the same run again (resume)
+    run_check(dataset, tmp_path / "run" / "sub")  # beside the run's own entries

@@ -3,6 +3,7 @@ divergence counters, durations, the schedule on resume, and folders that are nev
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -115,3 +116,62 @@ def test_glue_folder_swap_never_replaces_a_foreign_folder(tmp_path):
     with pytest.raises(UserError, match="refusing to replace"):
         atomic.replace_dir(third, foreign)
     assert (foreign / "a.txt").read_text() == "keep" and not third.exists()
+
+
+def test_resume_checks_every_weight_shape_and_a_readable_model_config(tmp_path):
+    from mosaicbert_ds import MosaicBertConfig
+    from mosaicbert_ds.train.checkpoint import check_model_matches
+
+    root = tmp_path / "checkpoints"
+    (root / "step_0000004").mkdir(parents=True)
+    saved = MosaicBertConfig.from_name("tiny", vocab_size=2048, position_embedding_type="learned")
+    saved.to_json_file(root / "model_config.json")
+    check_model_matches(root, saved.to_dict())  # the same model: fine
+    longer = MosaicBertConfig.from_name(
+        "tiny", vocab_size=2048, position_embedding_type="learned", max_position_embeddings=1024
+    )
+    with pytest.raises(UserError, match=r"position_embeddings.weight: checkpoint \(512, 64\) vs run \(1024, 64\)"):
+        check_model_matches(root, longer.to_dict())  # would be a size-mismatch RuntimeError in load_checkpoint
+    alibi = MosaicBertConfig.from_name("tiny", vocab_size=2048)
+    alibi.to_json_file(root / "model_config.json")
+    check_model_matches(root, alibi.to_dict() | {"max_position_embeddings": 1024})  # no weight changes: fine
+    saved.to_json_file(root / "model_config.json")
+    other = saved.to_dict() | {"pad_vocab_size_multiple": 64, "vocab_size": 2049}
+    with pytest.raises(UserError, match="vocab_size: checkpoint 2048 vs run 2049"):
+        check_model_matches(root, other)
+    text = (root / "model_config.json").read_text()
+    (root / "model_config.json").write_text(text[:40])
+    with pytest.raises(UserError, match=r"model_config.json is not readable JSON \(.*\); restore it"):
+        check_model_matches(root, saved.to_dict())
+    (root / "model_config.json").unlink()
+    with pytest.raises(UserError, match=f"checkpoint folder {root} has no model_config.json"):
+        check_model_matches(root, saved.to_dict())
+    check_model_matches(tmp_path / "fresh", saved.to_dict())  # no checkpoints at all: nothing to match
+
+
+def test_a_tag_is_a_name_inside_the_checkpoint_folder(tmp_path):
+    from mosaicbert_ds.train.checkpoint import resolve_tag
+
+    (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
+    for tag in ("../../../../../etc", "/etc", "..", ".", "step_0000001/../step_0000001"):
+        with pytest.raises(UserError, match=f"checkpoint tag {re.escape(repr(tag))} is not the name of a folder in"):
+            resolve_tag(tmp_path / "checkpoints", tag)
+    with pytest.raises(UserError, match="step_0000001 is not complete: no complete.json"):
+        resolve_tag(tmp_path / "checkpoints", "step_0000001")
+
+
+def test_quickstart_keeps_a_run_folder_holding_the_users_files(tmp_path):
+    from mosaicbert_ds.quickstart import start_over
+
+    run = tmp_path / "pretrain"
+    start_over(run)
+    for name in ("metrics.jsonl", "run_config.json"):
+        (run / name).write_text("{}\n")
+    (run / "checkpoints").mkdir()
+    (run / "NOTES.md").write_text("what I tried")
+    with pytest.raises(UserError, match="it holds NOTES.md, which the quickstart did not write"):
+        start_over(run)
+    assert (run / "NOTES.md").read_text() == "what I tried" and (run / "metrics.jsonl").is_file()
+    (run / "NOTES.md").unlink()
+    start_over(run)  # only what a run writes: replaced
+    assert [p.name for p in run.iterdir()] == [".mosaicbert-ds-output.json"]
