@@ -34,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import UserError
-from . import atomic
+from ..outputs import atomic_write_json, atomic_write_text
 from .data import Examples, load_split, tokenize
 from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir
 from .report import summarize, to_markdown
@@ -259,7 +259,7 @@ def finetune_glue(
     try:
         model_dir, tok = _prepare_model(model, out, Path(tokenizer) if tokenizer else None, rt)
         if rt.is_main:
-            atomic.write_json(out / RUN_FILE, meta)
+            atomic_write_json(out / RUN_FILE, meta)
 
         results: dict[str, list[dict[str, Any]]] = {}
         for name, plan in plans.items():
@@ -391,7 +391,7 @@ def _write_reports(
 ) -> dict[str, Any]:
     summary = summarize(results, meta)
     if rt.is_main:
-        atomic.write_json(out / "results.json", summary)
-        atomic.write_text(out / "results.md", to_markdown(summary))
+        atomic_write_json(out / "results.json", summary)
+        atomic_write_text(out / "results.md", to_markdown(summary))
     rt.barrier()
     return summary

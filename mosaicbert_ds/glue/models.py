@@ -18,7 +18,6 @@ random (another architecture's names, a partial state dict) is refused with one 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ import mosaicbert_ds  # noqa: F401  (registers MosaicBERT with the Auto classes)
 from mosaicbert_ds.model import MosaicBertPreTrainedModel
 
 from ..errors import UserError
-from . import atomic
 from .tasks import Task
 
 EXPORT_DIR = "pretrained"
@@ -84,13 +82,7 @@ def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
         except ImportError as err:
             raise UserError(f"{path} is a trainer checkpoint but the exporter is unavailable ({err})") from None
         root, tag = found
-        tmp = atomic.tmp_dir_for(target)
-        tmp.rmdir()  # the exporter creates its own folder
-        try:
-            exported = export_checkpoint(root, tmp, tag=tag) if tag else export_checkpoint(root, tmp)
-            atomic.replace_dir(Path(exported), target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        export_checkpoint(root, target, tag=tag)  # written beside `target`, then swapped in whole
     return target
 
 

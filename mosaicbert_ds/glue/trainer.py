@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
 from ..flops import mfu, paper_flops_per_token, peak_flops
+from ..outputs import atomic_torch_save, atomic_write_json, output_folder
 from ..train.checkpoint import rng_state, set_rng_state
 from ..train.schedule import WarmupLinearDecay
-from . import atomic
 from .data import Tokenized
 from .metrics import predictions, task_metrics
 from .models import load_for_task, uses_packed_batches
@@ -41,6 +41,8 @@ from .tasks import Hparams, Task
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
+MODEL_KIND = "glue-model"
+"""The output kind of an MNLI model folder (outputs.output_folder)."""
 
 
 @dataclass
@@ -175,7 +177,7 @@ def run_seed(
     def save_state() -> None:
         rngs = rt.all_gather(rng_state())
         if rt.is_main:
-            atomic.torch_save(
+            atomic_torch_save(
                 {
                     "signature": signature,
                     "step": step,
@@ -239,11 +241,9 @@ def run_seed(
         eval_loss[split], eval_examples[split] = loss_mean, len(data)
 
     if save_model and rt.is_main:
-        target = run.out_dir / MODEL_DIR
-        tmp = atomic.tmp_dir_for(target)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        atomic.replace_dir(tmp, target)
+        with output_folder(run.out_dir / MODEL_DIR, MODEL_KIND) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
     result = {
         "task": task.name,
         "seed": run.seed,
@@ -266,7 +266,7 @@ def run_seed(
         "init": str(run.init_dir),
     }
     if rt.is_main:
-        atomic.write_json(run.out_dir / RESULT_FILE, result)
+        atomic_write_json(run.out_dir / RESULT_FILE, result)
         state_path.unlink(missing_ok=True)
     rt.barrier()
     return result
