@@ -20,12 +20,7 @@ match them and are chosen only when `fused` is True and the tensors live on a CU
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,33 +29,6 @@ import torch.nn.functional as F
 
 def _gelu_approximate(act: str) -> str:
     return "tanh" if act == "gelu_tanh" else "none"
-
-
-class _SourceTreePackages(importlib.abc.MetaPathFinder):
-    """Run from a source checkout without installing (PYTHONPATH=<repo>), the repo's kernels/ and
-    benchmarks/ folders sit beside the package rather than inside it: this finds them under their
-    installed names, mosaicbert_ds.kernels and mosaicbert_ds.benchmarks, so that the kernels are
-    never imported as a top-level `kernels` and `mosaicbert-ds bench` works from the checkout."""
-
-    root = Path(__file__).resolve().parent.parent
-    folders = {"mosaicbert_ds.kernels": "kernels", "mosaicbert_ds.benchmarks": "benchmarks"}
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name not in self.folders:
-            return None
-        source = self.root / self.folders[name] / "__init__.py"
-        return importlib.util.spec_from_file_location(name, source, submodule_search_locations=[str(source.parent)])
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:  # a copy of this file in an exported model folder: no mosaicbert_ds at all
-        return True
-
-
-if (_SourceTreePackages.root / "kernels" / "__init__.py").is_file() and not _installed("mosaicbert_ds.kernels"):
-    sys.meta_path.append(_SourceTreePackages())
 
 
 @functools.cache
