@@ -130,14 +130,19 @@ def as_float(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against a field's type (bool, int, float, str, tuple, dict, or X | None)."""
-    args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise UserError(f"{where} may not be empty")
-    base = next(a for a in args if a is not type(None))
+_KINDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    tuple: "a list of numbers",
+    dict: "a mapping",
+}
+_NO = object()
+
+
+def _coerce_to(value: Any, base: type) -> Any:
+    """`value` as `base`, or _NO."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if base is bool and isinstance(value, bool):
         return value
@@ -162,15 +167,22 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return tuple(float(v) for v in numbers)
     if base is dict and isinstance(value, dict):
         return value
-    kind = {
-        bool: "true or false",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        tuple: "a list of numbers",
-        dict: "a mapping",
-    }[base]
-    raise UserError(f"{where} must be {kind}, got {value!r}")
+    return _NO
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a field's type: bool, int, float, str, tuple (of numbers), dict, or a
+    union of them with or without None (the first that fits, in the order written)."""
+    args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise UserError(f"{where} may not be empty")
+    bases = [a for a in args if a is not type(None)]
+    for base in bases:
+        if (result := _coerce_to(value, base)) is not _NO:
+            return result
+    raise UserError(f"{where} must be {' or '.join(_KINDS[b] for b in bases)}, got {value!r}")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "", root: str = "the run file") -> Any:

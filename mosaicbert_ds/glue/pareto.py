@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -36,7 +37,8 @@ import torch
 
 from ..errors import UserError
 from ..outputs import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .finetune import add_finetune_options, finetune_glue, finetune_options
+from .finetune import finetune_glue
+from .finetune_config import FinetuneConfig, add_finetune_options, load_finetune_config
 from .models import TRAINER_STATE, trainer_checkpoint
 from .runtime import Runtime, setup_runtime
 
@@ -249,9 +251,11 @@ def main(args: argparse.Namespace) -> int:
     entries = resolve_entries(args.listing, args.metrics)
     out = Path(args.out)
     needs_training = args.finetune and any(not e["results"] for e in entries)
-    rt = setup_runtime(args.device) if needs_training else Runtime(torch.device("cpu"))
+    # the finetuning settings every entry shares (model and out are each entry's own)
+    settings = load_finetune_config(args.overrides, args) if needs_training else None
+    rt = setup_runtime(settings.run.device) if settings else Runtime(torch.device("cpu"))
     try:
-        points = [_point(e, _summary(e, out / e["label"], args, rt)) for e in entries]
+        points = [_point(e, _summary(e, out / e["label"], settings, rt)) for e in entries]
     finally:
         rt.close()
     if rt.is_main:
@@ -264,14 +268,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(entry: dict[str, Any], folder: Path, args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
-    """The entry's results.json content: given, already in `folder`, or made by finetuning now."""
+def _summary(entry: dict[str, Any], folder: Path, settings: FinetuneConfig | None, rt: Runtime) -> dict[str, Any]:
+    """The entry's results.json content: given, already in `folder`, or made by finetuning now
+    (`settings`; None with --no-finetune)."""
     if entry["results"]:
         return json.loads(Path(entry["results"]).read_text(encoding="utf-8"))
-    if not args.finetune:
+    if settings is None:
         if not (folder / "results.json").is_file():
             raise UserError(f"{entry['label']}: no {folder / 'results.json'} (run without --no-finetune)")
         return json.loads((folder / "results.json").read_text(encoding="utf-8"))
     if rt.is_main:
         print(f"== {entry['label']} ({entry['hours']:.3g} h): {entry['path']}", file=sys.stderr)
-    return finetune_glue(Path(entry["path"]), folder, runtime=rt, **finetune_options(args))["summary"]
+    cfg = dataclasses.replace(settings, model=entry["path"], out=str(folder))
+    return finetune_glue(cfg, runtime=rt)["summary"]
