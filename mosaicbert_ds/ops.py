@@ -1,7 +1,7 @@
 """Elementwise pieces of a layer, with a fused Triton path on CUDA and PyTorch elsewhere.
 
 geglu(h, p):                       h (..., 2*ff) -> Dropout_p(GELU(h[..., :ff]) * h[..., ff:])
-dropout_add_layer_norm(x, r, ln):  LayerNorm(Dropout(x) + r)
+dropout_add_layer_norm(x, r, ln):  LayerNorm(Dropout(x + linear_bias) + r), linear_bias optional
 linear_dropout_add_layer_norm(h, linear, r, ln):
                                    LayerNorm(Dropout(linear(h)) + r); fused, the linear's bias is
                                    added inside the LayerNorm kernel, whose backward then also
@@ -110,9 +110,10 @@ def dropout_add_layer_norm(
     training: bool,
     fused: bool = False,
     residual_sink: _Box | None = None,
+    linear_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(Dropout(x) + residual): the end of each post-LN sublayer. residual_sink: see
-    ResidualSplit (used by the fused kernel only)."""
+    """LayerNorm(Dropout(x + linear_bias) + residual): the end of each post-LN sublayer.
+    residual_sink: see ResidualSplit (used by the fused kernel only)."""
     if (k := kernels_for(x, fused)) is not None:
         return k.dropout_add_layer_norm(
             x,
@@ -122,8 +123,11 @@ def dropout_add_layer_norm(
             ln.eps,
             p if training else 0.0,
             low_precision=ln.low_precision,
+            linear_bias=linear_bias,
             residual_sink=residual_sink,
         )
+    if linear_bias is not None:
+        x = x + linear_bias
     return ln(F.dropout(x, p=p, training=training) + residual)
 
 
@@ -137,19 +141,11 @@ def linear_dropout_add_layer_norm(
     fused: bool = False,
     residual_sink: _Box | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer."""
-    if linear.bias is not None and (k := kernels_for(h, fused)) is not None:
-        return k.dropout_add_layer_norm(
-            _Linear.apply(h, linear.weight, None, None),
-            residual,
-            ln.weight,
-            ln.bias,
-            ln.eps,
-            p if training else 0.0,
-            low_precision=ln.low_precision,
-            linear_bias=linear.bias,
-            residual_sink=residual_sink,
-        )
+    """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer. Fused,
+    the linear's bias is added inside the LayerNorm kernel (its gradient comes from that backward)."""
+    if linear.bias is not None and kernels_for(h, fused) is not None:
+        x = _Linear.apply(h, linear.weight, None, None)
+        return dropout_add_layer_norm(x, residual, ln, p, training, fused, residual_sink, linear_bias=linear.bias)
     return dropout_add_layer_norm(linear(h), residual, ln, p, training, fused, residual_sink)
 
 
