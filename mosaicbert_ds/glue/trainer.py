@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..batch import to_device
 from ..errors import UserError
 from ..flops import mfu, paper_flops_per_token, peak_flops
 from ..outputs import atomic_torch_save, atomic_write_json, output_folder
@@ -94,10 +95,6 @@ def batch_indices(step: int, per_epoch: int, seed: int, n: int, batch_size: int)
     return order[pos * batch_size : (pos + 1) * batch_size]
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, data: Tokenized, rt: Runtime, batch_size: int, pad_id: int
@@ -112,7 +109,7 @@ def evaluate(
     for start in range(lo, hi, batch_size):
         idx = np.arange(start, min(start + batch_size, hi))
         with rt.autocast():
-            out = model(**_to_device(data.batch(idx, packed, pad_id), rt.device))
+            out = model(**to_device(data.batch(idx, packed, pad_id), rt.device))
         logits.append(out.logits.float().cpu().numpy())
         loss_sum += float(out.loss) * len(idx)
     model.train(was_training)
@@ -208,7 +205,7 @@ def run_seed(
         idx = batch_indices(step, per_epoch, run.seed, len(train), hp.batch_size)[rt.rank :: rt.world_size]
         tokens += int(lengths[idx].sum())
         with rt.autocast():
-            loss = net(**_to_device(train.batch(idx, packed, pad_id), rt.device)).loss
+            loss = net(**to_device(train.batch(idx, packed, pad_id), rt.device)).loss
         loss.backward()
         if hp.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
