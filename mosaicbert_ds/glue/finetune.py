@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..outputs import atomic_write_json, atomic_write_text
 from .data import Examples, load_split, tokenize
 from .finetune_config import FinetuneConfig, add_finetune_options, load_finetune_config
-from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir
+from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir, trainer_state
 from .report import summarize, to_markdown
 from .runtime import Runtime, setup_runtime
 from .tasks import TASKS, Hparams, Task
@@ -197,19 +197,8 @@ def finetune_glue(cfg: FinetuneConfig, hooks: Hooks | None = None, runtime: Runt
 
 def _pretrain_seconds(model: Path) -> float | None:
     """Training seconds of a trainer checkpoint (its trainer_state.json), for the results table."""
-    from .models import TRAINER_STATE, trainer_checkpoint
-
-    found = trainer_checkpoint(model)
-    if found is None:
-        return None
-    root, tag = found
-    if tag is None:
-        tag = (root / "latest").read_text().strip()
-    state = root / tag / TRAINER_STATE
-    try:
-        return float(json.loads(state.read_text())["train_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    seconds = trainer_state(model).get("train_seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
 def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) -> tuple[Path, Any]:

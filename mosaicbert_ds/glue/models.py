@@ -17,6 +17,7 @@ random (another architecture's names, a partial state dict) is refused with one 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,21 @@ def trainer_checkpoint(path: Path) -> tuple[Path, str | None] | None:
 
 def is_trainer_checkpoint(path: Path) -> bool:
     return trainer_checkpoint(path) is not None
+
+
+def trainer_state(path: Path | None) -> dict[str, Any]:
+    """The trainer's record of a checkpoint (trainer_state.json: step, train_seconds, ...), or {}
+    for a folder that is not a trainer checkpoint or whose record cannot be read."""
+    found = trainer_checkpoint(path) if path is not None else None
+    if found is None:
+        return {}
+    root, tag = found
+    try:
+        tag = tag or (root / "latest").read_text(encoding="utf-8").strip()
+        state = json.loads((root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:

@@ -39,7 +39,7 @@ from ..errors import UserError
 from ..outputs import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .finetune import finetune_glue
 from .finetune_config import FinetuneConfig, add_finetune_options, load_finetune_config
-from .models import TRAINER_STATE, trainer_checkpoint
+from .models import trainer_state
 from .runtime import Runtime, setup_runtime
 
 STEP_KEYS = ("step", "global_step", "trainer/step", "train/step")
@@ -131,19 +131,6 @@ def _clock_records(path: Path) -> list[tuple[int, float]]:
     return sorted(records)
 
 
-def _trainer_state(path: Path | None) -> dict[str, Any]:
-    """The trainer's own record of a checkpoint (step, train_seconds), or {} for other folders."""
-    found = trainer_checkpoint(path) if path is not None else None
-    if found is None:
-        return {}
-    root, tag = found
-    tag = tag or (root / "latest").read_text(encoding="utf-8").strip()
-    try:
-        return json.loads((root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _number(value: Any, what: str, where: str) -> float:
     try:
         return float(value)
@@ -166,7 +153,7 @@ def resolve_entries(listing: Path, metrics: Path | None) -> list[dict[str, Any]]
             raise UserError(f"{where}: results {results} does not exist")
         if results is None and not path.exists():
             raise UserError(f"{where}: checkpoint {path} does not exist")
-        state = _trainer_state(path)
+        state = trainer_state(path)
         if row.get("hours") is not None:
             hours = _number(row["hours"], "hours", where)
         elif isinstance(state.get("train_seconds"), (int, float)) and row.get("step") is None:
