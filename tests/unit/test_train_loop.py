@@ -36,14 +36,6 @@ CONFIG = MosaicBertConfig.from_name("tiny", vocab_size=512, hidden_dropout_prob=
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def one_rank() -> None:
-    """The process group `pretrain` starts on a CPU: one gloo rank."""
-    from mosaicbert_ds.train.distributed import init_distributed
-
-    init_distributed()
-
-
 def engine_for(micro_batch: int) -> object:
     """A fresh engine with global batch 4: micro batch 2 accumulates two micro batches, 4 none."""
     from mosaicbert_ds.train.engine import build_engine
@@ -71,7 +63,7 @@ def joined(a: PackedBatch, b: PackedBatch) -> PackedBatch:
     }
 
 
-def test_two_micro_batches_step_like_one_micro_batch_of_both(one_rank) -> None:
+def test_two_micro_batches_step_like_one_micro_batch_of_both(one_gloo_rank) -> None:
     """The step's gradient is that of the mean over every masked token, however the global batch
     is split into micro batches: each micro batch's loss is weighted by its share of them."""
     a, b = two_micro_batches()
@@ -97,7 +89,7 @@ def test_two_micro_batches_step_like_one_micro_batch_of_both(one_rank) -> None:
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_interval_close_logs_the_window_and_decides_eval_checkpoint_and_budget(one_rank, tmp_path: Path) -> None:
+def test_interval_close_logs_the_window_and_decides_eval_checkpoint_and_budget(one_gloo_rank, tmp_path: Path) -> None:
     engine = engine_for(micro_batch=2)
     cfg = RunConfig()
     cfg.eval.interval_seconds, cfg.checkpoint.interval_seconds, cfg.duration.train_seconds = 100.0, 1000.0, 250.0
@@ -170,7 +162,7 @@ def test_checkpoint_and_eval_points() -> None:
     assert not any(off.due(s, last, timed) for s in (2, 3) for last in (False, True) for timed in (False, True))
 
 
-def test_all_reduce_named_on_one_rank(one_rank) -> None:
+def test_all_reduce_named_on_one_rank(one_gloo_rank) -> None:
     sums, rows = all_reduce_named({"loss": torch.tensor(2.5), "tokens": 7}, {"health": torch.tensor([1.0, 0.0])})
     assert sums == {"loss": 2.5, "tokens": 7.0} and rows == {"health": [[1.0, 0.0]]}
 
