@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mosaicbert_ds.batch import to_device  # noqa: F401  (re-exported for the benchmarks)
 from mosaicbert_ds.padding import cu_seqlens_from_lengths
-from mosaicbert_ds.train.step import to_device  # noqa: F401  (re-exported for the benchmarks)
 
 
 @dataclass(frozen=True)

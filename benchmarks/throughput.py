@@ -35,35 +35,21 @@ from .provenance import write_result
 from .step import time_steps
 from .synthetic import PRETRAIN, make_batch, to_device
 
-# Figure 4 of the paper: each row adds one MosaicBERT change to BERT-Base.
-ABLATIONS: list[tuple[str, dict[str, Any]]] = [
+# Figure 4 of the paper: each row adds one MosaicBERT change to the rows above it, from BERT-Base.
+_ABLATION_STEPS: list[tuple[str, dict[str, Any]]] = [
     ("BERT-Base", {}),
     ("+ attention dropout 0", dict(attention_probs_dropout_prob=0.0)),
-    ("+ GLU", dict(attention_probs_dropout_prob=0.0, mlp_type="glu")),
-    ("+ low-precision LayerNorm", dict(attention_probs_dropout_prob=0.0, mlp_type="glu", low_precision_layernorm=True)),
-    ("+ unpadding", dict(attention_probs_dropout_prob=0.0, mlp_type="glu", low_precision_layernorm=True, unpad=True)),
-    (
-        "+ ALiBi / flash",
-        dict(
-            attention_probs_dropout_prob=0.0,
-            mlp_type="glu",
-            low_precision_layernorm=True,
-            unpad=True,
-            position_embedding_type="alibi",
-        ),
-    ),
-    (
-        "MosaicBERT-Base (+ vocab 30528)",
-        dict(
-            attention_probs_dropout_prob=0.0,
-            mlp_type="glu",
-            low_precision_layernorm=True,
-            unpad=True,
-            position_embedding_type="alibi",
-            pad_vocab_size_multiple=64,
-        ),
-    ),
+    ("+ GLU", dict(mlp_type="glu")),
+    ("+ low-precision LayerNorm", dict(low_precision_layernorm=True)),
+    ("+ unpadding", dict(unpad=True)),
+    ("+ ALiBi / flash", dict(position_embedding_type="alibi")),
+    ("MosaicBERT-Base (+ vocab 30528)", dict(pad_vocab_size_multiple=64)),
 ]
+ABLATIONS: list[tuple[str, dict[str, Any]]] = [
+    (name, {k: v for _, change in _ABLATION_STEPS[: i + 1] for k, v in change.items()})
+    for i, (name, _) in enumerate(_ABLATION_STEPS)
+]
+"""(row name, the overrides of the bert-base preset that give it)."""
 
 
 # Trainer variants compared by --overhead: (ds_config additions, build_engine's batched_optimizer,
@@ -154,32 +140,9 @@ def bare_step(
 ) -> dict[str, Any]:
     """The same model and batches without DeepSpeed: autocast bf16 + torch fused AdamW; with `graphs`,
     bf16 weights with fp32 master weights (the trainer's precision) and CUDA-graph replays."""
-    model = MosaicBertForMaskedLM(config)
-    data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i) for i in range(6)]
-    seconds, mem = time_steps(
-        model,
-        [to_device(d["packed"], torch.device("cuda")) for d in data],
-        warmup,
-        steps,
-        accum,
-        master_weights=graphs,
-        graphs=graphs,
-    )
-    seconds *= accum  # per optimizer step
-    tokens = sum(d["tokens"] for d in data) / len(data)
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
-    torch.cuda.empty_cache()
-    return {
-        "name": f"bare step (no DeepSpeed) @{micro}",
-        "micro_batch": micro,
-        "accumulation": accum,
-        "params": n_params,
-        "real_tokens_per_sec": tokens * accum / seconds,
-        "step_time_sec": seconds,
-        "peak_mem_gib": mem,
-        "mfu": mfu(paper_flops_per_token(n_params) * tokens * accum / seconds, 1, peak_flops()),
-    }
+    name = f"bare step (no DeepSpeed) @{micro}"
+    timing = dict(master_weights=graphs, graphs=graphs)
+    return _timed_row(name, MosaicBertForMaskedLM(config), "packed", micro, warmup, steps, accum, **timing)
 
 
 def hf_bert_step(micro: int, warmup: int, steps: int) -> dict[str, Any]:
@@ -187,17 +150,27 @@ def hf_bert_step(micro: int, warmup: int, steps: int) -> dict[str, Any]:
     same batches: the baseline at this micro batch."""
     from .step import hf_bert
 
-    model = hf_bert(True)
+    return _timed_row(f"compiled HF BERT @{micro}", hf_bert(True), "padded", micro, warmup, steps)
+
+
+def _timed_row(
+    name: str, model: torch.nn.Module, layout: str, micro: int, warmup: int, steps: int, accum: int = 1, **timing: bool
+) -> dict[str, Any]:
+    """One row of the table: `model` timed by benchmarks.step.time_steps on six synthetic batches in
+    `layout` ("packed" or "padded"), an optimizer step every `accum` of them. Pass the only
+    reference to the model: it is freed before the row is returned."""
     data = [make_batch(PRETRAIN, micro, vocab=30522, seed=i) for i in range(6)]
-    seconds, mem = time_steps(model, [to_device(d["padded"], torch.device("cuda")) for d in data], warmup, steps)
-    tokens = sum(d["tokens"] for d in data) / len(data)
+    batches = [to_device(d[layout], torch.device("cuda")) for d in data]
+    seconds, mem = time_steps(model, batches, warmup, steps, accum, **timing)
+    seconds *= accum  # per optimizer step
+    tokens = accum * sum(d["tokens"] for d in data) / len(data)  # per optimizer step
     n_params = sum(p.numel() for p in model.parameters())
-    del model
+    del model, batches
     torch.cuda.empty_cache()
     return {
-        "name": f"compiled HF BERT @{micro}",
+        "name": name,
         "micro_batch": micro,
-        "accumulation": 1,
+        "accumulation": accum,
         "params": n_params,
         "real_tokens_per_sec": tokens / seconds,
         "step_time_sec": seconds,

@@ -29,16 +29,14 @@ Algorithm
     to take the first); under TRITON_INTERPRET=1 the first candidate is used.
 Tested
     Triton's interpreter on CPU (triton 3.6 and 3.8, tests/kernels/test_kernels.py); compiled on one
-    NVIDIA H200 (triton 3.6, torch 2.11): every candidate configuration against float64, and
-    benchmarks/attention.py. H200, 12 heads x 64, bf16, 32k tokens, fwd+bwd GPU time (graph
-    replay): 0.28-0.29 ms at max_seqlen 128 (SDPA + bias 0.52), 0.84 ms at 512, 2.7 ms at 2048;
-    forward 348 TFLOP/s at 2048.
+    NVIDIA H200 (triton 3.6, torch 2.11): every candidate configuration against float64, and timed
+    by benchmarks/attention.py (figures in docs/kernels.md).
 Known risks
     A max_seqlen below a real length silently leaves rows unwritten. Atomic dQ is not bitwise
     deterministic. Tuning runs the kernels several times on first use of a bucket (warm up
-    before capturing a CUDA graph). At 128 tokens the eager call is bound by host overhead
-    (Python, Triton's launcher, the autograd engine: about 0.7 ms per fwd+bwd on the H200's
-    host against 0.3 ms of GPU time); in a full training step the host runs ahead and hides it.
+    before capturing a CUDA graph). At short lengths (128 tokens) an eager call is bound by host
+    overhead (Python, Triton's launcher, the autograd engine) rather than GPU time; in a full
+    training step the host runs ahead and hides it.
 """
 
 from __future__ import annotations
@@ -499,9 +497,8 @@ def fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
     """Forward configurations worth timing for one length bucket; the first is the default.
 
     Kept from sm_90 compiles without heavy spills (ptxas reports) and from timings on an H200
-    (triton 3.6, 12 heads x 64, ALiBi, 32k tokens): up to 128 tokens 4-warp programs (two resident
-    per SM) were fastest, (64, 32) with 3 stages 0.082 ms (2 stages 0.091); at 2048, (128, 64) with
-    8 warps, 0.59 ms.
+    (docs/kernels.md, "Tuning candidates"): up to 128 tokens 4-warp programs (two resident per SM),
+    longer buckets 128-row blocks.
     """
     if head_dim == 128:
         return [FwdConfig(128, 32, 8, 2), FwdConfig(64, 64, 8, 2)]
@@ -522,9 +519,9 @@ def fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
 def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
     """Backward configurations worth timing for one length bucket; the first is the default.
 
-    Up to 128 tokens a sequence fits one key block and dQ is stored directly ("store"; H200:
-    (32, 128) with 4 warps and 3 stages 0.21 ms, 2 stages 0.22, 8 warps 0.31 ms). Beyond, the separate dQ
-    kernel (2.13 ms at 2048 tokens) edged out fp32 atomics (2.22 ms) on the H200.
+    Up to 128 tokens a sequence fits one key block and dQ is stored directly ("store"). Beyond,
+    the separate dQ kernel comes first and fp32 atomics are the alternative (timings on an H200:
+    docs/kernels.md, "Tuning candidates").
     """
     if head_dim == 128:
         if bucket <= 64:

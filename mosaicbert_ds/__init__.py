@@ -1,13 +1,19 @@
 """mosaicbert_ds: MosaicBERT pretraining on DeepSpeed.
 
 Importing the package registers the model with transformers' Auto classes, so that
-`AutoModelForMaskedLM.from_pretrained(dir)` loads a saved MosaicBERT without trust_remote_code.
+`AutoModelForMaskedLM.from_pretrained(dir)` loads a saved MosaicBERT without trust_remote_code,
+and, in a source checkout that is not installed, makes the top-level kernels/ and benchmarks/
+folders importable as mosaicbert_ds.kernels and mosaicbert_ds.benchmarks (source_checkout.py).
 """
 # ruff: noqa: E402  (the stop-signal recorder is installed before the heavy imports)
 
 from .train.stops import record_early  # stdlib only: runs before the heavy imports below
 
 record_early()
+
+from .source_checkout import map_source_folders  # stdlib only
+
+map_source_folders()  # a checkout run without installing: mosaicbert_ds.kernels is kernels/
 
 from transformers import (
     AutoConfig,

@@ -26,7 +26,8 @@ the device.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 import torch
 from typing_extensions import NotRequired
@@ -57,3 +58,8 @@ MLMBatch = PackedBatch | PaddedBatch
 
 def is_packed(batch: MLMBatch) -> bool:
     return "cu_seqlens" in batch
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device` (copied without waiting); other values as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

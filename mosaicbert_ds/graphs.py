@@ -1,7 +1,7 @@
-"""CUDA graphs for the packed MLM training step: the host issues one replay instead of ~5000 ops.
+"""CUDA graphs for the packed MLM training step: the host issues one replay instead of every op.
 
-At batch 256 x 128 a MosaicBERT-Base step takes the host about as long to issue as the GPU takes
-to run it, and on shorter batches (finetuning-like lengths) the host alone sets the pace.
+An eager step is as fast as the host issues its kernels; graphs pay where the host is the limit
+(small micro batches, short sequences). Measurements: docs/performance.md, "CUDA graphs".
 `GraphedMLMStep` captures forward + backward once per batch shape and replays it.
 
 Shapes are made static by bucketing (`pad_packed`): the token count is padded up to the next
@@ -83,7 +83,7 @@ class GraphedMLMStep:
     `.grad` tensor would leave the graphs writing into a stale one, so that is checked and refused.
     With accumulate=False each call's gradients replace the last ones instead: every parameter's
     `.grad` becomes the graph's own output tensor, valid until the next call, with no add and no
-    zeroing (0.3 ms of a 49 ms MosaicBERT-Base step on an H200). That suits an optimizer step after
+    zeroing (docs/performance.md gives what that saves). That suits an optimizer step after
     every call. Each bucket then keeps its own gradient tensors (the parameters' size once more per
     bucket). With accumulate=[targets] (one tensor or None per trainable parameter, in
     `named_parameters` order) the graph adds each gradient into its target instead, inside the

@@ -268,51 +268,61 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
     ) -> Encoded:
-        """Run embeddings and layers; see `Encoded` for the layout of the result."""
-        enc = self._encode(
-            input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, [] if output_hidden_states else None
-        )
-        return enc
+        """Run embeddings and layers; see `Encoded` for the layout of the result.
+        output_hidden_states None: the config's choice."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        keep: list[torch.Tensor] | None = [] if output_hidden_states else None
+        if cu_seqlens is not None:
+            return self._encode_packed(input_ids, token_type_ids, cu_seqlens, max_seqlen, keep)
+        return self._encode_padded(input_ids, attention_mask, token_type_ids, keep)
 
-    def _encode(
+    def _encode_packed(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None,
+        keep: list[torch.Tensor] | None,
+    ) -> Encoded:
+        """An already unpadded batch: input_ids (T,), cu_seqlens (B + 1,)."""
+        if input_ids.dim() != 1:
+            raise ValueError("with cu_seqlens, input_ids must be the flat (total_tokens,) stream")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+        total = input_ids.shape[0]
+        positions = (
+            positions_from_cu_seqlens(cu_seqlens, total)
+            if self.embeddings.position_embeddings is not None or not self.config.unpad
+            else None
+        )
+        x = self.embeddings(input_ids, token_type_ids, positions)
+        if self.config.unpad:
+            return Encoded(self._run(x, Packing(cu_seqlens, max_seqlen), keep), None, cu_seqlens, None, keep)
+        # unpad=False ablation on a packed batch: pad once, run padded, repack.
+        batch = cu_seqlens.shape[0] - 1
+        seq_idx = torch.repeat_interleave(
+            torch.arange(batch, device=x.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=total
+        )
+        idx = seq_idx * max_seqlen + positions
+        mask = torch.zeros(batch * max_seqlen, dtype=torch.long, device=x.device)
+        mask[idx] = 1
+        mask = mask.view(batch, max_seqlen)
+        h = self._run(pad_output(x, idx, batch, max_seqlen), Packing(bias=self._padded_bias(mask, x.dtype)), keep)
+        if keep is not None:
+            keep[:] = [t.flatten(0, 1)[idx] for t in keep]
+        return Encoded(h.flatten(0, 1)[idx], None, cu_seqlens, None, keep)
+
+    def _encode_padded(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None,
-        cu_seqlens: torch.Tensor | None,
-        max_seqlen: int | None,
         keep: list[torch.Tensor] | None,
     ) -> Encoded:
-        if cu_seqlens is not None:  # already unpadded
-            if input_ids.dim() != 1:
-                raise ValueError("with cu_seqlens, input_ids must be the flat (total_tokens,) stream")
-            if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-            total = input_ids.shape[0]
-            positions = (
-                positions_from_cu_seqlens(cu_seqlens, total)
-                if self.embeddings.position_embeddings is not None or not self.config.unpad
-                else None
-            )
-            x = self.embeddings(input_ids, token_type_ids, positions)
-            if self.config.unpad:
-                return Encoded(self._run(x, Packing(cu_seqlens, max_seqlen), keep), None, cu_seqlens, None, keep)
-            # unpad=False ablation on a packed batch: pad once, run padded, repack.
-            batch = cu_seqlens.shape[0] - 1
-            seq_idx = torch.repeat_interleave(
-                torch.arange(batch, device=x.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=total
-            )
-            idx = seq_idx * max_seqlen + positions
-            mask = torch.zeros(batch * max_seqlen, dtype=torch.long, device=x.device)
-            mask[idx] = 1
-            mask = mask.view(batch, max_seqlen)
-            h = self._run(pad_output(x, idx, batch, max_seqlen), Packing(bias=self._padded_bias(mask, x.dtype)), keep)
-            if keep is not None:
-                keep[:] = [t.flatten(0, 1)[idx] for t in keep]
-            return Encoded(h.flatten(0, 1)[idx], None, cu_seqlens, None, keep)
-
+        """A padded batch: input_ids (B, L), unpadded once here when config.unpad."""
         if input_ids.dim() != 2:
             raise ValueError("padded input_ids must be (batch, seq_len); pass cu_seqlens for a flat batch")
         batch, seqlen = input_ids.shape
@@ -364,23 +374,12 @@ class MosaicBertModel(MosaicBertPreTrainedModel):
         return_dict: bool | None = None,
         **_: object,
     ) -> BaseModelOutputWithPooling:
-        enc = self.encode(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            cu_seqlens,
-            max_seqlen,
-            _hidden_states_wanted(self.config, output_hidden_states),
-        )
+        enc = self.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, output_hidden_states)
         hidden = enc.repad(enc.hidden)  # padded input: padded output, re-padded once here
         pooled = self.pool(enc) if self.pooler is not None else None
         return BaseModelOutputWithPooling(
             last_hidden_state=hidden, pooler_output=pooled, hidden_states=enc.hidden_states()
         )
-
-
-def _hidden_states_wanted(config: MosaicBertConfig, flag: bool | None) -> bool:
-    return bool(config.output_hidden_states if flag is None else flag)
 
 
 class MosaicBertLMHead(nn.Module):
@@ -433,14 +432,7 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         there). labels: IGNORE_INDEX where not masked, same shape as input_ids. masked_positions:
         optional (M,) indices of the masked tokens in the flattened input (T for a packed batch,
         B * L for a padded one), which saves a host sync."""
-        enc = self.bert.encode(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            cu_seqlens,
-            max_seqlen,
-            _hidden_states_wanted(self.config, output_hidden_states),
-        )
+        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, output_hidden_states)
         wte = self.bert.embeddings.word_embeddings.weight
         if labels is None:
             return MosaicBertMaskedLMOutput(
@@ -462,6 +454,13 @@ class MosaicBertForMaskedLM(MosaicBertPreTrainedModel):
         )
 
 
+def _dropout_and_classifier(config: MosaicBertConfig) -> tuple[nn.Dropout, nn.Linear]:
+    """What the classification heads put after the encoder: dropout (classifier_dropout, by default
+    hidden_dropout_prob), then a linear layer to num_labels."""
+    p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+    return nn.Dropout(p), nn.Linear(config.hidden_size, config.num_labels)
+
+
 class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
     """Pooled first token -> dropout -> linear. num_labels == 1 means regression (STS-B)."""
 
@@ -469,9 +468,7 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MosaicBertModel(config, add_pooling_layer=True)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.dropout, self.classifier = _dropout_and_classifier(config)
         self.post_init()
 
     def forward(
@@ -486,14 +483,7 @@ class MosaicBertForSequenceClassification(MosaicBertPreTrainedModel):
         return_dict: bool | None = None,
         **_: object,
     ) -> SequenceClassifierOutput:
-        enc = self.bert.encode(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            cu_seqlens,
-            max_seqlen,
-            _hidden_states_wanted(self.config, output_hidden_states),
-        )
+        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, output_hidden_states)
         logits = self.classifier(self.dropout(self.bert.pool(enc)))
         loss = None
         if labels is not None:
@@ -517,9 +507,7 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MosaicBertModel(config, add_pooling_layer=False)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.dropout, self.classifier = _dropout_and_classifier(config)
         self.post_init()
 
     def forward(
@@ -535,14 +523,7 @@ class MosaicBertForTokenClassification(MosaicBertPreTrainedModel):
         **_: object,
     ) -> TokenClassifierOutput:
         """logits are (B, L, num_labels) for padded input (zeros at the pads), (T, num_labels) for packed."""
-        enc = self.bert.encode(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            cu_seqlens,
-            max_seqlen,
-            _hidden_states_wanted(self.config, output_hidden_states),
-        )
+        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, output_hidden_states)
         logits = self.classifier(self.dropout(enc.hidden))
         loss = None
         if labels is not None:
@@ -576,14 +557,7 @@ class MosaicBertForQuestionAnswering(MosaicBertPreTrainedModel):
         **_: object,
     ) -> QuestionAnsweringModelOutput:
         """Padded input only: start/end logits are (B, L), -inf-free (pads get 0 and should be masked)."""
-        enc = self.bert.encode(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            None,
-            None,
-            _hidden_states_wanted(self.config, output_hidden_states),
-        )
+        enc = self.bert.encode(input_ids, attention_mask, token_type_ids, None, None, output_hidden_states)
         start, end = enc.repad(self.qa_outputs(enc.hidden)).unbind(dim=-1)
         loss = None
         if start_positions is not None and end_positions is not None:

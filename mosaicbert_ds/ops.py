@@ -1,7 +1,7 @@
 """Elementwise pieces of a layer, with a fused Triton path on CUDA and PyTorch elsewhere.
 
 geglu(h, p):                       h (..., 2*ff) -> Dropout_p(GELU(h[..., :ff]) * h[..., ff:])
-dropout_add_layer_norm(x, r, ln):  LayerNorm(Dropout(x) + r)
+dropout_add_layer_norm(x, r, ln):  LayerNorm(Dropout(x + linear_bias) + r), linear_bias optional
 linear_dropout_add_layer_norm(h, linear, r, ln):
                                    LayerNorm(Dropout(linear(h)) + r); fused, the linear's bias is
                                    added inside the LayerNorm kernel, whose backward then also
@@ -20,12 +20,7 @@ match them and are chosen only when `fused` is True and the tensors live on a CU
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,33 +29,6 @@ import torch.nn.functional as F
 
 def _gelu_approximate(act: str) -> str:
     return "tanh" if act == "gelu_tanh" else "none"
-
-
-class _SourceTreePackages(importlib.abc.MetaPathFinder):
-    """Run from a source checkout without installing (PYTHONPATH=<repo>), the repo's kernels/ and
-    benchmarks/ folders sit beside the package rather than inside it: this finds them under their
-    installed names, mosaicbert_ds.kernels and mosaicbert_ds.benchmarks, so that the kernels are
-    never imported as a top-level `kernels` and `mosaicbert-ds bench` works from the checkout."""
-
-    root = Path(__file__).resolve().parent.parent
-    folders = {"mosaicbert_ds.kernels": "kernels", "mosaicbert_ds.benchmarks": "benchmarks"}
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name not in self.folders:
-            return None
-        source = self.root / self.folders[name] / "__init__.py"
-        return importlib.util.spec_from_file_location(name, source, submodule_search_locations=[str(source.parent)])
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:  # a copy of this file in an exported model folder: no mosaicbert_ds at all
-        return True
-
-
-if (_SourceTreePackages.root / "kernels" / "__init__.py").is_file() and not _installed("mosaicbert_ds.kernels"):
-    sys.meta_path.append(_SourceTreePackages())
 
 
 @functools.cache
@@ -142,9 +110,10 @@ def dropout_add_layer_norm(
     training: bool,
     fused: bool = False,
     residual_sink: _Box | None = None,
+    linear_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(Dropout(x) + residual): the end of each post-LN sublayer. residual_sink: see
-    ResidualSplit (used by the fused kernel only)."""
+    """LayerNorm(Dropout(x + linear_bias) + residual): the end of each post-LN sublayer.
+    residual_sink: see ResidualSplit (used by the fused kernel only)."""
     if (k := kernels_for(x, fused)) is not None:
         return k.dropout_add_layer_norm(
             x,
@@ -154,8 +123,11 @@ def dropout_add_layer_norm(
             ln.eps,
             p if training else 0.0,
             low_precision=ln.low_precision,
+            linear_bias=linear_bias,
             residual_sink=residual_sink,
         )
+    if linear_bias is not None:
+        x = x + linear_bias
     return ln(F.dropout(x, p=p, training=training) + residual)
 
 
@@ -169,19 +141,11 @@ def linear_dropout_add_layer_norm(
     fused: bool = False,
     residual_sink: _Box | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer."""
-    if linear.bias is not None and (k := kernels_for(h, fused)) is not None:
-        return k.dropout_add_layer_norm(
-            _Linear.apply(h, linear.weight, None, None),
-            residual,
-            ln.weight,
-            ln.bias,
-            ln.eps,
-            p if training else 0.0,
-            low_precision=ln.low_precision,
-            linear_bias=linear.bias,
-            residual_sink=residual_sink,
-        )
+    """LayerNorm(Dropout(linear(h)) + residual): a projection closing a post-LN sublayer. Fused,
+    the linear's bias is added inside the LayerNorm kernel (its gradient comes from that backward)."""
+    if linear.bias is not None and kernels_for(h, fused) is not None:
+        x = _Linear.apply(h, linear.weight, None, None)
+        return dropout_add_layer_norm(x, residual, ln, p, training, fused, residual_sink, linear_bias=linear.bias)
     return dropout_add_layer_norm(linear(h), residual, ln, p, training, fused, residual_sink)
 
 

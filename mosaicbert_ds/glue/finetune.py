@@ -7,6 +7,9 @@
     # local GLUE files, three tasks, three seeds each, a smoke-sized run
     mosaicbert-ds finetune-glue MODEL --out o --data-dir glue_data --tasks rte,mrpc,stsb --seeds 3 \\
         --hparam epochs=1 --limit-train 200
+    # the same run with key=value settings (finetune_config.py: every flag sets one of them)
+    mosaicbert-ds finetune-glue MODEL --out o data.dir=glue_data tasks.names=rte,mrpc,stsb \\
+        tasks.seeds=3 hparams.epochs=1 data.limit_train=200
 
 MODEL is a transformers folder (MosaicBERT, or a plain Hugging Face BERT for the baseline) or a
 trainer checkpoint (a folder with DeepSpeed's `latest`, exported once into OUT/pretrained).
@@ -38,56 +41,16 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..folders import check_destination, check_location
 from ..interop.folder import check_weight_files
-from . import atomic
+from ..outputs import atomic_write_json, atomic_write_text
 from .data import Examples, load_split, tokenize
-from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir
+from .finetune_config import FinetuneConfig, add_finetune_options, load_finetune_config
+from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir, trainer_state
 from .report import summarize, to_markdown
 from .runtime import Runtime, setup_runtime
-from .tasks import TASKS, Hparams, Task, apply_overrides, parse_seed_counts, parse_tasks
+from .tasks import TASKS, Hparams, Task
 from .trainer import MODEL_DIR, RESULT_FILE, Hooks, SeedRun, run_seed, schedule
 
 RUN_FILE = "run.json"
-
-
-def add_finetune_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by finetune-glue and pareto."""
-    parser.add_argument(
-        "--tasks", default="all", help=f"comma-separated GLUE tasks ({','.join(TASKS)}), or 'all' (default)"
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="local GLUE TSV or JSONL files (DIR/MNLI/train.tsv ...); default: the hub's nyu-mll/glue",
-    )
-    parser.add_argument(
-        "--seeds", default=None, help="seeds per task: N, or TASK=N,... (default: 1 for MNLI/QNLI/QQP, 5 for the rest)"
-    )
-    parser.add_argument("--first-seed", type=int, default=42, help="seed k of a task is FIRST_SEED + k")
-    parser.add_argument(
-        "--hparam",
-        action="append",
-        default=[],
-        metavar="[TASK.]KEY=VALUE",
-        help="override the recipe, e.g. epochs=1 or rte.lr=2e-5 (repeatable)",
-    )
-    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the model's)")
-    parser.add_argument(
-        "--mnli-start",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="start RTE, MRPC and STS-B from the MNLI-finetuned model (the paper's recipe)",
-    )
-    parser.add_argument(
-        "--save-every", type=int, default=2000, help="save resumable state every N steps (0: only at the end)"
-    )
-    parser.add_argument("--eval-batch-size", type=int, default=128)
-    parser.add_argument(
-        "--limit-train", type=int, default=None, help="use only the first N training examples (smoke runs)"
-    )
-    parser.add_argument("--limit-eval", type=int, default=None, help="use only the first N dev examples (smoke runs)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,38 +60,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "    mosaicbert-ds finetune-glue runs/base/hf --out runs/glue                 # all eight tasks\n"
         "    mosaicbert-ds finetune-glue runs/base/checkpoints --out runs/glue --tasks rte,mrpc,stsb --seeds 3\n"
         "    torchrun --nproc_per_node 8 -m mosaicbert_ds.cli finetune-glue runs/base/hf --out runs/glue\n"
+        "    mosaicbert-ds finetune-glue runs/base/hf --out runs/glue tasks.names=rte hparams.rte.lr=2e-5\n"
         "\n"
         "GLUE tasks: " + ", ".join(TASKS)
     )
-    parser.add_argument("model", type=Path, help="transformers folder or trainer checkpoint folder")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (re-use it to resume)")
+    parser.add_argument("model", help="transformers folder or trainer checkpoint folder")
+    parser.add_argument("--out", required=True, help="output folder (re-use it to resume)")
     add_finetune_options(parser)
 
 
-def finetune_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of finetune_glue that add_finetune_options defines."""
-    return dict(
-        tasks=args.tasks,
-        data_dir=args.data_dir,
-        seeds=args.seeds,
-        first_seed=args.first_seed,
-        hparams=args.hparam,
-        tokenizer=args.tokenizer,
-        mnli_start=args.mnli_start,
-        save_every=args.save_every,
-        eval_batch_size=args.eval_batch_size,
-        limit_train=args.limit_train,
-        limit_eval=args.limit_eval,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-
-
 def main(args: argparse.Namespace) -> int:
-    done = finetune_glue(args.model, args.out, **finetune_options(args))
+    cfg = load_finetune_config(args.overrides, args, model=args.model, out=args.out)
+    done = finetune_glue(cfg)
     if done["rank"] == 0:
+        out = Path(cfg.out)
         print(to_markdown(done["summary"]))
-        print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}", file=sys.stderr)
+        print(f"wrote {out / 'results.md'} and {out / 'results.json'}", file=sys.stderr)
     return 0
 
 
@@ -145,11 +92,6 @@ class _Plan:
 def _log(rt: Runtime, message: str) -> None:
     if rt.is_main:
         print(message, file=sys.stderr)
-
-
-def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise UserError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
 
 
 def _read_result(path: Path) -> dict[str, Any]:
@@ -189,61 +131,39 @@ def _check_run_file(out: Path, meta: dict[str, Any]) -> None:
             raise UserError(f"{out} holds results made with {key}={old.get(key)!r}, not {value!r}; use another --out")
 
 
-def finetune_glue(
-    model: Path,
-    out: Path,
-    *,
-    tasks: str | list[str] = "all",
-    data_dir: Path | None = None,
-    seeds: str | int | None = None,
-    first_seed: int = 42,
-    hparams: list[str] | None = None,
-    tokenizer: Path | None = None,
-    mnli_start: bool = True,
-    save_every: int = 2000,
-    eval_batch_size: int = 128,
-    limit_train: int | None = None,
-    limit_eval: int | None = None,
-    device: str = "auto",
-    hooks: Hooks | None = None,
-    progress: bool = True,
-    runtime: Runtime | None = None,
-) -> dict[str, Any]:
-    """Finetune `model` on the tasks into `out`; returns {"summary": results.json's content, "rank": r}.
+def finetune_glue(cfg: FinetuneConfig, hooks: Hooks | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Finetune cfg.model on the tasks into cfg.out; returns {"summary": results.json's content, "rank": r}.
 
-    Every user error (task names, options, data files, labels, model, vocabulary) is found
-    before anything is written to `out`. `runtime` lets a caller that finetunes several
+    Every user error (task names, settings, data files, labels, model, vocabulary) is found
+    before anything is written to cfg.out. `runtime` lets a caller that finetunes several
     checkpoints (pareto) keep one process group; by default this call sets one up and closes it.
     """
-    model, out = Path(model).resolve(), Path(out).resolve()
-    task_list = parse_tasks(tasks)
-    if mnli_start and any(t.from_mnli for t in task_list) and TASKS["mnli"] not in task_list:
-        task_list = [TASKS["mnli"]] + task_list  # a dependency: trained (with its own seeds) and reported
-    counts = parse_seed_counts(seeds, task_list)
-    recipe = apply_overrides(hparams)
-    _check_positive("--save-every", save_every, allow_zero=True)
-    _check_positive("--eval-batch-size", eval_batch_size)
-    _check_positive("--limit-train", limit_train)
-    _check_positive("--limit-eval", limit_eval)
+    cfg.validate()
+    if not (cfg.model and cfg.out):
+        raise UserError("finetuning needs a model and an output folder (--out)")
+    model, out = Path(cfg.model).resolve(), Path(cfg.out).resolve()
     if not model.exists():
         raise UserError(f"model {model} does not exist")
     check_location(out, "--out")
     check_destination(out, "glue")
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else None
+    tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else None
     meta = {
         "model": str(model),
-        "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
-        "data": str(Path(data_dir).resolve()) if data_dir else "hub:nyu-mll/glue",
-        "limit_train": limit_train,
-        "limit_eval": limit_eval,
-        "mnli_start": mnli_start,
+        "tokenizer": str(tokenizer.resolve()) if tokenizer else None,
+        "data": str(data_dir.resolve()) if data_dir else "hub:nyu-mll/glue",
+        "limit_train": cfg.data.limit_train,
+        "limit_eval": cfg.data.limit_eval,
+        "mnli_start": cfg.tasks.mnli_start,
         "pretrain_seconds": _pretrain_seconds(model),
     }
     _check_run_file(out, meta)
 
     # What is finished already (and made the same way), what is left to run.
+    counts, recipe = cfg.seed_counts(), cfg.recipe()
     plans: dict[str, _Plan] = {}
-    for task in task_list:
-        task_seeds = [first_seed + k for k in range(counts[task.name])]
+    for task in cfg.task_list():
+        task_seeds = [cfg.tasks.first_seed + k for k in range(counts[task.name])]
         hp, pending = recipe[task.name], []
         for seed in task_seeds:
             path = _seed_dir(out, task, seed) / RESULT_FILE
@@ -257,32 +177,19 @@ def finetune_glue(
     splits: dict[str, dict[str, Examples]] = {}
     for name, plan in plans.items():
         if plan.pending:
-            splits[name] = {"train": load_split(plan.task, "train", data_dir, limit_train)}
+            splits[name] = {"train": load_split(plan.task, "train", data_dir, cfg.data.limit_train)}
             for _, split in plan.task.eval_splits:
-                splits[name][split] = load_split(plan.task, split, data_dir, limit_eval)
+                splits[name][split] = load_split(plan.task, split, data_dir, cfg.data.limit_eval)
 
-    rt = runtime or setup_runtime(device)
+    rt = runtime or setup_runtime(cfg.run.device)
     try:
-        model_dir, tok = _prepare_model(model, out, Path(tokenizer) if tokenizer else None, rt)
+        model_dir, tok = _prepare_model(model, out, tokenizer, rt)
         if rt.is_main:
-            atomic.write_json(out / RUN_FILE, meta)
+            atomic_write_json(out / RUN_FILE, meta)
 
         results: dict[str, list[dict[str, Any]]] = {}
         for name, plan in plans.items():
-            results[name] = _run_task(
-                plan,
-                plans,
-                splits.get(name),
-                tok,
-                model_dir,
-                out,
-                rt,
-                mnli_start,
-                save_every,
-                eval_batch_size,
-                hooks,
-                progress,
-            )
+            results[name] = _run_task(cfg, plan, plans, splits.get(name), tok, model_dir, out, rt, hooks)
             _write_reports(out, results, meta, rt)
         for task in TASKS.values():  # finished tasks from earlier invocations stay in the table
             if task.name not in results:
@@ -296,19 +203,8 @@ def finetune_glue(
 
 def _pretrain_seconds(model: Path) -> float | None:
     """Training seconds of a trainer checkpoint (its trainer_state.json), for the results table."""
-    from .models import TRAINER_STATE, trainer_checkpoint
-
-    found = trainer_checkpoint(model)
-    if found is None:
-        return None
-    root, tag = found
-    if tag is None:
-        tag = (root / "latest").read_text().strip()
-    state = root / tag / TRAINER_STATE
-    try:
-        return float(json.loads(state.read_text())["train_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    seconds = trainer_state(model).get("train_seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
 def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) -> tuple[Path, Any]:
@@ -332,6 +228,7 @@ def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) 
 
 
 def _run_task(
+    cfg: FinetuneConfig,
     plan: _Plan,
     plans: dict[str, _Plan],
     splits: dict[str, Examples] | None,
@@ -339,11 +236,7 @@ def _run_task(
     model_dir: Path,
     out: Path,
     rt: Runtime,
-    mnli_start: bool,
-    save_every: int,
-    eval_batch_size: int,
     hooks: Hooks | None,
-    progress: bool,
 ) -> list[dict[str, Any]]:
     task, hp = plan.task, plan.hparams
     if splits is None:
@@ -357,7 +250,7 @@ def _run_task(
         desc=task.display,
         unit="step",
         dynamic_ncols=True,
-        disable=not (progress and rt.is_main),
+        disable=not (cfg.run.progress and rt.is_main),
         file=sys.stderr,
     )
     try:
@@ -365,7 +258,7 @@ def _run_task(
             seed_dir = _seed_dir(out, task, seed)
             if seed not in plan.pending:
                 continue
-            init = _init_dir(plans, task, k, model_dir, out, mnli_start)
+            init = _init_dir(plans, task, k, model_dir, out, cfg.tasks.mnli_start)
             if not (init / "config.json").is_file():
                 raise UserError(
                     f"{task.display} starts from {init}, which is missing; delete "
@@ -379,8 +272,8 @@ def _run_task(
                 train,
                 evals,
                 rt,
-                save_every=save_every,
-                eval_batch_size=eval_batch_size,
+                save_every=cfg.run.save_every,
+                eval_batch_size=cfg.run.eval_batch_size,
                 save_model=task.name == "mnli",
                 hooks=hooks,
                 progress=bar,
@@ -398,7 +291,7 @@ def _write_reports(
 ) -> dict[str, Any]:
     summary = summarize(results, meta)
     if rt.is_main:
-        atomic.write_json(out / "results.json", summary)
-        atomic.write_text(out / "results.md", to_markdown(summary))
+        atomic_write_json(out / "results.json", summary)
+        atomic_write_text(out / "results.md", to_markdown(summary))
     rt.barrier()
     return summary

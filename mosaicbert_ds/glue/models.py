@@ -17,8 +17,8 @@ random (another architecture's names, a partial state dict) is refused with one 
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ import mosaicbert_ds  # noqa: F401  (registers MosaicBERT with the Auto classes)
 from mosaicbert_ds.model import MosaicBertPreTrainedModel
 
 from ..errors import UserError
-from . import atomic
 from .tasks import Task
 
 EXPORT_DIR = "pretrained"
@@ -56,6 +55,21 @@ def trainer_checkpoint(path: Path) -> tuple[Path, str | None] | None:
 
 def is_trainer_checkpoint(path: Path) -> bool:
     return trainer_checkpoint(path) is not None
+
+
+def trainer_state(path: Path | None) -> dict[str, Any]:
+    """The trainer's record of a checkpoint (trainer_state.json: step, train_seconds, ...), or {}
+    for a folder that is not a trainer checkpoint or whose record cannot be read."""
+    found = trainer_checkpoint(path) if path is not None else None
+    if found is None:
+        return {}
+    root, tag = found
+    try:
+        tag = tag or (root / "latest").read_text(encoding="utf-8").strip()
+        state = json.loads((root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
@@ -84,13 +98,7 @@ def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
         except ImportError as err:
             raise UserError(f"{path} is a trainer checkpoint but the exporter is unavailable ({err})") from None
         root, tag = found
-        tmp = atomic.tmp_dir_for(target)
-        tmp.rmdir()  # the exporter creates its own folder
-        try:
-            exported = export_checkpoint(root, tmp, tag=tag) if tag else export_checkpoint(root, tmp)
-            atomic.replace_dir(Path(exported), target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        export_checkpoint(root, target, tag=tag)  # written beside `target`, then swapped in whole
     return target
 
 

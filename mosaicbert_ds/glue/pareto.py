@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -37,8 +38,9 @@ import torch
 from ..errors import UserError
 from ..folders import check_destination, check_location
 from ..outputs import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .finetune import add_finetune_options, finetune_glue, finetune_options
-from .models import TRAINER_STATE, trainer_checkpoint
+from .finetune import finetune_glue
+from .finetune_config import FinetuneConfig, add_finetune_options, load_finetune_config
+from .models import trainer_state
 from .runtime import Runtime, setup_runtime
 
 STEP_KEYS = ("step", "global_step", "trainer/step", "train/step")
@@ -130,19 +132,6 @@ def _clock_records(path: Path) -> list[tuple[int, float]]:
     return sorted(records)
 
 
-def _trainer_state(path: Path | None) -> dict[str, Any]:
-    """The trainer's own record of a checkpoint (step, train_seconds), or {} for other folders."""
-    found = trainer_checkpoint(path) if path is not None else None
-    if found is None:
-        return {}
-    root, tag = found
-    tag = tag or (root / "latest").read_text(encoding="utf-8").strip()
-    try:
-        return json.loads((root / tag / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _number(value: Any, what: str, where: str) -> float:
     try:
         return float(value)
@@ -165,7 +154,7 @@ def resolve_entries(listing: Path, metrics: Path | None) -> list[dict[str, Any]]
             raise UserError(f"{where}: results {results} does not exist")
         if results is None and not path.exists():
             raise UserError(f"{where}: checkpoint {path} does not exist")
-        state = _trainer_state(path)
+        state = trainer_state(path)
         if row.get("hours") is not None:
             hours = _number(row["hours"], "hours", where)
         elif isinstance(state.get("train_seconds"), (int, float)) and row.get("step") is None:
@@ -252,9 +241,11 @@ def main(args: argparse.Namespace) -> int:
     check_location(out, "--out")  # before any finetuning: the same rules as finetune-glue --out
     check_destination(out, "glue")
     needs_training = args.finetune and any(not e["results"] for e in entries)
-    rt = setup_runtime(args.device) if needs_training else Runtime(torch.device("cpu"))
+    # the finetuning settings every entry shares (model and out are each entry's own)
+    settings = load_finetune_config(args.overrides, args) if needs_training else None
+    rt = setup_runtime(settings.run.device) if settings else Runtime(torch.device("cpu"))
     try:
-        points = [_point(e, _summary(e, out / e["label"], args, rt)) for e in entries]
+        points = [_point(e, _summary(e, out / e["label"], settings, rt)) for e in entries]
     finally:
         rt.close()
     if rt.is_main:
@@ -267,14 +258,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(entry: dict[str, Any], folder: Path, args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
-    """The entry's results.json content: given, already in `folder`, or made by finetuning now."""
+def _summary(entry: dict[str, Any], folder: Path, settings: FinetuneConfig | None, rt: Runtime) -> dict[str, Any]:
+    """The entry's results.json content: given, already in `folder`, or made by finetuning now
+    (`settings`; None with --no-finetune)."""
     if entry["results"]:
         return json.loads(Path(entry["results"]).read_text(encoding="utf-8"))
-    if not args.finetune:
+    if settings is None:
         if not (folder / "results.json").is_file():
             raise UserError(f"{entry['label']}: no {folder / 'results.json'} (run without --no-finetune)")
         return json.loads((folder / "results.json").read_text(encoding="utf-8"))
     if rt.is_main:
         print(f"== {entry['label']} ({entry['hours']:.3g} h): {entry['path']}", file=sys.stderr)
-    return finetune_glue(Path(entry["path"]), folder, runtime=rt, **finetune_options(args))["summary"]
+    cfg = dataclasses.replace(settings, model=entry["path"], out=str(folder))
+    return finetune_glue(cfg, runtime=rt)["summary"]

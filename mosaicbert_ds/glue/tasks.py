@@ -1,7 +1,8 @@
 """The eight GLUE tasks as data: fields, labels, file layouts, metrics and the paper's recipe.
 
 Everything task-specific lives in TASKS, so the loader, trainer and report never branch on a
-task's name. Hyperparameters are the paper's (FACTS.md, "Finetuning"); `--hparam` overrides them.
+task's name. Hyperparameters are the paper's: Portes et al., "MosaicBERT: A Bidirectional Encoder
+Optimized for Fast Pretraining", NeurIPS 2023, Appendix B, Table S2; `--hparam` overrides them.
 
 Seeds (our convention, after the paper's recipe): the large tasks MNLI, QNLI and QQP run one
 seed each, the small ones (SST-2, CoLA, RTE, MRPC, STS-B) five. Seed k of a task is

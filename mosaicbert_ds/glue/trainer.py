@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..batch import to_device
 from ..errors import UserError
 from ..flops import mfu, paper_flops_per_token, peak_flops
+from ..outputs import atomic_torch_save, atomic_write_json, output_folder
 from ..train.checkpoint import rng_state, set_rng_state
 from ..train.schedule import WarmupLinearDecay
-from . import atomic
 from .data import Tokenized
 from .metrics import predictions, task_metrics
 from .models import load_for_task, uses_packed_batches
@@ -41,6 +42,8 @@ from .tasks import Hparams, Task
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
+MODEL_KIND = "glue-model"
+"""The output kind of an MNLI model folder (outputs.output_folder)."""
 
 
 @dataclass
@@ -92,10 +95,6 @@ def batch_indices(step: int, per_epoch: int, seed: int, n: int, batch_size: int)
     return order[pos * batch_size : (pos + 1) * batch_size]
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, data: Tokenized, rt: Runtime, batch_size: int, pad_id: int
@@ -110,7 +109,7 @@ def evaluate(
     for start in range(lo, hi, batch_size):
         idx = np.arange(start, min(start + batch_size, hi))
         with rt.autocast():
-            out = model(**_to_device(data.batch(idx, packed, pad_id), rt.device))
+            out = model(**to_device(data.batch(idx, packed, pad_id), rt.device))
         logits.append(out.logits.float().cpu().numpy())
         loss_sum += float(out.loss) * len(idx)
     model.train(was_training)
@@ -175,7 +174,7 @@ def run_seed(
     def save_state() -> None:
         rngs = rt.all_gather(rng_state())
         if rt.is_main:
-            atomic.torch_save(
+            atomic_torch_save(
                 {
                     "signature": signature,
                     "step": step,
@@ -206,7 +205,7 @@ def run_seed(
         idx = batch_indices(step, per_epoch, run.seed, len(train), hp.batch_size)[rt.rank :: rt.world_size]
         tokens += int(lengths[idx].sum())
         with rt.autocast():
-            loss = net(**_to_device(train.batch(idx, packed, pad_id), rt.device)).loss
+            loss = net(**to_device(train.batch(idx, packed, pad_id), rt.device)).loss
         loss.backward()
         if hp.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
@@ -239,11 +238,9 @@ def run_seed(
         eval_loss[split], eval_examples[split] = loss_mean, len(data)
 
     if save_model and rt.is_main:
-        target = run.out_dir / MODEL_DIR
-        tmp = atomic.tmp_dir_for(target)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        atomic.replace_dir(tmp, target)
+        with output_folder(run.out_dir / MODEL_DIR, MODEL_KIND) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
     result = {
         "task": task.name,
         "seed": run.seed,
@@ -266,7 +263,7 @@ def run_seed(
         "init": str(run.init_dir),
     }
     if rt.is_main:
-        atomic.write_json(run.out_dir / RESULT_FILE, result)
+        atomic_write_json(run.out_dir / RESULT_FILE, result)
         state_path.unlink(missing_ok=True)
     rt.barrier()
     return result

@@ -65,6 +65,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mosaicbert_ds.config_files import unique_json_pairs
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.deepspeed_internals import dtype_name, parse_with_deepspeed  # noqa: F401 (re-exported)
 
@@ -273,15 +274,6 @@ def precision_path(config: dict[str, Any]) -> str:
 # Reading and checking
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _read(path_or_dict: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict), "ds_config"
@@ -291,7 +283,7 @@ def _read(path_or_dict: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, A
     except OSError as err:
         raise UserError(f"{path}: cannot read DeepSpeed config: {err.strerror or err}") from None
     try:
-        config = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        config = json.loads(text, object_pairs_hook=unique_json_pairs)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except ValueError as err:

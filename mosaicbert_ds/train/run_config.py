@@ -10,15 +10,11 @@ UserError with one sentence, raised before any GPU time is spent.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
-import yaml
-
+from ..config_files import apply_overrides, from_dict, read_tree
 from ..errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -273,93 +269,6 @@ class RunConfig:
 _SECTIONS = frozenset(name for name, hint in get_type_hints(RunConfig).items() if dataclasses.is_dataclass(hint))
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against a field's type (bool, int, float, str, tuple, dict, or X | None)."""
-    args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise UserError(f"{where} may not be empty")
-    base = next(a for a in args if a is not type(None))
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if base is bool and isinstance(value, bool):
-        return value
-    if base is int and number and float(value).is_integer():
-        return int(value)
-    if base is float and number:
-        return float(value)
-    if base is float and isinstance(value, str) and _as_float(value) is not None:
-        return _as_float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-    if base is str and isinstance(value, str):
-        return value
-    if base is tuple and isinstance(value, (list, tuple)):
-        numbers = [
-            v
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-            else _as_float(v)
-            if isinstance(v, str)
-            else None
-            for v in value
-        ]
-        if all(v is not None for v in numbers):
-            return tuple(float(v) for v in numbers)
-    if base is dict and isinstance(value, dict):
-        return value
-    kind = {
-        bool: "true or false",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        tuple: "a list of numbers",
-        dict: "a mapping",
-    }[base]
-    raise UserError(f"{where} must be {kind}, got {value!r}")
-
-
-def _as_float(text: str) -> float | None:
-    """A number written as text (`1e-3`, ` 5E-4 `), or None; nan/inf spellings are not numbers here."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-class _DuplicateKey(Exception):
-    """A key given twice in one mapping of a run file."""
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if not isinstance(key, (str, int, float, bool, type(None))):
-            continue  # construct_mapping reports unhashable keys itself
-        if key in seen:
-            raise _DuplicateKey(
-                f"line {line}: duplicate key {key!r} (first on line {seen[key]}); give each section and key once"
-            )
-        seen[key] = line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def _unique_json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"duplicate key {key!r}; give each section and key once")
-        out[key] = value
-    return out
-
-
 def check_model_config(cfg: RunConfig) -> None:
     """Build the model config once (with a stand-in vocabulary unless overridden), so that an unknown
     preset, an unknown override or an inconsistent size is one line before the data is opened."""
@@ -381,48 +290,6 @@ def check_model_config(cfg: RunConfig) -> None:
             else "model"
         )
         raise UserError(f"{where}: {message}") from None
-
-
-def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise UserError(f"{where or 'the run file'} must be a mapping of keys to values")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(f"unknown key(s) {', '.join(where + k for k in unknown)} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _from_dict(hint, value or {}, f"{where}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, where + name)
-    return cls(**kwargs)
-
-
-def _parse_value(text: str) -> Any:
-    """A command-line value, read as YAML so that 3, 3e-4, true, null and [0.9, 0.98] work."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"override {key}: {part} is not a section")
-    node[parts[-1]] = value
 
 
 def _leaf_keys(tree: dict[str, Any]) -> set[str]:
@@ -455,31 +322,11 @@ def resolve_run_file(name_or_path: str) -> Path:
 def load_run_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a run file, apply key=value overrides, check everything."""
     path = resolve_run_file(name_or_path)
-    try:
-        text = path.read_text()
-        tree = (
-            json.loads(text, object_pairs_hook=_unique_json_pairs)
-            if path.suffix == ".json"
-            else yaml.load(text, Loader=_UniqueKeyLoader)
-        )
-    except _DuplicateKey as err:
-        raise UserError(f"run file {path}, {err}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read run file {path}: {str(err).splitlines()[0]}") from None
-    tree = tree or {}
-    if not isinstance(tree, dict):
-        raise UserError(f"run file {path} must hold a mapping of sections")
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        _set_dotted(tree, key, _parse_value(value))
-        if key in _ALTERNATIVES:  # duration.steps on the command line replaces the file's samples
-            tree.get("duration", {}).pop(_ALTERNATIVES[key], None)
-    cfg = _from_dict(RunConfig, tree)
+    tree = read_tree(path, "run file")
+    overridden = apply_overrides(tree, overrides, _ALTERNATIVES)
+    cfg = from_dict(RunConfig, tree)
     from_file = set() if path.resolve().parent == RECIPES_DIR.resolve() else _leaf_keys(tree)
-    cfg.explicit = frozenset(from_file | {item.split("=", 1)[0].strip() for item in overrides})
+    cfg.explicit = frozenset(from_file | overridden)
     cfg.validate()
     check_model_config(cfg)
     return cfg

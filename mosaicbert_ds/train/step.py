@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..batch import MLMBatch, is_packed
+from ..batch import MLMBatch, is_packed, to_device
 from ..config import MosaicBertConfig
 from ..flops import training_flops
 from .graphed import GraphedEngineStep
@@ -60,10 +60,6 @@ def batch_stats(batch: MLMBatch) -> tuple[int, int, int, list[int]]:
         return len(lens), batch["input_ids"].numel(), batch["masked_positions"].numel(), lens
     lens = batch["attention_mask"].sum(1).tolist()
     return len(lens), sum(lens), batch["masked_positions"].numel(), lens
-
-
-def to_device(batch: MLMBatch, device: torch.device) -> MLMBatch:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def forward_backward(

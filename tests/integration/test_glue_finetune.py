@@ -20,6 +20,7 @@ from mosaicbert_ds import cli
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.glue.data import load_split, tokenize
 from mosaicbert_ds.glue.finetune import finetune_glue
+from mosaicbert_ds.glue.finetune_config import load_finetune_config
 from mosaicbert_ds.glue.models import load_for_task, uses_packed_batches
 from mosaicbert_ds.glue.tasks import TASKS
 from mosaicbert_ds.glue.trainer import Hooks
@@ -34,9 +35,12 @@ def mosaic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_mosaic_model(tmp_path_factory.mktemp("mosaic"))
 
 
-def ft(model: Path, out: Path, **kwargs) -> dict:
-    kwargs.setdefault("data_dir", TSV)
-    return finetune_glue(model, out, progress=False, device="cpu", **kwargs)["summary"]
+def ft(model: Path, out: Path, *overrides: str, hooks: Hooks | None = None) -> dict:
+    """finetune-glue on the fixture files, on the CPU, with `key=value` settings."""
+    cfg = load_finetune_config(
+        [f"data.dir={TSV}", "run.device=cpu", "run.progress=false", *overrides], model=str(model), out=str(out)
+    )
+    return finetune_glue(cfg, hooks=hooks)["summary"]
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
@@ -50,7 +54,13 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
 
 def test_tiny_model_learns_the_keyword_rule(mosaic_dir: Path, tmp_path: Path) -> None:
     summary = ft(
-        mosaic_dir, tmp_path / "o", tasks="sst2", seeds="1", hparams=["lr=1e-3", "weight_decay=0", "epochs=15"]
+        mosaic_dir,
+        tmp_path / "o",
+        "tasks.names=sst2",
+        "tasks.seeds=1",
+        "hparams.lr=1e-3",
+        "hparams.weight_decay=0",
+        "hparams.epochs=15",
     )
     assert summary["tasks"]["sst2"]["score"]["mean"] >= 85.0  # chance is 50
 
@@ -65,9 +75,10 @@ def test_staged_tasks_start_from_the_mnli_model(mosaic_dir: Path, tmp_path: Path
     summary = ft(
         mosaic_dir,
         out,
-        tasks="rte,stsb",
-        seeds="1",
-        hparams=["epochs=2", "lr=1e-3"],
+        "tasks.names=rte,stsb",
+        "tasks.seeds=1",
+        "hparams.epochs=2",
+        "hparams.lr=1e-3",
         hooks=Hooks(on_model_loaded=on_loaded),
     )
     assert list(summary["tasks"]) == ["mnli", "rte", "stsb"]  # MNLI added and run first
@@ -100,7 +111,13 @@ def test_without_mnli_start_staged_tasks_use_the_pretrained_model(mosaic_dir: Pa
         )
     )
     summary = ft(
-        mosaic_dir, tmp_path / "o", tasks="mrpc", seeds="1", mnli_start=False, hparams=["epochs=1"], hooks=hooks
+        mosaic_dir,
+        tmp_path / "o",
+        "tasks.names=mrpc",
+        "tasks.seeds=1",
+        "tasks.mnli_start=false",
+        "hparams.epochs=1",
+        hooks=hooks,
     )
     assert list(summary["tasks"]) == ["mrpc"]
     pretrained = load_file(str(mosaic_dir / "model.safetensors"))
@@ -130,8 +147,8 @@ class Interrupt(Exception):
 
 
 def test_interrupted_task_resumes_where_it_stopped(mosaic_dir: Path, tmp_path: Path) -> None:
-    kw = dict(tasks="sst2", seeds="1", hparams=["epochs=2", "lr=1e-3"], save_every=2)  # 3 steps an epoch
-    ft(mosaic_dir, tmp_path / "ref", **kw)
+    kw = ["tasks.names=sst2", "tasks.seeds=1", "hparams.epochs=2", "hparams.lr=1e-3", "run.save_every=2"]
+    ft(mosaic_dir, tmp_path / "ref", *kw)  # 3 steps an epoch
 
     def stop(task, seed, step) -> None:
         if step == 3:
@@ -140,13 +157,13 @@ def test_interrupted_task_resumes_where_it_stopped(mosaic_dir: Path, tmp_path: P
     out = tmp_path / "run"
     seed_dir = out / "sst2" / "seed42"
     with pytest.raises(Interrupt):
-        ft(mosaic_dir, out, hooks=Hooks(on_step=stop), **kw)
+        ft(mosaic_dir, out, *kw, hooks=Hooks(on_step=stop))
     assert not (seed_dir / "result.json").exists() and not (out / "results.json").exists()
     assert torch.load(seed_dir / "state.pt", weights_only=False)["step"] == 2
 
     steps: list[int] = []
     record = Hooks(on_step=lambda task, seed, step: steps.append(step))
-    ft(mosaic_dir, out, hooks=record, **kw)
+    ft(mosaic_dir, out, *kw, hooks=record)
     assert steps == [3, 4, 5, 6]  # continued after the saved step 2, did not restart
     result = json.loads((seed_dir / "result.json").read_text())
     reference = json.loads((tmp_path / "ref" / "sst2" / "seed42" / "result.json").read_text())
@@ -157,17 +174,17 @@ def test_interrupted_task_resumes_where_it_stopped(mosaic_dir: Path, tmp_path: P
     assert result["metrics"] == pytest.approx(reference["metrics"])
 
     steps.clear()
-    ft(mosaic_dir, out, hooks=record, **kw)
+    ft(mosaic_dir, out, *kw, hooks=record)
     assert steps == []  # finished seeds are skipped
     with pytest.raises(UserError, match="limit_train"):
-        ft(mosaic_dir, out, limit_train=10, **kw)  # the folder belongs to another setup
+        ft(mosaic_dir, out, *kw, "data.limit_train=10")  # the folder belongs to another setup
 
 
 def test_plain_hf_bert_trains_on_padded_batches(tmp_path: Path) -> None:
     seen = {}
     hooks = Hooks(on_model_loaded=lambda t, s, m: seen.update(cls=type(m).__name__, packed=uses_packed_batches(m)))
     model = make_bert_model(tmp_path / "bert")
-    summary = ft(model, tmp_path / "o", tasks="sst2", seeds="1", hparams=["epochs=1"], hooks=hooks)
+    summary = ft(model, tmp_path / "o", "tasks.names=sst2", "tasks.seeds=1", "hparams.epochs=1", hooks=hooks)
     assert seen == {"cls": "BertForSequenceClassification", "packed": False}
     assert summary["tasks"]["sst2"]["score"]["n"] == 1
 
@@ -176,7 +193,7 @@ def test_trainer_checkpoint_is_exported_then_finetuned(tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     make_trainer_checkpoint(tmp_path / "run", step=4, train_seconds=1800.0)
     out = tmp_path / "o"
-    ft(tmp_path / "run", out, tasks="sst2", seeds="1", hparams=["epochs=1"])
+    ft(tmp_path / "run", out, "tasks.names=sst2", "tasks.seeds=1", "hparams.epochs=1")
     assert (out / "pretrained" / "config.json").is_file()
     result = json.loads((out / "sst2" / "seed42" / "result.json").read_text())
     assert result["init"] == str((out / "pretrained").resolve())

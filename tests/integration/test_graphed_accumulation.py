@@ -27,11 +27,9 @@ def _batches():
     return [make_batch(PRETRAIN, 2, vocab=512, seed=i)["packed"] for i in range(4)]
 
 
-def test_in_graph_accumulation_steps_like_engine_backward():
+def test_in_graph_accumulation_steps_like_engine_backward(one_gloo_rank):
     from mosaicbert_ds.train.deepspeed_internals import fp32_gradient_buffers, graphed_backward_epilogue
-    from mosaicbert_ds.train.distributed import init_distributed
 
-    init_distributed()
     batches = _batches()
 
     eager = _engine()

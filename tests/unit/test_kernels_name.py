@@ -47,8 +47,8 @@ def test_without_one_kernels_is_empty_and_transformers_imports(tmp_path):
 
 def test_a_source_checkout_finds_kernels_and_benchmarks_under_the_package_names():
     """As on a machine that runs the tree without installing it (PYTHONPATH=<repo>): `python -S`
-    skips the .pth files, so the editable install's finder is absent and only ops.py maps the
-    folders to mosaicbert_ds.kernels and mosaicbert_ds.benchmarks."""
+    skips the .pth files, so the editable install's finder is absent and only
+    mosaicbert_ds/source_checkout.py maps the folders to mosaicbert_ds.kernels and .benchmarks."""
     site = next(p for p in sys.path if p.endswith("site-packages"))
     code = (
         "import mosaicbert_ds.benchmarks.cli as bench, mosaicbert_ds.kernels as k\n"

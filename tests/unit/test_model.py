@@ -196,3 +196,34 @@ def test_classification_and_regression_heads():
     torch.testing.assert_close(
         out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, 4.0, 2.0]))
     )
+
+
+@pytest.mark.parametrize(
+    "name, sizes, vocab, baseline",
+    [
+        ("tiny", (2, 64, 2, 128), 1024, False),
+        ("base", (12, 768, 12, 3072), 30528, False),
+        ("large", (24, 1024, 16, 4096), 30528, False),
+        ("bert-base", (12, 768, 12, 3072), 30522, True),
+        ("bert-large", (24, 1024, 16, 4096), 30522, True),
+    ],
+)
+def test_presets_hold_the_papers_sizes_and_switches(name, sizes, vocab, baseline):
+    c = MosaicBertConfig.from_name(name)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == sizes
+    assert c.vocab_size == vocab
+    switches = (c.position_embedding_type, c.mlp_type, c.unpad, c.low_precision_layernorm)
+    assert switches == (("learned", "gelu", False, False) if baseline else ("alibi", "glu", True, True))
+    assert (c.attention_probs_dropout_prob, c.pad_vocab_size_multiple) == ((0.1, 1) if baseline else (0.0, 64))
+    if baseline:  # a baseline preset is its MosaicBERT size with the baseline's switches, nothing else
+        mosaic = MosaicBertConfig.from_name(name.removeprefix("bert-")).to_dict()
+        differ = {k for k, v in c.to_dict().items() if mosaic.get(k) != v}
+        assert differ == {
+            "vocab_size",
+            "pad_vocab_size_multiple",
+            "position_embedding_type",
+            "mlp_type",
+            "unpad",
+            "low_precision_layernorm",
+            "attention_probs_dropout_prob",
+        }

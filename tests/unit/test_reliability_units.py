@@ -98,24 +98,24 @@ def test_quickstart_replaces_only_its_own_run_folder(tmp_path):
     assert (users / "thesis.tex").read_text() == "mine"
 
 
-def test_glue_folder_swap_never_replaces_a_foreign_folder(tmp_path):
-    from mosaicbert_ds.glue import atomic
+def test_glue_model_folder_never_replaces_a_foreign_folder(tmp_path):
+    from mosaicbert_ds.glue.trainer import MODEL_KIND
+    from mosaicbert_ds.outputs import output_folder
 
     target = tmp_path / "mnli_model"
-    tmp = atomic.tmp_dir_for(target)
-    (tmp / "config.json").write_text("{}")
-    atomic.replace_dir(tmp, target)
-    again = atomic.tmp_dir_for(target)
-    (again / "config.json").write_text('{"v": 2}')
-    atomic.replace_dir(again, target)  # our own: replaced
+    with output_folder(target, MODEL_KIND) as tmp:
+        (tmp / "config.json").write_text("{}")
+    with output_folder(target, MODEL_KIND) as tmp:  # our own: replaced
+        (tmp / "config.json").write_text('{"v": 2}')
     assert json.loads((target / "config.json").read_text()) == {"v": 2}
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "a.txt").write_text("keep")
-    third = atomic.tmp_dir_for(foreign)
     with pytest.raises(UserError, match="refusing to replace"):
-        atomic.replace_dir(third, foreign)
-    assert (foreign / "a.txt").read_text() == "keep" and not third.exists()
+        with output_folder(foreign, MODEL_KIND) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert (foreign / "a.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnli_model", "notes"]  # no temporary folder left
 
 
 def test_resume_checks_every_weight_shape_and_a_readable_model_config(tmp_path):
