@@ -10,7 +10,7 @@
 
 MODEL is a transformers folder (MosaicBERT, or a plain Hugging Face BERT for the baseline) or a
 trainer checkpoint (a folder with DeepSpeed's `latest`, exported once into OUT/pretrained).
-Runs use the paper's per-task recipe (tasks.py), max length 256, and start RTE, MRPC and
+Runs use the paper's per-task recipe (tasks.py), max length 256 (--max-length), and start RTE, MRPC and
 STS-B from the MNLI-finetuned model, so MNLI runs first (and is added when they need it).
 MosaicBERT trains on unpadded (cu_seqlens) batches, BERT on padded ones; bf16 autocast on
 CUDA, fp32 on CPU; several processes use DistributedDataParallel (runtime.py).
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from . import atomic
 from .data import Examples, load_split, tokenize
-from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir
+from .models import check_max_length, check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir
 from .report import summarize, to_markdown
 from .runtime import Runtime, setup_runtime
 from .tasks import TASKS, Hparams, Task, apply_overrides, parse_seed_counts, parse_tasks
@@ -79,6 +79,13 @@ def add_finetune_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval-batch-size", type=int, default=128)
     parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per example after truncation, every task (default: the recipe's 256; same as "
+        "--hparam max_length=N; learned position embeddings must cover it, ALiBi models take any length)",
+    )
+    parser.add_argument(
         "--limit-train", type=int, default=None, help="use only the first N training examples (smoke runs)"
     )
     parser.add_argument("--limit-eval", type=int, default=None, help="use only the first N dev examples (smoke runs)")
@@ -108,7 +115,7 @@ def finetune_options(args: argparse.Namespace) -> dict[str, Any]:
         data_dir=args.data_dir,
         seeds=args.seeds,
         first_seed=args.first_seed,
-        hparams=args.hparam,
+        hparams=([f"max_length={args.max_length}"] if args.max_length is not None else []) + args.hparam,
         tokenizer=args.tokenizer,
         mnli_start=args.mnli_start,
         save_every=args.save_every,
@@ -257,7 +264,8 @@ def finetune_glue(
 
     rt = runtime or setup_runtime(device)
     try:
-        model_dir, tok = _prepare_model(model, out, Path(tokenizer) if tokenizer else None, rt)
+        longest = max(plan.hparams.max_length for plan in plans.values())
+        model_dir, tok = _prepare_model(model, out, Path(tokenizer) if tokenizer else None, rt, longest)
         if rt.is_main:
             atomic.write_json(out / RUN_FILE, meta)
 
@@ -305,8 +313,10 @@ def _pretrain_seconds(model: Path) -> float | None:
         return None
 
 
-def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) -> tuple[Path, Any]:
-    """(transformers folder, tokenizer), vocabulary checked. A trainer checkpoint is exported into
+def _prepare_model(
+    model: Path, out: Path, tokenizer: Path | None, rt: Runtime, max_length: int
+) -> tuple[Path, Any]:
+    """(transformers folder, tokenizer), vocabulary and max_length checked. A trainer checkpoint is exported into
     `out` first; when that export turns out unusable, a folder this call created is removed again."""
     created = not out.exists()
     try:
@@ -317,6 +327,7 @@ def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) 
         model_dir = resolve_model_dir(model, out, is_main=False)
         tok = load_tokenizer(tokenizer or model_dir)
         check_vocab(model_dir, tok)
+        check_max_length(model_dir, max_length)
         return model_dir, tok
     except UserError:
         if created and rt.is_main:

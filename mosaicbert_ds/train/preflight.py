@@ -11,6 +11,7 @@ line. What it checks (docs/preflight.md lists each message):
 - token ids of a sample of stored sequences (a few shards, up to SAMPLES_PER_SHARD each) are below
   the model's vocabulary, and sequence lengths fit learned position embeddings;
 - the train split holds at least one global batch; the eval split at least one sample;
+- the dataset's max_seq_len fits learned position embeddings and batch.micro_tokens;
 - the output folder is a folder (or can be created) and a file can be written in it.
 
 Nothing is written except one probe file, removed at once, in the output folder or the nearest
@@ -43,6 +44,7 @@ def check_run(cfg: Any, model_config: Any, ds_config: dict[str, Any], info: dict
     from ..data.info import is_remote
 
     path = str(cfg.data.path)
+    check_lengths(cfg, model_config, info)
     global_batch = int(ds_config["train_batch_size"])
     splits = [(cfg.data.train_split, "data.train_split", global_batch)]
     if cfg.eval.interval:
@@ -65,6 +67,26 @@ def check_run(cfg: Any, model_config: Any, ds_config: dict[str, Any], info: dict
         else:
             check_local_split(Path(path), split, samples, info, model_config)
     check_output_dir(cfg.output_dir)
+
+
+def check_lengths(cfg: Any, model_config: Any, info: dict[str, Any]) -> None:
+    """The dataset's longest sample (its index's max_seq_len) against learned position embeddings
+    and the micro batch's token budget."""
+    longest = int(info.get("max_seq_len", 0))
+    if getattr(model_config, "position_embedding_type", "alibi") == "learned":
+        positions = int(model_config.max_position_embeddings)
+        if longest > positions:
+            raise UserError(
+                f"data.path {cfg.data.path} holds sequences of up to {longest} tokens, but the model's learned "
+                f"position embeddings stop at max_position_embeddings={positions}; convert with --max-seq-len "
+                f"{positions} (or, for a new model, set model.overrides.max_position_embeddings={longest})"
+            )
+    budget = cfg.batch.micro_tokens
+    if budget and budget < longest:
+        raise UserError(
+            f"batch.micro_tokens={budget} is below the longest sample of {cfg.data.path} ({longest} tokens): "
+            "a micro batch must hold at least one whole sample"
+        )
 
 
 def _read_split_index(index_file: Path, split: str, expected_samples: int) -> list[dict[str, Any]]:
