@@ -1,9 +1,17 @@
 """Varlen ALiBi attention on one GPU: the Triton kernel against FlexAttention and PyTorch SDPA.
 
     python -m benchmarks.attention --out attention.json
+    python -m benchmarks.attention --lengths 512,1024,2048,4096,8192 --out attention_long.json
+    MOSAICBERT_FLASH_CANDIDATES=wide python -m benchmarks.attention --lengths 2048 --no-baselines
 
 Three C4-like regimes of about 32k real tokens per call, 12 heads of 64, bf16: max_seqlen 128
 (75% of rows full, the rest uniform 8..127), 512 (half full, rest 8..511) and 2048 (all full).
+`--lengths` times full sequences of each length instead (the same total tokens per call, so
+4 sequences of 8192 or 64 of 512) and ends with the long-input target: the Triton kernel's
+forward+backward at least TARGET_VS_FLEX times as fast as FlexAttention's at every length.
+MOSAICBERT_FLASH_CANDIDATES=wide makes the kernel's tuner time a wide grid of block shapes
+(kernels/flash_attn.py: wide_fwd_candidates, wide_bwd_candidates) and this benchmark prints every
+timing, to choose the candidate lists from.
 Each method runs forward and forward+backward on the same data, laid out as it wants it
 (prepared outside the timing, so the baselines are not charged for re-padding):
   triton      flash_attn_varlen_qkvpacked_func on the packed (T, 3, H, D) qkv, as in the model
@@ -42,6 +50,13 @@ class Regime:
 
 
 REGIMES = [Regime("128", 128, 0.75), Regime("512", 512, 0.5), Regime("2048", 2048, 1.0)]
+TARGET_VS_FLEX = 1.5
+"""The long-input target: triton fwd+bwd at least this many times as fast as FlexAttention's."""
+
+
+def full_regime(length: int) -> Regime:
+    """Every sequence exactly `length` tokens (the last one cut to the total)."""
+    return Regime(f"L{length}", length, 1.0)
 
 
 def regime_lengths(regime: Regime, total_tokens: int = 32768, seed: int = 0) -> list[int]:
@@ -117,10 +132,11 @@ class Methods:
         dpad[valid] = self.dout
         self.pdout = dpad.transpose(1, 2).contiguous()
         neg = torch.finfo(torch.bfloat16).min
-        self.bias = (
-            (~valid)[:, None, None, :].to(torch.bfloat16) * neg
-            + alibi_bias(self.slopes, width).to(torch.bfloat16)[None]
-        ).contiguous()
+        alibi = alibi_bias(self.slopes, width).to(torch.bfloat16)[None]
+        if bool(valid.all()):  # no padding: one (1, H, L, L) bias broadcast over the batch (8192: 1.6 GB)
+            self.bias = alibi.contiguous()
+        else:
+            self.bias = ((~valid)[:, None, None, :].to(torch.bfloat16) * neg + alibi).contiguous()
 
         # packed (1, H, T, D) for FlexAttention
         self.fq, self.fk, self.fv = (
@@ -275,6 +291,22 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool, profile_host:
     return results
 
 
+def target_lines(results: dict) -> list[str]:
+    """The long-input target per regime from 512 tokens up: triton vs flex, eager fwd+bwd."""
+    lines = []
+    for row in results["regimes"]:
+        methods = row["methods"]
+        if row["regime"]["max_seqlen"] < 512 or "flex" not in methods:
+            continue
+        ratio = methods["flex"]["fwd_bwd_ms"] / methods["triton"]["fwd_bwd_ms"]
+        verdict = "meets" if ratio >= TARGET_VS_FLEX else "MISSES"
+        lines.append(
+            f"target {row['regime']['name']}: triton fwd+bwd {ratio:.2f}x FlexAttention's "
+            f"({verdict} the {TARGET_VS_FLEX}x target)"
+        )
+    return lines
+
+
 def table(results: dict) -> str:
     def ms(x: float | None) -> str:
         return f"{x:8.3f}" if x is not None else f"{'-':>8}"
@@ -311,16 +343,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--tokens", type=int, default=32768, help="real tokens per call")
     parser.add_argument("--regimes", default="128,512,2048", help="comma-separated subset of 128,512,2048")
+    parser.add_argument(
+        "--lengths",
+        default=None,
+        help="full sequences of these lengths instead of the regimes, e.g. 512,1024,2048,4096,8192",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="time the Triton kernel only")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the eager Triton calls")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.attention needs a CUDA GPU")
-    names = args.regimes.split(",")
-    results = run(args.tokens, [r for r in REGIMES if r.name in names], not args.no_baselines, args.profile_host)
+    if args.lengths:
+        regimes = [full_regime(int(n)) for n in args.lengths.split(",")]
+    else:
+        names = args.regimes.split(",")
+        regimes = [r for r in REGIMES if r.name in names]
+    results = run(args.tokens, regimes, not args.no_baselines, args.profile_host)
+    results["target_vs_flex"] = TARGET_VS_FLEX
     if args.out:
         write_result(args.out, results)
     print(table(results))
+    for line in target_lines(results):
+        print(line)
     for row in results["regimes"]:  # what the tuner saw, for choosing the candidate lists
         for key, timings in row["triton_tuning_ms"].items():
             print(row["regime"]["name"], key, " ".join(f"{c}={t:.3f}" for c, t in timings))

@@ -26,7 +26,8 @@ Algorithm
     "kernel" (a separate dQ kernel over key blocks, which also writes delta, then dK/dV).
     Block sizes and the dQ mode are picked per (head_dim, dtype, causal, alibi, power-of-two
     bucket of max_seqlen) by timing a few candidates on first use (set MOSAICBERT_FLASH_TUNE=0
-    to take the first); under TRITON_INTERPRET=1 the first candidate is used.
+    to take the first; MOSAICBERT_FLASH_CANDIDATES=wide times a wide grid too, for sweeps with
+    benchmarks/attention.py); under TRITON_INTERPRET=1 the first candidate is used.
 Tested
     Triton's interpreter on CPU (triton 3.6 and 3.8, tests/kernels/test_kernels.py); compiled on one
     NVIDIA H200 (triton 3.6, torch 2.11): every candidate configuration against float64, and
@@ -516,7 +517,16 @@ def fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
             FwdConfig(128, 32, 4, 2),
             FwdConfig(128, 64, 8, 2),
         ]
-    return [FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 4, 3), FwdConfig(128, 64, 8, 4)]
+    if bucket < 1024:
+        return [FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 4, 3), FwdConfig(128, 64, 8, 4)]
+    # long sequences: most key blocks run unmasked, larger key tiles amortise the softmax bookkeeping
+    return [
+        FwdConfig(128, 64, 8, 3),
+        FwdConfig(128, 128, 8, 3),
+        FwdConfig(128, 64, 4, 3),
+        FwdConfig(128, 32, 4, 3),
+        FwdConfig(128, 64, 8, 4),
+    ]
 
 
 def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
@@ -541,11 +551,61 @@ def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
             BwdConfig(32, 128, 4, 2, "store"),
             BwdConfig(32, 64, 4, 3, "kernel", 64, 32, 4, 3),
         ]
+    if bucket < 1024:
+        return [
+            BwdConfig(64, 128, 8, 2, "kernel", 128, 64, 8, 2),
+            BwdConfig(64, 128, 8, 3, "kernel", 128, 32, 8, 3),
+            BwdConfig(64, 128, 8, 2, "atomic"),
+        ]
+    # long sequences: fp32 atomics contend as every query row gets one add per key block, so the
+    # separate dQ kernel; smaller query tiles with 4 warps keep more programs resident per SM
     return [
         BwdConfig(64, 128, 8, 2, "kernel", 128, 64, 8, 2),
+        BwdConfig(32, 128, 4, 3, "kernel", 128, 32, 4, 3),
         BwdConfig(64, 128, 8, 3, "kernel", 128, 32, 8, 3),
+        BwdConfig(64, 64, 4, 3, "kernel", 64, 64, 4, 3),
         BwdConfig(64, 128, 8, 2, "atomic"),
     ]
+
+
+def wide_fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
+    """A grid of forward configurations for sweeps (MOSAICBERT_FLASH_CANDIDATES=wide): block shapes,
+    warps and pipeline stages; shapes whose tiles would not fit shared memory at head_dim 128 left out."""
+    return [
+        FwdConfig(m, n, warps, stages)
+        for m in (64, 128)
+        for n in (32, 64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3, 4)
+        if head_dim < 128 or m * n <= 128 * 64
+    ]
+
+
+def wide_bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
+    """A grid of backward configurations for sweeps: dK/dV tiles x warps x stages, each with the
+    separate dQ kernel in two shapes, fp32 atomics, and "store" where a sequence fits a key block."""
+    out = []
+    for m in (16, 32, 64):
+        for n in (64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    if head_dim == 128 and m * n > 64 * 64:
+                        continue
+                    out += [
+                        BwdConfig(m, n, warps, stages, "kernel", 128, 32, 4, 3),
+                        BwdConfig(m, n, warps, stages, "kernel", 128, 64, 8, 2),
+                        BwdConfig(m, n, warps, stages, "atomic"),
+                    ]
+                    if n >= bucket:
+                        out.append(BwdConfig(m, n, warps, stages, "store"))
+    return out
+
+
+def _with_wide(default: list, wide: list) -> list:
+    """The default list, then (with MOSAICBERT_FLASH_CANDIDATES=wide) the grid, without repeats."""
+    if os.environ.get("MOSAICBERT_FLASH_CANDIDATES", "") != "wide":
+        return default
+    return default + [c for c in wide if c not in default]
 
 
 _chosen: dict[tuple, object] = {}
@@ -695,7 +755,12 @@ def flash_attn_varlen_fwd(
     qk_scale = softmax_scale * LOG2E
     args = (q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, qk_scale, causal, alibi_slopes is not None)
     key = (_bucket(max_seqlen), head_dim, q.dtype, causal, alibi_slopes is not None)
-    cfg = _pick("fwd", key, lambda: fwd_candidates(key[0], head_dim), lambda c: _launch_fwd(c, *args))
+    cfg = _pick(
+        "fwd",
+        key,
+        lambda: _with_wide(fwd_candidates(key[0], head_dim), wide_fwd_candidates(key[0], head_dim)),
+        lambda c: _launch_fwd(c, *args),
+    )
     _launch_fwd(cfg, *args)
     return o, lse
 
@@ -867,7 +932,11 @@ def flash_attn_varlen_bwd(
     cfg = _pick(
         "bwd",
         key,
-        lambda: [c for c in bwd_candidates(key[0], head_dim) if c.dq_mode != "store" or c.block_n >= max_seqlen],
+        lambda: [
+            c
+            for c in _with_wide(bwd_candidates(key[0], head_dim), wide_bwd_candidates(key[0], head_dim))
+            if c.dq_mode != "store" or c.block_n >= max_seqlen
+        ],
         lambda c: _launch_bwd(c, *args),
     )
     _launch_bwd(cfg, *args)

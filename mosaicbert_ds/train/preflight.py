@@ -60,7 +60,7 @@ def check_run(cfg: Any, model_config: Any, ds_config: dict[str, Any], info: dict
             what = "one global batch" if need > 1 else "one sample"
             raise UserError(
                 f"{key}: split {split!r} of {path} has {samples} samples, fewer than {what} "
-                f"({need}); lower batch.global_batch or convert more text"
+                f"({need}); lower batch.global_batch (or batch.global_tokens) or convert more text"
             )
         if is_remote(path):
             check_remote_split(path, split, samples, cfg.data.remote_cache)
