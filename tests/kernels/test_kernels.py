@@ -368,6 +368,34 @@ def test_odd_long_length_with_the_long_configurations():
     print("1031", {k: f"{v:.2e}" for k, v in errors.items()})
 
 
+@pytest.mark.parametrize("dq_mode", ["kernel", "atomic"])
+def test_alibi_reach_skips_only_what_vanishes(dq_mode, forced, monkeypatch):
+    """MOSAICBERT_FLASH_ALIBI_REACH=1: key (and query) blocks beyond ALiBi's reach are skipped. With
+    the 2^-40 margin the result is as close to float64 as the full computation (CPU: head 0 has
+    slope 1/2, a reach of about 80 tokens in sequences of 300, blocks of 32); with a margin of
+    -200 (every program keeps only its own neighbourhood) the gentle head visibly loses mass, so
+    the ranges are in force."""
+    monkeypatch.setenv("MOSAICBERT_FLASH_ALIBI_REACH", "1")
+    if ON_GPU:
+        lengths, heads, head_dim = [4100, 300, 2048, 7], 12, 64
+        slopes = alibi_slopes(12).to(DEVICE)
+    else:
+        monkeypatch.setattr(fa, "REACH_MIN_SEQLEN", 64)
+        forced((F_(32, 32, 4, 1), B_(32, 32, 4, 1, dq_mode, 32, 32)))
+        lengths, heads, head_dim = [300, 7, 200], 2, 32
+        slopes = torch.tensor([0.5, 0.02], device=DEVICE)
+    qkv, cu, max_seqlen, dout = make_qkv(lengths, heads, head_dim, torch.bfloat16, seed=31)
+    out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    errors = check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, False, slopes, f"reach-{dq_mode}")
+    print("reach", dq_mode, {k: f"{v:.2e}" for k, v in errors.items()})
+    monkeypatch.setattr(fa, "ALIBI_SKIP_BITS", -200.0)
+    out_short, dqkv_short = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    ref_out, ref_d = reference(qkv, cu, max_seqlen, dout, False, slopes, torch.float64)
+    for i, name in enumerate(("dq", "dk")):
+        assert rel_err(dqkv_short[:, i], ref_d[:, i]) > 10 * errors[name], name
+    assert rel_err(out_short, ref_out) > 10 * errors["out"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("length", [1031, 2048, 4100, 8192])
