@@ -5,8 +5,8 @@ Supports
     head strides (the last dimension must be contiguous: views such as qkv.unbind(1) of a
     (T, 3, H, D) tensor are read in place, never copied); self-attention on a packed batch
     (cu_seqlens_q == cu_seqlens_k); bidirectional or causal (top-left: key j <= query i);
-    ALiBi bias -slope[h] * |i - j| (slopes fp32 (heads,)); sequences of any length >= 1 and
-    max_seqlen up to at least 4096; gradients for q, k, v. q, k, v that are exactly the three
+    ALiBi bias -slope[h] * |i - j| (slopes fp32 (heads,)); sequences of any length >= 1 (GPU
+    tests up to 8192 tokens); gradients for q, k, v. q, k, v that are exactly the three
     slices of one (T, 3, H, D) tensor (the model's QKV projection), and
     flash_attn_varlen_qkvpacked_func, get one packed dqkv written in place by the kernels.
 Limits
