@@ -314,8 +314,9 @@ def _pretrain_seconds(model: Path) -> float | None:
 
 
 def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime, max_length: int) -> tuple[Path, Any]:
-    """(transformers folder, tokenizer), vocabulary and max_length checked. A trainer checkpoint is exported into
-    `out` first; when that export turns out unusable, a folder this call created is removed again."""
+    """(transformers folder, tokenizer), vocabulary and max_length checked. A trainer checkpoint is
+    exported into `out` first; when that export turns out unusable, a folder this call created is
+    removed again."""
     created = not out.exists()
     try:
         if is_trainer_checkpoint(model):
