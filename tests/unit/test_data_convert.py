@@ -247,6 +247,14 @@ def test_pack_keeps_every_sequence_and_reports_its_efficiency(tmp_path, tok_dir,
         assert info["splits"][split]["sequences"] == len(sequences) == plain["splits"][split]["samples"]
         assert info["splits"][split]["documents"] == plain["splits"][split]["documents"]
     assert info["tokens_kept"] == plain["tokens_kept"] and info["tokens_dropped"] == 0
+    # packing happens within each block: one writer or two give the same bytes
+    blocks = [*common, "--pack", "--block-docs", 50]
+    assert run_cli([*blocks, "--out", tmp_path / "w1", "--workers", 1], capsys)[0] == 0
+    assert run_cli([*blocks, "--out", tmp_path / "w2", "--workers", 2], capsys)[0] == 0
+    shards = [
+        {f.relative_to(d): f.read_bytes() for d in [tmp_path / w] for f in d.rglob("*.mds.zstd")} for w in ("w1", "w2")
+    ]
+    assert shards[0] == shards[1] and len(shards[0]) >= 4
     # the stored lengths are the sequences': what the loader turns into cu_seqlens
     from streaming import StreamingDataset
 
