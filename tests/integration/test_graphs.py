@@ -45,6 +45,19 @@ def test_pad_packed_shapes(lengths):
     assert (out["labels"][out["masked_positions"]] != -100).sum() == batch["masked_positions"].numel()
 
 
+def test_pad_packed_keeps_dummy_sequences_short_and_drops_the_sample_count():
+    """At long max_seqlen the dummy sequences stay at most DUMMY_SEQLEN tokens (their attention is
+    cheap), and a packed rows' "samples" count is no part of the bucket's shape."""
+    from mosaicbert_ds.graphs import DUMMY_SEQLEN
+
+    batch = {**packed_batch([2000, 37], 100, seed=1), "samples": 1}
+    out = pad_packed(batch, token_step=4096, mask_step=256)
+    dummy = out["cu_seqlens"][3:] - out["cu_seqlens"][2:-1]
+    assert out["max_seqlen"] == 2048 and "samples" not in out
+    assert dummy.max() <= DUMMY_SEQLEN and len(dummy) == 4096 // DUMMY_SEQLEN
+    assert out["input_ids"].numel() == 4096 and dummy.sum() == 4096 - 2037
+
+
 def test_padded_bucket_gives_the_same_loss_and_gradients():
     """The dummy sequences and masked positions change neither the loss nor any gradient."""
     torch.manual_seed(0)
