@@ -1,12 +1,22 @@
 """Varlen ALiBi attention on one GPU: the Triton kernel against FlexAttention and PyTorch SDPA.
 
     python -m benchmarks.attention --out attention.json
+    python -m benchmarks.attention --lengths 512,1024,2048,4096,8192 --out attention_long.json
+    MOSAICBERT_FLASH_CANDIDATES=wide python -m benchmarks.attention --lengths 2048 --no-baselines
 
 Three C4-like regimes of about 32k real tokens per call, 12 heads of 64, bf16: max_seqlen 128
 (75% of rows full, the rest uniform 8..127), 512 (half full, rest 8..511) and 2048 (all full).
+`--lengths` times full sequences of each length instead (the same total tokens per call, so
+4 sequences of 8192 or 64 of 512) and ends with the long-input target: the Triton kernel's
+forward+backward at least TARGET_VS_FLEX times as fast as FlexAttention's at every length.
+MOSAICBERT_FLASH_CANDIDATES=wide makes the kernel's tuner time a wide grid of block shapes
+(kernels/flash_attn.py: wide_fwd_candidates, wide_bwd_candidates) and this benchmark prints every
+timing, to choose the candidate lists from.
 Each method runs forward and forward+backward on the same data, laid out as it wants it
 (prepared outside the timing, so the baselines are not charged for re-padding):
   triton      flash_attn_varlen_qkvpacked_func on the packed (T, 3, H, D) qkv, as in the model
+  triton_reach  the same with MOSAICBERT_FLASH_ALIBI_REACH=1 (blocks beyond ALiBi's reach, whose
+              terms are below 2^-40 of their row's largest, skipped; from max_seqlen 512)
   flex        FlexAttention, torch.compile'd, document mask + ALiBi score_mod on (1, H, T, D)
   sdpa_bias   SDPA on the re-padded (B, H, L, D) batch with an additive ALiBi + padding bias
   sdpa_flash  SDPA's flash path on the re-padded batch, no bias at all (not the same function:
@@ -22,7 +32,9 @@ TFLOP/s counts attention FLOPs over real token pairs only: 4 * sum(L_i^2) * H * 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +54,13 @@ class Regime:
 
 
 REGIMES = [Regime("128", 128, 0.75), Regime("512", 512, 0.5), Regime("2048", 2048, 1.0)]
+TARGET_VS_FLEX = 1.5
+"""The long-input target: triton fwd+bwd at least this many times as fast as FlexAttention's."""
+
+
+def full_regime(length: int) -> Regime:
+    """Every sequence exactly `length` tokens (the last one cut to the total)."""
+    return Regime(f"L{length}", length, 1.0)
 
 
 def regime_lengths(regime: Regime, total_tokens: int = 32768, seed: int = 0) -> list[int]:
@@ -61,6 +80,20 @@ def regime_lengths(regime: Regime, total_tokens: int = 32768, seed: int = 0) -> 
 def attention_flops(lengths: list[int], n_heads: int = N_HEADS, head_dim: int = HEAD_DIM) -> float:
     """Forward FLOPs over real pairs: QK^T and PV, 2 * L^2 * D each, per head."""
     return 4.0 * sum(n * n for n in lengths) * n_heads * head_dim
+
+
+@contextlib.contextmanager
+def alibi_reach_on() -> Iterator[None]:
+    """The kernel's ALiBi reach for the calls inside (the kernels read the variable per call)."""
+    before = os.environ.get("MOSAICBERT_FLASH_ALIBI_REACH")
+    os.environ["MOSAICBERT_FLASH_ALIBI_REACH"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MOSAICBERT_FLASH_ALIBI_REACH"]
+        else:
+            os.environ["MOSAICBERT_FLASH_ALIBI_REACH"] = before
 
 
 def _bench(fn: Callable[[], object], grads: list[torch.Tensor] | None = None) -> float:
@@ -117,10 +150,11 @@ class Methods:
         dpad[valid] = self.dout
         self.pdout = dpad.transpose(1, 2).contiguous()
         neg = torch.finfo(torch.bfloat16).min
-        self.bias = (
-            (~valid)[:, None, None, :].to(torch.bfloat16) * neg
-            + alibi_bias(self.slopes, width).to(torch.bfloat16)[None]
-        ).contiguous()
+        alibi = alibi_bias(self.slopes, width).to(torch.bfloat16)[None]
+        if bool(valid.all()):  # no padding: one (1, H, L, L) bias broadcast over the batch (8192: 1.6 GB)
+            self.bias = alibi.contiguous()
+        else:
+            self.bias = ((~valid)[:, None, None, :].to(torch.bfloat16) * neg + alibi).contiguous()
 
         # packed (1, H, T, D) for FlexAttention
         self.fq, self.fk, self.fv = (
@@ -133,6 +167,10 @@ class Methods:
         from mosaicbert_ds.kernels import flash_attn_varlen_qkvpacked_func
 
         return flash_attn_varlen_qkvpacked_func(self.qkv, self.cu, self.max_seqlen, alibi_slopes=self.slopes)
+
+    def triton_reach(self) -> torch.Tensor:
+        with alibi_reach_on():
+            return self.triton()
 
     def flex(self) -> torch.Tensor:
         return self.flex_fn(self.fq, self.fk, self.fv)
@@ -150,8 +188,13 @@ class Methods:
         def fb(fwd: Callable[[], torch.Tensor], dout: torch.Tensor) -> Callable[[], None]:
             return lambda: fwd().backward(dout)
 
+        def fb_reach() -> None:
+            with alibi_reach_on():
+                self.triton().backward(self.dout)
+
         return {
             "triton": (self.triton, fb(self.triton, self.dout), [self.qkv]),
+            "triton_reach": (self.triton_reach, fb_reach, [self.qkv]),
             "flex": (self.flex, fb(self.flex, self.fdout), [self.fq, self.fk, self.fv]),
             "sdpa_bias": (self.sdpa_bias, fb(self.sdpa_bias, self.pdout), [self.pq, self.pk, self.pv]),
             "sdpa_flash": (self.sdpa_flash, fb(self.sdpa_flash, self.pdout), [self.pq, self.pk, self.pv]),
@@ -161,7 +204,11 @@ class Methods:
         """Relative error of the triton and flex outputs against SDPA+bias on the real tokens."""
         with torch.no_grad():
             ref = self.sdpa_bias().transpose(1, 2)[self.valid].float()  # (T, H, D)
-            out = {"triton": self.triton().float(), "flex": self.flex()[0].transpose(0, 1).float()}
+            out = {
+                "triton": self.triton().float(),
+                "triton_reach": self.triton_reach().float(),
+                "flex": self.flex()[0].transpose(0, 1).float(),
+            }
             return {k: float((v - ref).norm() / ref.norm()) for k, v in out.items()}
 
 
@@ -229,8 +276,10 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool, profile_host:
             "methods": {},
         }
         pairs = m.pairs()
+        if regime.max_seqlen < 512:  # the reach starts at 512 (kernels/flash_attn.py REACH_MIN_SEQLEN)
+            pairs.pop("triton_reach")
         if not baselines:
-            pairs = {"triton": pairs["triton"]}
+            pairs = {k: v for k, v in pairs.items() if k.startswith("triton")}
         for name, (fwd, fwd_bwd, grads) in pairs.items():
             fwd_bwd()  # warm-up: compile, tune
             if DEVICE == "cuda":
@@ -275,6 +324,26 @@ def run(total_tokens: int, regimes: list[Regime], baselines: bool, profile_host:
     return results
 
 
+def target_lines(results: dict) -> list[str]:
+    """The long-input target per regime from 512 tokens up: triton (and triton_reach) vs flex,
+    eager fwd+bwd."""
+    lines = []
+    for row in results["regimes"]:
+        methods = row["methods"]
+        if row["regime"]["max_seqlen"] < 512 or "flex" not in methods:
+            continue
+        for name in ("triton", "triton_reach"):
+            if name not in methods:
+                continue
+            ratio = methods["flex"]["fwd_bwd_ms"] / methods[name]["fwd_bwd_ms"]
+            verdict = "meets" if ratio >= TARGET_VS_FLEX else "MISSES"
+            lines.append(
+                f"target {row['regime']['name']}: {name} fwd+bwd {ratio:.2f}x FlexAttention's "
+                f"({verdict} the {TARGET_VS_FLEX}x target)"
+            )
+    return lines
+
+
 def table(results: dict) -> str:
     def ms(x: float | None) -> str:
         return f"{x:8.3f}" if x is not None else f"{'-':>8}"
@@ -286,21 +355,21 @@ def table(results: dict) -> str:
         f"{results['device']}, torch {results['torch']}, copy {results['copy_bandwidth_TBps']:.2f} TB/s; "
         f"bf16, {N_HEADS} heads x {HEAD_DIM}; median ms (eager: launched from Python as in training; "
         "graph: CUDA-graph replay, GPU time only); TFLOP/s over real pairs, eager; x = method / triton",
-        f"{'regime':>6} {'method':>10} {'fwd':>8} {'f+b':>8} {'fwd TF/s':>8} {'f+b TF/s':>8} "
+        f"{'regime':>6} {'method':>12} {'fwd':>8} {'f+b':>8} {'fwd TF/s':>8} {'f+b TF/s':>8} "
         f"{'g fwd':>8} {'g f+b':>8} {'x fwd':>6} {'x f+b':>6} {'xg f+b':>6}",
     ]
     for row in results["regimes"]:
         ours = row["methods"]["triton"]
         for name, r in row["methods"].items():
             lines.append(
-                f"{row['regime']['name']:>6} {name:>10} {ms(r['fwd_ms'])} {ms(r['fwd_bwd_ms'])} "
+                f"{row['regime']['name']:>6} {name:>12} {ms(r['fwd_ms'])} {ms(r['fwd_bwd_ms'])} "
                 f"{r['fwd_tflops']:8.1f} {r['fwd_bwd_tflops']:8.1f} {ms(r['graph_fwd_ms'])} "
                 f"{ms(r['graph_fwd_bwd_ms'])} {ratio(r['fwd_ms'], ours['fwd_ms'])} "
                 f"{ratio(r['fwd_bwd_ms'], ours['fwd_bwd_ms'])} "
                 f"{ratio(r['graph_fwd_bwd_ms'], ours['graph_fwd_bwd_ms'])}"
             )
         lines.append(
-            f"{row['regime']['name']:>6} {'floor':>10} {ms(row['floor_fwd_ms'])} {ms(row['floor_fwd_bwd_ms'])}"
+            f"{row['regime']['name']:>6} {'floor':>12} {ms(row['floor_fwd_ms'])} {ms(row['floor_fwd_bwd_ms'])}"
             "   (memory: each tensor read or written once)"
         )
     return "\n".join(lines)
@@ -311,16 +380,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--tokens", type=int, default=32768, help="real tokens per call")
     parser.add_argument("--regimes", default="128,512,2048", help="comma-separated subset of 128,512,2048")
+    parser.add_argument(
+        "--lengths",
+        default=None,
+        help="full sequences of these lengths instead of the regimes, e.g. 512,1024,2048,4096,8192",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="time the Triton kernel only")
     parser.add_argument("--profile-host", action="store_true", help="cProfile the eager Triton calls")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.attention needs a CUDA GPU")
-    names = args.regimes.split(",")
-    results = run(args.tokens, [r for r in REGIMES if r.name in names], not args.no_baselines, args.profile_host)
+    if args.lengths:
+        regimes = [full_regime(int(n)) for n in args.lengths.split(",")]
+    else:
+        names = args.regimes.split(",")
+        regimes = [r for r in REGIMES if r.name in names]
+    results = run(args.tokens, regimes, not args.no_baselines, args.profile_host)
+    results["target_vs_flex"] = TARGET_VS_FLEX
     if args.out:
         write_result(args.out, results)
     print(table(results))
+    for line in target_lines(results):
+        print(line)
     for row in results["regimes"]:  # what the tuner saw, for choosing the candidate lists
         for key, timings in row["triton_tuning_ms"].items():
             print(row["regime"]["name"], key, " ".join(f"{c}={t:.3f}" for c, t in timings))

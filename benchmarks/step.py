@@ -1,6 +1,7 @@
 """A bare MosaicBERT training step on one GPU against transformers' BERT, in one run.
 
     python -m benchmarks.step --out step.json
+    python -m benchmarks.step --lengths 128,512,1024,2048,4096,8192 --micro-tokens 32768 --out step_long.json
 
 Each configuration runs forward, backward and a fused AdamW step under bf16 autocast (or, for the
 "bf16 weights" row, on a bf16 model with fp32 master weights, DeepSpeed's arithmetic) on the same
@@ -9,11 +10,21 @@ autotune) first and CUDA events around each step; the median step time over rota
 reported. Real tokens/s counts only non-pad tokens; MFU is the paper's 6 * params * tokens/s over
 the GPU's peak (mosaicbert_ds.flops). Baselines: BertForMaskedLM with SDPA, eager and compiled,
 on the padded form of the same batches.
+
+`--lengths` times MosaicBERT-Base instead at each sequence length with micro batches of
+--micro-tokens tokens (full sequences: micro_tokens / length of them, what batch.micro_tokens
+gives on packed data), eager and as CUDA-graph replays (from 512 tokens also with the attention
+kernel's ALiBi reach, MOSAICBERT_FLASH_ALIBI_REACH=1), with bf16 weights and fp32 master weights
+(DeepSpeed's arithmetic). Besides real tokens/s and peak memory it reports the exact-FLOPs MFU
+(mosaicbert_ds.flops.training_flops: matmuls, attention over every real pair, the masked-only
+head) and the attention's share of those FLOPs, and ends with the long-input target: the
+exact-FLOPs MFU at 2048 tokens within LENGTH_MFU_TOLERANCE of its value at 128.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +32,10 @@ from typing import Any
 import torch
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
-from mosaicbert_ds.flops import peak_flops
+from mosaicbert_ds.flops import peak_flops, training_flops
 from mosaicbert_ds.graphs import GraphedMLMStep
 
+from .attention import alibi_reach_on
 from .provenance import write_result
 from .synthetic import FINETUNE, PRETRAIN, LengthMix, make_batch, to_device
 
@@ -221,6 +233,90 @@ def glu_sweep(batches: list[int], warmup: int, iters: int, out: str) -> None:
     write_result(out, results)
 
 
+LENGTH_MFU_TOLERANCE = 0.10
+"""The long-input target: exact-FLOPs MFU at 2048 at least (1 - this) x its value at 128."""
+
+
+def attention_flops_share(config: MosaicBertConfig, lengths: list[int], n_masked: int) -> float:
+    """The attention scores' share of training_flops (the rest: matmuls and the head)."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    return 3.0 * layers * sum(4 * n * n * d for n in lengths) / training_flops(config, lengths, n_masked)
+
+
+def run_lengths(lengths: list[int], micro_tokens: int, warmup: int, iters: int) -> list[dict[str, Any]]:
+    """MosaicBERT-Base's step at each length, micro batches of micro_tokens tokens of full sequences."""
+    config = MosaicBertConfig.from_name("base")
+    peak = peak_flops()
+    rows = []
+    for length in lengths:
+        n_seq = max(1, micro_tokens // length)
+        mix = LengthMix(max_len=length, full_fraction=1.0, min_len=length, max_partial=length)
+        data = [make_batch(mix, n_seq, vocab=config.vocab_size, seed=i) for i in range(4)]
+        batches = [to_device(d["packed"], torch.device("cuda")) for d in data]
+        tokens = statistics.mean(d["tokens"] for d in data)
+        flops = statistics.mean(training_flops(config, d["lengths"], d["masked"]) for d in data)
+        share = attention_flops_share(config, data[0]["lengths"], data[0]["masked"])
+        modes = [("eager", False, False), ("graphs", True, False)]
+        if length >= 512:
+            modes.append(("graphs+reach", True, True))
+        for label, graphs, reach in modes:
+            torch.manual_seed(0)
+            model = MosaicBertForMaskedLM(config)
+            n_params = sum(p.numel() for p in model.parameters())
+            try:
+                with alibi_reach_on() if reach else contextlib.nullcontext():
+                    seconds, mem = time_steps(model, batches, warmup, iters, master_weights=True, graphs=graphs)
+            except Exception as err:  # e.g. out of memory at one length: the other lengths still count
+                print(f"length {length} {label}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                del model
+                torch.cuda.empty_cache()
+                continue
+            rows.append(
+                {
+                    "length": length,
+                    "mode": label,
+                    "sequences_per_micro": n_seq,
+                    "tokens_per_micro": tokens,
+                    "step_ms": seconds * 1e3,
+                    "real_tokens_per_sec": tokens / seconds,
+                    "mfu": 6 * n_params * tokens / seconds / peak if peak else None,
+                    "mfu_exact": flops / seconds / peak if peak else None,
+                    "attention_flops_share": share,
+                    "peak_mem_gib": mem,
+                }
+            )
+            del model
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_lengths(rows: list[dict[str, Any]], micro_tokens: int) -> None:
+    print(f"\nMosaicBERT-Base step by sequence length, micro batches of {micro_tokens} tokens (full sequences)")
+    print(
+        f"{'length':>7}{'mode':>14}{'seqs':>6}{'step ms':>9}{'real tok/s':>13}{'MFU':>7}{'MFU exact':>10}"
+        f"{'attn share':>11}{'mem GiB':>9}"
+    )
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        exact = f"{r['mfu_exact']:.1%}" if r["mfu_exact"] else "-"
+        print(
+            f"{r['length']:>7}{r['mode']:>14}{r['sequences_per_micro']:>6}{r['step_ms']:>9.2f}"
+            f"{r['real_tokens_per_sec']:>13,.0f}{mfu:>7}{exact:>10}{r['attention_flops_share']:>11.1%}"
+            f"{r['peak_mem_gib']:>9.1f}"
+        )
+    at_128 = {r["mode"]: r["mfu_exact"] for r in rows if r["length"] == 128 and r["mfu_exact"]}
+    for mode in ("eager", "graphs", "graphs+reach"):
+        by_length = {r["length"]: r["mfu_exact"] for r in rows if r["mode"] == mode and r["mfu_exact"]}
+        by_length.setdefault(128, at_128.get(mode.split("+")[0]))  # the reach starts at 512
+        if by_length.get(128) and 2048 in by_length:
+            ratio = by_length[2048] / by_length[128]
+            verdict = "meets" if ratio >= 1 - LENGTH_MFU_TOLERANCE else "MISSES"
+            print(
+                f"target ({mode}): exact MFU at 2048 is {ratio:.2f}x its value at 128 ({verdict} the "
+                f">= {1 - LENGTH_MFU_TOLERANCE:.2f}x target)"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -229,6 +325,10 @@ def main() -> None:
     parser.add_argument("--out", default="step_benchmark.json")
     parser.add_argument("--quick", action="store_true", help="only the main configuration and the baselines")
     parser.add_argument(
+        "--lengths", default=None, help="MosaicBERT-Base at these sequence lengths instead, e.g. 128,512,2048"
+    )
+    parser.add_argument("--micro-tokens", type=int, default=32768, help="tokens per micro batch with --lengths")
+    parser.add_argument(
         "--glu-sweep",
         type=int,
         nargs="*",
@@ -236,6 +336,22 @@ def main() -> None:
         help="Appendix J instead: fused GLU vs two matmuls at these batch sizes",
     )
     args = parser.parse_args()
+    if args.lengths:
+        lengths = [int(n) for n in args.lengths.split(",")]
+        rows = run_lengths(lengths, args.micro_tokens, args.warmup, args.iters)
+        print_lengths(rows, args.micro_tokens)
+        write_result(
+            args.out,
+            {
+                "kind": "step_lengths",
+                "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "micro_tokens": args.micro_tokens,
+                "mfu_tolerance": LENGTH_MFU_TOLERANCE,
+                "lengths": rows,
+            },
+        )
+        return
     if args.glu_sweep:
         glu_sweep(args.glu_sweep, args.warmup, args.iters, args.out)
         return

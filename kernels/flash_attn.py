@@ -5,8 +5,8 @@ Supports
     head strides (the last dimension must be contiguous: views such as qkv.unbind(1) of a
     (T, 3, H, D) tensor are read in place, never copied); self-attention on a packed batch
     (cu_seqlens_q == cu_seqlens_k); bidirectional or causal (top-left: key j <= query i);
-    ALiBi bias -slope[h] * |i - j| (slopes fp32 (heads,)); sequences of any length >= 1 and
-    max_seqlen up to at least 4096; gradients for q, k, v. q, k, v that are exactly the three
+    ALiBi bias -slope[h] * |i - j| (slopes fp32 (heads,)); sequences of any length >= 1 (GPU
+    tests up to 8192 tokens); gradients for q, k, v. q, k, v that are exactly the three
     slices of one (T, 3, H, D) tensor (the model's QKV projection), and
     flash_attn_varlen_qkvpacked_func, get one packed dqkv written in place by the kernels.
 Limits
@@ -24,9 +24,19 @@ Algorithm
     delta = sum_j P dP comes from the tile itself, without reading O: one launch, no atomics),
     "atomic" (fp32 atomics into a dQ buffer, delta = rowsum(dO * O) from a small kernel) or
     "kernel" (a separate dQ kernel over key blocks, which also writes delta, then dK/dV).
-    Block sizes and the dQ mode are picked per (head_dim, dtype, causal, alibi, power-of-two
+    ALiBi reach (MOSAICBERT_FLASH_ALIBI_REACH=1, from max_seqlen 512): the bias -slope*|i - j|
+    outgrows any score q.k at some distance, so far key blocks add nothing that fp32 can hold.
+    A pass over q and k first takes, per head and sequence, the largest |q| and |k| (and, for the
+    backward, the smallest logsumexp). With |q||k| bounding every raw score, and a row's own
+    diagonal score (forward) or logsumexp (backward) bounding its maximum from below, each program
+    computes the distance beyond which every score is ALIBI_SKIP_BITS (40) powers of two below
+    its row's maximum, and visits only the key (or query) blocks within it. Skipped terms are each
+    below 2^-40 of the largest one. Steep heads (slope 1/2: a few hundred tokens) skip most of a
+    long sequence; gentle ones (1/256) skip nothing below several thousand tokens.
+    Block sizes and the dQ mode are picked per (head_dim, dtype, causal, alibi, reach, power-of-two
     bucket of max_seqlen) by timing a few candidates on first use (set MOSAICBERT_FLASH_TUNE=0
-    to take the first); under TRITON_INTERPRET=1 the first candidate is used.
+    to take the first; MOSAICBERT_FLASH_CANDIDATES=wide times a wide grid too, for sweeps with
+    benchmarks/attention.py); under TRITON_INTERPRET=1 the first candidate is used.
 Tested
     Triton's interpreter on CPU (triton 3.6 and 3.8, tests/kernels/test_kernels.py); compiled on one
     NVIDIA H200 (triton 3.6, torch 2.11): every candidate configuration against float64, and timed
@@ -62,7 +72,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _program_tile(CU, n_heads, n_blocks, BLOCK: tl.constexpr):
-    """This program's head, sequence start (int64), sequence length and block start.
+    """This program's head, sequence start (int64), sequence length, block start and sequence.
 
     Heads vary fastest, so programs running together read neighbouring bytes of the same tokens.
     """
@@ -72,7 +82,65 @@ def _program_tile(CU, n_heads, n_blocks, BLOCK: tl.constexpr):
     seq = rest // n_blocks
     start = tl.load(CU + seq)
     seqlen = tl.load(CU + seq + 1) - start
-    return h, start.to(tl.int64), seqlen, (rest % n_blocks) * BLOCK
+    return h, start.to(tl.int64), seqlen, (rest % n_blocks) * BLOCK, seq
+
+
+@triton.jit
+def _reach(bound, floor, slope, seqlen, skip_bits):
+    """Distance (int32, >= 1) beyond which ALiBi makes a score at least `skip_bits` (base 2) below
+    the row's maximum: `bound` is an upper bound of the raw score q.k (scaled, base 2) of the
+    pairs concerned, `floor` a lower bound of the rows' maximum (or logsumexp). Capped at the
+    sequence length (no reach limit); a NaN (inf - inf) means no limit too."""
+    radius = (bound - floor + skip_bits) / slope
+    radius = tl.where(radius == radius, radius, seqlen.to(tl.float32))
+    radius = tl.minimum(tl.maximum(radius, 0.0), seqlen.to(tl.float32))
+    return radius.to(tl.int32) + 1
+
+
+@triton.jit(do_not_specialize=["stride_lh", "n_seqs"])
+def _seq_stats_kernel(
+    Q,
+    K,
+    LSE,
+    STATS,
+    CU,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_lh,
+    n_heads,
+    n_seqs,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    WITH_LSE: tl.constexpr,
+):
+    """Per (head, sequence): the largest |q| and |k| and, with WITH_LSE, the smallest logsumexp:
+    STATS (3, heads, sequences) fp32, for the ALiBi reach of every program (_reach)."""
+    pid = tl.program_id(0)
+    h = pid % n_heads
+    seq = pid // n_heads
+    start = tl.load(CU + seq).to(tl.int64)
+    seqlen = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qmax = tl.zeros([BLOCK_T], dtype=tl.float32)
+    kmax = tl.zeros([BLOCK_T], dtype=tl.float32)
+    lmin = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
+    for t0 in range(0, seqlen, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        ok = offs_t < seqlen
+        rows = (start + offs_t)[:, None]
+        q = tl.load(Q + rows * stride_qt + h * stride_qh + offs_d[None, :], mask=ok[:, None], other=0.0)
+        k = tl.load(K + rows * stride_kt + h * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+        qmax = tl.maximum(qmax, tl.sqrt(tl.sum(q.to(tl.float32) * q.to(tl.float32), 1)))
+        kmax = tl.maximum(kmax, tl.sqrt(tl.sum(k.to(tl.float32) * k.to(tl.float32), 1)))
+        if WITH_LSE:
+            lse = tl.load(LSE + h * stride_lh + start + offs_t, mask=ok, other=float("inf"))
+            lmin = tl.minimum(lmin, lse)
+    cell = h * n_seqs + seq
+    tl.store(STATS + cell, tl.max(qmax, 0))
+    tl.store(STATS + n_heads * n_seqs + cell, tl.max(kmax, 0))
+    tl.store(STATS + 2 * n_heads * n_seqs + cell, tl.min(lmin, 0))
 
 
 @triton.jit
@@ -134,7 +202,7 @@ def _fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["stride_lh", "n_mblocks"])
+@triton.jit(do_not_specialize=["stride_lh", "n_mblocks", "n_seqs"])
 def _fwd_kernel(
     Q,
     K,
@@ -143,6 +211,7 @@ def _fwd_kernel(
     LSE,
     CU,
     SLOPES,
+    STATS,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -154,14 +223,17 @@ def _fwd_kernel(
     stride_lh,
     n_heads,
     n_mblocks,
+    n_seqs,
     qk_scale,
+    skip_bits,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    ALIBI_REACH: tl.constexpr,
 ):
-    h, base, seqlen, m0 = _program_tile(CU, n_heads, n_mblocks, BLOCK_M)
+    h, base, seqlen, m0, seq = _program_tile(CU, n_heads, n_mblocks, BLOCK_M)
     if m0 >= seqlen:
         return
     # 64-bit math on the scalar base pointers only; tile offsets within a sequence stay 32-bit
@@ -188,6 +260,20 @@ def _fwd_kernel(
     else:
         hi = seqlen
         full_hi = (seqlen // BLOCK_N) * BLOCK_N
+    lo = 0
+    if ALIBI_REACH:
+        # keys farther than the reach score >= skip_bits below each row's own diagonal score,
+        # a lower bound of its maximum: their terms vanish next to it in fp32, so they are skipped
+        qf = q.to(tl.float32)
+        kd = tl.load(K + offs_m[:, None] * stride_kt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        diag = tl.where(row_ok, tl.sum(qf * kd.to(tl.float32), 1) * qk_scale, float("inf"))
+        qn = tl.max(tl.sqrt(tl.sum(qf * qf, 1)), 0)
+        kn = tl.load(STATS + n_heads * n_seqs + h * n_seqs + seq)
+        reach = _reach(qn * kn * qk_scale, tl.min(diag, 0), slope, seqlen, skip_bits)
+        lo = (tl.maximum(m0 - reach, 0) // BLOCK_N) * BLOCK_N
+        reach_hi = m0 + BLOCK_M + reach
+        full_hi = tl.minimum(full_hi, ((reach_hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.where(reach_hi > full_hi, hi, full_hi)
     # key blocks every query of the block may see: no masks; then the ragged/diagonal tail
     acc, m_i, l_i = _fwd_inner(
         acc,
@@ -200,7 +286,7 @@ def _fwd_kernel(
         v_ptrs,
         stride_kt,
         stride_vt,
-        0,
+        lo,
         full_hi,
         seqlen,
         qk_scale,
@@ -260,7 +346,7 @@ def _bwd_delta_kernel(
     tl.store(DELTA + h * stride_lh + offs_t, delta, mask=offs_t < total)
 
 
-@triton.jit(do_not_specialize=["stride_lh", "n_nblocks"])
+@triton.jit(do_not_specialize=["stride_lh", "n_nblocks", "n_seqs"])
 def _bwd_kv_kernel(
     Q,
     K,
@@ -274,6 +360,7 @@ def _bwd_kv_kernel(
     DELTA,
     CU,
     SLOPES,
+    STATS,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -293,18 +380,21 @@ def _bwd_kv_kernel(
     stride_lh,
     n_heads,
     n_nblocks,
+    n_seqs,
     qk_scale,
     sm_scale,
+    skip_bits,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     DQ_MODE: tl.constexpr,
+    ALIBI_REACH: tl.constexpr,
 ):
     # DQ_MODE 0: the sequence fits this key block; store dQ, delta from P and dP in place.
     #         1: fp32 atomics into DQ, delta precomputed.  2: no dQ here (separate kernel).
-    h, base, seqlen, n0 = _program_tile(CU, n_heads, n_nblocks, BLOCK_N)
+    h, base, seqlen, n0, seq = _program_tile(CU, n_heads, n_nblocks, BLOCK_N)
     if n0 >= seqlen:
         return
     Q += base * stride_qt + h * stride_qh
@@ -335,7 +425,16 @@ def _bwd_kv_kernel(
         lo = (n0 // BLOCK_M) * BLOCK_M
     else:
         lo = 0
-    for m0 in range(lo, seqlen, BLOCK_M):
+    hi = seqlen
+    if ALIBI_REACH:  # queries beyond the reach give p < 2^-skip_bits with these keys (_reach)
+        kf = k.to(tl.float32)
+        kn = tl.max(tl.sqrt(tl.sum(kf * kf, 1)), 0)
+        cell = h * n_seqs + seq
+        qn = tl.load(STATS + cell)
+        reach = _reach(qn * kn * qk_scale, tl.load(STATS + 2 * n_heads * n_seqs + cell), slope, seqlen, skip_bits)
+        lo = tl.maximum(lo, (tl.maximum(n0 - reach, 0) // BLOCK_M) * BLOCK_M)
+        hi = tl.minimum(hi, n0 + BLOCK_N + reach)
+    for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + offs_m0
         row_ok = offs_m < seqlen
         q = tl.load(q_ptrs + m0 * stride_qt, mask=row_ok[:, None], other=0.0)
@@ -373,7 +472,7 @@ def _bwd_kv_kernel(
     tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["stride_lh", "n_mblocks"])
+@triton.jit(do_not_specialize=["stride_lh", "n_mblocks", "n_seqs"])
 def _bwd_dq_kernel(
     Q,
     K,
@@ -385,6 +484,7 @@ def _bwd_dq_kernel(
     DELTA,
     CU,
     SLOPES,
+    STATS,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -400,16 +500,19 @@ def _bwd_dq_kernel(
     stride_lh,
     n_heads,
     n_mblocks,
+    n_seqs,
     qk_scale,
     sm_scale,
+    skip_bits,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    ALIBI_REACH: tl.constexpr,
 ):
     # Also writes delta = rowsum(dO * O) for the dK/dV kernel that runs after it.
-    h, base, seqlen, m0 = _program_tile(CU, n_heads, n_mblocks, BLOCK_M)
+    h, base, seqlen, m0, seq = _program_tile(CU, n_heads, n_mblocks, BLOCK_M)
     if m0 >= seqlen:
         return
     Q += base * stride_qt + h * stride_qh
@@ -439,7 +542,15 @@ def _bwd_dq_kernel(
         hi = tl.minimum(seqlen, m0 + BLOCK_M)
     else:
         hi = seqlen
-    for n0 in range(0, hi, BLOCK_N):
+    lo = 0
+    if ALIBI_REACH:  # keys beyond the reach give p < 2^-skip_bits for these queries (_reach)
+        qf = q.to(tl.float32)
+        qn = tl.max(tl.where(row_ok, tl.sqrt(tl.sum(qf * qf, 1)), 0.0), 0)
+        kn = tl.load(STATS + n_heads * n_seqs + h * n_seqs + seq)
+        reach = _reach(qn * kn * qk_scale, tl.min(tl.where(row_ok, lse, float("inf")), 0), slope, seqlen, skip_bits)
+        lo = (tl.maximum(m0 - reach, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, m0 + BLOCK_M + reach)
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + offs_n0
         col_ok = offs_n < seqlen
         k = tl.load(k_ptrs + n0 * stride_kt, mask=col_ok[:, None], other=0.0)
@@ -513,7 +624,16 @@ def fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
             FwdConfig(128, 32, 4, 2),
             FwdConfig(128, 64, 8, 2),
         ]
-    return [FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 4, 3), FwdConfig(128, 64, 8, 4)]
+    if bucket < 1024:
+        return [FwdConfig(128, 64, 8, 3), FwdConfig(128, 32, 4, 3), FwdConfig(128, 64, 8, 4)]
+    # long sequences: most key blocks run unmasked, larger key tiles amortise the softmax bookkeeping
+    return [
+        FwdConfig(128, 64, 8, 3),
+        FwdConfig(128, 128, 8, 3),
+        FwdConfig(128, 64, 4, 3),
+        FwdConfig(128, 32, 4, 3),
+        FwdConfig(128, 64, 8, 4),
+    ]
 
 
 def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
@@ -538,11 +658,61 @@ def bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
             BwdConfig(32, 128, 4, 2, "store"),
             BwdConfig(32, 64, 4, 3, "kernel", 64, 32, 4, 3),
         ]
+    if bucket < 1024:
+        return [
+            BwdConfig(64, 128, 8, 2, "kernel", 128, 64, 8, 2),
+            BwdConfig(64, 128, 8, 3, "kernel", 128, 32, 8, 3),
+            BwdConfig(64, 128, 8, 2, "atomic"),
+        ]
+    # long sequences: fp32 atomics contend as every query row gets one add per key block, so the
+    # separate dQ kernel; smaller query tiles with 4 warps keep more programs resident per SM
     return [
         BwdConfig(64, 128, 8, 2, "kernel", 128, 64, 8, 2),
+        BwdConfig(32, 128, 4, 3, "kernel", 128, 32, 4, 3),
         BwdConfig(64, 128, 8, 3, "kernel", 128, 32, 8, 3),
+        BwdConfig(64, 64, 4, 3, "kernel", 64, 64, 4, 3),
         BwdConfig(64, 128, 8, 2, "atomic"),
     ]
+
+
+def wide_fwd_candidates(bucket: int, head_dim: int) -> list[FwdConfig]:
+    """A grid of forward configurations for sweeps (MOSAICBERT_FLASH_CANDIDATES=wide): block shapes,
+    warps and pipeline stages; shapes whose tiles would not fit shared memory at head_dim 128 left out."""
+    return [
+        FwdConfig(m, n, warps, stages)
+        for m in (64, 128)
+        for n in (32, 64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3, 4)
+        if head_dim < 128 or m * n <= 128 * 64
+    ]
+
+
+def wide_bwd_candidates(bucket: int, head_dim: int) -> list[BwdConfig]:
+    """A grid of backward configurations for sweeps: dK/dV tiles x warps x stages, each with the
+    separate dQ kernel in two shapes, fp32 atomics, and "store" where a sequence fits a key block."""
+    out = []
+    for m in (16, 32, 64):
+        for n in (64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    if head_dim == 128 and m * n > 64 * 64:
+                        continue
+                    out += [
+                        BwdConfig(m, n, warps, stages, "kernel", 128, 32, 4, 3),
+                        BwdConfig(m, n, warps, stages, "kernel", 128, 64, 8, 2),
+                        BwdConfig(m, n, warps, stages, "atomic"),
+                    ]
+                    if n >= bucket:
+                        out.append(BwdConfig(m, n, warps, stages, "store"))
+    return out
+
+
+def _with_wide(default: list, wide: list) -> list:
+    """The default list, then (with MOSAICBERT_FLASH_CANDIDATES=wide) the grid, without repeats."""
+    if os.environ.get("MOSAICBERT_FLASH_CANDIDATES", "") != "wide":
+        return default
+    return default + [c for c in wide if c not in default]
 
 
 _chosen: dict[tuple, object] = {}
@@ -625,6 +795,50 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
     )
 
 
+REACH_MIN_SEQLEN = 512
+"""The ALiBi reach (MOSAICBERT_FLASH_ALIBI_REACH=1) applies from this max_seqlen on: below, few
+key blocks are far enough to skip, and the statistics pass would cost more than it saves."""
+ALIBI_SKIP_BITS = 40.0
+"""A skipped score is at least this many powers of two below its row's maximum (logsumexp in the
+backward): each skipped term is below 2^-40 of the largest one, far under fp32 rounding."""
+
+
+def alibi_reach(max_seqlen: int, has_alibi: bool) -> bool:
+    """Whether the kernels skip the key blocks beyond ALiBi's reach (see the module docstring)."""
+    return (
+        has_alibi
+        and max_seqlen >= REACH_MIN_SEQLEN
+        and os.environ.get("MOSAICBERT_FLASH_ALIBI_REACH", "0") not in ("", "0")
+    )
+
+
+def _seq_stats(q, k, cu_seqlens, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """(3, heads, sequences) fp32: per head and sequence the largest |q|, the largest |k| and (with
+    `lse`) the smallest logsumexp; for the ALiBi reach. Reads q and k once."""
+    total, n_heads, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    stats = torch.empty((3, n_heads, batch), dtype=torch.float32, device=q.device)
+    _seq_stats_kernel[(n_heads * batch,)](
+        q,
+        k,
+        lse if lse is not None else stats,
+        stats,
+        cu_seqlens,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        lse.stride(0) if lse is not None else 0,
+        n_heads,
+        batch,
+        HEAD_DIM=head_dim,
+        BLOCK_T=64,
+        WITH_LSE=lse is not None,
+        num_warps=4,
+    )
+    return stats
+
+
 def _slopes_arg(alibi_slopes: torch.Tensor | None, n_heads: int, ref: torch.Tensor) -> torch.Tensor:
     if alibi_slopes is None:
         return ref  # never read: HAS_ALIBI is False
@@ -632,7 +846,9 @@ def _slopes_arg(alibi_slopes: torch.Tensor | None, n_heads: int, ref: torch.Tens
     return alibi_slopes.to(device=ref.device, dtype=torch.float32).contiguous()
 
 
-def _launch_fwd(cfg: FwdConfig, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, qk_scale, causal, has_alibi) -> None:
+def _launch_fwd(
+    cfg: FwdConfig, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, qk_scale, causal, has_alibi, stats
+) -> None:
     total, n_heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     n_mblocks = triton.cdiv(max_seqlen, cfg.block_m)
@@ -645,6 +861,7 @@ def _launch_fwd(cfg: FwdConfig, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen,
         lse,
         cu_seqlens,
         slopes,
+        stats if stats is not None else lse,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -656,12 +873,15 @@ def _launch_fwd(cfg: FwdConfig, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen,
         lse.stride(0),
         n_heads,
         n_mblocks,
+        batch,
         qk_scale,
+        ALIBI_SKIP_BITS,
         HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         CAUSAL=causal,
         HAS_ALIBI=has_alibi,
+        ALIBI_REACH=stats is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -690,17 +910,26 @@ def flash_attn_varlen_fwd(
         return o, lse
     slopes = _slopes_arg(alibi_slopes, n_heads, lse)
     qk_scale = softmax_scale * LOG2E
-    args = (q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, qk_scale, causal, alibi_slopes is not None)
-    key = (_bucket(max_seqlen), head_dim, q.dtype, causal, alibi_slopes is not None)
-    cfg = _pick("fwd", key, lambda: fwd_candidates(key[0], head_dim), lambda c: _launch_fwd(c, *args))
+    reach = alibi_reach(max_seqlen, alibi_slopes is not None)
+    stats = _seq_stats(q, k, cu_seqlens) if reach else None
+    args = (q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, qk_scale, causal, alibi_slopes is not None, stats)
+    key = (_bucket(max_seqlen), head_dim, q.dtype, causal, alibi_slopes is not None, reach)
+    cfg = _pick(
+        "fwd",
+        key,
+        lambda: _with_wide(fwd_candidates(key[0], head_dim), wide_fwd_candidates(key[0], head_dim)),
+        lambda c: _launch_fwd(c, *args),
+    )
     _launch_fwd(cfg, *args)
     return o, lse
 
 
 def _launch_bwd(
-    cfg: BwdConfig, do, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, sm_scale, causal, has_alibi, dq, dk, dv
+    cfg: BwdConfig, do, q, k, v, o, lse, cu_seqlens, slopes, max_seqlen, sm_scale, causal, has_alibi, dq, dk, dv, stats
 ) -> None:
     total, n_heads, head_dim = q.shape
+    reach = stats is not None and cfg.dq_mode != "store"
+    stats = stats if reach else lse  # never read without the reach
     batch = cu_seqlens.numel() - 1
     qk_scale = sm_scale * LOG2E
     if cfg.dq_mode == "store":
@@ -738,6 +967,7 @@ def _launch_bwd(
             delta,
             cu_seqlens,
             slopes,
+            stats,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -753,13 +983,16 @@ def _launch_bwd(
             lse.stride(0),
             n_heads,
             n_mblocks,
+            batch,
             qk_scale,
             sm_scale,
+            ALIBI_SKIP_BITS,
             HEAD_DIM=head_dim,
             BLOCK_M=cfg.dq_block_m,
             BLOCK_N=cfg.dq_block_n,
             CAUSAL=causal,
             HAS_ALIBI=has_alibi,
+            ALIBI_REACH=reach,
             num_warps=cfg.dq_num_warps,
             num_stages=cfg.dq_num_stages,
         )
@@ -780,6 +1013,7 @@ def _launch_bwd(
         delta,
         cu_seqlens,
         slopes,
+        stats,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -799,14 +1033,17 @@ def _launch_bwd(
         lse.stride(0),
         n_heads,
         n_nblocks,
+        batch,
         qk_scale,
         sm_scale,
+        ALIBI_SKIP_BITS,
         HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         CAUSAL=causal,
         HAS_ALIBI=has_alibi,
         DQ_MODE=mode,
+        ALIBI_REACH=reach,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -843,6 +1080,8 @@ def flash_attn_varlen_bwd(
             t.zero_()
         return
     slopes = _slopes_arg(alibi_slopes, n_heads, lse)
+    reach = alibi_reach(max_seqlen, alibi_slopes is not None)
+    stats = _seq_stats(q, k, cu_seqlens, lse) if reach else None
     args = (
         do,
         q,
@@ -859,12 +1098,17 @@ def flash_attn_varlen_bwd(
         dq,
         dk,
         dv,
+        stats,
     )
-    key = (_bucket(max_seqlen), head_dim, q.dtype, causal, alibi_slopes is not None)
+    key = (_bucket(max_seqlen), head_dim, q.dtype, causal, alibi_slopes is not None, reach)
     cfg = _pick(
         "bwd",
         key,
-        lambda: [c for c in bwd_candidates(key[0], head_dim) if c.dq_mode != "store" or c.block_n >= max_seqlen],
+        lambda: [
+            c
+            for c in _with_wide(bwd_candidates(key[0], head_dim), wide_bwd_candidates(key[0], head_dim))
+            if c.dq_mode != "store" or c.block_n >= max_seqlen
+        ],
         lambda c: _launch_bwd(c, *args),
     )
     _launch_bwd(cfg, *args)

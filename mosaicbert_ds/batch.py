@@ -13,12 +13,15 @@ B sequences, T real tokens in all, M masked (chosen) tokens, L the padded width:
         labels            int64 (T,)    the original id where a token was chosen, IGNORE_INDEX elsewhere
         masked_positions  int64 (M,)    sorted indices into input_ids where labels != IGNORE_INDEX
         token_type_ids    int64 (T,)    optional
+        samples           int           optional: stored samples, when packed rows (convert --pack)
+                                        hold several sequences each (what the data position counts)
 
     PaddedBatch (padded=True: the BERT baseline and the unpadding ablation)
         input_ids         int64 (B, L)
         attention_mask    int64 (B, L)  1 on real tokens, 0 on padding
         labels            int64 (B, L)  IGNORE_INDEX at unchosen and pad slots
         masked_positions  int64 (M,)    indices into the flattened (B * L) batch where labels != IGNORE_INDEX
+        samples           int           optional, as above (each sequence of a packed row is a row here)
 
 `masked_positions` lets the model gather the masked rows without a `nonzero` (a host sync) on
 the device.
@@ -43,6 +46,7 @@ class PackedBatch(TypedDict):
     labels: torch.Tensor
     masked_positions: torch.Tensor
     token_type_ids: NotRequired[torch.Tensor]
+    samples: NotRequired[int]
 
 
 class PaddedBatch(TypedDict):
@@ -50,6 +54,7 @@ class PaddedBatch(TypedDict):
     attention_mask: torch.Tensor
     labels: torch.Tensor
     masked_positions: torch.Tensor
+    samples: NotRequired[int]
 
 
 MLMBatch = PackedBatch | PaddedBatch

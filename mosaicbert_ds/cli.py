@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("mosaicbert_ds.train.pretrain", "pretrain with DeepSpeed (one CPU, one GPU or many nodes)"),
     "import": ("mosaicbert_ds.interop.cli", "convert a BERT or MosaicBERT transformers folder into this format"),
     "export": ("mosaicbert_ds.train.export", "turn a training checkpoint into a transformers folder"),
+    "eval-mlm": ("mosaicbert_ds.train.eval_mlm", "held-out MLM loss of a model by position (0-127, 128-511, ...)"),
     "finetune-glue": ("mosaicbert_ds.glue.finetune", "finetune a checkpoint on GLUE and report the average"),
     "pareto": ("mosaicbert_ds.glue.pareto", "GLUE average vs pretraining hours for several checkpoints"),
     "bench": ("mosaicbert_ds.benchmarks.cli", "throughput, MFU, ablation and scaling reports"),

@@ -5,9 +5,11 @@ An eager step is as fast as the host issues its kernels; graphs pay where the ho
 `GraphedMLMStep` captures forward + backward once per batch shape and replays it.
 
 Shapes are made static by bucketing (`pad_packed`): the token count is padded up to the next
-multiple of `token_step` with dummy sequences (pad id, label -100), which no real token attends
+multiple of `token_step` with dummy sequences (pad id, label -100) of at most DUMMY_SEQLEN
+tokens each (their attention cost stays small at any max_seqlen), which no real token attends
 to; the masked-token count up to a multiple of `mask_step` with positions of a dummy token,
-whose label -100 the loss ignores; max_seqlen is rounded up to a power of two. The dummy tokens
+whose label -100 the loss ignores; max_seqlen is rounded up to a power of two, the attention
+kernel's own tuning bucket, so sequences up to any length share a graph per power of two. The dummy tokens
 carry no loss and send no gradient into real rows, so loss and gradients are those of the
 unpadded batch (up to summation order inside the matmuls).
 
@@ -29,6 +31,9 @@ from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.fu
 
 from .batch import IGNORE_INDEX, PackedBatch
 
+DUMMY_SEQLEN = 256
+"""Longest dummy sequence pad_packed adds (fewer when max_seqlen is shorter)."""
+
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
@@ -38,20 +43,23 @@ def pad_packed(batch: PackedBatch, token_step: int = 256, mask_step: int = 256, 
     """A PackedBatch (mosaicbert_ds.batch) padded to static bucket shapes.
 
     T grows to the next multiple of token_step above T (at least one dummy token, which the padded
-    masked positions point at), split into ceil(token_step / max_seqlen) dummy sequences (some of
-    length 0); M grows to a multiple of mask_step; max_seqlen becomes a power of two (>= 16).
-    Works on CPU or device tensors without a host sync."""
+    masked positions point at), split into ceil(token_step / min(max_seqlen, DUMMY_SEQLEN)) dummy
+    sequences (some of length 0); M grows to a multiple of mask_step; max_seqlen becomes a power of
+    two (>= 16). A "samples" count (packed rows) is left out: it is no shape. Works on CPU or
+    device tensors without a host sync."""
     ids, cu, positions = batch["input_ids"], batch["cu_seqlens"], batch["masked_positions"]
     if ids.dim() != 1 or "labels" not in batch:
         raise ValueError("pad_packed needs a packed MLM batch: input_ids (T,), cu_seqlens, labels, masked_positions")
     total, n_masked = ids.numel(), positions.numel()
     max_seqlen = max(16, 1 << (max(1, int(batch["max_seqlen"])) - 1).bit_length())
     extra = _round_up(total + 1, token_step) - total
-    n_dummy = -(-token_step // max_seqlen)
-    # dummy sequence i ends at min((i + 1) * max_seqlen, extra): made on the device (a host-to-device
+    dummy = min(max_seqlen, DUMMY_SEQLEN)
+    n_dummy = -(-token_step // dummy)
+    # dummy sequence i ends at min((i + 1) * dummy, extra): made on the device (a host-to-device
     # copy of a CPU tensor would wait for the GPU to drain)
-    ends = (torch.arange(1, n_dummy + 1, device=cu.device, dtype=cu.dtype) * max_seqlen).clamp_(max=extra)
+    ends = (torch.arange(1, n_dummy + 1, device=cu.device, dtype=cu.dtype) * dummy).clamp_(max=extra)
     out = dict(batch)
+    out.pop("samples", None)
     out["input_ids"] = torch.cat([ids, ids.new_full((extra,), pad_id)])
     out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((extra,), IGNORE_INDEX)])
     if batch.get("token_type_ids") is not None:

@@ -24,9 +24,12 @@ import numpy as np
 
 from .encode import SampleSpec, encode_documents, load_backend_tokenizer
 from .hashing import splitmix64, to_unit
+from .packing import RowPacker, encode_lengths
 
 SHARD_HASH = "xxh64"
 COLUMNS = {"input_ids": "bytes", "length": "uint32"}
+PACKED_COLUMNS = {**COLUMNS, "doc_lengths": "bytes"}
+"""Packed rows also store the lengths of their sequences (packing.py)."""
 
 
 def block_name(block: int) -> str:
@@ -57,14 +60,37 @@ def val_mask(doc_numbers: np.ndarray, val_docs: int | None, val_fraction: float)
 
 def write_block(tokenizer, spec: BlockSpec, block: int, first_doc: int, texts: list[str]) -> dict[str, Any]:
     """Tokenize one block and write its samples; returns its counts (per split and tokens) and each
-    split's token-id counts without [CLS] and [SEP] (for the dataset's unigram baseline)."""
+    split's token-id counts without [CLS] and [SEP] (for the dataset's unigram baseline).
+
+    With spec.sample.pack each split's sequences are packed into rows (packing.RowPacker) within
+    the block, so the rows depend only on the block's documents."""
     from streaming import MDSWriter
 
     stored = np.dtype(spec.sample.dtype).newbyteorder("<")
+    pack = spec.sample.pack
     writers: dict[str, Any] = {}
-    counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in spec.splits}
+    packers = {n: RowPacker(spec.sample.max_seq_len) for n in spec.splits} if pack else {}
+    counts = {n: {"documents": 0, "samples": 0, "tokens": 0, "sequences": 0} for n in spec.splits}
     kept = dropped = truncated = 0
     token_ids: dict[str, list[np.ndarray]] = {n: [] for n in spec.splits}  # for the unigram counts
+
+    def write(split: str, sequences: list[np.ndarray]) -> None:
+        if split not in writers:  # blocks without samples get no folder
+            writers[split] = MDSWriter(
+                out=os.path.join(spec.root, split, block_name(block)),
+                columns=PACKED_COLUMNS if pack else COLUMNS,
+                compression="zstd",
+                hashes=[SHARD_HASH],
+                size_limit=spec.shard_size,
+            )
+        ids = sequences[0] if len(sequences) == 1 else np.concatenate(sequences)
+        sample = {"input_ids": ids.astype(stored, copy=False).tobytes(), "length": len(ids)}
+        if pack:
+            sample["doc_lengths"] = encode_lengths([len(s) for s in sequences])
+        writers[split].write(sample)
+        counts[split]["samples"] += 1
+        counts[split]["tokens"] += len(ids)
+
     for start in range(0, len(texts), spec.chunk_docs):
         chunk_texts = texts[start : start + spec.chunk_docs]
         chunk = encode_documents(tokenizer, chunk_texts, spec.sample)
@@ -77,23 +103,20 @@ def write_block(tokenizer, spec: BlockSpec, block: int, first_doc: int, texts: l
         sample = 0
         for d, n_samples in enumerate(chunk.samples_per_doc):
             split = "val" if to_val[d] and "val" in counts else "train"
-            count = counts[split]
-            if n_samples and split not in writers:  # blocks without samples get no folder
-                writers[split] = MDSWriter(
-                    out=os.path.join(spec.root, split, block_name(block)),
-                    columns=COLUMNS,
-                    compression="zstd",
-                    hashes=[SHARD_HASH],
-                    size_limit=spec.shard_size,
-                )
-            count["documents"] += int(n_samples > 0)
+            counts[split]["documents"] += int(n_samples > 0)
+            counts[split]["sequences"] += int(n_samples)
             for s in range(sample, sample + int(n_samples)):
                 ids = chunk.tokens[offsets[s] : offsets[s + 1]]
-                writers[split].write({"input_ids": ids.astype(stored, copy=False).tobytes(), "length": len(ids)})
-                count["tokens"] += len(ids)
                 token_ids[split].append(ids[1:-1])  # [CLS] and [SEP] are never masked
-            count["samples"] += int(n_samples)
+                if pack:
+                    for row in packers[split].add(ids):
+                        write(split, row)
+                else:
+                    write(split, [ids])
             sample += int(n_samples)
+    for split, packer in packers.items():
+        for row in packer.flush():
+            write(split, row)
     for writer in writers.values():
         writer.finish()
     return {

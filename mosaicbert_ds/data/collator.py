@@ -15,6 +15,15 @@ mask per sample, which the evaluation loader uses so that every evaluation score
 masked tokens). If a whole batch would have no chosen
 token although it has maskable ones, one token of its first maskable sample is chosen (the one
 with the smallest hash), so the MLM loss is never NaN; only then does a batch's make-up matter.
+
+Packed rows (`convert --pack`) carry `doc_lengths`, the lengths of the sequences in the row. In
+the packed layout each sequence gets its own cu_seqlens entry (attention and positions restart
+in every sequence) and the batch records its stored samples in "samples"; in the padded layout
+each sequence becomes a row of its own. Masking is per stored sample, as for unpacked data.
+
+`TokenBudgetCollator` splits the samples of one optimizer step (a rank's share) into micro
+batches of whole samples of at most `micro_tokens` tokens each, as few as fit and as even as
+possible, in sample order (`split_by_tokens`).
 """
 
 from __future__ import annotations
@@ -118,12 +127,26 @@ class MLMCollator:
             raise ValueError("empty batch")
         inputs, labels = self.mask(samples)
         masked = list(zip(inputs, labels))
-        return self._padded(masked) if self.padded else self._unpadded(masked)
+        rows = [s.get("doc_lengths") for s in samples]
+        if all(r is None for r in rows):
+            return self._padded(masked) if self.padded else self._unpadded(masked)
+        lengths = [np.asarray([len(inp)] if r is None else r, dtype=np.int64) for (inp, _), r in zip(masked, rows)]
+        for (inp, _), lens in zip(masked, lengths):
+            if int(lens.sum()) != len(inp):
+                raise ValueError(f"a packed row of {len(inp)} tokens has sequences summing to {int(lens.sum())}")
+        if self.padded:  # one padded row per sequence: attention and positions stay within it
+            cuts = [np.cumsum(lens)[:-1] for lens in lengths]
+            sequences = [
+                pair for (inp, lab), c in zip(masked, cuts) for pair in zip(np.split(inp, c), np.split(lab, c))
+            ]
+            return {**self._padded(sequences), "samples": len(samples)}
+        return {**self._unpadded(masked, np.concatenate(lengths)), "samples": len(samples)}
 
-    def _unpadded(self, masked: list[tuple[np.ndarray, np.ndarray]]) -> PackedBatch:
-        lengths = np.array([len(inputs) for inputs, _ in masked], dtype=np.int64)
+    def _unpadded(self, masked: list[tuple[np.ndarray, np.ndarray]], lengths: np.ndarray | None = None) -> PackedBatch:
+        if lengths is None:
+            lengths = np.array([len(inputs) for inputs, _ in masked], dtype=np.int64)
         labels = torch.from_numpy(np.concatenate([lab for _, lab in masked]))
-        cu_seqlens = torch.zeros(len(masked) + 1, dtype=torch.int32)
+        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.from_numpy(np.cumsum(lengths)).to(torch.int32)
         return {
             "input_ids": torch.from_numpy(np.concatenate([inp for inp, _ in masked])),
@@ -153,3 +176,49 @@ class MLMCollator:
             "labels": labels,
             "masked_positions": masked_positions,
         }
+
+
+def split_by_tokens(lengths: Sequence[int], budget: int) -> list[int]:
+    """Cut points of whole samples, in order, into micro batches of at most `budget` tokens.
+
+    Returns the end index of each micro batch. The count is the fewest that fit (greedy
+    next-fit); among splits into that many contiguous groups, the one with the smallest largest
+    group (the tightest cap for which next-fit still needs no more groups). A sample longer than
+    `budget` is a micro batch of its own."""
+    if not len(lengths):
+        return []
+
+    def ends(cap: int) -> list[int]:
+        out, used = [], 0
+        for i, n in enumerate(lengths):
+            if used and used + n > cap:
+                out.append(i)
+                used = 0
+            used += n
+        return [*out, len(lengths)]
+
+    count = len(ends(budget))
+    lo, hi = max(max(lengths), -(-sum(lengths) // count)), max(budget, max(lengths))
+    while lo < hi:  # the smallest cap that still gives `count` micro batches
+        mid = (lo + hi) // 2
+        if len(ends(mid)) <= count:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ends(lo)
+
+
+class TokenBudgetCollator:
+    """Samples of one optimizer step -> a list of masked micro batches of at most `micro_tokens`
+    tokens each (split_by_tokens). Masks do not depend on the split (MLMCollator)."""
+
+    def __init__(self, collator: MLMCollator, micro_tokens: int) -> None:
+        if micro_tokens < 1:
+            raise ValueError(f"micro_tokens must be positive, got {micro_tokens}")
+        self.collator, self.micro_tokens = collator, micro_tokens
+
+    def __call__(self, samples: list[dict[str, Any]]) -> list[MLMBatch]:
+        if not samples:
+            raise ValueError("empty batch")
+        ends = split_by_tokens([len(s["input_ids"]) for s in samples], self.micro_tokens)
+        return [self.collator(samples[a:b]) for a, b in zip([0, *ends[:-1]], ends)]

@@ -7,7 +7,10 @@
 
 Every document becomes [CLS] tokens [SEP] (max_seq_len 128 by default): truncated as in the
 paper, or with --split-long cut into consecutive windows that each get their own [CLS]/[SEP], so
-no text is lost. Token ids are stored in the smallest unsigned type that fits the vocabulary.
+no text is lost. With --pack, whole sequences are packed into stored rows of up to max_seq_len
+tokens with their boundaries kept (packing.py): the loader gives each sequence its own attention
+span, and the summary reports the packing efficiency (real tokens / row capacity). Token ids are
+stored in the smallest unsigned type that fits the vocabulary.
 Documents go to train/ or val/ by a fixed hash of their position in the input (--val-fraction)
 or as the first N documents (--val-docs); the same input always gives the same split.
 
@@ -83,6 +86,8 @@ class ConvertConfig:
     """Tokens per sample including [CLS] and [SEP]."""
     split_long: bool = False
     """Cut long documents into consecutive windows instead of truncating them."""
+    pack: bool = False
+    """Pack whole sequences into rows of up to max_seq_len tokens, boundaries kept (packing.py)."""
     val_fraction: float = 0.01
     """Fraction of documents held out in val/ (by a fixed hash of the document number)."""
     val_docs: int | None = None
@@ -114,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "    mosaicbert-ds convert data/*.jsonl --tokenizer bert-base-uncased --out /data/mds\n"
         "    mosaicbert-ds convert --hf-dataset allenai/c4 --hf-config en --val-docs 20000 \\\n"
         "        --tokenizer bert-base-uncased --out /data/c4-128\n"
-        "    mosaicbert-ds convert notes.txt.gz --text-unit paragraph --split-long --tokenizer ./tok --out ./mds"
+        "    mosaicbert-ds convert notes.txt.gz --text-unit paragraph --split-long --tokenizer ./tok --out ./mds\n"
+        "    mosaicbert-ds convert data/*.jsonl --max-seq-len 1024 --split-long --pack --tokenizer ./tok --out ./m1024"
     )
     parser.add_argument(
         "inputs",
@@ -157,6 +163,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--split-long", action="store_true", help="cut long documents into windows instead of truncating them"
+    )
+    parser.add_argument(
+        "--pack",
+        action="store_true",
+        help="pack whole sequences into rows of up to --max-seq-len tokens; attention stays within each sequence",
     )
     val = parser.add_mutually_exclusive_group()
     val.add_argument(
@@ -237,6 +248,7 @@ def main(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         max_seq_len=args.max_seq_len,
         split_long=args.split_long,
+        pack=args.pack,
         val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
         val_docs=args.val_docs,
         workers=args.workers,
@@ -279,6 +291,8 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
         "val": {"docs": config.val_docs} if config.val_docs is not None else {"fraction": config.val_fraction},
         "layout": {"block_docs": config.block_docs, "shard_size": config.shard_size},
     }
+    if config.pack:  # only when set: unpacked datasets keep the fingerprints they always had
+        description["pack"] = True
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     if config.part is not None:  # a part is its own output; its dataset is `fingerprint`
         description = {**description, "part": list(config.part)}
@@ -525,12 +539,14 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
 
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
-    sample = SampleSpec(config.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, config.split_long, dtype)
+    sample = SampleSpec(
+        config.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, config.split_long, dtype, config.pack
+    )
     names = _split_names(config)
     spec = BlockSpec(
         str(root), tuple(names), sample, config.shard_size, config.chunk_docs, config.val_docs, config.val_fraction
     )
-    counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in names}
+    counts = {n: {"documents": 0, "samples": 0, "tokens": 0, "sequences": 0} for n in names}
     token_counts = {n: np.zeros(vocab_size, np.int64) for n in names}
     kept = dropped = truncated_docs = 0
     written: list[int] = []
@@ -593,6 +609,7 @@ def _write_splits(config: ConvertConfig, reader: DocumentSource, tokenizer, root
         "vocab_size": vocab_size,
         "max_seq_len": config.max_seq_len,
         "truncation": "split" if config.split_long else "truncate",
+        "packed": config.pack,
         "token_dtype": dtype,
         "shard_hash": SHARD_HASH,
         "block_docs": config.block_docs,
@@ -627,6 +644,13 @@ def _add_counts(total: np.ndarray, more: Any) -> np.ndarray:
     return total
 
 
+def packing_efficiency(index: dict[str, Any]) -> float:
+    """Real tokens over the capacity of the stored rows (samples x max_seq_len), over every split."""
+    samples = sum(c["samples"] for c in index["splits"].values())
+    tokens = sum(c["tokens"] for c in index["splits"].values())
+    return tokens / max(samples * index["max_seq_len"], 1)
+
+
 def _print_summary(index: dict[str, Any], out: Path) -> None:
     kept, dropped = index["tokens_kept"], index["tokens_dropped"]
     total = max(kept + dropped, 1)
@@ -636,6 +660,18 @@ def _print_summary(index: dict[str, Any], out: Path) -> None:
         f"converted {index['documents']:,} documents into {index['samples']:,} samples of at most "
         f"{index['max_seq_len']} tokens ({splits}) in {index['seconds']:.1f}s"
     )
+    sequences = sum(c.get("sequences", 0) for c in index["splits"].values())
+    if index.get("packed"):
+        print(
+            f"packed {sequences:,} sequences into {index['samples']:,} rows of {index['max_seq_len']} tokens: "
+            f"packing efficiency {100 * packing_efficiency(index):.1f}% (real tokens / row capacity)"
+        )
+    else:
+        fill = packing_efficiency(index)
+        print(
+            f"samples fill {100 * fill:.1f}% of {index['max_seq_len']} tokens on average"
+            + ("; --pack would put several sequences in a row" if fill < 0.9 else "")
+        )
     print(
         f"tokens kept {kept:,} ({100 * kept / total:.1f}%), dropped {dropped:,} ({100 * dropped / total:.1f}%) "
         f"by {mode}" + ("; --split-long would keep them all" if dropped else "")
@@ -716,13 +752,13 @@ def merge_parts(out: str, part_dirs: list[str], overwrite: bool = False) -> dict
 
     index = {k: v for k, v in first.items() if k != "part"}
     names = list(first["splits"])
-    counts = {n: {"documents": 0, "samples": 0, "tokens": 0} for n in names}
+    counts = {n: {"documents": 0, "samples": 0, "tokens": 0, "sequences": 0} for n in names}
     for key in ("documents", "samples", "tokens_kept", "tokens_dropped", "documents_truncated"):
         index[key] = sum(ix[key] for _, ix in parts.values())
     for _, ix in parts.values():
         for name in names:
             for key in counts[name]:
-                counts[name][key] += ix["splits"][name][key]
+                counts[name][key] += ix["splits"][name].get(key, 0)
     for name in names:
         if counts[name]["samples"] == 0:
             raise UserError(f"the merged {name}/ split has no documents; convert again with other val options")

@@ -35,6 +35,12 @@ loader that loads it continues with exactly the samples not yet seen, with the s
 on a different world size, micro batch or worker count, as long as the global batch size is
 the same (so the position is on a global-batch boundary). Resumed exactly at the end of an
 epoch, the loader goes straight on to the next epoch.
+
+Token budgets. With `micro_tokens` the trainer reads each rank's whole share of an optimizer step
+at once (batch_size = global batch / world size, no accumulation groups) and the collator splits
+it into micro batches of at most `micro_tokens` tokens (TokenBudgetCollator). The step is still
+the next G samples of the order, so everything above holds unchanged; only the number of micro
+batches varies, per step and per rank.
 """
 
 from __future__ import annotations
@@ -55,8 +61,9 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from ..batch import IGNORE_INDEX
 from ..errors import UserError
-from .collator import MLMCollator
+from .collator import MLMCollator, TokenBudgetCollator
 from .info import default_cache_dir, first_line, is_remote, read_dataset_info
+from .packing import decode_lengths
 
 MAX_DEFAULT_CANONICAL_NODES = 64
 SAMPLES_PER_DEFAULT_CANONICAL_NODE = 4096
@@ -184,7 +191,10 @@ class TokenSampleDataset(StreamingDataset):
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         sample = super().get_item(sample_id, retry)
         ids = np.frombuffer(sample["input_ids"], dtype=self.token_dtype)
-        return {"input_ids": ids, "index": int(sample_id), "epoch": int(self._epoch)}
+        item = {"input_ids": ids, "index": int(sample_id), "epoch": int(self._epoch)}
+        if "doc_lengths" in sample:  # a packed row (convert --pack): its sequences' lengths
+            item["doc_lengths"] = decode_lengths(sample["doc_lengths"])
+        return item
 
 
 class MLMDataLoader(StreamingDataLoader):
@@ -206,6 +216,11 @@ class MLMDataLoader(StreamingDataLoader):
             self.dataset.failure_file = self._failure_file
 
     def _get_batch_size(self, batch: Any) -> int:
+        """Stored samples in a batch (packed rows hold several sequences), or in a step's list of them."""
+        if isinstance(batch, list):
+            return sum(self._get_batch_size(micro) for micro in batch)
+        if isinstance(batch, dict) and "samples" in batch:
+            return int(batch["samples"])
         if isinstance(batch, dict) and "cu_seqlens" in batch:
             return len(batch["cu_seqlens"]) - 1
         return super()._get_batch_size(batch)
@@ -344,6 +359,7 @@ def build_mlm_dataloader(
     pad_to: int | None = None,
     accumulation_steps: int = 1,
     verify_hashes: bool = True,
+    micro_tokens: int | None = None,
 ) -> MLMDataLoader:
     """A resumable loader of masked batches for this rank (batch_size is the per-rank micro batch).
 
@@ -353,9 +369,13 @@ def build_mlm_dataloader(
     with shuffle=False (evaluation) every pass sees the same order and the same masks.
     `pad_to` fixes the padded width; `accumulation_steps` makes the loader yield only complete
     optimizer steps. `verify_hashes` checks each shard's hash from the index as it is
-    decompressed. A shard that cannot be fetched, verified or decompressed raises UserError
-    naming it (also from DataLoader workers). See the module docstring for world sizes and
-    resumption.
+    decompressed. With `micro_tokens`, each item is instead a list of micro batches: the
+    `batch_size` samples read together (for training, this rank's share of one optimizer step)
+    split into micro batches of whole samples of at most `micro_tokens` tokens each
+    (collator.split_by_tokens); which samples a step holds, their masks and the resume position
+    are those of the same batch_size without a budget. A shard that cannot be fetched, verified
+    or decompressed raises UserError naming it (also from DataLoader workers). See the module
+    docstring for world sizes and resumption.
     """
     if not 0.0 < mlm_probability < 1.0:
         raise UserError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
@@ -374,6 +394,13 @@ def build_mlm_dataloader(
     collator = MLMCollator.from_dataset_info(
         info, mlm_probability=mlm_probability, seed=seed, padded=padded, pad_to=pad_to, remask_each_epoch=shuffle
     )
+    if micro_tokens is not None:
+        if micro_tokens < int(info["max_seq_len"]):
+            raise UserError(
+                f"micro_tokens {micro_tokens} is below the dataset's max_seq_len {info['max_seq_len']}: "
+                "a micro batch must hold at least one whole sample"
+            )
+        collator = TokenBudgetCollator(collator, micro_tokens)
     return MLMDataLoader(
         dataset,
         batch_size=batch_size,
@@ -390,7 +417,8 @@ def build_mlm_dataloader(
 
 
 def sample_tokens(batch: dict[str, Any]) -> list[np.ndarray]:
-    """The original (unmasked) token ids of each sample of a batch, for tests and debugging."""
+    """The original (unmasked) token ids of each sequence of a batch (a stored sample, or one
+    sequence of a packed row), for tests and debugging."""
     labels, inputs = batch["labels"], batch["input_ids"]
     original = torch.where(labels != IGNORE_INDEX, labels, inputs)
     if "cu_seqlens" in batch:

@@ -25,6 +25,8 @@ class SampleSpec:
     sep_id: int
     split_long: bool
     dtype: str
+    pack: bool = False
+    """Pack whole sequences into rows of at most max_seq_len tokens (packing.py)."""
 
 
 @dataclass

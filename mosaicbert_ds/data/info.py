@@ -4,9 +4,11 @@ A finished dataset is a folder (local, or remote as streaming understands it: s3
 
     mosaicbert_index.json   our index: tokenizer, max_seq_len, counts, splits (written last)
     tokenizer/              the tokenizer, saved with save_pretrained (no network needed later)
-    train/ val/             streaming MDS sub-datasets, one sample per [CLS] ... [SEP] sequence:
+    train/ val/             streaming MDS sub-datasets, one sample per [CLS] ... [SEP] sequence
+                            (or, with convert --pack, per row of several such sequences):
                             input_ids (bytes: little-endian ids of the index's token_dtype),
-                            length (uint32, tokens in the sample)
+                            length (uint32, tokens in the sample), and for packed rows
+                            doc_lengths (bytes: little-endian uint32 lengths of its sequences)
 
 A conversion in progress writes to `<out>.partial/` with a marker file and only renames it to
 `<out>` at the end, so a stopped conversion never looks finished; `read_dataset_info` refuses

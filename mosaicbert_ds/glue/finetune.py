@@ -13,7 +13,7 @@
 
 MODEL is a transformers folder (MosaicBERT, or a plain Hugging Face BERT for the baseline) or a
 trainer checkpoint (a folder with DeepSpeed's `latest`, exported once into OUT/pretrained).
-Runs use the paper's per-task recipe (tasks.py), max length 256, and start RTE, MRPC and
+Runs use the paper's per-task recipe (tasks.py), max length 256 (--max-length), and start RTE, MRPC and
 STS-B from the MNLI-finetuned model, so MNLI runs first (and is added when they need it).
 MosaicBERT trains on unpadded (cu_seqlens) batches, BERT on padded ones; bf16 autocast on
 CUDA, fp32 on CPU; several processes use DistributedDataParallel (runtime.py).
@@ -44,7 +44,14 @@ from ..interop.folder import check_weight_files
 from ..outputs import atomic_write_json, atomic_write_text
 from .data import Examples, load_split, tokenize
 from .finetune_config import FinetuneConfig, add_finetune_options, load_finetune_config
-from .models import check_vocab, is_trainer_checkpoint, load_tokenizer, resolve_model_dir, trainer_state
+from .models import (
+    check_max_length,
+    check_vocab,
+    is_trainer_checkpoint,
+    load_tokenizer,
+    resolve_model_dir,
+    trainer_state,
+)
 from .report import summarize, to_markdown
 from .runtime import Runtime, setup_runtime
 from .tasks import TASKS, Hparams, Task
@@ -183,7 +190,8 @@ def finetune_glue(cfg: FinetuneConfig, hooks: Hooks | None = None, runtime: Runt
 
     rt = runtime or setup_runtime(cfg.run.device)
     try:
-        model_dir, tok = _prepare_model(model, out, tokenizer, rt)
+        longest = max(plan.hparams.max_length for plan in plans.values())
+        model_dir, tok = _prepare_model(model, out, tokenizer, rt, longest)
         if rt.is_main:
             atomic_write_json(out / RUN_FILE, meta)
 
@@ -207,9 +215,10 @@ def _pretrain_seconds(model: Path) -> float | None:
     return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
-def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) -> tuple[Path, Any]:
-    """(transformers folder, tokenizer), vocabulary checked. A trainer checkpoint is exported into
-    `out` first; when that export turns out unusable, a folder this call created is removed again."""
+def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime, max_length: int) -> tuple[Path, Any]:
+    """(transformers folder, tokenizer), vocabulary and max_length checked. A trainer checkpoint is
+    exported into `out` first; when that export turns out unusable, a folder this call created is
+    removed again."""
     created = not out.exists()
     try:
         if is_trainer_checkpoint(model):
@@ -220,6 +229,7 @@ def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime) 
         check_weight_files(model_dir)  # a truncated file fails here, not when the first task loads it
         tok = load_tokenizer(tokenizer or model_dir)
         check_vocab(model_dir, tok)
+        check_max_length(model_dir, max_length)
         return model_dir, tok
     except UserError:
         if created and rt.is_main:

@@ -123,7 +123,7 @@ FLAGS: dict[str, str] = {
     "device": "run.device",
 }
 """Each flag of add_finetune_options (by argparse dest) and the key it sets; --hparam sets
-hparams.KEY and --no-progress run.progress."""
+hparams.KEY, --max-length hparams.max_length and --no-progress run.progress."""
 
 
 def add_finetune_options(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +157,12 @@ def add_finetune_options(parser: argparse.ArgumentParser) -> None:
         "--save-every", type=int, help="save resumable state every N steps (0: only at the end; default: 2000)"
     )
     parser.add_argument("--eval-batch-size", type=int, help="default: 128")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="tokens per example after truncation, every task (default: the recipe's 256; same as "
+        "hparams.max_length=N; learned position embeddings must cover it, ALiBi models take any length)",
+    )
     parser.add_argument("--limit-train", type=int, help="use only the first N training examples (smoke runs)")
     parser.add_argument("--limit-eval", type=int, help="use only the first N dev examples (smoke runs)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
@@ -166,6 +172,8 @@ def add_finetune_options(parser: argparse.ArgumentParser) -> None:
 def _flag_settings(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """(key, value) for each flag that was given, in FLAGS order, then --hparam, then --no-progress."""
     settings = [(key, getattr(args, dest)) for dest, key in FLAGS.items() if getattr(args, dest, None) is not None]
+    if getattr(args, "max_length", None) is not None:
+        settings.append(("hparams.max_length", args.max_length))
     for item in getattr(args, "hparam", []):
         key, sep, value = item.partition("=")
         if not sep:

@@ -124,6 +124,20 @@ def check_vocab(model_dir: Path, tokenizer: Any) -> None:
         )
 
 
+def check_max_length(model_dir: Path, max_length: int) -> None:
+    """Learned position embeddings must cover max_length; ALiBi models (this project's and the
+    authors' MosaicBERT, which has alibi_starting_size) take any length."""
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if getattr(config, "position_embedding_type", None) == "alibi" or hasattr(config, "alibi_starting_size"):
+        return
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > int(positions):
+        raise UserError(
+            f"max_length {max_length} is longer than the {positions} learned position embeddings of the model "
+            f"in {model_dir}; use --max-length {positions} or less"
+        )
+
+
 def load_for_task(model_dir: Path, task: Task) -> torch.nn.Module:
     """An fp32 sequence classifier for `task`; MSE loss when num_labels is 1, cross-entropy otherwise."""
     config = AutoConfig.from_pretrained(str(model_dir))

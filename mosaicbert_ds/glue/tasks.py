@@ -257,7 +257,7 @@ def apply_overrides(overrides: list[str] | None) -> dict[str, Hparams]:
         if field not in fields:
             raise UserError(f"--hparam {item!r}: unknown key {field!r}; choose from {', '.join(fields)}")
         try:
-            parsed: float | int = int(value) if field == "batch_size" else float(value)
+            parsed: float | int = int(value) if field in ("batch_size", "max_length") else float(value)
         except ValueError:
             raise UserError(f"--hparam {item!r}: {value!r} is not a number") from None
         names = [get_task(task_name).name] if task_name else list(result)

@@ -18,6 +18,7 @@ import torch
 from ..config import MosaicBertConfig
 from ..errors import UserError
 from ..model import MosaicBertForMaskedLM
+from . import token_batches
 from .ds_config import build_ds_config, load_ds_config, precision_path
 from .run_config import RunConfig
 from .schedule import make_scheduler
@@ -71,12 +72,32 @@ def _same(key: str, ours: Any, theirs: Any) -> bool:
     return ours == theirs
 
 
-def resolve_ds_config(cfg: RunConfig, world: int) -> tuple[dict[str, Any], int]:
+def resolve_ds_config(cfg: RunConfig, world: int, info: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:
     """The DeepSpeed config for `world` ranks and the run's total optimizer steps; with a
-    deepspeed_config, the run config is updated to the JSON's values (UserError on a conflict)."""
+    deepspeed_config, the run config is updated to the JSON's values (UserError on a conflict).
+    Token-sized batches (batch.global_tokens, batch.micro_tokens: train.token_batches) read the
+    dataset index (`info`, or read here)."""
+    mean_tokens = None
+    if cfg.batch.global_tokens or cfg.batch.micro_tokens:
+        if info is None:
+            from ..data import read_dataset_info
+
+            info = read_dataset_info(cfg.data.path, cfg.data.remote_cache)
+        mean_tokens = token_batches.mean_sample_tokens(info, cfg.data.train_split)
+    if cfg.batch.global_tokens:
+        if cfg.deepspeed_config:
+            raise UserError(
+                f"batch.global_tokens and {cfg.deepspeed_config}'s train_batch_size both set the global batch; "
+                "drop one of the two"
+            )
+        cfg.batch.global_batch = token_batches.global_batch_for_tokens(cfg.batch.global_tokens, mean_tokens)
+    if cfg.batch.micro_tokens:  # DeepSpeed's micro batch is the rank's whole share: check divisibility only
+        cfg.batch.micro_batch = cfg.batch.global_batch // world if cfg.batch.global_batch % world == 0 else 1
     if cfg.deepspeed_config:
         ds_config = load_ds_config(cfg.deepspeed_config, world)
         for key, theirs in ds_values(ds_config).items():
+            if key == "batch.micro_batch" and cfg.batch.micro_tokens:
+                continue  # replaced by the token budget below
             ours = _get(cfg, key)
             if key in cfg.explicit and not _same(key, ours, theirs):
                 raise UserError(
@@ -100,6 +121,10 @@ def resolve_ds_config(cfg: RunConfig, world: int) -> tuple[dict[str, Any], int]:
             gradient_clipping=o.gradient_clipping,
             bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()),
         )
+    if cfg.batch.micro_tokens:
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        token_batches.token_micro_batches(ds_config, world, stage)
+        cfg.batch.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     total_steps = cfg.duration.steps or math.ceil(cfg.duration.samples / ds_config["train_batch_size"])
     return ds_config, total_steps
 

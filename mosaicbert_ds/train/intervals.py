@@ -113,6 +113,7 @@ class Intervals:
                 "loss": w.loss,
                 "correct": w.correct,
                 "micro": w.micro,
+                "steps": w.steps,
                 "masked": w.masked,
                 "tokens": w.tokens,
                 "samples": w.samples,
@@ -123,7 +124,7 @@ class Intervals:
             engine.device,
         )
         seconds = sums["seconds"] / world  # the mean of the ranks' clocks
-        steps = max(sums["micro"] / (world * engine.gradient_accumulation_steps()), 1)
+        steps = max(sums["steps"] / world, 1)
         masked, tokens = max(sums["masked"], 1), sums["tokens"]
         grad_norm = engine.get_global_grad_norm()
         metrics = {

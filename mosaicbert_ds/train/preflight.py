@@ -11,6 +11,7 @@ line. What it checks (docs/preflight.md lists each message):
 - token ids of a sample of stored sequences (a few shards, up to SAMPLES_PER_SHARD each) are below
   the model's vocabulary, and sequence lengths fit learned position embeddings;
 - the train split holds at least one global batch; the eval split at least one sample;
+- the dataset's max_seq_len fits learned position embeddings and batch.micro_tokens;
 - the output folder is a folder (or can be created) and a file can be written in it, and it is
   not (nor inside) a dataset, an export or other model folder, a checkpoint folder or a tag
   (`folders.check_destination`): a run written there would be swallowed when that is replaced.
@@ -44,6 +45,7 @@ def check_run(cfg: Any, model_config: Any, ds_config: dict[str, Any], info: dict
     from ..data.info import is_remote
 
     path = str(cfg.data.path)
+    check_lengths(cfg, model_config, info)
     global_batch = int(ds_config["train_batch_size"])
     splits = [(cfg.data.train_split, "data.train_split", global_batch)]
     if cfg.eval.interval:
@@ -59,13 +61,33 @@ def check_run(cfg: Any, model_config: Any, ds_config: dict[str, Any], info: dict
             what = "one global batch" if need > 1 else "one sample"
             raise UserError(
                 f"{key}: split {split!r} of {path} has {samples} samples, fewer than {what} "
-                f"({need}); lower batch.global_batch or convert more text"
+                f"({need}); lower batch.global_batch (or batch.global_tokens) or convert more text"
             )
         if is_remote(path):
             check_remote_split(path, split, samples, cfg.data.remote_cache)
         else:
             check_local_split(Path(path), split, samples, info, model_config)
     check_output_dir(cfg.output_dir)
+
+
+def check_lengths(cfg: Any, model_config: Any, info: dict[str, Any]) -> None:
+    """The dataset's longest sample (its index's max_seq_len) against learned position embeddings
+    and the micro batch's token budget."""
+    longest = int(info.get("max_seq_len", 0))
+    if getattr(model_config, "position_embedding_type", "alibi") == "learned":
+        positions = int(model_config.max_position_embeddings)
+        if longest > positions:
+            raise UserError(
+                f"data.path {cfg.data.path} holds sequences of up to {longest} tokens, but the model's learned "
+                f"position embeddings stop at max_position_embeddings={positions}; convert with --max-seq-len "
+                f"{positions} (or, for a new model, set model.overrides.max_position_embeddings={longest})"
+            )
+    budget = cfg.batch.micro_tokens
+    if budget and budget < longest:
+        raise UserError(
+            f"batch.micro_tokens={budget} is below the longest sample of {cfg.data.path} ({longest} tokens): "
+            "a micro batch must hold at least one whole sample"
+        )
 
 
 def _read_split_index(index_file: Path, split: str, expected_samples: int) -> list[dict[str, Any]]:

@@ -53,6 +53,7 @@ from .run_folder import check_fresh_start, clear_previous_run, write_run_files
 from .schedule import retarget_schedule
 from .step import train_step
 from .stops import ExitCode, RunStopped, StopRequests, parse_duration, stop_requests
+from .token_batches import describe_batches, graph_token_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -326,7 +327,7 @@ def setup(p: Plan, stops: StopRequests) -> Run:
         accum=p.ds_config["gradient_accumulation_steps"],
         world=world,
         train_loader=train_loader,
-        graphed=GraphedEngineStep(engine) if p.graphs else None,
+        graphed=GraphedEngineStep(engine, graph_token_step(cfg.batch.micro_tokens)) if p.graphs else None,
         health=health,
         logger=logger,
         intervals=intervals,
@@ -387,15 +388,22 @@ def read_resume_state(p: Plan, resume: tuple[Path, str] | None) -> TrainerState:
 
 
 def build_loaders(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    """The training loader (resumable, whole optimizer steps) and the held-out one (None without eval)."""
-    from ..data import build_mlm_dataloader
+    """The training loader (resumable, whole optimizer steps) and the held-out one (None without eval).
+    With batch.micro_tokens each training item is a rank's whole step as a list of micro batches
+    (train.token_batches); held-out batches are split by the same budget. Rank 0 prints one line
+    saying what a step and a micro batch hold."""
+    from ..data import build_mlm_dataloader, read_dataset_info
 
+    info = read_dataset_info(cfg.data.path, cfg.data.remote_cache)
+    if os.environ.get("RANK", "0") == "0":
+        print(describe_batches(cfg, ds_config, info), file=sys.stderr, flush=True)
     common = dict(
         batch_size=ds_config["train_micro_batch_size_per_gpu"],
         seed=cfg.seed,
         padded=cfg.data.padded,
         remote_cache=cfg.data.remote_cache,
         verify_hashes=cfg.data.verify_hashes,
+        micro_tokens=cfg.batch.micro_tokens,
     )
     train_loader = build_mlm_dataloader(
         cfg.data.path,
@@ -409,6 +417,8 @@ def build_loaders(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     )
     if not (cfg.eval.interval or cfg.eval.interval_seconds):
         return train_loader, None
+    if cfg.batch.micro_tokens:  # about one budget of samples per read
+        common["batch_size"] = max(1, cfg.batch.micro_tokens // int(info["max_seq_len"]))
     eval_loader = build_mlm_dataloader(
         cfg.data.path,
         split=cfg.data.eval_split,

@@ -61,9 +61,16 @@ class DataSection:
 @dataclass
 class BatchSection:
     global_batch: int = 4096
-    """Sequences per optimizer step over all ranks (train_batch_size)."""
+    """Samples per optimizer step over all ranks (train_batch_size)."""
     micro_batch: int = 128
-    """Sequences per rank per forward/backward; accumulation = global / (micro * ranks)."""
+    """Samples per rank per forward/backward; accumulation = global / (micro * ranks)."""
+    micro_tokens: int | None = None
+    """Instead of micro_batch: each rank splits its share of a step (global_batch / ranks samples)
+    into micro batches of whole samples of at most this many tokens, so every micro step costs
+    about the same whatever the lengths; the number of micro batches varies (docs/long_context.md)."""
+    global_tokens: int | None = None
+    """Instead of global_batch: the global batch is the multiple of 64 samples closest to this
+    many tokens at the dataset's mean sample length (from its index), fixed when the run starts."""
 
 
 @dataclass
@@ -203,8 +210,17 @@ class RunConfig:
         )
         need(0.0 < self.data.eval_mlm_probability < 1.0, "data.eval_mlm_probability must be in (0, 1)")
         need(self.batch.global_batch > 0 and self.batch.micro_batch > 0, "batch sizes must be positive")
+        b = self.batch
+        for key in ("micro_tokens", "global_tokens"):
+            value = getattr(b, key)
+            need(value is None or value > 0, f"batch.{key} must be positive, got {value}")
+        for tokens, samples in (("micro_tokens", "micro_batch"), ("global_tokens", "global_batch")):
+            need(
+                getattr(b, tokens) is None or f"batch.{samples}" not in self.explicit,
+                f"batch.{tokens} and batch.{samples} both set the same size: set one of them",
+            )
         need(
-            self.batch.global_batch % self.batch.micro_batch == 0,
+            b.micro_tokens is not None or b.global_tokens is not None or b.global_batch % b.micro_batch == 0,
             f"batch.global_batch ({self.batch.global_batch}) is not a multiple of batch.micro_batch "
             f"({self.batch.micro_batch})",
         )

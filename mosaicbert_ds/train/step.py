@@ -1,11 +1,15 @@
 """One optimizer step of the trainer: accumulation over micro batches, each a forward + backward.
 
 `train_step` takes the step's micro batches from the loader (CPU tensors: their sizes are known
-without waiting for the GPU), weights each micro batch's loss so that the step's gradient is that
-of the mean over every masked token of the global batch, and calls `engine.step()` after each one
-(DeepSpeed steps the optimizer at the accumulation boundary). `forward_backward` runs one micro
-batch, eagerly or as a CUDA-graph replay (train.graphed). Sums for the log interval stay on the
-device in a `Window`, so no micro step waits for the GPU.
+without waiting for the GPU): `accum` of them, or, with token budgets (batch.micro_tokens), the
+list the loader made of this rank's share of the step, whose length varies per step and per rank.
+It weights each micro batch's loss so that the step's gradient is that of the mean over every
+masked token of the global batch, marks the accumulation boundary at this rank's last micro
+batch (`engine.set_gradient_accumulation_boundary`, so DeepSpeed all-reduces and steps the
+optimizer there, whatever its own micro-step count says) and calls `engine.step()` after each
+one. `forward_backward` runs one micro batch, eagerly or as a CUDA-graph replay
+(train.graphed). Sums for the log interval stay on the device in a `Window`, so no micro step
+waits for the GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Window:
         self.loss = torch.zeros((), device=self.device, dtype=torch.float64)
         self.correct = torch.zeros((), device=self.device, dtype=torch.float64)
         self.micro = 0
+        self.steps = 0
         self.masked = 0
         self.tokens = 0
         self.samples = 0
@@ -53,13 +58,14 @@ class Window:
 
 
 def batch_stats(batch: MLMBatch) -> tuple[int, int, int, list[int]]:
-    """(sequences, real tokens, masked tokens, sequence lengths), read from CPU tensors."""
+    """(stored samples, real tokens, masked tokens, sequence lengths), read from CPU tensors. A
+    packed row (convert --pack) is one sample of several sequences."""
     if is_packed(batch):
         cu = batch["cu_seqlens"]
         lens = (cu[1:] - cu[:-1]).tolist()
-        return len(lens), batch["input_ids"].numel(), batch["masked_positions"].numel(), lens
+        return batch.get("samples", len(lens)), batch["input_ids"].numel(), batch["masked_positions"].numel(), lens
     lens = batch["attention_mask"].sum(1).tolist()
-    return len(lens), sum(lens), batch["masked_positions"].numel(), lens
+    return batch.get("samples", len(lens)), sum(lens), batch["masked_positions"].numel(), lens
 
 
 def forward_backward(
@@ -108,13 +114,17 @@ def train_step(
     config: MosaicBertConfig,
     graphed: GraphedEngineStep | None = None,
 ) -> torch.Tensor:
-    """One optimizer step; returns this rank's summed masked-token loss of the step (on the device)."""
-    group = [next(batches) for _ in range(accum)]
+    """One optimizer step; returns this rank's summed masked-token loss of the step (on the device).
+    `accum` is DeepSpeed's gradient_accumulation_steps (1 with token budgets)."""
+    first = next(batches)
+    group = first if isinstance(first, list) else [first, *(next(batches) for _ in range(accum - 1))]
     stats = [batch_stats(batch) for batch in group]
     weight = loss_weight(engine, sum(s[2] for s in stats), accum, world)
     step_loss = torch.zeros((), device=engine.device, dtype=torch.float64)
-    for batch, (n_seq, n_tok, n_masked, lens) in zip(group, stats):
+    for i, (batch, (n_seq, n_tok, n_masked, lens)) in enumerate(zip(group, stats)):
         window.add(n_seq, n_tok, n_masked, training_flops(config, lens, n_masked))
+        engine.set_gradient_accumulation_boundary(i == len(group) - 1)
         step_loss += forward_backward(engine, to_device(batch, engine.device), n_masked, weight, window, graphed)
         engine.step()
+    window.steps += 1
     return step_loss

@@ -33,6 +33,13 @@ def jargon_docs(n: int = 4000) -> list[str]:
     return _cache["docs"][:n]
 
 
+def long_docs(n: int = 40, paragraphs: int = 30) -> list[str]:
+    """`n` documents of `paragraphs` consecutive corpus paragraphs each (about 60 tokens a
+    paragraph with the shipped tokenizer): text long enough for 1024- and 2048-token samples."""
+    docs = jargon_docs(n * paragraphs)
+    return [" ".join(docs[i : i + paragraphs]) for i in range(0, n * paragraphs, paragraphs)]
+
+
 SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 
 

@@ -4,7 +4,9 @@
                             "out": "rank0.json", "state_in": null}'
 
 Takes `steps` micro batches and writes the original token ids of each sample of each batch, and
-the loader's state_dict after them, to `out`.
+the loader's state_dict after them, to `out`. With "micro_tokens" each item the loader yields is
+one step (a list of micro batches): its samples are written as one batch, and the number of micro
+batches of each step under "micro_counts".
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ def main() -> None:
         seed=cfg["seed"],
         num_canonical_nodes=cfg["ncn"],
         remote_cache=cfg.get("remote_cache"),
+        micro_tokens=cfg.get("micro_tokens"),
     )
     if cfg.get("state_in"):
         with open(cfg["state_in"]) as f:
             loader.load_state_dict(json.load(f))
-    batches = []
-    for batch in loader:
-        batches.append([s.tolist() for s in sample_tokens(batch)])
+    batches, counts = [], []
+    for item in loader:
+        micro = item if isinstance(item, list) else [item]
+        batches.append([s.tolist() for batch in micro for s in sample_tokens(batch)])
+        counts.append(len(micro))
         if len(batches) == cfg["steps"]:
             break
     with open(cfg["out"], "w") as f:
-        json.dump({"batches": batches, "state": loader.state_dict()}, f)
+        json.dump({"batches": batches, "micro_counts": counts, "state": loader.state_dict()}, f)
 
 
 if __name__ == "__main__":

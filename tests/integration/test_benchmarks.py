@@ -670,3 +670,52 @@ def test_results_folder_lists_every_raw_file_with_commit_and_command(folder):
     md = (root / "report.md").read_text()
     assert all(f"]({f})" in md for f in listed)
     assert all(f in sources["report_command"] for f in sources["report_inputs"])
+
+
+def test_long_input_benchmark_helpers_and_targets(capsys):
+    """The --lengths modes of benchmarks.attention and benchmarks.step on the CPU: full sequences of
+    each length, the attention share of the exact FLOPs, and the target lines they end with."""
+    from benchmarks.attention import full_regime, regime_lengths, target_lines
+    from benchmarks.step import attention_flops_share, print_lengths
+    from mosaicbert_ds import MosaicBertConfig
+
+    assert regime_lengths(full_regime(8192), total_tokens=32768) == [8192] * 4
+    assert regime_lengths(full_regime(3000), total_tokens=8192) == [3000, 3000, 2192]
+
+    def row(name, length, triton, flex, reach=None):
+        methods = {"triton": {"fwd_bwd_ms": triton}, "flex": {"fwd_bwd_ms": flex}}
+        if reach is not None:
+            methods["triton_reach"] = {"fwd_bwd_ms": reach}
+        return {"regime": {"name": name, "max_seqlen": length}, "methods": methods}
+
+    results = {"regimes": [row("128", 128, 1.0, 9.0), row("L512", 512, 1.0, 1.6), row("L2048", 2048, 2.7, 2.8, 1.4)]}
+    assert target_lines(results) == [
+        "target L512: triton fwd+bwd 1.60x FlexAttention's (meets the 1.5x target)",
+        "target L2048: triton fwd+bwd 1.04x FlexAttention's (MISSES the 1.5x target)",
+        "target L2048: triton_reach fwd+bwd 2.00x FlexAttention's (meets the 1.5x target)",
+    ]
+
+    base = MosaicBertConfig.from_name("base")
+    short, long = attention_flops_share(base, [128] * 256, 9830), attention_flops_share(base, [2048] * 16, 9830)
+    assert 0.01 < short < 0.03 and 0.2 < long < 0.3  # 4 L d per token and layer against ~19M of matmuls
+
+    def step_row(length, mode, mfu):
+        return {
+            "length": length,
+            "mode": mode,
+            "sequences_per_micro": 32768 // length,
+            "tokens_per_micro": 32768,
+            "step_ms": 50.0,
+            "real_tokens_per_sec": 655360.0,
+            "mfu": 0.5,
+            "mfu_exact": mfu,
+            "attention_flops_share": 0.1,
+            "peak_mem_gib": 20.0,
+        }
+
+    print_lengths(
+        [step_row(128, "graphs", 0.50), step_row(2048, "graphs", 0.42), step_row(2048, "graphs+reach", 0.47)], 32768
+    )
+    out = capsys.readouterr().out
+    assert "target (graphs): exact MFU at 2048 is 0.84x its value at 128 (MISSES the >= 0.90x target)" in out
+    assert "target (graphs+reach): exact MFU at 2048 is 0.94x its value at 128 (meets the >= 0.90x target)" in out

@@ -276,3 +276,107 @@ def test_a_kept_decompressed_copy_is_read_only_as_made_from_its_checked_shard(da
     os.utime(garbled, (later, later))  # newer than its compressed shard, as a rewrite would be
     assert [ids_of(b, index_of) for b in loader(copy)] == first
     assert garbled.stat().st_size == size and garbled.stat().st_mtime < later  # made again
+
+
+# ---- token budgets and packed rows ------------------------------------------------------------
+
+
+def concat(step: list[dict], key: str) -> torch.Tensor:
+    return torch.cat([m[key] for m in step])
+
+
+def lengths_of(batch: dict) -> list[int]:
+    cu = batch["cu_seqlens"]
+    return (cu[1:] - cu[:-1]).tolist()
+
+
+def test_token_budget_splits_each_step_into_whole_samples(data):
+    """A step read with micro_tokens is the same samples, in the same order and with the same
+    masks, as without: only cut into micro batches of at most the budget, as few as fit."""
+    fixed = take(iter(loader(data, batch_size=16)), 6)
+    steps = take(iter(loader(data, batch_size=16, micro_tokens=400)), 6)
+    for step, batch in zip(steps, fixed):
+        assert all(m["input_ids"].numel() <= 400 for m in step)
+        for key in ("input_ids", "labels"):
+            assert torch.equal(concat(step, key), batch[key])
+        lengths = lengths_of(batch)
+        assert [n for m in step for n in lengths_of(m)] == lengths
+        fewest, used = 1, 0  # next-fit: the fewest contiguous groups within the budget
+        for n in lengths:
+            fewest, used = (fewest + 1, n) if used + n > 400 else (fewest, used + n)
+        assert len(step) == fewest
+    assert len({len(s) for s in steps}) > 1, "the number of micro batches varies with the lengths"
+
+
+def test_token_budget_resume_continues_exactly_in_either_mode(data):
+    """The position is counted in samples: a token-budget loader resumes a fixed-batch one's state
+    and the other way round, on the step boundary, with the uninterrupted batches."""
+    uninterrupted = take(iter(loader(data, batch_size=16, micro_tokens=500)), 10)
+    first = loader(data, batch_size=16, micro_tokens=500)
+    take(iter(first), 4)
+    state = first.state_dict()
+    assert state["sample_in_epoch"] == 4 * 16
+    del first
+    gc.collect()
+    resumed = loader(data, batch_size=16, micro_tokens=500)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    rest = take(iter(resumed), 6)
+    assert [len(s) for s in rest] == [len(s) for s in uninterrupted[4:]]
+    for a, b in zip(rest, uninterrupted[4:]):
+        assert same_batches(a, b)
+    del resumed
+    gc.collect()
+    fixed = loader(data, batch_size=16)
+    fixed.load_state_dict(state)
+    for batch, step in zip(take(iter(fixed), 6), uninterrupted[4:]):
+        assert torch.equal(batch["input_ids"], concat(step, "input_ids"))
+
+
+def test_token_budget_two_ranks_see_the_steps_of_one(data, index_of, tmp_path):
+    """Two real ranks reading 8 samples each per step, split by a token budget, see exactly the
+    samples of one rank reading 16 per step, although their micro batch counts differ."""
+    ranks = run_ranks(
+        2, {"path": str(data), "batch_size": 8, "seed": SEED, "ncn": NCN, "steps": 4, "micro_tokens": 200}, tmp_path
+    )
+    single = take(iter(loader(data, batch_size=16, micro_tokens=200)), 4)
+    for k, step in enumerate(single):
+        assert {index_of[tuple(s)] for r in ranks for s in r["batches"][k]} == {
+            i for m in step for i in ids_of(m, index_of)
+        }
+    counts = [r["micro_counts"] for r in ranks]
+    assert counts[0] != counts[1], counts  # the accumulation boundary differs per rank
+    assert ranks[0]["state"] == ranks[1]["state"] and ranks[0]["state"]["sample_in_epoch"] == 4 * 16
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    from tests.helpers.data import convert_docs, jargon_docs, tokenizer_dir
+
+    tokenizer_dir(tmp_path_factory)
+    return convert_docs(
+        tmp_path_factory.mktemp("packed"), jargon_docs(300), max_seq_len=256, split_long=True, pack=True, val_docs=20
+    )
+
+
+def test_packed_rows_give_each_sequence_its_own_span(packed):
+    """Packed rows: cu_seqlens marks every [CLS] ... [SEP] sequence, "samples" counts the rows (the
+    resume position), every stored sequence comes out once per epoch, and the padded layout gives
+    each sequence its own row with the same masks."""
+    rows = read_split(packed, "train")
+    expected = sorted(tuple(s.tolist()) for r in rows for s in np.split(r, np.flatnonzero(r == 2)[1:]))
+    ld = loader(packed, batch_size=4, num_canonical_nodes=1, drop_last=False)
+    sequences = []
+    for batch in ld:
+        assert len(batch["cu_seqlens"]) - 1 >= batch["samples"]
+        assert batch["max_seqlen"] == max(lengths_of(batch)) <= 256
+        for s in sample_tokens(batch):
+            assert s[0] == 2 and s[-1] == 3 and not np.isin(s[1:-1], [2, 3]).any()  # one [CLS] ... [SEP]
+            sequences.append(tuple(s.tolist()))
+    assert ld.state_dict()["sample_in_epoch"] == len(rows)  # rows, not sequences
+    assert sorted(sequences) == expected and len(expected) > 2 * len(rows)
+    first = next(iter(loader(packed, batch_size=4, num_canonical_nodes=1)))
+    padded = next(iter(loader(packed, batch_size=4, num_canonical_nodes=1, padded=True)))
+    assert padded["samples"] == 4 and padded["input_ids"].shape[0] == len(first["cu_seqlens"]) - 1
+    assert [s.tolist() for s in sample_tokens(padded)] == [s.tolist() for s in sample_tokens(first)]
+    mask = padded["attention_mask"].bool()
+    assert torch.equal(padded["labels"][mask], first["labels"])

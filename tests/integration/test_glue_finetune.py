@@ -189,6 +189,37 @@ def test_plain_hf_bert_trains_on_padded_batches(tmp_path: Path) -> None:
     assert summary["tasks"]["sst2"]["score"]["n"] == 1
 
 
+def test_max_length_reaches_the_tokenizer_and_alibi_takes_any_length(mosaic_dir: Path, tmp_path: Path) -> None:
+    """--max-length 2048 on an ALiBi model: the examples of a long-text task are cut at 2048
+    tokens, not at the recipe's 256, and the recorded hyperparameter is the integer."""
+    long_text = " ".join(["the hacker wrote a program"] * 500)
+    data = tmp_path / "data" / "SST-2"
+    data.mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        rows = [f"{long_text} {'good' if i % 2 else 'bad'}\t{i % 2}" for i in range(4)]
+        (data / name).write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    rc = cli.main(
+        ["finetune-glue", str(mosaic_dir), "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path / "data")]
+        + [
+            "--tasks",
+            "sst2",
+            "--seeds",
+            "1",
+            "--max-length",
+            "2048",
+            "--hparam",
+            "epochs=1",
+            "--hparam",
+            "batch_size=4",
+        ]
+        + ["--no-progress", "--device", "cpu"]
+    )
+    assert rc == 0
+    result = json.loads((tmp_path / "o" / "sst2" / "seed42" / "result.json").read_text())
+    assert result["hparams"]["max_length"] == 2048 and isinstance(result["hparams"]["max_length"], int)
+    assert result["train_tokens"] == 4 * 2048  # every example is 2500+ tokens long: cut at 2048, not 256
+
+
 def test_trainer_checkpoint_is_exported_then_finetuned(tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     make_trainer_checkpoint(tmp_path / "run", step=4, train_seconds=1800.0)
@@ -272,6 +303,7 @@ def _missing_split_data(tmp_path: Path) -> Path:
         ("out", ["--tasks", "sst2"], "out cannot be created: "),
         ("out-in-checkpoint", ["--tasks", "sst2"], "refusing to write GLUE results into "),
         ("hparam", ["--hparam", "lr=-1"], "lr=-1.0 is out of range"),
+        ("positions", ["--tasks", "sst2", "--max-length", "512"], "longer than the 300 learned position embeddings"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
@@ -292,6 +324,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     elif case == "weights":  # a truncated file: found before any task starts, not when one loads it
         model = Path(shutil.copytree(mosaic_dir, tmp_path / "truncated"))
         (model / "model.safetensors").write_bytes((mosaic_dir / "model.safetensors").read_bytes()[:4000])
+    elif case == "positions":  # a BERT with 300 learned positions
+        model = make_bert_model(tmp_path / "bert")
     out = tmp_path / "out"
     if case == "out":
         (tmp_path / "file").write_text("mine")

@@ -45,6 +45,19 @@ def test_pad_packed_shapes(lengths):
     assert (out["labels"][out["masked_positions"]] != -100).sum() == batch["masked_positions"].numel()
 
 
+def test_pad_packed_keeps_dummy_sequences_short_and_drops_the_sample_count():
+    """At long max_seqlen the dummy sequences stay at most DUMMY_SEQLEN tokens (their attention is
+    cheap), and a packed rows' "samples" count is no part of the bucket's shape."""
+    from mosaicbert_ds.graphs import DUMMY_SEQLEN
+
+    batch = {**packed_batch([2000, 37], 100, seed=1), "samples": 1}
+    out = pad_packed(batch, token_step=4096, mask_step=256)
+    dummy = out["cu_seqlens"][3:] - out["cu_seqlens"][2:-1]
+    assert out["max_seqlen"] == 2048 and "samples" not in out
+    assert dummy.max() <= DUMMY_SEQLEN and len(dummy) == 4096 // DUMMY_SEQLEN
+    assert out["input_ids"].numel() == 4096 and dummy.sum() == 4096 - 2037
+
+
 def test_padded_bucket_gives_the_same_loss_and_gradients():
     """The dummy sequences and masked positions change neither the loss nor any gradient."""
     torch.manual_seed(0)
@@ -230,3 +243,85 @@ def test_graphed_trainer_matches_the_eager_trainer():
         assert abs(a - b) < 5e-2 * abs(b), out
     assert out["update_diff"] < 0.1, out  # relative to the size of the eager run's own update
     assert out["buckets"] >= 1
+
+
+TOKEN_SCRIPT = r"""
+import json, sys, torch
+from mosaicbert_ds import MosaicBertConfig
+from mosaicbert_ds.data.collator import split_by_tokens
+from mosaicbert_ds.train.distributed import init_distributed
+from mosaicbert_ds.train.ds_config import build_ds_config
+from mosaicbert_ds.train.graphed import GraphedEngineStep
+from mosaicbert_ds.train.engine import build_engine
+from mosaicbert_ds.train.step import Window, train_step
+from mosaicbert_ds.train.token_batches import graph_token_step, token_micro_batches
+from benchmarks.synthetic import LengthMix, make_batch
+
+micro, budget = int(sys.argv[1]), int(sys.argv[2])
+env = init_distributed()
+config = MosaicBertConfig.from_name("base", hidden_dropout_prob=0.0)
+mix = LengthMix(max_len=1024, full_fraction=0.3, min_len=16, max_partial=1023)  # long, mixed lengths
+steps = [make_batch(mix, 2 * micro, vocab=config.vocab_size, seed=i)["packed"] for i in range(4)]
+
+
+def cut(batch, ends):
+    # the packed batch's sequences in contiguous groups, each a packed batch of its own
+    cu, out, start = batch["cu_seqlens"].long(), [], 0
+    for end in ends:
+        a, b = int(cu[start]), int(cu[end])
+        labels = batch["labels"][a:b]
+        part = cu[start:end + 1] - a
+        out.append({"input_ids": batch["input_ids"][a:b], "labels": labels, "cu_seqlens": part.to(torch.int32),
+                    "max_seqlen": int((part[1:] - part[:-1]).max()),
+                    "masked_positions": (labels != -100).nonzero().flatten()})
+        start = end
+    return out
+
+
+def lengths(batch):
+    cu = batch["cu_seqlens"]
+    return (cu[1:] - cu[:-1]).tolist()
+
+
+fixed = [m for s in steps for m in cut(s, [micro, 2 * micro])]  # two micro batches of `micro` sequences
+tokens = [cut(s, split_by_tokens(lengths(s), budget)) for s in steps]  # one list per step
+
+
+def run(mode):
+    if mode == "fixed":
+        ds = build_ds_config(global_batch=2 * micro, micro_batch=micro, world_size=1, lr=1e-3, bf16=True)
+    else:
+        ds = build_ds_config(global_batch=2 * micro, micro_batch=micro, world_size=1, lr=1e-3, bf16=True)
+        token_micro_batches(ds, 1, 1)
+    engine, _ = build_engine(config, ds, total_steps=100, warmup_fraction=0.0, final_lr_ratio=0.02)
+    graphed = GraphedEngineStep(engine, graph_token_step(budget)) if mode == "graphs" else None
+    it = iter(fixed if mode == "fixed" else tokens)
+    losses, norms = [], []
+    for _ in range(len(steps)):
+        window = Window(engine.device)
+        train_step(engine, it, engine.gradient_accumulation_steps(), 1, window, config, graphed)
+        losses.append(window.loss.item() / window.masked)
+        norms.append(float(engine.get_global_grad_norm()))
+    return {"losses": losses, "norms": norms, "buckets": len(graphed.step.graphs) if graphed else 0}
+
+
+print(json.dumps({"counts": [len(s) for s in tokens], **{m: run(m) for m in ("fixed", "tokens", "graphs")}}))
+"""
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_token_budget_steps_match_fixed_accumulation_eager_and_graphed():
+    """BF16_Optimizer with token budgets: steps of several micro batches of at most 8192 tokens (the
+    trainer marks the accumulation boundary) give the losses and gradient norms of two fixed micro
+    batches of the same sequences, eagerly and as CUDA-graph replays."""
+    from tests.helpers.ranks import run_script
+
+    out = run_script(TOKEN_SCRIPT, "16", "8192")
+    assert min(out["counts"]) > 2, out["counts"]  # more micro batches than DeepSpeed's accumulation of 1
+    for mode in ("tokens", "graphs"):
+        for a, b in zip(out[mode]["losses"], out["fixed"]["losses"]):
+            assert abs(a - b) < 1e-2 * abs(b), (mode, out)
+        for a, b in zip(out[mode]["norms"], out["fixed"]["norms"]):
+            assert abs(a - b) < 5e-2 * abs(b), (mode, out)
+    assert 1 <= out["graphs"]["buckets"] <= sum(out["counts"]), out["graphs"]["buckets"]

@@ -68,6 +68,8 @@ def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
         "throughput/step_time_sec",
         "loss/eval",
         "accuracy/eval",
+        "loss_by_position/0-127",  # the evaluation by position bucket (train.position_loss)
+        "accuracy_by_position/0-127",
     ):
         assert tag in tags, f"{tag} missing from TensorBoard: {sorted(tags)}"
     assert events.Scalars("throughput/tokens_per_sec")[-1].value > 0

@@ -134,7 +134,7 @@ def test_run_config_json_records_the_values_that_run(datasets, tmp_path):
     res = pretrain(*tiny_run(datasets[0], run, "duration.steps=1", f"deepspeed_config={ds}"))
     assert res.returncode == 0, res.stderr[-3000:]
     recorded = json.loads((run / "run_config.json").read_text())
-    assert recorded["batch"] == {"global_batch": 16, "micro_batch": 8}
+    assert recorded["batch"] == {"global_batch": 16, "micro_batch": 8, "micro_tokens": None, "global_tokens": None}
     assert recorded["optimizer"]["lr"] == 2e-3 and recorded["precision"] == "fp32"
     state = ckpt.read_trainer_state(run / "checkpoints", "step_0000001")
     assert state["global_batch"] == 16 and state["precision"] == "DeepSpeedZeroOptimizer"

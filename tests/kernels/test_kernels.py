@@ -302,13 +302,18 @@ def test_rejections():
         fa.flash_attn_varlen_func(x, x, x, cu, cu, max_seqlen, max_seqlen)
 
 
-def test_buckets_and_candidates_are_consistent():
+def test_buckets_and_candidates_are_consistent(monkeypatch):
     assert [fa._bucket(n) for n in (1, 16, 17, 100, 128, 129, 2048, 4096)] == [16, 16, 32, 128, 128, 256, 2048, 4096]
-    for bucket in (16, 64, 128, 256, 4096):
+    for bucket in (16, 64, 128, 256, 1024, 4096, 16384):
         for head_dim in (32, 64, 128):
-            for c in fa.bwd_candidates(bucket, head_dim):
+            for c in fa.bwd_candidates(bucket, head_dim) + fa.wide_bwd_candidates(bucket, head_dim):
                 assert c.dq_mode != "store" or c.block_n >= bucket, (bucket, head_dim, c)
                 assert c.dq_mode != "kernel" or (c.dq_block_m and c.dq_block_n), c
+    default, wide = fa.fwd_candidates(2048, 64), fa.wide_fwd_candidates(2048, 64)
+    assert fa._with_wide(default, wide) == default  # the grid only on request
+    monkeypatch.setenv("MOSAICBERT_FLASH_CANDIDATES", "wide")
+    merged = fa._with_wide(default, wide)
+    assert merged[: len(default)] == default and len(merged) == len(set(merged)) > len(default)
 
 
 # the regimes of benchmarks/attention.py with 8192 tokens: same kernel specialisations, small oracle
@@ -344,6 +349,64 @@ def test_long_sequences():
     out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
     errors = check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, False, slopes, "4096")
     print("4096", {k: f"{v:.2e}" for k, v in errors.items()})
+
+
+def test_odd_long_length_with_the_long_configurations():
+    """A sequence of 1031 tokens (bucket 2048: the long-sequence defaults, first candidates of
+    both passes, so every block is exercised with a ragged last one) next to a short one. On the
+    CPU this runs in the interpreter, at 2 heads of 32."""
+    heads, head_dim = (12, 64) if ON_GPU else (2, 32)
+    qkv, cu, max_seqlen, dout = make_qkv([1031, 3], heads, head_dim, torch.bfloat16, seed=21)
+    assert fa._bucket(max_seqlen) == 2048
+    fa.force_config(fa.fwd_candidates(2048, head_dim)[0], fa.bwd_candidates(2048, head_dim)[0])
+    try:
+        slopes = alibi_slopes(heads).to(DEVICE)
+        out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    finally:
+        fa.force_config()
+    errors = check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, False, slopes, "1031")
+    print("1031", {k: f"{v:.2e}" for k, v in errors.items()})
+
+
+@pytest.mark.parametrize("dq_mode", ["kernel", "atomic"])
+def test_alibi_reach_skips_only_what_vanishes(dq_mode, forced, monkeypatch):
+    """MOSAICBERT_FLASH_ALIBI_REACH=1: key (and query) blocks beyond ALiBi's reach are skipped. With
+    the 2^-40 margin the result is as close to float64 as the full computation (CPU: head 0 has
+    slope 1/2, a reach of about 80 tokens in sequences of 300, blocks of 32); with a margin of
+    -200 (every program keeps only its own neighbourhood) the gentle head visibly loses mass, so
+    the ranges are in force."""
+    monkeypatch.setenv("MOSAICBERT_FLASH_ALIBI_REACH", "1")
+    if ON_GPU:
+        lengths, heads, head_dim = [4100, 300, 2048, 7], 12, 64
+        slopes = alibi_slopes(12).to(DEVICE)
+    else:
+        monkeypatch.setattr(fa, "REACH_MIN_SEQLEN", 64)
+        forced((F_(32, 32, 4, 1), B_(32, 32, 4, 1, dq_mode, 32, 32)))
+        lengths, heads, head_dim = [300, 7, 200], 2, 32
+        slopes = torch.tensor([0.5, 0.02], device=DEVICE)
+    qkv, cu, max_seqlen, dout = make_qkv(lengths, heads, head_dim, torch.bfloat16, seed=31)
+    out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    errors = check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, False, slopes, f"reach-{dq_mode}")
+    print("reach", dq_mode, {k: f"{v:.2e}" for k, v in errors.items()})
+    monkeypatch.setattr(fa, "ALIBI_SKIP_BITS", -200.0)
+    out_short, dqkv_short = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    ref_out, ref_d = reference(qkv, cu, max_seqlen, dout, False, slopes, torch.float64)
+    for i, name in enumerate(("dq", "dk")):
+        assert rel_err(dqkv_short[:, i], ref_d[:, i]) > 10 * errors[name], name
+    assert rel_err(out_short, ref_out) > 10 * errors["out"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("length", [1031, 2048, 4100, 8192])
+def test_long_sequences_match_float64(length):
+    """Long sequences (odd, power of two, just past one) beside short ones, the default
+    configuration of their bucket, 12 heads of 64, against float64: output and every gradient."""
+    qkv, cu, max_seqlen, dout = make_qkv([length, 5, 300, 1], 12, 64, torch.bfloat16, seed=length)
+    slopes = alibi_slopes(12).to(DEVICE)
+    out, dqkv = kernel_poisoned(qkv, cu, max_seqlen, dout, False, slopes)
+    errors = check_against_oracle(out, dqkv, qkv, cu, max_seqlen, dout, False, slopes, str(length))
+    print(length, {k: f"{v:.2e}" for k, v in errors.items()})
 
 
 @pytest.mark.gpu

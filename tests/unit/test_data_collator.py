@@ -165,3 +165,59 @@ def test_from_dataset_info_excludes_specials_and_unused_from_replacements():
     c = MLMCollator.from_dataset_info(info, mlm_probability=0.15, seed=1)
     assert np.array_equal(c.replacement_ids, REPLACEMENT)
     assert c.mlm_probability == 0.15 and c.seed == 1
+
+
+def test_split_by_tokens_fewest_and_most_even_micro_batches():
+    from mosaicbert_ds.data.collator import split_by_tokens
+
+    assert split_by_tokens([100] * 5, 250) == [2, 4, 5]  # 3 micro batches: 200, 200, 100
+    assert split_by_tokens([100] * 5, 500) == [5]
+    assert split_by_tokens([100, 300, 50, 50, 400, 10], 400) == [2, 4, 5, 6]
+    assert split_by_tokens([50, 50, 50, 50, 10], 200) == [2, 5]  # 100 + 110, where greedy alone gives 200 + 10
+    assert split_by_tokens([500, 10], 400) == [1, 2]  # a sample over the budget stands alone
+    assert split_by_tokens([], 10) == []
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = rng.integers(1, 129, rng.integers(1, 40)).tolist()
+        budget = int(rng.integers(128, 1024))
+        ends = split_by_tokens(lengths, budget)
+        groups = [lengths[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        assert [n for g in groups for n in g] == lengths and all(0 < sum(g) <= budget for g in groups)
+        fewest, used = 1, 0
+        for n in lengths:
+            fewest, used = (fewest + 1, n) if used + n > budget else (fewest, used + n)
+        assert len(groups) == fewest
+
+
+def test_token_budget_collator_masks_as_one_batch():
+    from mosaicbert_ds.data.collator import TokenBudgetCollator
+
+    samples = make_samples(40, np.random.default_rng(3))
+    whole = collator()(samples)
+    micro = TokenBudgetCollator(collator(), 512)(samples)
+    assert len(micro) > 1 and all(m["input_ids"].numel() <= 512 for m in micro)
+    for key in ("input_ids", "labels"):
+        assert torch.equal(torch.cat([m[key] for m in micro]), whole[key])
+
+
+def test_packed_rows_become_one_sequence_each():
+    rng = np.random.default_rng(4)
+    docs = make_samples(6, rng, max_len=40)
+    rows = [
+        {"input_ids": np.concatenate([d["input_ids"] for d in docs[:4]]), "index": 0, "epoch": 0},
+        {"input_ids": np.concatenate([d["input_ids"] for d in docs[4:]]), "index": 1, "epoch": 0},
+    ]
+    rows[0]["doc_lengths"] = np.array([len(d["input_ids"]) for d in docs[:4]])
+    rows[1]["doc_lengths"] = np.array([len(d["input_ids"]) for d in docs[4:]])
+    batch = collator()(rows)
+    cu = batch["cu_seqlens"]
+    assert batch["samples"] == 2 and (cu[1:] - cu[:-1]).tolist() == [len(d["input_ids"]) for d in docs]
+    assert batch["max_seqlen"] == max(len(d["input_ids"]) for d in docs)
+    unpacked = {k: v for k, v in collator()([{**r, "doc_lengths": None} for r in rows]).items()}
+    assert torch.equal(batch["labels"], unpacked["labels"])  # masks are per stored sample
+    padded = collator(padded=True)(rows)
+    assert padded["input_ids"].shape == (6, batch["max_seqlen"]) and padded["samples"] == 2
+    assert torch.equal(padded["labels"][padded["attention_mask"].bool()], batch["labels"])
+    rows[1]["doc_lengths"] = np.array([3])
+    with pytest.raises(ValueError, match="sequences summing to 3"):
+        collator()(rows)

@@ -201,3 +201,68 @@ def test_fetch_replaces_a_cached_copy_atomically(tmp_path):
     _fetch(str(tmp_path / "remote.json"), str(tmp_path / "cache.json"))
     assert (tmp_path / "cache.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json", "remote.json"]
+
+
+def test_row_packer_best_fit_is_deterministic_and_bounded():
+    from mosaicbert_ds.data.packing import RowPacker
+
+    def run(lengths, capacity=10, max_open=2):
+        packer, rows = RowPacker(capacity, max_open), []
+        for i, n in enumerate(lengths):
+            rows += packer.add(np.full(n, i))
+        return [[int(s[0]) for s in row] for row in rows + packer.flush()]
+
+    # 6 opens a row; 3 fits it (room 4 -> 1, closed: too small for any sequence); 5 and 4 share one
+    assert run([6, 3, 5, 4]) == [[0, 1], [2, 3]]
+    # best fit: 3 goes to the row with the least room that takes it (the 7, not the 4)
+    assert run([4, 7, 3]) == [[1, 2], [0]]
+    # more open rows than max_open: the fullest (least room) is closed first
+    assert run([5, 6, 7]) == [[2], [0], [1]]
+    assert run([10, 1, 10]) == [[0], [2], [1]]  # a full row closes at once
+    with pytest.raises(ValueError, match="does not fit a row of 10"):
+        RowPacker(10).add(np.zeros(11))
+
+
+def test_pack_keeps_every_sequence_and_reports_its_efficiency(tmp_path, tok_dir, hf_tok, capsys):
+    docs = jargon_docs(200)
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    common = ["convert", src, "--tokenizer", tok_dir, "--max-seq-len", 64, "--split-long", "--quiet", "--val-docs", 10]
+    code, out, err = run_cli([*common, "--out", tmp_path / "plain", "--workers", 1], capsys)
+    assert code == 0, err
+    assert "--pack would put several sequences in a row" in out  # documents shorter than 64 tokens
+    code, out, err = run_cli([*common, "--out", tmp_path / "packed", "--pack", "--workers", 2], capsys)
+    assert code == 0, err
+    info = read_dataset_info(str(tmp_path / "packed"))
+    capacity = info["samples"] * 64
+    efficiency = sum(c["tokens"] for c in info["splits"].values()) / capacity
+    assert f"into {info['samples']} rows of 64 tokens: packing efficiency {100 * efficiency:.1f}%" in out
+    assert efficiency > 0.9 and info["packed"] is True
+    plain = read_dataset_info(str(tmp_path / "plain"))
+    for split in ("train", "val"):
+        rows = read_split(tmp_path / "packed", split)
+        sequences = [tuple(s.tolist()) for r in rows for s in np.split(r, np.flatnonzero(r == hf_tok.cls_token_id)[1:])]
+        assert all(len(r) <= 64 for r in rows) and len(rows) < len(sequences)
+        # the same sequences as without packing, each once (rows regroup them, in another order)
+        assert sorted(sequences) == sorted(tuple(s.tolist()) for s in read_split(tmp_path / "plain", split))
+        assert info["splits"][split]["sequences"] == len(sequences) == plain["splits"][split]["samples"]
+        assert info["splits"][split]["documents"] == plain["splits"][split]["documents"]
+    assert info["tokens_kept"] == plain["tokens_kept"] and info["tokens_dropped"] == 0
+    # packing happens within each block: one writer or two give the same bytes
+    blocks = [*common, "--pack", "--block-docs", 50]
+    assert run_cli([*blocks, "--out", tmp_path / "w1", "--workers", 1], capsys)[0] == 0
+    assert run_cli([*blocks, "--out", tmp_path / "w2", "--workers", 2], capsys)[0] == 0
+    shards = [
+        {f.relative_to(d): f.read_bytes() for d in [tmp_path / w] for f in d.rglob("*.mds.zstd")} for w in ("w1", "w2")
+    ]
+    assert shards[0] == shards[1] and len(shards[0]) >= 4
+    # the stored lengths are the sequences': what the loader turns into cu_seqlens
+    from streaming import StreamingDataset
+
+    from mosaicbert_ds.data.packing import decode_lengths
+
+    ds = StreamingDataset(local=str(tmp_path / "packed"), split="train", batch_size=1)
+    for i in range(ds.num_samples):
+        ids = np.frombuffer(ds[i]["input_ids"], dtype="<u2")
+        lengths = decode_lengths(ds[i]["doc_lengths"])
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        assert lengths.sum() == len(ids) and (ids[starts] == hf_tok.cls_token_id).all()

@@ -99,6 +99,20 @@ def test_mosaicbert_hub_imports_exactly(tmp_path, heads):
         _close_at_real_tokens(ours(**batch).logits.double(), ref, batch["attention_mask"])
 
 
+def test_mosaicbert_hub_import_runs_past_its_alibi_starting_size(tmp_path):
+    """The authors' layout (alibi_starting_size 512) imported and run at 1500 tokens: the authors'
+    forward (which grows its ALiBi table past the starting size) in float64, within float32 rounding."""
+    sd, cfg, src = hub_folder(tmp_path, d=16, heads=4, ff=20)
+    import_folder(src, tmp_path / "out")
+    ours = MosaicBertForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 104, (1, 1500), generator=g)
+    mask, tt = torch.ones_like(ids), torch.zeros_like(ids)
+    ref = hub_reference(sd, cfg, ids, mask, tt)
+    with torch.no_grad():
+        _close_at_real_tokens(ours(input_ids=ids, attention_mask=mask).logits.double(), ref, mask)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

@@ -120,6 +120,22 @@ def test_alibi_model_extrapolates_past_training_length():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["mosaicbert", "learned_positions"])
+def test_2048_tokens_padded_packed_and_alone_agree(name):
+    """Sequences of 2048 and 700 tokens (learned positions: 2048 of them) beside short ones, tiny
+    widths on the CPU: the padded batch, the packed one and the long sequence alone agree."""
+    torch.manual_seed(0)
+    overrides = {**ABLATIONS[name], "max_position_embeddings": 2048}
+    model = MosaicBertModel(MosaicBertConfig.from_name("tiny", **overrides)).eval()
+    ids, mask, flat, cu = make_batch([2048, 5, 700], 2048, 900)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).last_hidden_state
+        packed = model(flat, cu_seqlens=cu, max_seqlen=2048).last_hidden_state
+        alone = model(ids[:1]).last_hidden_state
+    torch.testing.assert_close(padded[mask.bool()], packed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_every_ablation_trains_and_gradients_reach_every_parameter(name):
     torch.manual_seed(0)
