@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
-from mosaicbert_ds.graphs import GraphedMLMStep
+from mosaicbert_ds.graphed_mlm_step import GraphedMLMStep
 
 from .provenance import describe, provenance
 from .synthetic import FINETUNE, PRETRAIN, make_batch, to_device
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--finetune", action="store_true", help="the finetuning-like length mix")
     parser.add_argument(
-        "--graphs", action="store_true", help="forward + backward as CUDA graphs (mosaicbert_ds.graphs)"
+        "--graphs", action="store_true", help="forward + backward as CUDA graphs (mosaicbert_ds.graphed_mlm_step)"
     )
     parser.add_argument("--gaps", action="store_true", help="only where the GPU idles between kernels")
     args = parser.parse_args()

@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mosaicbert_ds import MosaicBertConfig
-from mosaicbert_ds.train.graphed import GraphedEngineStep
+from mosaicbert_ds.train.graphed_engine_step import GraphedEngineStep
 from mosaicbert_ds.train.step import Window, train_step
 
 from .profile_step import idle_gaps, kind_of

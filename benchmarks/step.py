@@ -33,7 +33,7 @@ import torch
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_ds.flops import peak_flops, training_flops
-from mosaicbert_ds.graphs import GraphedMLMStep
+from mosaicbert_ds.graphed_mlm_step import GraphedMLMStep
 
 from .attention import alibi_reach_on
 from .provenance import write_result
@@ -98,7 +98,7 @@ def time_steps(
 
     Default: fp32 weights under bf16 autocast. master_weights: bf16 weights, no autocast, fp32
     master weights in the optimizer (MasterWeightAdamW). graphs: forward + backward replayed as
-    CUDA graphs (mosaicbert_ds.graphs; bucket padding included in the timed step), the gradients
+    CUDA graphs (mosaicbert_ds.graphed_mlm_step; bucket padding included in the timed step), the gradients
     handed over as the graphs' outputs, or added in place into fixed .grad buffers with
     graph_accumulate (what accumulating over micro batches needs)."""
     model.cuda().train()

@@ -28,7 +28,7 @@ from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_ds.flops import mfu, paper_flops_per_token, peak_flops
 from mosaicbert_ds.train.ds_config import build_ds_config
 from mosaicbert_ds.train.engine import build_engine
-from mosaicbert_ds.train.graphed import GraphedEngineStep
+from mosaicbert_ds.train.graphed_engine_step import GraphedEngineStep
 from mosaicbert_ds.train.step import Window, train_step
 
 from .provenance import write_result

@@ -20,12 +20,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("mosaicbert_ds.data.tokenizer", "train a WordPiece tokenizer on a text corpus"),
     "convert": ("mosaicbert_ds.data.convert", "tokenize text into MDS shards for pretraining"),
     "pretrain": ("mosaicbert_ds.train.pretrain", "pretrain with DeepSpeed (one CPU, one GPU or many nodes)"),
-    "import": ("mosaicbert_ds.interop.cli", "convert a BERT or MosaicBERT transformers folder into this format"),
+    "import": ("mosaicbert_ds.interop.import_command", "convert a BERT or MosaicBERT folder into this format"),
     "export": ("mosaicbert_ds.train.export", "turn a training checkpoint into a transformers folder"),
     "eval-mlm": ("mosaicbert_ds.train.eval_mlm", "held-out MLM loss of a model by position (0-127, 128-511, ...)"),
     "finetune-glue": ("mosaicbert_ds.glue.finetune", "finetune a checkpoint on GLUE and report the average"),
     "pareto": ("mosaicbert_ds.glue.pareto", "GLUE average vs pretraining hours for several checkpoints"),
-    "bench": ("mosaicbert_ds.benchmarks.cli", "throughput, MFU, ablation and scaling reports"),
+    "bench": ("mosaicbert_ds.benchmarks.bench", "throughput, MFU, ablation and scaling reports"),
     "quickstart": ("mosaicbert_ds.quickstart", "convert the bundled corpus, pretrain, export, summarise"),
 }
 

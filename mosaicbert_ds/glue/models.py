@@ -87,7 +87,7 @@ def resolve_model_dir(path: Path, out_dir: Path, is_main: bool = True) -> Path:
             return path
         target = Path(out_dir) / IMPORT_DIR  # transformers' BERT would load it with most weights random
         if is_main and not (target / "config.json").is_file():
-            from mosaicbert_ds.interop.cli import import_folder
+            from mosaicbert_ds.interop.import_command import import_folder
 
             import_folder(path, target)
         return target

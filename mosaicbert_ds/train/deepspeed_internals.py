@@ -11,7 +11,7 @@ a patch silently not applying. What is touched, and why:
   (the ZeRO optimizers need that call; BF16_Optimizer does not). Always applied on that path.
 - `graphed_backward_epilogue`: what `engine.backward` does after autograd for BF16_Optimizer
   (`optimizer.backward_epilogue()`, then `engine.allreduce_gradients()`), for the CUDA-graph step
-  (train.graphed), whose backward is a graph replay instead of an autograd call.
+  (train.graphed_engine_step), whose backward is a graph replay instead of an autograd call.
 - `parse_with_deepspeed`: DeepSpeed's DeepSpeedConfig parser run at a chosen world size, without
   a process group (train.ds_config checks a ds_config for N GPUs on one machine).
 - `batch_bf16_optimizer`: BF16_Optimizer's per-parameter host loops replaced by foreach ops.

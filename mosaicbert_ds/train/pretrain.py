@@ -40,7 +40,7 @@ from .checkpointer import Checkpointer, TrainerState
 from .ds_config import precision_path
 from .engine import build_engine, resolve_ds_config, use_graphs
 from .evaluator import Evaluator
-from .graphed import GraphedEngineStep
+from .graphed_engine_step import GraphedEngineStep
 from .health import Health
 from .intervals import NOTHING, Intervals
 from .metrics import MetricsLogger

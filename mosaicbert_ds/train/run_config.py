@@ -185,7 +185,7 @@ class RunConfig:
     """torch.compile the model's layers."""
     cuda_graphs: bool | None = None
     """Replay each micro batch's forward + backward as a CUDA graph: the host issues one replay
-    instead of thousands of kernels (mosaicbert_ds.train.graphed). Empty (the default): wherever
+    instead of thousands of kernels (mosaicbert_ds.train.graphed_engine_step). Empty (the default): wherever
     they apply (a CUDA GPU, packed batches, bf16 with ZeRO-1, no compile or gradient checkpointing);
     true: required; false: off."""
 

@@ -8,7 +8,7 @@ masked token of the global batch, marks the accumulation boundary at this rank's
 batch (`engine.set_gradient_accumulation_boundary`, so DeepSpeed all-reduces and steps the
 optimizer there, whatever its own micro-step count says) and calls `engine.step()` after each
 one. `forward_backward` runs one micro batch, eagerly or as a CUDA-graph replay
-(train.graphed). Sums for the log interval stay on the device in a `Window`, so no micro step
+(train.graphed_engine_step). Sums for the log interval stay on the device in a `Window`, so no micro step
 waits for the GPU.
 """
 
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..batch import MLMBatch, is_packed, to_device
 from ..config import MosaicBertConfig
 from ..flops import training_flops
-from .graphed import GraphedEngineStep
+from .graphed_engine_step import GraphedEngineStep
 
 
 class Window:
@@ -79,7 +79,7 @@ def forward_backward(
     """One micro batch. The model's loss is the mean over this micro batch's masked tokens;
     `weight` rescales it so the step's gradient is that of the mean over every masked token of
     the global batch, whatever the split into ranks and micro batches. With `graphed`, forward and
-    backward are one CUDA-graph replay (train.graphed)."""
+    backward are one CUDA-graph replay (train.graphed_engine_step)."""
     if graphed is not None:
         out = graphed(batch, n_masked * weight)
     else:

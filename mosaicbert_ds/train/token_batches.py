@@ -82,7 +82,7 @@ def describe_batches(cfg: Any, ds_config: dict[str, Any], info: dict[str, Any]) 
 
 
 def graph_token_step(micro_tokens: int | None) -> int:
-    """The CUDA-graph step's token bucket (mosaicbert_ds.graphs.pad_packed): 256 for micro batches
+    """The CUDA-graph step's token bucket (mosaicbert_ds.graphed_mlm_step.pad_packed): 256 for micro batches
     in samples; with micro_tokens an eighth of the budget (rounded up to 256). A rank's micro
     batches of one step hold about the same number of tokens (split_by_tokens balances them), so
     they replay one or two graphs, padded by at most an eighth of the budget, and a run captures

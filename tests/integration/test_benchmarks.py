@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaicbert_ds.benchmarks import cli as bench_cli
+from mosaicbert_ds.benchmarks import bench as bench_cli
 from mosaicbert_ds.benchmarks import report as rep
 from mosaicbert_ds.benchmarks.scaling_model import (
     DS_CONFIG_DIR,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM
-from mosaicbert_ds.graphs import GraphedMLMStep, pad_packed
+from mosaicbert_ds.graphed_mlm_step import GraphedMLMStep, pad_packed
 from mosaicbert_ds.padding import cu_seqlens_from_lengths
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,7 +48,7 @@ def test_pad_packed_shapes(lengths):
 def test_pad_packed_keeps_dummy_sequences_short_and_drops_the_sample_count():
     """At long max_seqlen the dummy sequences stay at most DUMMY_SEQLEN tokens (their attention is
     cheap), and a packed rows' "samples" count is no part of the bucket's shape."""
-    from mosaicbert_ds.graphs import DUMMY_SEQLEN
+    from mosaicbert_ds.graphed_mlm_step import DUMMY_SEQLEN
 
     batch = {**packed_batch([2000, 37], 100, seed=1), "samples": 1}
     out = pad_packed(batch, token_step=4096, mask_step=256)
@@ -173,7 +173,7 @@ from mosaicbert_ds import MosaicBertConfig
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.distributed import init_distributed
 from mosaicbert_ds.train.ds_config import build_ds_config
-from mosaicbert_ds.train.graphed import GraphedEngineStep
+from mosaicbert_ds.train.graphed_engine_step import GraphedEngineStep
 from mosaicbert_ds.train.engine import build_engine
 from mosaicbert_ds.train.step import Window, train_step
 from benchmarks.synthetic import PRETRAIN, make_batch
@@ -251,7 +251,7 @@ from mosaicbert_ds import MosaicBertConfig
 from mosaicbert_ds.data.collator import split_by_tokens
 from mosaicbert_ds.train.distributed import init_distributed
 from mosaicbert_ds.train.ds_config import build_ds_config
-from mosaicbert_ds.train.graphed import GraphedEngineStep
+from mosaicbert_ds.train.graphed_engine_step import GraphedEngineStep
 from mosaicbert_ds.train.engine import build_engine
 from mosaicbert_ds.train.step import Window, train_step
 from mosaicbert_ds.train.token_batches import graph_token_step, token_micro_batches

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForMaskedLM, ops
-from mosaicbert_ds.interop.cli import import_folder
+from mosaicbert_ds.interop.import_command import import_folder
 from mosaicbert_ds.train.export import export_checkpoint
 from tests.helpers.layouts import hub_folder, hub_reference
 

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForMaskedLM, BertModel
 from mosaicbert_ds import MosaicBertForMaskedLM, MosaicBertModel
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.interop import read_model_folder
-from mosaicbert_ds.interop.cli import import_folder
+from mosaicbert_ds.interop.import_command import import_folder
 from mosaicbert_ds.train.export import export_checkpoint
 from tests.helpers.layouts import hub_folder, hub_reference
 

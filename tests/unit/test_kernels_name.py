@@ -51,7 +51,7 @@ def test_a_source_checkout_finds_kernels_and_benchmarks_under_the_package_names(
     mosaicbert_ds/source_checkout.py maps the folders to mosaicbert_ds.kernels and .benchmarks."""
     site = next(p for p in sys.path if p.endswith("site-packages"))
     code = (
-        "import mosaicbert_ds.benchmarks.cli as bench, mosaicbert_ds.kernels as k\n"
+        "import mosaicbert_ds.benchmarks.bench as bench, mosaicbert_ds.kernels as k\n"
         "print(bench.__file__); print(k.__file__)"
     )
     res = subprocess.run(
@@ -63,4 +63,4 @@ def test_a_source_checkout_finds_kernels_and_benchmarks_under_the_package_names(
         timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split() == [str(ROOT / "benchmarks" / "cli.py"), str(ROOT / "kernels" / "__init__.py")]
+    assert res.stdout.split() == [str(ROOT / "benchmarks" / "bench.py"), str(ROOT / "kernels" / "__init__.py")]

@@ -4,7 +4,7 @@ With the eager step the host issues ~5000 operations per micro batch, and DeepSp
 work (hooks, bookkeeping, the optimizer's Python) comes on top: at micro batch 256 the host is
 about as busy as the GPU, and every smaller micro batch is bound by the host. Here the model's
 forward, backward and the fp32 gradient accumulation are one CUDA-graph replay
-(mosaicbert_ds.graphs.GraphedMLMStep), and DeepSpeed keeps everything around it: the all-reduce
+(mosaicbert_ds.graphed_mlm_step.GraphedMLMStep), and DeepSpeed keeps everything around it: the all-reduce
 at accumulation boundaries, clipping, the optimizer step, the learning-rate schedule, checkpoints.
 
 The micro step does what `engine(**batch)` + `engine.backward(loss)` do for BF16_Optimizer (the
@@ -27,7 +27,7 @@ import torch
 
 from ..batch import PackedBatch
 from ..errors import UserError
-from ..graphs import GraphedMLMStep
+from ..graphed_mlm_step import GraphedMLMStep
 from .deepspeed_internals import check_graphable, fp32_gradient_buffers, graphed_backward_epilogue
 
 
