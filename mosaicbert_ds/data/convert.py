@@ -29,6 +29,7 @@ dataset is staged locally and uploaded (upload.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -296,31 +297,46 @@ def convert_corpus(config: ConvertConfig) -> dict[str, Any]:
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     if config.part is not None:  # a part is its own output; its dataset is `fingerprint`
         description = {**description, "part": list(config.part)}
-    existing = _existing_dataset(out, _fingerprint(description), config.overwrite)
-    if existing is not None:
-        print(f"{out} already holds this dataset; nothing to do (--overwrite rebuilds it)")
-        return existing
+    with _writer_lock(out):
+        existing = _existing_dataset(out, _fingerprint(description), config.overwrite)
+        if existing is not None:
+            print(f"{out} already holds this dataset; nothing to do (--overwrite rebuilds it)")
+            return existing
 
-    partial = _fresh_partial(out)
-    try:
-        (partial / PARTIAL_MARKER).write_text("conversion in progress\n")
-        tokenizer.save_pretrained(str(partial / TOKENIZER_DIR))
-        index = _write_splits(config, reader, tokenizer, partial)
-        index.update(
-            format=FORMAT,
-            fingerprint=_fingerprint(description),
-            dataset_fingerprint=fingerprint,
-            description=description,
-            **config.extra,
-        )
-        _write_index(partial, index)
-        _publish(partial, out)
-    except BaseException as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        _raise_write_failure(err, out)
-        raise
+        partial = _fresh_partial(out)
+        try:
+            (partial / PARTIAL_MARKER).write_text("conversion in progress\n")
+            tokenizer.save_pretrained(str(partial / TOKENIZER_DIR))
+            index = _write_splits(config, reader, tokenizer, partial)
+            index.update(
+                format=FORMAT,
+                fingerprint=_fingerprint(description),
+                dataset_fingerprint=fingerprint,
+                description=description,
+                **config.extra,
+            )
+            _write_index(partial, index)
+            _publish(partial, out)
+        except BaseException as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            _raise_write_failure(err, out)
+            raise
     _print_summary(index, out)
     return index
+
+
+def _writer_lock(out: Path) -> contextlib.AbstractContextManager:
+    """The lock beside `out` that exports and imports take too (train.output_lock): a second
+    conversion into the same folder refuses, naming the first, instead of removing its partial
+    folder. Where nothing can be written beside `out` there is no lock to take; `_fresh_partial`
+    refuses such a place with one line before any work, and a finished dataset there is only read."""
+    from ..train.output_lock import OutputLock
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # the conversion would make it anyway
+        return OutputLock.acquire(out.parent / f".{out.name}.mosaicbert-ds.lock", str(out))
+    except OSError:
+        return contextlib.nullcontext()
 
 
 def _fingerprint(description: dict[str, Any]) -> str:

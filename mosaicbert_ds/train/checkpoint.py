@@ -43,14 +43,6 @@ COMPLETE = "complete.json"
 _TAG = re.compile(r"^step_(\d+)(_universal)?$")
 
 
-def latest_tag(root: str | Path) -> str | None:
-    """The tag `latest` names if it is a complete one, else the newest complete tag (or None)."""
-    try:
-        return resolve_tag(root)
-    except UserError:
-        return None
-
-
 def _latest_hint(root: Path) -> str | None:
     try:
         text = (root / "latest").read_text().strip()

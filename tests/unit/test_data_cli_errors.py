@@ -241,3 +241,21 @@ def test_a_dataset_holding_a_users_file_or_a_foreign_partial_is_not_replaced(tmp
     (tmp_path / "out.partial" / "thesis.tex").unlink()
     assert run_cli([*args, "--overwrite"], capsys)[0] == 0
     assert read_dataset_info(str(tmp_path / "out"))["documents"] == 31
+
+
+def test_two_conversions_into_one_folder_at_once(tmp_path, tok_dir, capsys):
+    """A conversion into `out` in progress (the same real flock `convert` takes) makes a second
+    one refuse, naming the holder, and leave the first one's partial folder alone."""
+    from mosaicbert_ds.train.output_lock import OutputLock
+
+    write_jsonl(tmp_path / "a.jsonl", jargon_docs(30))
+    out = tmp_path / "out"
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / ".mosaicbert_partial").write_text("conversion in progress\n")
+    with OutputLock.acquire(tmp_path / ".out.mosaicbert-ds.lock", str(out)):
+        code, _, err = run_cli(convert_args(tmp_path, tok_dir, tmp_path / "a.jsonl"), capsys)
+        assert_user_error(code, err, f"{out} is being written by another process (pid {os.getpid()} on ")
+        assert not out.exists() and [p.name for p in (tmp_path / "out.partial").iterdir()] == [".mosaicbert_partial"]
+    assert run_cli(convert_args(tmp_path, tok_dir, tmp_path / "a.jsonl"), capsys)[0] == 0
+    assert read_dataset_info(str(out))["documents"] == 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]  # no lock file, no partial left
