@@ -42,7 +42,10 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCE
 
 
 def _tmp_sibling(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """A fresh temporary file beside `path`, named by its writer like `temporary_sibling`'s
+    folders; the leftovers of a killed writer of `path` are removed first."""
+    remove_dead_leftovers(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{HOST_TAG}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(name)
 
@@ -168,9 +171,10 @@ def _alive(pid: int) -> bool:
 
 
 def remove_dead_leftovers(dest: str | os.PathLike) -> list[Path]:
-    """Remove the temporary siblings of `dest` (see `temporary_sibling`) whose writer was a process
-    of this host that no longer exists; returns them. A writer killed between the two renames of a
-    swap left the previous `dest` in its `.old` folder: it is put back first."""
+    """Remove the temporary siblings of `dest` (folders of `temporary_sibling`, files of the atomic
+    writes) whose writer was a process of this host that no longer exists; returns them. A writer
+    killed between the two renames of a swap left the previous `dest` in its `.old` folder: it is
+    put back first."""
     dest = Path(dest)
     prefix = f".{dest.name}."
     removed = []
@@ -180,14 +184,19 @@ def remove_dead_leftovers(dest: str | os.PathLike) -> list[Path]:
         return removed
     for path in siblings:
         name = path.name
-        if not (name.startswith(prefix) and name.endswith((".tmp", ".old")) and path.is_dir()):
+        if not (name.startswith(prefix) and name.endswith((".tmp", ".old"))):
             continue
         pid, _, host = name[len(prefix) :].split(".")[0].partition("-")
         if host != HOST_TAG or not pid.isdigit() or _alive(int(pid)):
             continue
-        if name.endswith(".old") and not dest.exists() and (path / dest.name).is_dir():
-            os.replace(path / dest.name, dest)
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            if name.endswith(".old") and not dest.exists() and (path / dest.name).is_dir():
+                os.replace(path / dest.name, dest)
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(".tmp"):  # a file of atomic_write_bytes or atomic_torch_save
+            path.unlink(missing_ok=True)
+        else:
+            continue
         removed.append(path)
     return removed
 

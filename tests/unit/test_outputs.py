@@ -140,3 +140,21 @@ def test_a_failed_write_leaves_no_folder_it_created(tmp_path):
         with output_folder(dest, "export"):
             raise UserError("no such checkpoint")  # e.g. a bad --tag, found once the lock is held
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_atomic_writes_temporary_file_is_removed_by_the_next_write(tmp_path):
+    from mosaicbert_ds.outputs import atomic_write_json
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = tmp_path / f".results.json.{dead.pid}-{HOST_TAG}.killed.tmp"
+    keep = [
+        tmp_path / f".results.json.{os.getpid()}-{HOST_TAG}.writing.tmp",  # a live writer's
+        tmp_path / ".results.json.notes.tmp",  # not named by a writer
+        tmp_path / f".other.json.{dead.pid}-{HOST_TAG}.killed.tmp",  # another file's: its writer cleans it
+    ]
+    for path in [gone, *keep]:
+        path.write_text("half")
+    atomic_write_json(tmp_path / "results.json", {"ok": 1})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"ok": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["results.json", *(p.name for p in keep)])
