@@ -13,7 +13,8 @@ step, then what the log interval, the evaluator and the checkpointer say is due)
 check before GPU time), `setup` (lock, engine, loaders, restore). The pieces: train.step (one
 optimizer step over micro batches), train.intervals (log intervals: where ranks agree and the
 loop learns what to do next), train.evaluator, train.checkpointer, train.engine (the DeepSpeed
-config and engine), train.run_folder (the output folder and its lock). Exit codes: train.stops
+config and engine), train.resume (checking and restoring a checkpoint), train.run_folder (the
+output folder). Exit codes: train.stops
 and docs/reliability.md.
 """
 
@@ -37,7 +38,6 @@ from ..errors import UserError
 from ..flops import peak_flops
 from . import checkpoint as ckpt
 from .checkpointer import Checkpointer, TrainerState
-from .ds_config import precision_path
 from .engine import build_engine, resolve_ds_config, use_graphs
 from .evaluator import Evaluator
 from .graphed_engine_step import GraphedEngineStep
@@ -48,9 +48,9 @@ from .output_lock import OutputLock
 from .plateau import PlateauWatch
 from .preflight import check_run
 from .reduce import all_reduce_named
+from .resume import read_resume_state, restore
 from .run_config import RunConfig, load_run_config
 from .run_folder import check_fresh_start, clear_previous_run, write_run_files
-from .schedule import retarget_schedule
 from .step import train_step
 from .stops import ExitCode, RunStopped, StopRequests, parse_duration, stop_requests
 from .token_batches import describe_batches, graph_token_step
@@ -253,7 +253,7 @@ def setup(p: Plan, stops: StopRequests) -> Run:
     try:
         resume = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
         replace = check_fresh_start(cfg, resume)
-        state = read_resume_state(p, resume)
+        state = read_resume_state(cfg, p.ds_config, p.info["identity"], resume, world, rank)
         if replace and rank == 0:
             clear_previous_run(out_dir)
         if resume and state.world_size != world:  # ZeRO shards are laid out per rank: the universal format
@@ -278,7 +278,7 @@ def setup(p: Plan, stops: StopRequests) -> Run:
         torch.manual_seed(cfg.seed + 1000 * rank + 1)  # different dropout masks per rank
         train_loader, eval_loader = build_loaders(cfg, p.ds_config)
         if resume:
-            restore(engine, train_loader, state, resume, p, world, rank)
+            restore(engine, train_loader, state, resume, cfg, p.total_steps, world, rank)
         state.world_size = world
         if rank == 0:
             write_run_files(cfg, p.ds_config, p.model_config, p.info)
@@ -338,55 +338,6 @@ def setup(p: Plan, stops: StopRequests) -> Run:
     )
 
 
-def read_resume_state(p: Plan, resume: tuple[Path, str] | None) -> TrainerState:
-    """The trainer state to start from, checked against this run before the engine is built: the
-    precision path, the dataset, the global batch."""
-    cfg, rank = p.cfg, p.rank
-    state = TrainerState(world_size=p.world, global_batch=p.ds_config["train_batch_size"])
-    state.precision = precision_path(p.ds_config)
-    state.dataset = p.info["identity"]
-    if not resume:
-        return state
-    saved = TrainerState.from_dict(ckpt.read_trainer_state(*resume))
-    where = resume[0] / resume[1]
-    saved_path = saved.precision or ckpt.guess_precision_path(where)
-    if saved_path and saved_path != state.precision:
-        raise UserError(
-            f"checkpoint {where} was saved by DeepSpeed's {saved_path}, but this run would load it into "
-            f"{state.precision}; keep the checkpoint's precision and ZeRO settings (precision, optimizer.zero_stage)"
-        )
-    if saved.dataset and saved.dataset != state.dataset:
-        if saved.dataset.get("tokenizer") != state.dataset["tokenizer"]:
-            raise UserError(
-                f"checkpoint {where} was trained with another tokenizer than {cfg.data.path}'s: its token ids "
-                "mean other words; export it and start from it with model.init_from instead"
-            )
-        if not cfg.data.new_dataset:
-            raise UserError(
-                f"checkpoint {where} was trained on another dataset than {cfg.data.path} (same tokenizer, "
-                "another index); set data.new_dataset=true to continue on this one from its beginning"
-            )
-        if rank == 0:
-            print(
-                f"mosaicbert-ds: data.new_dataset: {cfg.data.path} replaces the checkpoint's dataset; its "
-                "data position starts at the beginning",
-                file=sys.stderr,
-                flush=True,
-            )
-        saved.train_loader = {}
-    if saved.global_batch and saved.global_batch != state.global_batch and rank == 0:
-        print(
-            f"mosaicbert-ds: warning: the global batch changes from {saved.global_batch} to {state.global_batch} "
-            f"sequences on resume: from step {saved.step} on each step sees {state.global_batch} sequences (the "
-            "learning-rate schedule, duration.steps and the interval settings count steps of the new size; "
-            "duration.samples and the data position count samples)",
-            file=sys.stderr,
-            flush=True,
-        )
-    saved.precision, saved.dataset, saved.global_batch = state.precision, state.dataset, state.global_batch
-    return saved
-
-
 def build_loaders(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     """The training loader (resumable, whole optimizer steps) and the held-out one (None without eval).
     With batch.micro_tokens each training item is a rank's whole step as a list of micro batches
@@ -429,35 +380,6 @@ def build_loaders(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
         **common,
     )
     return train_loader, eval_loader
-
-
-def restore(
-    engine: Any, train_loader: Any, state: TrainerState, resume: tuple[Path, str], p: Plan, world: int, rank: int
-) -> None:
-    """Weights, optimizer, schedule, data position and RNG from the checkpoint; the schedule is
-    recomputed when the run's duration changed."""
-    root, tag = resume
-    same_world = state.world_size == world
-    engine.load_checkpoint(str(root), tag=tag if same_world else f"{tag}_universal")
-    if state.train_loader:
-        train_loader.load_state_dict(state.train_loader)
-    ckpt.load_rng(root, tag, rank, required=same_world)
-    schedule = p.cfg.schedule
-    old_total = retarget_schedule(
-        engine.lr_scheduler,
-        p.total_steps,
-        schedule.warmup_fraction,
-        schedule.final_lr_ratio,
-        schedule.min_warmup_steps,
-        budget=bool(p.cfg.duration.train_seconds),
-    )
-    if old_total != p.total_steps and rank == 0:
-        print(
-            f"mosaicbert-ds: the duration changes from {old_total} to {p.total_steps} steps: the learning-"
-            f"rate schedule is recomputed for {p.total_steps} steps (lr now {engine.get_lr()[0]:.3g})",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def main(args: argparse.Namespace) -> int:
