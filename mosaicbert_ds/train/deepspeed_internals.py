@@ -1,22 +1,8 @@
 """Every place mosaicbert_ds reaches into DeepSpeed's private internals, checked against the
 DeepSpeed versions it was tested with (TESTED: 0.19.x, as setup.cfg pins). Each function here calls
 `check_version()` first, so an untested DeepSpeed fails with one line naming its version instead of
-a patch silently not applying. What is touched, and why:
-
-- `is_bf16_optimizer`: which precision path DeepSpeed built (its optimizer's class name). The
-  BF16_Optimizer path (bf16, ZeRO stage 1, fp32 gradient accumulation) is the one the patches below,
-  the one-rank all-reduce skip and the CUDA-graph step are written against.
-- `skip_single_rank_allreduce`: on one rank, `engine.enable_backward_allreduce = False`. DeepSpeed
-  would still flatten every gradient, scale it by 1 and copy it back at each accumulation boundary
-  (the ZeRO optimizers need that call; BF16_Optimizer does not). Always applied on that path.
-- `graphed_backward_epilogue`: what `engine.backward` does after autograd for BF16_Optimizer
-  (`optimizer.backward_epilogue()`, then `engine.allreduce_gradients()`), for the CUDA-graph step
-  (train.graphed_engine_step), whose backward is a graph replay instead of an autograd call.
-- `parse_with_deepspeed`: DeepSpeed's DeepSpeedConfig parser run at a chosen world size, without
-  a process group (train.ds_config checks a ds_config for N GPUs on one machine).
-- `batch_bf16_optimizer`: BF16_Optimizer's per-parameter host loops replaced by foreach ops.
-  Off by default (`build_engine(batched_optimizer=False)`): on an H200 its step-time difference
-  is within the run-to-run spread. Details below.
+a patch silently not applying. What each function changes in DeepSpeed, when, and why:
+docs/precision.md, "What the trainer changes in DeepSpeed".
 
 The batched BF16_Optimizer loops. A MosaicBERT-Base step at micro batch 256 on an H200 is about as
 long for the host to issue as for the GPU to run, so host work that DeepSpeed adds could show up as
@@ -131,7 +117,7 @@ def prepare_engine(engine: Any, batched_optimizer: bool = False) -> dict[str, bo
 
 def skip_single_rank_allreduce(engine: Any) -> bool:
     """On one rank with BF16_Optimizer, turn off the engine's gradient all-reduce (nothing to
-    reduce; DeepSpeed would flatten, scale by 1 and copy back every gradient). Returns whether it did."""
+    reduce; docs/precision.md says what it would do). Returns whether it did."""
     if engine.dp_world_size == 1 and is_bf16_optimizer(engine.optimizer):
         engine.enable_backward_allreduce = False
         return True

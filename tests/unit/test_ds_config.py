@@ -1,8 +1,8 @@
 """DeepSpeed configs: the builder, the checks of load_ds_config, and every shipped file.
 
-The shipped files are checked by DeepSpeed's own parser at their world size; the precision table
-in ds_config.py is checked against a real DeepSpeed engine on CPU (in a subprocess, so the
-process group it starts does not leak into other tests).
+The shipped files are checked by DeepSpeed's own parser at their world size; `precision_path`
+(the table in docs/precision.md) is checked against a real DeepSpeed engine on CPU (in a
+subprocess, so the process group it starts does not leak into other tests).
 """
 
 from __future__ import annotations
