@@ -2,7 +2,7 @@
 
 Each optimizer step is *non-finite* on a rank when its summed micro-batch loss or the global
 gradient norm is NaN/inf. Then DeepSpeed's ZeRO optimizer (fp32) or torch's fused AdamW
-(train.ds_patches, through found_inf) skips the step; on other paths the weights may be damaged,
+(train.deepspeed_internals, through found_inf) skips the step; on other paths the weights may be damaged,
 which the check before every save catches. The counters below are updated with a few tiny
 device ops per step and read only at log intervals and saves, in the interval's one collective.
 """
