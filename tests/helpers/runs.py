@@ -1,9 +1,10 @@
-"""Running `mosaicbert-ds pretrain` in a subprocess on the CPU, as a user would, and reading what it wrote."""
+"""Running `mosaicbert-ds` commands in subprocesses on the CPU, as a user would, and reading what they wrote."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +12,47 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT and test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """This environment without GPUs, one OpenMP thread per process, plus `extra`."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
+
+
 def pretrain_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args]
 
 
-def cpu_env() -> dict[str, str]:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+def cli(*args: object, env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`mosaicbert-ds ARGS` in a subprocess from the repository root, on the CPU (`env` adds variables)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mosaicbert_ds.cli", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cpu_env(**(env or {})),
+    )
 
 
-def pretrain(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(pretrain_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cpu_env())
+def pretrain(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`mosaicbert-ds pretrain ARGS` in a subprocess on the CPU."""
+    return cli("pretrain", *args, env=env, timeout=timeout)
+
+
+def deepspeed_launch(
+    nproc: int, *args: str, env: dict[str, str] | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus NPROC --module mosaicbert_ds.cli ARGS` on this host: NPROC gloo ranks
+    on the CPU, started by DeepSpeed's own launcher."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
+    cmd += ["--master_port", str(free_port()), "--no_local_rank", "--module", "mosaicbert_ds.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cpu_env(**(env or {})))
 
 
 def tiny_run(data: Path, out: Path, *extra: str) -> list[str]:
@@ -42,7 +74,13 @@ def last_line(res: subprocess.CompletedProcess) -> str:
 
 
 def metrics_rows(run: Path) -> list[dict]:
+    """Every row of a run's metrics.jsonl, in the order written."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    """The training loss of each logged step; a step logged twice (after a resume) keeps its last value."""
+    return {r["step"]: r["loss/train"] for r in metrics_rows(run) if "loss/train" in r}
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +18,15 @@ from streaming.base.batching import generate_work
 from streaming.base.world import World
 
 from mosaicbert_ds.data import build_mlm_dataloader, build_mlm_dataset, default_num_canonical_nodes, sample_tokens
-from tests.helpers.data import loader_dataset, read_split
+from tests.helpers.data import read_split
+from tests.helpers.ranks import run_loader_ranks
 
-RANK_SCRIPT = Path(__file__).resolve().parents[1] / "helpers" / "loader_rank.py"
 SEED, NCN = 3, 4
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return loader_dataset(tmp_path_factory)
+def data(loader_data) -> Path:
+    return loader_data
 
 
 @pytest.fixture(scope="module")
@@ -174,47 +171,11 @@ def test_global_step_is_the_same_set_for_every_layout(data, ncn):
         assert len(reference) >= 20 and all(len(s) == 16 for s in reference)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(world: int, cfg: dict, tmp_path: Path) -> list[dict]:
-    """Run `world` real ranks (gloo, one process each) of tests/helpers/loader_rank.py."""
-    port = free_port()
-    procs, outs = [], []
-    for rank in range(world):
-        out = tmp_path / f"rank{rank}.json"
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(RANK_SCRIPT), json.dumps({**cfg, "out": str(out)})],
-                env=env,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-        outs.append(out)
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-    return [json.loads(o.read_text()) for o in outs]
-
-
 def test_two_real_ranks_match_accumulation_and_resume_on_one(data, index_of, tmp_path):
     """World 2 x micro 4 for 3 steps, then resumed on world 1 x micro 8: the samples of every
     global step are those of world 1 x micro 4 x 2 accumulation steps, and the resumed run
     continues with exactly the uninterrupted run's batches (masks included)."""
-    ranks = run_ranks(2, {"path": str(data), "batch_size": 4, "seed": SEED, "ncn": NCN, "steps": 3}, tmp_path)
+    ranks = run_loader_ranks(2, {"path": str(data), "batch_size": 4, "seed": SEED, "ncn": NCN, "steps": 3}, tmp_path)
     single = list(loader(data, batch_size=4))
     single_ids = [ids_of(b, index_of) for b in single]
     for k in range(3):
@@ -335,7 +296,7 @@ def test_token_budget_resume_continues_exactly_in_either_mode(data):
 def test_token_budget_two_ranks_see_the_steps_of_one(data, index_of, tmp_path):
     """Two real ranks reading 8 samples each per step, split by a token budget, see exactly the
     samples of one rank reading 16 per step, although their micro batch counts differ."""
-    ranks = run_ranks(
+    ranks = run_loader_ranks(
         2, {"path": str(data), "batch_size": 8, "seed": SEED, "ncn": NCN, "steps": 4, "micro_tokens": 200}, tmp_path
     )
     single = take(iter(loader(data, batch_size=16, micro_tokens=200)), 4)
