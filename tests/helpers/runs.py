@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +45,56 @@ def cli(*args: object, env: dict[str, str] | None = None, timeout: int = 900) ->
 def pretrain(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """`mosaicbert-ds pretrain ARGS` in a subprocess on the CPU."""
     return cli("pretrain", *args, env=env, timeout=timeout)
+
+
+def _streaming_registrations() -> set[str]:
+    """The shared-memory names mosaicml-streaming registers a dataset under (`NNNNNN_locals`)."""
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.endswith("_locals")}
+    except OSError:
+        return set()
+
+
+def side_by_side(
+    *commands: list[str], env: dict[str, str] | None = None, timeout: int = 900, settle: float = 120
+) -> list[subprocess.CompletedProcess]:
+    """Run independent one-process commands (argv lists) at the same time, each on one thread of
+    the CPU (cpu_env), and return their results in order: runs that do not depend on each other
+    take about one run's time on a machine with a core for each.
+
+    Each command starts once the one before it has registered its datasets with streaming (or
+    has ended, or after `settle` seconds): streaming takes the first free shared-memory prefix,
+    and two runs that look at the same moment can both take it (FileExistsError)."""
+    results: list[subprocess.CompletedProcess | BaseException | None] = [None] * len(commands)
+
+    def wait(i: int, proc: subprocess.Popen, argv: list[str]) -> None:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            results[i] = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            proc.kill()
+            proc.communicate()
+            results[i] = exc
+
+    threads = []
+    for i, argv in enumerate(commands):
+        before = _streaming_registrations()
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(**(env or {}))
+        )
+        threads.append(threading.Thread(target=wait, args=(i, proc, argv)))
+        threads[-1].start()
+        end = time.monotonic() + settle
+        while i + 1 < len(commands) and proc.poll() is None and time.monotonic() < end:
+            if _streaming_registrations() - before:
+                break
+            time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
 
 
 def deepspeed_launch(

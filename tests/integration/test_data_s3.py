@@ -27,7 +27,7 @@ from mosaicbert_ds.data.info import check_dataset  # noqa: E402
 from mosaicbert_ds.errors import UserError  # noqa: E402
 from tests.helpers.data import jargon_docs, tokenizer_dir, write_jsonl  # noqa: E402
 from tests.helpers.ranks import run_loader_ranks  # noqa: E402
-from tests.helpers.runs import ROOT, free_port, losses, pretrain  # noqa: E402
+from tests.helpers.runs import ROOT, free_port, losses, pretrain, pretrain_cmd, side_by_side  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -127,11 +127,14 @@ def test_pretrain_from_s3_trains_and_resumes_exactly(s3, remote, tmp_path):
         "checkpoint.interval=0",
         "data.num_workers=1",
     ]
-    full = pretrain(*common, f"output_dir={tmp_path / 'full'}", f"data.remote_cache={tmp_path / 'c1'}", env=s3)
-    assert full.returncode == 0, full.stderr[-3000:]
-    first = pretrain(
-        *common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}", "--stop-after", "3", env=s3
+    full, first = side_by_side(  # the uninterrupted run and the first part of the split one
+        pretrain_cmd(*common, f"output_dir={tmp_path / 'full'}", f"data.remote_cache={tmp_path / 'c1'}"),
+        pretrain_cmd(
+            *common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}", "--stop-after", "3"
+        ),
+        env=s3,
     )
+    assert full.returncode == 0, full.stderr[-3000:]
     assert first.returncode == 0, first.stderr[-3000:]
     second = pretrain(*common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}", env=s3)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers.runs import cli, losses, pretrain
+from tests.helpers.runs import cli, losses, pretrain, pretrain_cmd, side_by_side
 
 
 def test_smoke_run_logs_checkpoints_and_exports(jargon_data, tmp_path):
@@ -82,9 +82,11 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(jargon_data
         "eval.interval=0",
         "checkpoint.interval=0",
     ]
-    full = pretrain(*common, f"output_dir={tmp_path / 'full'}")
+    full, first = side_by_side(  # the uninterrupted run and the first part of the split one
+        pretrain_cmd(*common, f"output_dir={tmp_path / 'full'}"),
+        pretrain_cmd(*common, f"output_dir={tmp_path / 'split'}", "--stop-after", "3"),
+    )
     assert full.returncode == 0, full.stderr[-3000:]
-    first = pretrain(*common, f"output_dir={tmp_path / 'split'}", "--stop-after", "3")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     second = pretrain(*common, f"output_dir={tmp_path / 'split'}")
