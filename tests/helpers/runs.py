@@ -56,16 +56,22 @@ def _streaming_registrations() -> set[str]:
 
 
 def side_by_side(
-    *commands: list[str], env: dict[str, str] | None = None, timeout: int = 900, settle: float = 120
+    *commands: list[str],
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+    at_once: int | None = None,
+    settle: float = 120,
 ) -> list[subprocess.CompletedProcess]:
-    """Run independent one-process commands (argv lists) at the same time, each on one thread of
-    the CPU (cpu_env), and return their results in order: runs that do not depend on each other
-    take about one run's time on a machine with a core for each.
+    """Run independent commands (argv lists) at the same time, `at_once` at most (default: all),
+    each process on one thread of the CPU (cpu_env), and return their results in order: runs that
+    do not depend on each other take about one run's time on a machine with a core for each.
 
-    Each command starts once the one before it has registered its datasets with streaming (or
-    has ended, or after `settle` seconds): streaming takes the first free shared-memory prefix,
-    and two runs that look at the same moment can both take it (FileExistsError)."""
+    A command starts once the one started before it has registered its datasets with streaming,
+    has ended, or has run `settle` seconds: streaming takes the first free shared-memory prefix,
+    and two runs that look at the same moment can both take it (FileExistsError). Commands that
+    stop before they read a dataset (refusals) pass settle=0."""
     results: list[subprocess.CompletedProcess | BaseException | None] = [None] * len(commands)
+    slots = threading.Semaphore(at_once or len(commands))
 
     def wait(i: int, proc: subprocess.Popen, argv: list[str]) -> None:
         try:
@@ -75,9 +81,12 @@ def side_by_side(
             proc.kill()
             proc.communicate()
             results[i] = exc
+        finally:
+            slots.release()
 
     threads = []
     for i, argv in enumerate(commands):
+        slots.acquire()
         before = _streaming_registrations()
         proc = subprocess.Popen(
             argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(**(env or {}))
@@ -97,14 +106,25 @@ def side_by_side(
     return results  # type: ignore[return-value]
 
 
+def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
+    """`deepspeed --num_gpus NPROC --module mosaicbert_ds.cli ARGS`: NPROC gloo ranks on the CPU of
+    this host, started by DeepSpeed's own launcher."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
+    return cmd + ["--master_port", str(free_port()), "--no_local_rank", "--module", "mosaicbert_ds.cli", *args]
+
+
 def deepspeed_launch(
     nproc: int, *args: str, env: dict[str, str] | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus NPROC --module mosaicbert_ds.cli ARGS` on this host: NPROC gloo ranks
-    on the CPU, started by DeepSpeed's own launcher."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
-    cmd += ["--master_port", str(free_port()), "--no_local_rank", "--module", "mosaicbert_ds.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cpu_env(**(env or {})))
+    """Run deepspeed_cmd(NPROC, ARGS) on the CPU."""
+    return subprocess.run(
+        deepspeed_cmd(nproc, *args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cpu_env(**(env or {})),
+    )
 
 
 def tiny_run(data: Path, out: Path, *extra: str) -> list[str]:

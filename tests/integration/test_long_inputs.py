@@ -17,7 +17,7 @@ import torch
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train import token_batches
 from tests.helpers.data import convert_docs, long_docs
-from tests.helpers.runs import cli, deepspeed_launch, losses, metrics_rows, pretrain
+from tests.helpers.runs import cli, deepspeed_cmd, losses, metrics_rows, pretrain, pretrain_cmd, side_by_side
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 4
@@ -59,15 +59,13 @@ def runs(jargon_data, tmp_path_factory) -> dict[str, tuple[Path, subprocess.Comp
     batches of at most 300 tokens and the global batch from batch.global_tokens: both 64 samples
     per step."""
     tmp = tmp_path_factory.mktemp("runs")
-    fixed = pretrain(*common(jargon_data, tmp / "fixed"), "batch.global_batch=64", "batch.micro_batch=16")
-    assert fixed.returncode == 0, fixed.stderr[-4000:]
-    two = deepspeed_launch(
-        2,
-        "pretrain",
-        *common(jargon_data, tmp / "two"),
-        "batch.global_tokens=4000",
-        "batch.micro_tokens=300",
+    fixed, two = side_by_side(  # independent runs, at the same time
+        pretrain_cmd(*common(jargon_data, tmp / "fixed"), "batch.global_batch=64", "batch.micro_batch=16"),
+        deepspeed_cmd(
+            2, "pretrain", *common(jargon_data, tmp / "two"), "batch.global_tokens=4000", "batch.micro_tokens=300"
+        ),
     )
+    assert fixed.returncode == 0, fixed.stderr[-4000:]
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     return {"fixed": (tmp / "fixed", fixed), "two": (tmp / "two", two)}
 

@@ -1,6 +1,8 @@
 """The trainer end to end on the CPU: real DeepSpeed engine, real MDS data, real TensorBoard files."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,29 +99,41 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(jargon_data
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-6), (step, a, b)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["tiny-cpu", "data.path={data}", "optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
-        (["tiny-cpu", "data.path={data}", "duration.steps=ten"], "duration.steps must be an integer"),
-        (["tiny-cpu", "data.path={data}", "batch.global_batch=30"], "not a multiple of batch.micro_batch"),
-        (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
-        (["no-such-recipe"], "not found"),
-        (["tiny-cpu", "data.path={data}", "data.eval_split=heldout"], "data.eval_split: "),  # preflight.check_run
-        (["tiny-cpu", "data.path={data}", "model.overrides.num_attention_heads=3"], "must divide hidden_size"),
-        (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
-    ],
-)
-def test_bad_input_fails_with_one_clear_line(jargon_data, tmp_path, args, message):
-    (tmp_path / "bad.json").write_text(
-        json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1})
-    )
-    args = [a.format(data=jargon_data, tmp=tmp_path) for a in args]
-    res = pretrain(*args, f"output_dir={tmp_path / 'run'}", "--dry-run")
+BAD_INPUTS = [
+    (["tiny-cpu", "data.path={data}", "optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
+    (["tiny-cpu", "data.path={data}", "duration.steps=ten"], "duration.steps must be an integer"),
+    (["tiny-cpu", "data.path={data}", "batch.global_batch=30"], "not a multiple of batch.micro_batch"),
+    (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
+    (["no-such-recipe"], "not found"),
+    (["tiny-cpu", "data.path={data}", "data.eval_split=heldout"], "data.eval_split: "),  # preflight.check_run
+    (["tiny-cpu", "data.path={data}", "model.overrides.num_attention_heads=3"], "must divide hidden_size"),
+    (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(jargon_data, tmp_path_factory) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """Each of BAD_INPUTS as a `pretrain --dry-run` in its own folder, two at a time (each is a
+    process start and a refusal): [(folder, result)] in BAD_INPUTS' order."""
+    folders, commands = [], []
+    for args, _ in BAD_INPUTS:
+        tmp = tmp_path_factory.mktemp("bad")
+        (tmp / "bad.json").write_text(
+            json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1})
+        )
+        args = [a.format(data=jargon_data, tmp=tmp) for a in args]
+        folders.append(tmp)
+        commands.append(pretrain_cmd(*args, f"output_dir={tmp / 'run'}", "--dry-run"))
+    return list(zip(folders, side_by_side(*commands, at_once=2, settle=0)))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[message for _, message in BAD_INPUTS])
+def test_bad_input_fails_with_one_clear_line(refusals, case):
+    tmp, res = refusals[case]
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     last = res.stderr.strip().splitlines()[-1]
-    assert message in last and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert BAD_INPUTS[case][1] in last and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not (tmp / "run" / "checkpoints").exists()
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_shape(jargon_data, tmp_path):
