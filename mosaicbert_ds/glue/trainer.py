@@ -126,7 +126,7 @@ def train_step(
     return loss.detach()
 
 
-def graphed_step(model: torch.nn.Module, rt: Runtime, pad_id: int) -> GraphedGlueStep:
+def make_graphed_step(model: torch.nn.Module, rt: Runtime, pad_id: int) -> GraphedGlueStep:
     """The CUDA-graph step for `model`; UserError (one line) where it cannot run."""
     if rt.device.type != "cuda" or rt.distributed:
         raise UserError("run.cuda_graphs=true runs on one CUDA device (one process)")
@@ -237,7 +237,7 @@ def run_seed(
         if rt.distributed
         else model
     )
-    graphed = graphed_step(model, rt, pad_id) if cuda_graphs else None
+    graphed = make_graphed_step(model, rt, pad_id) if cuda_graphs else None
     if progress is not None:
         progress.update(step)
     recent: list[torch.Tensor] = []

@@ -4,6 +4,7 @@ refusals of run.cuda_graphs. The replays themselves: tests/integration/test_glue
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from transformers import BertConfig
 
 from mosaicbert_ds import MosaicBertConfig, MosaicBertForSequenceClassification, cli
 from mosaicbert_ds.errors import UserError
+from mosaicbert_ds.glue import finetune
 from mosaicbert_ds.glue.data import Tokenized
 from mosaicbert_ds.glue.finetune_config import load_finetune_config
 from mosaicbert_ds.glue.graphed_step import (
@@ -23,7 +25,7 @@ from mosaicbert_ds.glue.graphed_step import (
     weighted_loss,
 )
 from mosaicbert_ds.glue.runtime import Runtime
-from mosaicbert_ds.glue.trainer import graphed_step
+from mosaicbert_ds.glue.trainer import make_graphed_step
 from mosaicbert_ds.graphed_mlm_step import DUMMY_SEQLEN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,10 +183,23 @@ def test_the_graphed_step_refuses_cpu_and_ddp_with_one_line():
         GraphedGlueStep(model)
     for rt in (Runtime(torch.device("cpu")), Runtime(torch.device("cpu"), rank=0, world_size=2)):
         with pytest.raises(UserError, match=r"^run.cuda_graphs=true runs on one CUDA device \(one process\)$"):
-            graphed_step(model, rt, 0)
+            make_graphed_step(model, rt, 0)
     bert = MosaicBertForSequenceClassification(MosaicBertConfig.from_name("tiny", attention_impl="torch"))
     with pytest.raises(ValueError, match="attention_impl=torch"):
         GraphedGlueStep(bert)
+
+
+def from_command_line(argv: list[str]):
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser)
+    args = parser.parse_intermixed_args(["m", "--out", "o", *argv])  # as cli.main parses them
+    return load_finetune_config(args.overrides, args, model=args.model, out=args.out)
+
+
+def test_the_flag_sets_the_key():
+    assert from_command_line(["--cuda-graphs"]).run == from_command_line(["run.cuda_graphs=true"]).run
+    assert from_command_line(["--no-cuda-graphs"]).run == from_command_line(["run.cuda_graphs=false"]).run
+    assert from_command_line([]).run.cuda_graphs is None
 
 
 def test_auto_is_off_and_true_is_refused_where_it_cannot_run():
