@@ -10,12 +10,13 @@ Bucketing: a packed GLUE batch (glue.data.Tokenized.batch: input_ids (T,), token
 cu_seqlens (B + 1,), max_seqlen, labels (B,)) becomes
   - max_seqlen: the next power of two, at least 16 (graphed_mlm_step.seqlen_bucket);
   - T tokens: `token_bucket(T)`, the next of TOKEN_BUCKETS_PER_OCTAVE evenly spaced sizes per power
-    of two above T (so the padding is at most an eighth of the tokens, and at least one token);
+    of two above T, in steps of at least MIN_TOKEN_STEP (so at least one and at most max(16, T / 8)
+    tokens of padding);
   - B rows: B plus enough dummy rows to hold the extra tokens in sequences of at most
     min(max_seqlen, DUMMY_SEQLEN) tokens, rounded up to a multiple of BATCH_STEP.
 The dummy rows come after the real ones and hold the extra tokens (pad id, token type 0): the
-last dummy row is never empty and empty ones sit before it, so every row's first token (what the
-pooler reads) is a real index. A real sequence attends only within itself (cu_seqlens), so the
+last dummy row is never empty and empty ones sit before it, so every row's first-token index (what
+the pooler reads) lies inside the batch. A real sequence attends only within itself (cu_seqlens), so the
 dummy rows change no real row's hidden states; their loss weight is 0 and every real row's is 1 / B,
 so the loss is the mean over the real examples and the gradients are those of the unpadded batch
 (up to summation order inside the matmuls).
@@ -42,7 +43,7 @@ from ..graphed_mlm_step import DUMMY_SEQLEN, GraphedStep, _round_up, seqlen_buck
 TOKEN_BUCKETS_PER_OCTAVE = 8
 """Token-count buckets per power of two: [2^k, 2^(k+1)) is cut into this many equal steps."""
 MIN_TOKEN_STEP = 16
-"""The smallest token step (batches under 128 tokens share buckets of 16)."""
+"""The smallest token step (below 256 tokens every bucket is 16 wide)."""
 BATCH_STEP = 8
 """Rows (real + dummy) are a multiple of this."""
 
@@ -99,7 +100,7 @@ def pad_glue(
 
 
 def problem_type(model: torch.nn.Module) -> str:
-    """ "regression" or "single_label_classification", as the model's own loss decides it."""
+    """The model's loss: regression or single_label_classification, decided as the model decides it."""
     config = model.config
     kind = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
     if kind not in ("regression", "single_label_classification"):
