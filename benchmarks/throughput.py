@@ -3,6 +3,7 @@
     python -m benchmarks.throughput --out throughput.json              # models x micro batches
     python -m benchmarks.throughput --ablations --out ablations.json  # BERT-Base -> MosaicBERT
     python -m benchmarks.throughput --sweep --out sweep.json          # micro 16..256, eager vs fast path
+    python -m benchmarks.throughput --finetune --out finetune.json    # GLUE step: eager, graphs, HF BERT
 
 Each configuration gets a fresh engine (bf16, ZeRO-1, fused AdamW: what `pretrain` runs) and is fed
 synthetic batches with the C4-like length mix (benchmarks.synthetic) through the trainer's own
@@ -10,7 +11,8 @@ synthetic batches with the C4-like length mix (benchmarks.synthetic) through the
 device synchronisations. Real tokens/s counts non-pad tokens; MFU is the paper's Appendix H
 formula, `mfu_exact` uses the exact matmul count (attention and the masked-only head included).
 The bare-step row times the same model without DeepSpeed (autocast, fused AdamW; benchmarks.step)
-on the same batches, for the trainer-overhead ratio.
+on the same batches, for the trainer-overhead ratio. `--finetune` times the GLUE finetuning step
+instead (benchmarks.glue_step; it also runs on a CPU with `--preset tiny --device cpu`).
 """
 
 from __future__ import annotations
@@ -230,10 +232,12 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
         base = by_name.get(r.get("baseline") or "")
         ratio = f"{r['real_tokens_per_sec'] / base['real_tokens_per_sec']:.2f}x" if base else "-"
         exact = f"{r['mfu_exact']:.1%}" if r.get("mfu_exact") else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"  # none without a GPU
+        mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
         print(
             f"{r['name']:<36}{r['micro_batch']:>6}{r['real_tokens_per_sec']:>13,.0f}"
-            f"{r.get('samples_per_sec', 0):>11,.0f}{r['step_time_sec'] * 1e3:>9.1f}{r['mfu']:>7.1%}{exact:>10}"
-            f"{r['peak_mem_gib']:>9.1f}{ratio:>9}"
+            f"{r.get('samples_per_sec', 0):>11,.0f}{r['step_time_sec'] * 1e3:>9.1f}{mfu:>7}{exact:>10}"
+            f"{mem:>9}{ratio:>9}"
         )
 
 
@@ -257,6 +261,18 @@ def main() -> None:
         help="MosaicBERT-Base: bare step vs the trainer with each DeepSpeed variant, interleaved",
     )
     parser.add_argument("--sweep", action="store_true", help="MosaicBERT-Base micro 16..256, eager vs CUDA graphs")
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="the GLUE finetuning step at --batch sizes: eager, CUDA graphs, compiled HF BertForSequenceClassification",
+    )
+    parser.add_argument(
+        "--batch", type=int, nargs="*", default=None, help="--finetune: batch sizes (default: 16 32 48)"
+    )
+    parser.add_argument("--preset", default="base", help="--finetune: model size (base; tiny for a CPU smoke run)")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="--finetune: where to run (default: auto)"
+    )
     parser.add_argument("--hf", action="store_true", help="--sweep: compiled transformers BERT at each micro batch")
     parser.add_argument("--per-gpu-batch", type=int, default=512, help="--sweep: sequences per GPU per step")
     parser.add_argument("--rounds", type=int, default=2, help="--overhead: rounds of interleaved measurements")
@@ -271,6 +287,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default="throughput.json")
     args = parser.parse_args()
+    if args.finetune:
+        finetune(args)
+        return
     from mosaicbert_ds.train.distributed import init_distributed
 
     init_distributed()
@@ -374,6 +393,21 @@ def main() -> None:
         for micro, ratio in ratios.items():
             print(f"DeepSpeed trainer / bare step, MosaicBERT-Base micro {micro} x {args.accum}: {ratio:.3f}")
     write_result(args.out, result)
+
+
+def finetune(args: argparse.Namespace) -> None:
+    """--finetune: the GLUE step table (benchmarks.glue_step), written to --out."""
+    from .glue_step import BATCH_SIZES, bench_device, finetune_rows
+
+    device = bench_device(args.device)
+    rows = finetune_rows(args.batch or BATCH_SIZES, args.warmup, args.steps, args.preset, args.device)
+    print_rows(
+        f"GLUE finetuning step ({args.preset}, 3 classes, sentence pairs of 8-120 tokens, mean 64; "
+        "'vs base': against the eager row of the same batch size)",
+        rows,
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    write_result(args.out, {"kind": "finetune", "device": name, "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 An eager step is as fast as the host issues its kernels; graphs pay where the host is the limit
 (small micro batches, short sequences). Measurements: docs/performance.md, "CUDA graphs".
-`GraphedMLMStep` captures forward + backward once per batch shape and replays it.
+`GraphedStep` captures forward + backward once per batch shape and replays it; what it pads a
+batch to (the bucketing) and how it calls the model are its parameters. `GraphedMLMStep` is it
+for packed MLM batches; mosaicbert_ds.glue.graphed_step for GLUE's classification batches.
 
 Shapes are made static by bucketing (`pad_packed`): the token count is padded up to the next
 multiple of `token_step` with dummy sequences (pad id, label -100) of at most DUMMY_SEQLEN
@@ -39,6 +41,12 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+def seqlen_bucket(max_seqlen: int) -> int:
+    """The attention kernel's tuning bucket for a batch's longest sequence: the next power of two,
+    at least 16. Graphs are keyed by it, so sequences up to any length share one per power of two."""
+    return max(16, 1 << (max(1, int(max_seqlen)) - 1).bit_length())
+
+
 def pad_packed(batch: PackedBatch, token_step: int = 256, mask_step: int = 256, pad_id: int = 0) -> PackedBatch:
     """A PackedBatch (mosaicbert_ds.batch) padded to static bucket shapes.
 
@@ -51,7 +59,7 @@ def pad_packed(batch: PackedBatch, token_step: int = 256, mask_step: int = 256, 
     if ids.dim() != 1 or "labels" not in batch:
         raise ValueError("pad_packed needs a packed MLM batch: input_ids (T,), cu_seqlens, labels, masked_positions")
     total, n_masked = ids.numel(), positions.numel()
-    max_seqlen = max(16, 1 << (max(1, int(batch["max_seqlen"])) - 1).bit_length())
+    max_seqlen = seqlen_bucket(batch["max_seqlen"])
     extra = _round_up(total + 1, token_step) - total
     dummy = min(max_seqlen, DUMMY_SEQLEN)
     n_dummy = -(-token_step // dummy)
@@ -81,10 +89,16 @@ class _Captured:
     used: tuple[bool, ...]  # which parameters receive a gradient
 
 
-class GraphedMLMStep:
-    """Forward + backward of a packed MLM batch as one CUDA-graph replay per bucket shape.
+class GraphedStep:
+    """Forward + backward of a batch as one CUDA-graph replay per bucket shape.
 
-    step(batch, grad_scale) has the effect of `(model(**batch).loss * grad_scale).backward()`
+    `pad(batch)` gives the batch at its bucket's static shapes (a dict of tensors and plain
+    values; the graph is keyed by the tensors' shapes and the plain values), and
+    `forward(**padded)` returns a model output whose `.loss` is the padded batch's loss; by
+    default `forward` is the model itself. Both are the caller's: the bucketing must leave the
+    loss and its gradients those of the unpadded batch.
+
+    step(batch, grad_scale) has the effect of `(forward(**pad(batch)).loss * grad_scale).backward()`
     (grad_scale a number or a one-element tensor):
     gradients accumulate into the parameters' `.grad`, which this class allocates (zeros) and the
     graphs write into. Zero them with `optimizer.zero_grad(set_to_none=False)`; replacing a
@@ -98,25 +112,23 @@ class GraphedMLMStep:
     replay (one multi-tensor add, any target dtype: fp32 += bf16 promotes in the kernel): an
     optimizer's own accumulation buffers, such as DeepSpeed's fp32 ones, with no host work per
     parameter and no gradient tensors kept per bucket. `.grad` is left alone.
-    The returned model output (loss, logits, masked_labels) is valid until the next call.
+    The returned model output is valid until the next call (its tensors are the graph's).
     Each new bucket costs a warm-up (kernel compilation and tuning, outside the graph; `.grad` is
-    untouched) and a capture, once; neither draws from the run's random stream. `forward` replaces
-    `model(**batch)`, e.g. `model.forward` to leave out module hooks that cannot run in a capture.
+    untouched) and a capture, once; neither draws from the run's random stream. `forward` may
+    leave out module hooks that cannot run in a capture (e.g. `model.forward`); it must call
+    `model`'s modules, whose parameters are swapped for aliases during the call.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        token_step: int = 256,
-        mask_step: int = 256,
+        pad: Callable[[dict[str, Any]], dict[str, Any]],
         autocast_dtype: torch.dtype | None = None,
-        pad_id: int = 0,
         forward: Callable[..., Any] | None = None,
         accumulate: bool | list[torch.Tensor | None] = True,
     ) -> None:
-        self.model = model
-        self.forward = forward or model  # e.g. model.forward, to leave out hooks that cannot be captured
-        self.token_step, self.mask_step, self.pad_id = token_step, mask_step, pad_id
+        self.model, self.pad = model, pad
+        self.forward = forward or model
         self.autocast_dtype, self.accumulate = autocast_dtype, accumulate
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
@@ -190,15 +202,15 @@ class GraphedMLMStep:
         output = type(output)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in output.items()})
         return _Captured(graph, {k: v for k, v in inputs.items() if torch.is_tensor(v)}, output, kept, used)
 
-    def __call__(self, batch: PackedBatch, grad_scale: float | torch.Tensor = 1.0) -> Any:
+    def __call__(self, batch: dict[str, Any], grad_scale: float | torch.Tensor = 1.0) -> Any:
         if self.accumulate is True and any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise RuntimeError(
                 "a parameter's .grad was replaced or set to None; with CUDA graphs zero the "
                 "gradients in place (optimizer.zero_grad(set_to_none=False))"
             )
         if not self.model.training:
-            raise RuntimeError("GraphedMLMStep captures training steps; call model.train() first")
-        padded = pad_packed(batch, self.token_step, self.mask_step, self.pad_id)
+            raise RuntimeError(f"{type(self).__name__} captures training steps; call model.train() first")
+        padded = self.pad(batch)
         key = tuple((k, tuple(v.shape)) if torch.is_tensor(v) else (k, v) for k, v in sorted(padded.items()))
         if torch.is_tensor(grad_scale):  # e.g. computed on the device from an all-reduced count
             self.scale.copy_(grad_scale.reshape(()), non_blocking=True)
@@ -218,3 +230,25 @@ class GraphedMLMStep:
             for p, g in zip(self.params, captured.grads):
                 p.grad = g
         return captured.output
+
+
+class GraphedMLMStep(GraphedStep):
+    """GraphedStep for packed MLM batches (mosaicbert_ds.batch.PackedBatch), bucketed by
+    `pad_packed(batch, token_step, mask_step, pad_id)`; the output is the model's (loss, logits,
+    masked_labels)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        token_step: int = 256,
+        mask_step: int = 256,
+        autocast_dtype: torch.dtype | None = None,
+        pad_id: int = 0,
+        forward: Callable[..., Any] | None = None,
+        accumulate: bool | list[torch.Tensor | None] = True,
+    ) -> None:
+        self.token_step, self.mask_step, self.pad_id = token_step, mask_step, pad_id
+        super().__init__(model, self._pad, autocast_dtype, forward, accumulate)
+
+    def _pad(self, batch: PackedBatch) -> PackedBatch:
+        return pad_packed(batch, self.token_step, self.mask_step, self.pad_id)

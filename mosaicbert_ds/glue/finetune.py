@@ -16,7 +16,8 @@ trainer checkpoint (a folder with DeepSpeed's `latest`, exported once into OUT/p
 Runs use the paper's per-task recipe (tasks.py), max length 256 (--max-length), and start RTE, MRPC and
 STS-B from the MNLI-finetuned model, so MNLI runs first (and is added when they need it).
 MosaicBERT trains on unpadded (cu_seqlens) batches, BERT on padded ones; bf16 autocast on
-CUDA, fp32 on CPU; several processes use DistributedDataParallel (runtime.py).
+CUDA, fp32 on CPU; several processes use DistributedDataParallel (runtime.py). --cuda-graphs
+(run.cuda_graphs=true) replays each training step as a CUDA graph on one GPU (glue/graphed_step.py).
 
 OUT holds run.json (what the folder was made from), <task>/seed<N>/ (result.json once
 finished, state.pt while running, model/ for MNLI), results.json and results.md. Re-running
@@ -31,12 +32,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from ..errors import UserError
 from ..folders import check_destination, check_location
@@ -44,6 +48,7 @@ from ..interop.folder import check_weight_files
 from ..outputs import atomic_write_json, atomic_write_text
 from .data import Examples, load_split, tokenize
 from .finetune_config import FinetuneConfig, add_finetune_options, load_finetune_config
+from .graphed_step import graphs_unsupported
 from .models import (
     check_max_length,
     check_vocab,
@@ -153,6 +158,10 @@ def finetune_glue(cfg: FinetuneConfig, hooks: Hooks | None = None, runtime: Runt
         raise UserError(f"model {model} does not exist")
     check_location(out, "--out")
     check_destination(out, "glue")
+    graphs = cfg.use_cuda_graphs(
+        runtime.device.type == "cuda" if runtime else torch.cuda.is_available(),
+        runtime.world_size if runtime else int(os.environ.get("WORLD_SIZE", "1")),
+    )
     data_dir = Path(cfg.data.dir) if cfg.data.dir else None
     tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else None
     meta = {
@@ -191,13 +200,13 @@ def finetune_glue(cfg: FinetuneConfig, hooks: Hooks | None = None, runtime: Runt
     rt = runtime or setup_runtime(cfg.run.device)
     try:
         longest = max(plan.hparams.max_length for plan in plans.values())
-        model_dir, tok = _prepare_model(model, out, tokenizer, rt, longest)
+        model_dir, tok = _prepare_model(model, out, tokenizer, rt, longest, graphs)
         if rt.is_main:
             atomic_write_json(out / RUN_FILE, meta)
 
         results: dict[str, list[dict[str, Any]]] = {}
         for name, plan in plans.items():
-            results[name] = _run_task(cfg, plan, plans, splits.get(name), tok, model_dir, out, rt, hooks)
+            results[name] = _run_task(cfg, plan, plans, splits.get(name), tok, model_dir, out, rt, hooks, graphs)
             _write_reports(out, results, meta, rt)
         for task in TASKS.values():  # finished tasks from earlier invocations stay in the table
             if task.name not in results:
@@ -215,10 +224,12 @@ def _pretrain_seconds(model: Path) -> float | None:
     return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
-def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime, max_length: int) -> tuple[Path, Any]:
-    """(transformers folder, tokenizer), vocabulary and max_length checked. A trainer checkpoint is
-    exported into `out` first; when that export turns out unusable, a folder this call created is
-    removed again."""
+def _prepare_model(
+    model: Path, out: Path, tokenizer: Path | None, rt: Runtime, max_length: int, cuda_graphs: bool = False
+) -> tuple[Path, Any]:
+    """(transformers folder, tokenizer), vocabulary and max_length checked, and with cuda_graphs
+    that the graphs can capture the model. A trainer checkpoint is exported into `out` first; when
+    that export turns out unusable, a folder this call created is removed again."""
     created = not out.exists()
     try:
         if is_trainer_checkpoint(model):
@@ -230,6 +241,8 @@ def _prepare_model(model: Path, out: Path, tokenizer: Path | None, rt: Runtime, 
         tok = load_tokenizer(tokenizer or model_dir)
         check_vocab(model_dir, tok)
         check_max_length(model_dir, max_length)
+        if cuda_graphs and (why := graphs_unsupported(AutoConfig.from_pretrained(str(model_dir)))):
+            raise UserError(f"run.cuda_graphs=true (--cuda-graphs) cannot run: {why}")
         return model_dir, tok
     except UserError:
         if created and rt.is_main:
@@ -247,6 +260,7 @@ def _run_task(
     out: Path,
     rt: Runtime,
     hooks: Hooks | None,
+    cuda_graphs: bool = False,
 ) -> list[dict[str, Any]]:
     task, hp = plan.task, plan.hparams
     if splits is None:
@@ -287,6 +301,7 @@ def _run_task(
                 save_model=task.name == "mnli",
                 hooks=hooks,
                 progress=bar,
+                cuda_graphs=cuda_graphs,
             )
             bar.write(
                 f"{task.display} seed {seed}: " + ", ".join(f"{key} {v:.2f}" for key, v in result["metrics"].items())

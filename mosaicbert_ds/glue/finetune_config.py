@@ -54,6 +54,12 @@ class RunSection:
     """auto (CUDA when there is one), cpu or cuda."""
     progress: bool = True
     """tqdm progress bars on stderr (rank 0)."""
+    cuda_graphs: bool | None = None
+    """Replay each training step's forward + backward as a CUDA graph (glue.graphed_step: the same
+    loss and gradients, the host issues one replay instead of thousands of kernels). true: on, for
+    one CUDA device and one process with a MosaicBERT model the graphs can capture, refused
+    otherwise; false: off. Empty (auto) is off for now: auto turns them on once the GPU test and
+    the benchmark in docs/performance.md ("Finetuning") have been run."""
 
 
 @dataclass
@@ -107,6 +113,23 @@ class FinetuneConfig:
                 raise UserError(f"{key} ({flag}) must be {'>= 0' if zero_ok else 'positive'}, got {value}")
         if self.run.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"run.device must be auto, cpu or cuda, got {self.run.device!r}")
+        if self.run.cuda_graphs and self.run.device == "cpu":
+            raise UserError("run.cuda_graphs=true (--cuda-graphs) needs a CUDA device, not run.device=cpu")
+
+    def use_cuda_graphs(self, cuda_available: bool, world_size: int) -> bool:
+        """Whether the training steps run as CUDA graphs on this machine: run.cuda_graphs decided
+        against the CUDA device and the number of processes (auto: off). UserError, one line,
+        where true cannot run."""
+        if not self.run.cuda_graphs:
+            return False
+        if world_size > 1:
+            raise UserError(
+                f"run.cuda_graphs=true (--cuda-graphs) runs in one process; this run has {world_size} (DDP "
+                "finetuning stays eager)"
+            )
+        if not cuda_available or self.run.device == "cpu":
+            raise UserError("run.cuda_graphs=true (--cuda-graphs) needs a CUDA device; none is visible")
+        return True
 
 
 FLAGS: dict[str, str] = {
@@ -121,6 +144,7 @@ FLAGS: dict[str, str] = {
     "save_every": "run.save_every",
     "eval_batch_size": "run.eval_batch_size",
     "device": "run.device",
+    "cuda_graphs": "run.cuda_graphs",
 }
 """Each flag of add_finetune_options (by argparse dest) and the key it sets; --hparam sets
 hparams.KEY, --max-length hparams.max_length and --no-progress run.progress."""
@@ -166,6 +190,11 @@ def add_finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-train", type=int, help="use only the first N training examples (smoke runs)")
     parser.add_argument("--limit-eval", type=int, help="use only the first N dev examples (smoke runs)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="training steps as CUDA-graph replays (one GPU, MosaicBERT; default: off until measured)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 

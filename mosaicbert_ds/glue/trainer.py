@@ -12,6 +12,10 @@ STS-B start from it.
 Optimizer: torch AdamW, betas (0.9, 0.98), eps 1e-6, weight decay decoupled from the learning
 rate as in the paper (see tasks.Hparams.weight_decay), on every parameter. Schedule: linear
 warmup over 6% of the steps, then linear decay to 0.
+
+With cuda_graphs (one GPU, MosaicBERT) each step's forward + backward is a CUDA-graph replay
+(glue.graphed_step.GraphedGlueStep, the same loss and gradients); clipping, the optimizer and
+the schedule run eagerly as without it (`train_step`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ..outputs import atomic_torch_save, atomic_write_json, output_folder
 from ..train.checkpoint import rng_state, set_rng_state
 from ..train.schedule import WarmupLinearDecay
 from .data import Tokenized
+from .graphed_step import GraphedGlueStep
 from .metrics import predictions, task_metrics
 from .models import load_for_task, uses_packed_batches
 from .runtime import Runtime
@@ -95,6 +100,42 @@ def batch_indices(step: int, per_epoch: int, seed: int, n: int, batch_size: int)
     return order[pos * batch_size : (pos + 1) * batch_size]
 
 
+def train_step(
+    net: torch.nn.Module,
+    batch: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    max_grad_norm: float,
+    rt: Runtime,
+    graphed: GraphedGlueStep | None = None,
+) -> torch.Tensor:
+    """One optimizer step on `batch` (CPU tensors): forward + backward, eagerly under the runtime's
+    autocast or as `graphed`'s replay, then clipping (max_grad_norm > 0), the optimizer and the
+    schedule. Returns the batch's mean loss, a device tensor of its own. No host sync."""
+    if graphed is not None:
+        loss = graphed(batch).loss.clone()  # the graph's output is overwritten by its next replay
+    else:
+        with rt.autocast():
+            loss = net(**to_device(batch, rt.device)).loss
+        loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def make_graphed_step(model: torch.nn.Module, rt: Runtime, pad_id: int) -> GraphedGlueStep:
+    """The CUDA-graph step for `model`; UserError (one line) where it cannot run."""
+    if rt.device.type != "cuda" or rt.distributed:
+        raise UserError("run.cuda_graphs=true runs on one CUDA device (one process)")
+    try:
+        return GraphedGlueStep(model, pad_id=pad_id)
+    except ValueError as err:
+        raise UserError(f"run.cuda_graphs=true: {err}") from None
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, data: Tokenized, rt: Runtime, batch_size: int, pad_id: int
@@ -130,11 +171,13 @@ def run_seed(
     save_model: bool = False,
     hooks: Hooks | None = None,
     progress: Any = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one (task, seed) into run.out_dir, resuming from its state if there is one.
 
     evals maps each metric suffix to (split name, tokenized dev split). Returns the result dict
-    that is also written to result.json.
+    that is also written to result.json. cuda_graphs: the training steps as CUDA-graph replays
+    (one CUDA device, one process, a model glue.graphed_step can capture; UserError otherwise).
     """
     hooks = hooks or Hooks()
     task, hp = run.task, run.hparams
@@ -194,6 +237,7 @@ def run_seed(
         if rt.distributed
         else model
     )
+    graphed = make_graphed_step(model, rt, pad_id) if cuda_graphs else None
     if progress is not None:
         progress.update(step)
     recent: list[torch.Tensor] = []
@@ -204,20 +248,14 @@ def run_seed(
     while step < total:
         idx = batch_indices(step, per_epoch, run.seed, len(train), hp.batch_size)[rt.rank :: rt.world_size]
         tokens += int(lengths[idx].sum())
-        with rt.autocast():
-            loss = net(**to_device(train.batch(idx, packed, pad_id), rt.device)).loss
-        loss.backward()
-        if hp.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = train.batch(idx, packed, pad_id)
+        loss = train_step(net, batch, optimizer, scheduler, hp.max_grad_norm, rt, graphed)
         step += 1
-        recent = (recent + [loss.detach()])[-50:]
+        recent = (recent + [loss])[-50:]
         if progress is not None:
             progress.update(1)
             if step % 20 == 0 or step == total:
-                progress.set_postfix(loss=f"{loss.detach().item():.4f}", refresh=False)
+                progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if step == total or (save_every > 0 and step % save_every == 0):
             save_state()
         if hooks.on_step is not None:
@@ -225,6 +263,7 @@ def run_seed(
 
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
+    del graphed  # its graphs and their memory
     train_seconds = time.perf_counter() - loop_started  # includes the periodic state saves
     tokens = sum(rt.all_gather(tokens))
     n_params = sum(p.numel() for p in model.parameters())
@@ -251,6 +290,7 @@ def run_seed(
         "steps": total,
         "resumed_from_step": resumed_from,
         "world_size": rt.world_size,
+        "cuda_graphs": cuda_graphs,
         "train_loss_recent": float(torch.stack(recent).float().mean()) if recent else None,
         "seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,

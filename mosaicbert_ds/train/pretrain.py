@@ -91,7 +91,7 @@ def train(cfg: RunConfig, dry_run: bool = False, stop_after: int | None = None) 
         if dry_run:  # the checkpoint to resume too, without the lock (nothing is written)
             resume = ckpt.resolve_resume(cfg.checkpoint.resume, Path(cfg.output_dir) / "checkpoints")
             check_fresh_start(cfg, resume)
-            read_resume_state(checked, resume)
+            read_resume_state(cfg, checked.ds_config, checked.info["identity"], resume, checked.world, checked.rank)
             return {"ok": True, "world_size": checked.world, "total_steps": checked.total_steps, **checked.summary()}
         run = setup(checked, stops)
         try:
