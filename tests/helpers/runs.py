@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,29 +46,17 @@ def pretrain(*args: str, env: dict[str, str] | None = None, timeout: int = 900) 
     return cli("pretrain", *args, env=env, timeout=timeout)
 
 
-def _streaming_registrations() -> set[str]:
-    """The shared-memory names mosaicml-streaming registers a dataset under (`NNNNNN_locals`)."""
-    try:
-        return {name for name in os.listdir("/dev/shm") if name.endswith("_locals")}
-    except OSError:
-        return set()
-
-
 def side_by_side(
     *commands: list[str],
     env: dict[str, str] | None = None,
     timeout: int = 900,
     at_once: int | None = None,
-    settle: float = 120,
 ) -> list[subprocess.CompletedProcess]:
     """Run independent commands (argv lists) at the same time, `at_once` at most (default: all),
     each process on one thread of the CPU (cpu_env), and return their results in order: runs that
     do not depend on each other take about one run's time on a machine with a core for each.
-
-    A command starts once the one started before it has registered its datasets with streaming,
-    has ended, or has run `settle` seconds: streaming takes the first free shared-memory prefix,
-    and two runs that look at the same moment can both take it (FileExistsError). Commands that
-    stop before they read a dataset (refusals) pass settle=0."""
+    (Runs that start at the same moment on one host is a case the trainer handles:
+    mosaicbert_ds/data/shm_registration.py.)"""
     results: list[subprocess.CompletedProcess | BaseException | None] = [None] * len(commands)
     slots = threading.Semaphore(at_once or len(commands))
 
@@ -87,17 +74,11 @@ def side_by_side(
     threads = []
     for i, argv in enumerate(commands):
         slots.acquire()
-        before = _streaming_registrations()
         proc = subprocess.Popen(
             argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(**(env or {}))
         )
         threads.append(threading.Thread(target=wait, args=(i, proc, argv)))
         threads[-1].start()
-        end = time.monotonic() + settle
-        while i + 1 < len(commands) and proc.poll() is None and time.monotonic() < end:
-            if _streaming_registrations() - before:
-                break
-            time.sleep(0.1)
     for thread in threads:
         thread.join()
     for result in results:

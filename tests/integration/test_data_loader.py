@@ -9,6 +9,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from streaming.base.world import World
 from mosaicbert_ds.data import build_mlm_dataloader, build_mlm_dataset, default_num_canonical_nodes, sample_tokens
 from tests.helpers.data import read_split
 from tests.helpers.ranks import run_loader_ranks
+from tests.helpers.runs import ROOT, cpu_env
 
 SEED, NCN = 3, 4
 
@@ -341,3 +345,45 @@ def test_packed_rows_give_each_sequence_its_own_span(packed):
     assert [s.tolist() for s in sample_tokens(padded)] == [s.tolist() for s in sample_tokens(first)]
     mask = padded["attention_mask"].bool()
     assert torch.equal(padded["labels"][mask], first["labels"])
+
+
+# One job: wait for the shared start time, build the dataset, report its shared-memory prefix,
+# and hold the dataset until the parent says every job has reported.
+ONE_JOB = """
+import sys, time
+from mosaicbert_ds.data import build_mlm_dataset
+start = float(sys.argv[2])
+time.sleep(max(start - time.time(), 0))
+dataset, _ = build_mlm_dataset(sys.argv[1], split="train", batch_size=4, seed=0)
+print(dataset._shm_prefix_int, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_jobs_that_start_at_the_same_moment_on_one_host_all_start(data):
+    """streaming registers a dataset's shared memory under the first free prefix with no lock
+    between looking and taking it: without the host lock around the registration, jobs that
+    start together fail with FileExistsError ('/NNNNNN_locals')."""
+    start = time.time() + 8  # after every job's imports
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ONE_JOB, str(data), str(start)],
+            cwd=ROOT,
+            env=cpu_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    prefixes = []
+    try:
+        for job in jobs:
+            line = job.stdout.readline()
+            assert line.strip().isdigit(), job.communicate(timeout=60)[1][-2000:]
+            prefixes.append(int(line))
+    finally:
+        for job in jobs:
+            job.communicate(input="", timeout=60)
+    assert len(set(prefixes)) == 4, prefixes  # each job its own shared memory

@@ -124,7 +124,7 @@ def refusals(jargon_data, tmp_path_factory) -> list[tuple[Path, subprocess.Compl
         args = [a.format(data=jargon_data, tmp=tmp) for a in args]
         folders.append(tmp)
         commands.append(pretrain_cmd(*args, f"output_dir={tmp / 'run'}", "--dry-run"))
-    return list(zip(folders, side_by_side(*commands, at_once=2, settle=0)))
+    return list(zip(folders, side_by_side(*commands, at_once=2)))
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[message for _, message in BAD_INPUTS])

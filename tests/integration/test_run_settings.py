@@ -111,7 +111,6 @@ def test_deepspeed_config_values_decide_and_conflicts_are_refused(datasets, tmp_
     refused = side_by_side(  # refusals before any work, two at a time
         *(pretrain_cmd(*tiny_run(datasets[0], tmp_path / "run", *base, *extra)) for extra, _ in conflicts),
         at_once=2,
-        settle=0,
     )
     for (_, line), res in zip(conflicts, refused):
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
