@@ -64,6 +64,7 @@ from ..errors import UserError
 from .collator import MLMCollator, TokenBudgetCollator
 from .info import default_cache_dir, first_line, is_remote, read_dataset_info
 from .packing import decode_lengths
+from .shm_registration import one_registration_per_host
 
 MAX_DEFAULT_CANONICAL_NODES = 64
 SAMPLES_PER_DEFAULT_CANONICAL_NODE = 4096
@@ -149,7 +150,8 @@ class TokenSampleDataset(StreamingDataset):
         **kwargs: Any,
     ) -> None:
         self.token_dtype = np.dtype(token_dtype).newbyteorder("<")
-        super().__init__(streams=[CheckedStream(remote=remote, local=local, split=split)], **kwargs)
+        with one_registration_per_host():  # streaming's prefix search races with other jobs'
+            super().__init__(streams=[CheckedStream(remote=remote, local=local, split=split)], **kwargs)
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         # Every process that iterates (main or worker) passes here at the start of an epoch;

@@ -5,7 +5,7 @@ touches the network. The session tokenizer is the one shipped in tests/data/toke
 trained on the Jargon File, vocab_size=2000 rounded to 2048), not one trained per run: tokenizers'
 WordPiece trainer breaks count ties in hash-map order, so two trainings on the same text can give
 different vocabularies, and the loss-curve reference needs the same token ids on every machine.
-Expensive artefacts (the loader dataset) are built once per session and reused.
+The datasets several modules read are session fixtures of tests/conftest.py, built once.
 """
 
 from __future__ import annotations
@@ -77,13 +77,10 @@ def convert_docs(
 
 
 def loader_dataset(tmp_path_factory) -> Path:
-    """600 documents (64 held out), several shards: the dataset the loader tests share."""
-    if "loader_ds" not in _cache:
-        tokenizer_dir(tmp_path_factory)
-        _cache["loader_ds"] = convert_docs(
-            tmp_path_factory.mktemp("loader"), jargon_docs(600), val_docs=64, shard_size="24kb"
-        )
-    return _cache["loader_ds"]
+    """600 documents (64 held out), several shards: the dataset the loader tests share (through
+    the session fixture `loader_data` of tests/conftest.py)."""
+    tokenizer_dir(tmp_path_factory)
+    return convert_docs(tmp_path_factory.mktemp("loader"), jargon_docs(600), val_docs=64, shard_size="24kb")
 
 
 def read_split(path: Path, split: str) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.data import convert_docs, jargon_docs, tokenizer_dir
+from tests.helpers.runs import side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +58,13 @@ CPU_ARGS = [
 ]
 
 
+def bench(*args: object) -> list[str]:
+    """The command `python -m benchmarks.convergence ARGS`."""
+    return [sys.executable, "-m", "benchmarks.convergence", *map(str, args)]
+
+
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.convergence", *args], cwd=REPO, capture_output=True, text=True, timeout=1500
-    )
+    return subprocess.run(bench(*args), cwd=REPO, capture_output=True, text=True, timeout=1500)
 
 
 @pytest.fixture(scope="module")
@@ -73,22 +77,16 @@ def test_both_models_learn_beyond_unigram(dataset: Path, tmp_path: Path) -> None
     from benchmarks.convergence import unigram_loss
 
     out = tmp_path / "conv"
-    for name in ("mosaicbert", "bert"):  # one model per call, as on the GPU
-        done = run(
-            [
-                "--data",
-                str(dataset),
-                "--out",
-                str(out),
-                "--model",
-                TINY_MOSAIC,
-                "--model",
-                TINY_BERT,
-                "--only",
-                name,
-                *CPU_ARGS,
-            ]
-        )
+    models = ["--model", TINY_MOSAIC, "--model", TINY_BERT]
+    # one model per call, as on the GPU; the two calls at the same time, one CPU thread each
+    trained = side_by_side(
+        *(
+            bench("--data", dataset, "--out", out, *models, "--only", name, *CPU_ARGS)
+            for name in ("mosaicbert", "bert")
+        ),
+        timeout=1500,
+    )
+    for done in trained:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     done = run(["--out", str(out), "--report"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -125,10 +123,12 @@ def test_both_models_learn_beyond_unigram(dataset: Path, tmp_path: Path) -> None
 def test_refuses_a_used_folder_and_bad_model_spec(dataset: Path, tmp_path: Path) -> None:
     (tmp_path / "mosaicbert").mkdir()
     (tmp_path / "mosaicbert" / "keep.txt").write_text("not ours")
-    done = run(["--data", str(dataset), "--out", str(tmp_path), "--only", "mosaicbert"])
-    assert done.returncode == 2 and "not empty" in done.stderr
+    used, bad_spec, empty = side_by_side(  # independent refusals, at the same time
+        bench("--data", dataset, "--out", tmp_path, "--only", "mosaicbert"),
+        bench("--data", dataset, "--out", tmp_path / "x", "--model", "bad name=bert-base"),
+        bench("--out", tmp_path / "empty", "--report"),
+    )
+    assert used.returncode == 2 and "not empty" in used.stderr
     assert (tmp_path / "mosaicbert" / "keep.txt").read_text() == "not ours"
-    done = run(["--data", str(dataset), "--out", str(tmp_path / "x"), "--model", "bad name=bert-base"])
-    assert done.returncode == 2 and "NAME=RECIPE" in done.stderr
-    done = run(["--out", str(tmp_path / "empty"), "--report"])
-    assert done.returncode == 2 and "no finished model runs" in done.stderr
+    assert bad_spec.returncode == 2 and "NAME=RECIPE" in bad_spec.stderr
+    assert empty.returncode == 2 and "no finished model runs" in empty.stderr

@@ -9,9 +9,9 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +21,16 @@ from streaming.base.batching import generate_work
 from streaming.base.world import World
 
 from mosaicbert_ds.data import build_mlm_dataloader, build_mlm_dataset, default_num_canonical_nodes, sample_tokens
-from tests.helpers.data import loader_dataset, read_split
+from tests.helpers.data import read_split
+from tests.helpers.ranks import run_loader_ranks
+from tests.helpers.runs import ROOT, cpu_env
 
-RANK_SCRIPT = Path(__file__).resolve().parents[1] / "helpers" / "loader_rank.py"
 SEED, NCN = 3, 4
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return loader_dataset(tmp_path_factory)
+def data(loader_data) -> Path:
+    return loader_data
 
 
 @pytest.fixture(scope="module")
@@ -174,47 +175,11 @@ def test_global_step_is_the_same_set_for_every_layout(data, ncn):
         assert len(reference) >= 20 and all(len(s) == 16 for s in reference)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(world: int, cfg: dict, tmp_path: Path) -> list[dict]:
-    """Run `world` real ranks (gloo, one process each) of tests/helpers/loader_rank.py."""
-    port = free_port()
-    procs, outs = [], []
-    for rank in range(world):
-        out = tmp_path / f"rank{rank}.json"
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(RANK_SCRIPT), json.dumps({**cfg, "out": str(out)})],
-                env=env,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-        outs.append(out)
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-    return [json.loads(o.read_text()) for o in outs]
-
-
 def test_two_real_ranks_match_accumulation_and_resume_on_one(data, index_of, tmp_path):
     """World 2 x micro 4 for 3 steps, then resumed on world 1 x micro 8: the samples of every
     global step are those of world 1 x micro 4 x 2 accumulation steps, and the resumed run
     continues with exactly the uninterrupted run's batches (masks included)."""
-    ranks = run_ranks(2, {"path": str(data), "batch_size": 4, "seed": SEED, "ncn": NCN, "steps": 3}, tmp_path)
+    ranks = run_loader_ranks(2, {"path": str(data), "batch_size": 4, "seed": SEED, "ncn": NCN, "steps": 3}, tmp_path)
     single = list(loader(data, batch_size=4))
     single_ids = [ids_of(b, index_of) for b in single]
     for k in range(3):
@@ -335,7 +300,7 @@ def test_token_budget_resume_continues_exactly_in_either_mode(data):
 def test_token_budget_two_ranks_see_the_steps_of_one(data, index_of, tmp_path):
     """Two real ranks reading 8 samples each per step, split by a token budget, see exactly the
     samples of one rank reading 16 per step, although their micro batch counts differ."""
-    ranks = run_ranks(
+    ranks = run_loader_ranks(
         2, {"path": str(data), "batch_size": 8, "seed": SEED, "ncn": NCN, "steps": 4, "micro_tokens": 200}, tmp_path
     )
     single = take(iter(loader(data, batch_size=16, micro_tokens=200)), 4)
@@ -380,3 +345,45 @@ def test_packed_rows_give_each_sequence_its_own_span(packed):
     assert [s.tolist() for s in sample_tokens(padded)] == [s.tolist() for s in sample_tokens(first)]
     mask = padded["attention_mask"].bool()
     assert torch.equal(padded["labels"][mask], first["labels"])
+
+
+# One job: wait for the shared start time, build the dataset, report its shared-memory prefix,
+# and hold the dataset until the parent says every job has reported.
+ONE_JOB = """
+import sys, time
+from mosaicbert_ds.data import build_mlm_dataset
+start = float(sys.argv[2])
+time.sleep(max(start - time.time(), 0))
+dataset, _ = build_mlm_dataset(sys.argv[1], split="train", batch_size=4, seed=0)
+print(dataset._shm_prefix_int, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_jobs_that_start_at_the_same_moment_on_one_host_all_start(data):
+    """streaming registers a dataset's shared memory under the first free prefix with no lock
+    between looking and taking it: without the host lock around the registration, jobs that
+    start together fail with FileExistsError ('/NNNNNN_locals')."""
+    start = time.time() + 8  # after every job's imports
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ONE_JOB, str(data), str(start)],
+            cwd=ROOT,
+            env=cpu_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    prefixes = []
+    try:
+        for job in jobs:
+            line = job.stdout.readline()
+            assert line.strip().isdigit(), job.communicate(timeout=60)[1][-2000:]
+            prefixes.append(int(line))
+    finally:
+        for job in jobs:
+            job.communicate(input="", timeout=60)
+    assert len(set(prefixes)) == 4, prefixes  # each job its own shared memory

@@ -26,15 +26,8 @@ boto3 = pytest.importorskip("boto3")
 from mosaicbert_ds.data.info import check_dataset  # noqa: E402
 from mosaicbert_ds.errors import UserError  # noqa: E402
 from tests.helpers.data import jargon_docs, tokenizer_dir, write_jsonl  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-RANK_SCRIPT = ROOT / "tests" / "helpers" / "loader_rank.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.ranks import run_loader_ranks  # noqa: E402
+from tests.helpers.runs import ROOT, free_port, losses, pretrain, pretrain_cmd, side_by_side  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -110,22 +103,6 @@ def remote(s3, tmp_path_factory):
     return "s3://data/jargon"
 
 
-def pretrain(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env},
-    )
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss/train"] for r in rows if "loss/train" in r}
-
-
 def test_the_uploaded_dataset_is_complete_and_checked(s3, remote, tmp_path):
     info = check_dataset(remote, remote_cache=str(tmp_path / "cache"))
     assert set(info["splits"]) == {"train", "val"} and info["shard_hash"] == "xxh64"
@@ -150,11 +127,14 @@ def test_pretrain_from_s3_trains_and_resumes_exactly(s3, remote, tmp_path):
         "checkpoint.interval=0",
         "data.num_workers=1",
     ]
-    full = pretrain(*common, f"output_dir={tmp_path / 'full'}", f"data.remote_cache={tmp_path / 'c1'}", env=s3)
-    assert full.returncode == 0, full.stderr[-3000:]
-    first = pretrain(
-        *common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}", "--stop-after", "3", env=s3
+    full, first = side_by_side(  # the uninterrupted run and the first part of the split one
+        pretrain_cmd(*common, f"output_dir={tmp_path / 'full'}", f"data.remote_cache={tmp_path / 'c1'}"),
+        pretrain_cmd(
+            *common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}", "--stop-after", "3"
+        ),
+        env=s3,
     )
+    assert full.returncode == 0, full.stderr[-3000:]
     assert first.returncode == 0, first.stderr[-3000:]
     second = pretrain(*common, f"output_dir={tmp_path / 'split'}", f"data.remote_cache={tmp_path / 'c2'}", env=s3)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -166,39 +146,9 @@ def test_pretrain_from_s3_trains_and_resumes_exactly(s3, remote, tmp_path):
 
 
 def test_two_ranks_read_disjoint_samples_from_s3(s3, remote, tmp_path):
-    port = free_port()
-    procs, outs = [], []
-    for rank in range(2):
-        out = tmp_path / f"rank{rank}.json"
-        cfg = {
-            "path": remote,
-            "batch_size": 4,
-            "seed": 3,
-            "ncn": 1,
-            "steps": 5,
-            "out": str(out),
-            "remote_cache": str(tmp_path / "cache"),
-        }
-        env = {
-            **os.environ,
-            **s3,
-            "RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(RANK_SCRIPT), json.dumps(cfg)], env=env, stderr=subprocess.PIPE, text=True
-            )
-        )
-        outs.append(out)
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    seen = [{tuple(s) for batch in json.loads(o.read_text())["batches"] for s in batch} for o in outs]
+    cfg = {"path": remote, "batch_size": 4, "seed": 3, "ncn": 1, "steps": 5, "remote_cache": str(tmp_path / "cache")}
+    ranks = run_loader_ranks(2, cfg, tmp_path, env=s3)
+    seen = [{tuple(s) for batch in r["batches"] for s in batch} for r in ranks]
     assert len(seen[0]) == len(seen[1]) == 20 and not seen[0] & seen[1]
 
 

@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mosaicbert_ds.cli", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from mosaicbert_ds.data import prepare_default_corpus
-
-    return prepare_default_corpus(tmp_path_factory.mktemp("data") / "jargon", vocab_size=2048)
+from tests.helpers.runs import cli, metrics_rows
 
 
 @pytest.mark.slow
-def test_import_continue_pretraining_export_reload(dataset, tmp_path):
-    tok = AutoTokenizer.from_pretrained(dataset / "tokenizer")
+def test_import_continue_pretraining_export_reload(jargon_data_2048, tmp_path):
+    tok = AutoTokenizer.from_pretrained(jargon_data_2048 / "tokenizer")
     torch.manual_seed(0)
     bert = BertForMaskedLM(
         BertConfig(
@@ -56,7 +36,7 @@ def test_import_continue_pretraining_export_reload(dataset, tmp_path):
     common = [
         "pretrain",
         "tiny-cpu",
-        f"data.path={dataset}",
+        f"data.path={jargon_data_2048}",
         f"output_dir={run}",
         "model.preset=",
         f"model.init_from={tmp_path / 'imported'}",
@@ -71,8 +51,7 @@ def test_import_continue_pretraining_export_reload(dataset, tmp_path):
     assert res.returncode == 2 and "conflicts with model.init_from" in res.stderr  # preset tiny != this BERT
     res = cli(*common)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss/train" in r] == [1, 2]
+    assert [r["step"] for r in metrics_rows(run) if "loss/train" in r] == [1, 2]
 
     res = cli("export", run, tmp_path / "export")
     assert res.returncode == 0, res.stderr[-2000:]

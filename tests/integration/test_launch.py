@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.hostfile import check_master, parse_hostfile
 from mosaicbert_ds.train.hostfile import main as hostfile_main
+from tests.helpers.runs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
@@ -86,12 +86,6 @@ def test_hostfile_cli(tmp_path, capsys):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_syntax(script):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def launch_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -192,7 +186,7 @@ def test_deepspeed_no_ssh_two_nodes(tmp_path):
         NUM_NODES="2",
         GPUS_PER_NODE="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         MBDS_DISABLE_NVLS="1",
     )
     procs = [
@@ -246,7 +240,7 @@ def test_deepspeed_hostfile_pdsh_mode(tmp_path):
         tmp_path,
         HOSTFILE=str(hostfile),
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         NCCL_IB_HCA="mlx5_test",
         MBDS_DISABLE_NVLS="1",
     )
@@ -398,17 +392,14 @@ def test_a_master_address_that_does_not_resolve_stops_the_launch(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_nodes_on_one_host_train_as_documented(tmp_path):
+def test_two_nodes_on_one_host_train_as_documented(jargon_data, tmp_path):
     """launch/README.md's two-"nodes"-on-one-host example for real: both node launchers share this
     host's /dev/shm (no private mount), node 1 through deepspeed_no_ssh.sh, node 0 through the plain
     deepspeed command without --no_local_rank. Streaming must not collide (FileExistsError) and
     `pretrain` must accept --local_rank=N."""
-    from mosaicbert_ds.data import prepare_default_corpus
-
-    data = prepare_default_corpus(tmp_path / "data")
     run = [
         "tiny-cpu",
-        f"data.path={data}",
+        f"data.path={jargon_data}",
         f"output_dir={tmp_path / 'run'}",
         "duration.steps=2",
         "log.interval=1",
@@ -416,7 +407,7 @@ def test_two_nodes_on_one_host_train_as_documented(tmp_path):
         "eval.batches=1",
         "checkpoint.interval=0",
     ]
-    port = str(_free_port())
+    port = str(free_port())
     env = launch_env(
         tmp_path,
         NUM_NODES="2",

@@ -7,11 +7,8 @@ Dropout is off where runs are compared, so every layout computes the same functi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,35 +17,10 @@ import torch
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train import token_batches
 from tests.helpers.data import convert_docs, long_docs
+from tests.helpers.runs import cli, deepspeed_cmd, losses, metrics_rows, pretrain, pretrain_cmd, side_by_side
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 4
-
-
-def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
-
-
-def pretrain(*args: str) -> subprocess.CompletedProcess:
-    res = run("-m", "mosaicbert_ds.cli", "pretrain", *args)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return res
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss/train"] for r in metrics(run_dir) if "loss/train" in r}
 
 
 def common(data: Path, out: Path) -> list[str]:
@@ -67,20 +39,13 @@ def common(data: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from mosaicbert_ds.data import prepare_default_corpus
-
-    return prepare_default_corpus(tmp_path_factory.mktemp("data") / "jargon")
-
-
-@pytest.fixture(scope="module")
-def long2048(dataset, tmp_path_factory) -> Path:
+def long2048(jargon_data, tmp_path_factory) -> Path:
     """Documents of ~1800 tokens, cut at 2048 and packed, with the 128-token dataset's tokenizer."""
     return convert_docs(
         tmp_path_factory.mktemp("long"),
         long_docs(60),
         name="long2048",
-        tokenizer=dataset / "tokenizer",
+        tokenizer=jargon_data / "tokenizer",
         max_seq_len=2048,
         split_long=True,
         pack=True,
@@ -89,25 +54,18 @@ def long2048(dataset, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(dataset, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+def runs(jargon_data, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """One rank with micro batches of 16 samples (4 accumulation steps), and two ranks with micro
     batches of at most 300 tokens and the global batch from batch.global_tokens: both 64 samples
     per step."""
     tmp = tmp_path_factory.mktemp("runs")
-    fixed = pretrain(*common(dataset, tmp / "fixed"), "batch.global_batch=64", "batch.micro_batch=16")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port, "--no_local_rank"]
-    two = run(
-        *launcher,
-        "--module",
-        "mosaicbert_ds.cli",
-        "pretrain",
-        *common(dataset, tmp / "two"),
-        "batch.global_tokens=4000",
-        "batch.micro_tokens=300",
+    fixed, two = side_by_side(  # independent runs, at the same time
+        pretrain_cmd(*common(jargon_data, tmp / "fixed"), "batch.global_batch=64", "batch.micro_batch=16"),
+        deepspeed_cmd(
+            2, "pretrain", *common(jargon_data, tmp / "two"), "batch.global_tokens=4000", "batch.micro_tokens=300"
+        ),
     )
+    assert fixed.returncode == 0, fixed.stderr[-4000:]
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     return {"fixed": (tmp / "fixed", fixed), "two": (tmp / "two", two)}
 
@@ -123,7 +81,7 @@ def test_token_budgets_on_one_and_two_ranks_train_like_fixed_micro_batches(runs)
     assert sorted(reference) == sorted(got) == list(range(1, STEPS + 1))
     for step in reference:
         assert got[step] == pytest.approx(reference[step], rel=2e-5), (step, reference, got)
-    last = [r for r in metrics(runs["two"][0]) if "progress/samples" in r][-1]
+    last = [r for r in metrics_rows(runs["two"][0]) if "progress/samples" in r][-1]
     assert last["progress/samples"] == STEPS * 64
     run_dir, res = runs["two"]
     assert (
@@ -153,6 +111,7 @@ def phase2(runs, long2048, tmp_path_factory) -> tuple[Path, subprocess.Completed
         "eval.interval=6",
         "eval.batches=3",
     )
+    assert res.returncode == 0, res.stderr[-4000:]
     return out, res
 
 
@@ -167,7 +126,7 @@ def test_second_phase_at_2048_continues_the_128_token_run(phase2, long2048):
     from mosaicbert_ds.data import read_dataset_info
 
     assert state["dataset"] == read_dataset_info(str(long2048))["identity"] and state["samples"] == 4 * 64 + 2 * 4
-    evaluation = [r for r in metrics(out) if "loss/eval" in r][-1]
+    evaluation = [r for r in metrics_rows(out) if "loss/eval" in r][-1]
     for bucket in ("0-127", "128-511", "512-1023", "1024-2047"):
         assert 0 < evaluation[f"loss_by_position/{bucket}"] < 20, bucket
         assert 0 <= evaluation[f"accuracy_by_position/{bucket}"] <= 1
@@ -177,7 +136,7 @@ def test_second_phase_at_2048_continues_the_128_token_run(phase2, long2048):
 @pytest.fixture(scope="module")
 def exported(phase2, tmp_path_factory) -> Path:
     hf = tmp_path_factory.mktemp("export") / "hf"
-    res = run("-m", "mosaicbert_ds.cli", "export", str(phase2[0] / "checkpoints"), str(hf))
+    res = cli("export", phase2[0] / "checkpoints", hf)
     assert res.returncode == 0, res.stderr[-2000:]
     return hf
 
@@ -186,24 +145,11 @@ def exported(phase2, tmp_path_factory) -> Path:
 def test_export_at_2048_loads_and_eval_mlm_matches_the_trainer(phase2, exported, long2048, tmp_path):
     out, hf = phase2[0], exported
     result_file = tmp_path / "eval.json"
-    res = run(
-        "-m",
-        "mosaicbert_ds.cli",
-        "eval-mlm",
-        str(hf),
-        "--data",
-        str(long2048),
-        "--micro-tokens",
-        "4096",
-        "--max-batches",
-        "3",
-        "--out",
-        str(result_file),
-    )
+    res = cli("eval-mlm", hf, "--data", long2048, "--micro-tokens", "4096", "--max-batches", "3", "--out", result_file)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "MLM loss by position" in res.stdout and "1024-2047" in res.stdout
     result = json.loads(result_file.read_text())
-    trainer = [r for r in metrics(out) if "loss/eval" in r][-1]  # the same weights, batches and masks
+    trainer = [r for r in metrics_rows(out) if "loss/eval" in r][-1]  # the same weights, batches and masks
     assert result["loss"] == pytest.approx(trainer["loss/eval"], rel=1e-5)
     for bucket, row in result["by_position"].items():
         assert row["loss"] == pytest.approx(trainer[f"loss_by_position/{bucket}"], rel=1e-5), bucket
@@ -227,7 +173,7 @@ def test_export_at_2048_loads_and_eval_mlm_matches_the_trainer(phase2, exported,
         b = model(torch.cat(ids), cu_seqlens=cu, max_seqlen=2048).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
-    code = run("-m", "mosaicbert_ds.cli", "eval-mlm", str(hf), "--data", str(long2048), "--out", str(hf))
+    code = cli("eval-mlm", hf, "--data", long2048, "--out", hf)
     assert code.returncode == 2 and code.stderr.strip().splitlines()[-1] == (
         f"mosaicbert-ds eval-mlm: error: --out {hf} is a folder; name a JSON file"
     )
@@ -237,10 +183,7 @@ def test_export_at_2048_loads_and_eval_mlm_matches_the_trainer(phase2, exported,
 def test_phase_two_recipe_starts_from_an_export(exported, long2048, tmp_path):
     """The bundled second-phase recipe, as documented: model.init_from an export, the 2048-token
     data, batches in tokens (checked up to the engine: --dry-run)."""
-    res = run(
-        "-m",
-        "mosaicbert_ds.cli",
-        "pretrain",
+    res = pretrain(
         "mosaicbert-base-phase2-1024",
         f"model.init_from={exported}",
         "model.preset=",  # the export is a tiny model here, not Base
@@ -274,35 +217,32 @@ def test_phase_two_recipe_starts_from_an_export(exported, long2048, tmp_path):
         ),
     ],
 )
-def test_bad_token_settings_are_one_line(dataset, tmp_path, args, message):
+def test_bad_token_settings_are_one_line(jargon_data, tmp_path, args, message):
     from mosaicbert_ds.config import MosaicBertConfig
     from mosaicbert_ds.data import read_dataset_info
     from mosaicbert_ds.train.preflight import check_run
     from mosaicbert_ds.train.run_config import load_run_config
 
     with pytest.raises(UserError) as err:
-        cfg = load_run_config("tiny-cpu", [f"data.path={dataset}", f"output_dir={tmp_path / 'run'}", *args])
-        info = read_dataset_info(str(dataset))
+        cfg = load_run_config("tiny-cpu", [f"data.path={jargon_data}", f"output_dir={tmp_path / 'run'}", *args])
+        info = read_dataset_info(str(jargon_data))
         model = MosaicBertConfig.from_name("tiny", **{"vocab_size": info["vocab_size"], **cfg.model.overrides})
         check_run(cfg, model, {"train_batch_size": 32}, info)
-    assert str(err.value) == message.format(data=dataset)
+    assert str(err.value) == message.format(data=jargon_data)
     assert not (tmp_path / "run").exists()
 
 
-def test_micro_tokens_below_the_longest_sample_stop_before_the_engine(dataset, tmp_path):
+def test_micro_tokens_below_the_longest_sample_stop_before_the_engine(jargon_data, tmp_path):
     out = tmp_path / "run"
-    res = run(
-        "-m",
-        "mosaicbert_ds.cli",
-        "pretrain",
+    res = pretrain(
         "tiny-cpu",
-        f"data.path={dataset}",
+        f"data.path={jargon_data}",
         f"output_dir={out}",
         "batch.micro_tokens=100",
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists()
     assert res.stderr.strip().splitlines()[-1] == (
-        f"mosaicbert-ds pretrain: error: batch.micro_tokens=100 is below the longest sample of {dataset} "
+        f"mosaicbert-ds pretrain: error: batch.micro_tokens=100 is below the longest sample of {jargon_data} "
         "(128 tokens): a micro batch must hold at least one whole sample"
     )
 

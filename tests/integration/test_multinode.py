@@ -9,23 +9,17 @@ Dropout is off so that every layout computes the same function.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.runs import ROOT, deepspeed_launch, free_port, losses, pretrain
+
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra: str) -> dict:
@@ -55,39 +49,20 @@ def overrides(data: Path, out: Path) -> list[str]:
     ]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss/train"] for r in rows if "loss/train" in r}
-
-
 def check(proc: subprocess.CompletedProcess | subprocess.Popen, what: str, output: str = "") -> None:
     assert proc.returncode == 0, f"{what} failed:\n{output[-4000:]}"
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from mosaicbert_ds.data import prepare_default_corpus
-
-    return prepare_default_corpus(tmp_path_factory.mktemp("data") / "jargon")
-
-
-@pytest.fixture(scope="module")
-def runs(dataset, tmp_path_factory) -> dict[str, Path]:
+def runs(jargon_data, tmp_path_factory) -> dict[str, Path]:
     """The reference (1 rank, accumulation 4) and the 2 nodes x 2 ranks run stopped after 4 steps."""
     tmp = tmp_path_factory.mktemp("runs")
-    single = subprocess.run(
-        [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *overrides(dataset, tmp / "single")],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    single = pretrain(*overrides(jargon_data, tmp / "single"))
     check(single, "1-rank run", single.stderr)
 
     port = str(free_port())
     node_env = env(NUM_NODES="2", GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    args = ["bash", "launch/deepspeed_no_ssh.sh", *overrides(dataset, tmp / "multi"), "--stop-after", "4"]
+    args = ["bash", "launch/deepspeed_no_ssh.sh", *overrides(jargon_data, tmp / "multi"), "--stop-after", "4"]
     # Real nodes do not share /dev/shm (streaming and DeepSpeed's CPU all-reduce keep per-node state
     # there), so "node 1" gets a private one in its own mount namespace.
     private_shm = [
@@ -129,24 +104,8 @@ def test_two_nodes_of_two_ranks_match_one_rank_with_accumulation(runs):
 
 
 def test_four_rank_checkpoint_resumes_on_two_ranks(runs):
-    port = str(free_port())
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        port,
-        "--no_local_rank",
-        "--module",
-        "mosaicbert_ds.cli",
-        "pretrain",
-        *overrides(Path("unused"), runs["multi"]),
-    ]
     data = json.loads((runs["multi"] / "run_config.json").read_text())["data"]["path"]
-    cmd[cmd.index("data.path=unused")] = f"data.path={data}"
-    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1200)
+    res = deepspeed_launch(2, "pretrain", *overrides(Path(data), runs["multi"]), timeout=1200)
     check(res, "2-rank resume", res.stdout + res.stderr)
     ckpt = runs["multi"] / "checkpoints"
     assert (ckpt / "step_0000004_universal" / "zero").is_dir()  # went through the universal format
@@ -159,10 +118,10 @@ def test_four_rank_checkpoint_resumes_on_two_ranks(runs):
     assert state["world_size"] == 2 and state["samples"] == STEPS * 32
 
 
-def test_mpirun_with_two_ranks_trains(dataset, tmp_path):
+def test_mpirun_with_two_ranks_trains(jargon_data, tmp_path):
     out = tmp_path / "mpi"
     res = subprocess.run(
-        ["bash", "launch/mpirun.sh", *overrides(dataset, out)[:-1], "duration.steps=2"],
+        ["bash", "launch/mpirun.sh", *overrides(jargon_data, out)[:-1], "duration.steps=2"],
         cwd=ROOT,
         env=env(NP="2"),
         capture_output=True,

@@ -10,31 +10,24 @@ BERT-style model stays at the unigram level for hundreds of steps, the MosaicBER
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.plateau_probe import MODELS
+from tests.helpers.runs import metrics_rows, pretrain_cmd, side_by_side
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 WARNING = "mosaicbert-ds: warning: the held-out loss has not gone below the unigram level after 100 steps"
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from mosaicbert_ds.data import prepare_default_corpus
-
-    return prepare_default_corpus(tmp_path_factory.mktemp("data") / "jargon", vocab_size=2048)
-
-
-def pretrain(model: str, data: Path, out: Path) -> subprocess.CompletedProcess:
+def probe(model: str, data: Path, out: Path) -> list[str]:
+    """The pretrain command of the probe `model` (benchmarks/plateau_probe.py) on `data`."""
     recipe, *overrides = MODELS[model]
-    cmd = [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", recipe, *overrides]
-    cmd += [
+    return pretrain_cmd(
+        recipe,
+        *overrides,
         f"data.path={data}",
         f"output_dir={out}",
         "data.num_workers=0",
@@ -52,33 +45,39 @@ def pretrain(model: str, data: Path, out: Path) -> subprocess.CompletedProcess:
         "log.progress_bar=false",
         "log.tensorboard=false",
         "precision=fp32",
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(jargon_data_2048: Path, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Both probes, trained at the same time (they are independent): {model: (run folder, result)}."""
+    tmp = tmp_path_factory.mktemp("plateau")
+    models = {"bert-tiny": tmp / "stuck", "mosaic-tiny": tmp / "learns"}
+    done = side_by_side(*(probe(model, jargon_data_2048, out) for model, out in models.items()), timeout=1800)
+    return {model: (out, res) for (model, out), res in zip(models.items(), done)}
 
 
 def evals(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss/eval" in r]
+    return [r for r in metrics_rows(out) if "loss/eval" in r]
 
 
-def test_a_stuck_run_warns_once_and_goes_on(dataset: Path, tmp_path: Path) -> None:
-    done = pretrain("bert-tiny", dataset, tmp_path / "stuck")
+def test_a_stuck_run_warns_once_and_goes_on(runs, jargon_data_2048: Path) -> None:
+    out, done = runs["bert-tiny"]
     assert done.returncode == 0, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if "warning: the held-out loss" in line]
     assert len(warnings) == 1 and warnings[0].startswith(WARNING), done.stderr[-3000:]
     assert "raise schedule.min_warmup_steps or lower optimizer.lr" in warnings[0]
     assert "warmup 3 steps, peak lr 0.003" in warnings[0]
-    level = json.loads((dataset / "mosaicbert_index.json").read_text())["unigram_val_loss"]
-    points = evals(tmp_path / "stuck")
+    level = json.loads((jargon_data_2048 / "mosaicbert_index.json").read_text())["unigram_val_loss"]
+    points = evals(out)
     assert [r["step"] for r in points] == [50, 100]  # the run went on to its end
     assert all(r["loss/unigram_baseline"] == level for r in points)
     assert points[-1]["loss/eval"] > level - 0.1
 
 
-def test_a_learning_run_does_not_warn(dataset: Path, tmp_path: Path) -> None:
-    done = pretrain("mosaic-tiny", dataset, tmp_path / "learns")
+def test_a_learning_run_does_not_warn(runs) -> None:
+    out, done = runs["mosaic-tiny"]
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning: the held-out loss" not in done.stderr
-    points = evals(tmp_path / "learns")
+    points = evals(out)
     assert points[-1]["loss/eval"] < points[-1]["loss/unigram_baseline"] - 0.1

@@ -1,45 +1,20 @@
 """The trainer end to end on the CPU: real DeepSpeed engine, real MDS data, real TensorBoard files."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.runs import cli, losses, pretrain, pretrain_cmd, side_by_side
 
 
-def pretrain(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
-    )
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss/train"] for r in rows if "loss/train" in r}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from mosaicbert_ds.data import prepare_default_corpus
-
-    return prepare_default_corpus(tmp_path_factory.mktemp("data") / "jargon")
-
-
-def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
+def test_smoke_run_logs_checkpoints_and_exports(jargon_data, tmp_path):
     run = tmp_path / "run"
     res = pretrain(
         "tiny-cpu",
-        f"data.path={dataset}",
+        f"data.path={jargon_data}",
         f"output_dir={run}",
         "duration.steps=12",
         "log.interval=2",
@@ -79,12 +54,7 @@ def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
     assert (ckpt / "step_0000006" / "trainer_state.json").is_file()
 
     out = tmp_path / "hf"
-    res = subprocess.run(
-        [sys.executable, "-m", "mosaicbert_ds.cli", "export", str(ckpt), str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    res = cli("export", ckpt, out)
     assert res.returncode == 0, res.stderr[-2000:]
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -105,18 +75,20 @@ def test_smoke_run_logs_checkpoints_and_exports(dataset, tmp_path):
     )
 
 
-def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(dataset, tmp_path):
+def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(jargon_data, tmp_path):
     common = [
         "tiny-cpu",
-        f"data.path={dataset}",
+        f"data.path={jargon_data}",
         "duration.steps=8",
         "log.interval=1",
         "eval.interval=0",
         "checkpoint.interval=0",
     ]
-    full = pretrain(*common, f"output_dir={tmp_path / 'full'}")
+    full, first = side_by_side(  # the uninterrupted run and the first part of the split one
+        pretrain_cmd(*common, f"output_dir={tmp_path / 'full'}"),
+        pretrain_cmd(*common, f"output_dir={tmp_path / 'split'}", "--stop-after", "3"),
+    )
     assert full.returncode == 0, full.stderr[-3000:]
-    first = pretrain(*common, f"output_dir={tmp_path / 'split'}", "--stop-after", "3")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     second = pretrain(*common, f"output_dir={tmp_path / 'split'}")
@@ -127,32 +99,44 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(dataset, tm
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-6), (step, a, b)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["tiny-cpu", "data.path={data}", "optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
-        (["tiny-cpu", "data.path={data}", "duration.steps=ten"], "duration.steps must be an integer"),
-        (["tiny-cpu", "data.path={data}", "batch.global_batch=30"], "not a multiple of batch.micro_batch"),
-        (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
-        (["no-such-recipe"], "not found"),
-        (["tiny-cpu", "data.path={data}", "data.eval_split=heldout"], "data.eval_split: "),  # preflight.check_run
-        (["tiny-cpu", "data.path={data}", "model.overrides.num_attention_heads=3"], "must divide hidden_size"),
-        (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
-    ],
-)
-def test_bad_input_fails_with_one_clear_line(dataset, tmp_path, args, message):
-    (tmp_path / "bad.json").write_text(
-        json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1})
-    )
-    args = [a.format(data=dataset, tmp=tmp_path) for a in args]
-    res = pretrain(*args, f"output_dir={tmp_path / 'run'}", "--dry-run")
+BAD_INPUTS = [
+    (["tiny-cpu", "data.path={data}", "optimizer.lrr=1"], "unknown key(s) optimizer.lrr"),
+    (["tiny-cpu", "data.path={data}", "duration.steps=ten"], "duration.steps must be an integer"),
+    (["tiny-cpu", "data.path={data}", "batch.global_batch=30"], "not a multiple of batch.micro_batch"),
+    (["tiny-cpu", "data.path={tmp}/nothing"], "is not a folder"),
+    (["no-such-recipe"], "not found"),
+    (["tiny-cpu", "data.path={data}", "data.eval_split=heldout"], "data.eval_split: "),  # preflight.check_run
+    (["tiny-cpu", "data.path={data}", "model.overrides.num_attention_heads=3"], "must divide hidden_size"),
+    (["tiny-cpu", "data.path={data}", "deepspeed_config={tmp}/bad.json"], "train_batch_size"),
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(jargon_data, tmp_path_factory) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """Each of BAD_INPUTS as a `pretrain --dry-run` in its own folder, two at a time (each is a
+    process start and a refusal): [(folder, result)] in BAD_INPUTS' order."""
+    folders, commands = [], []
+    for args, _ in BAD_INPUTS:
+        tmp = tmp_path_factory.mktemp("bad")
+        (tmp / "bad.json").write_text(
+            json.dumps({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1})
+        )
+        args = [a.format(data=jargon_data, tmp=tmp) for a in args]
+        folders.append(tmp)
+        commands.append(pretrain_cmd(*args, f"output_dir={tmp / 'run'}", "--dry-run"))
+    return list(zip(folders, side_by_side(*commands, at_once=2)))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[message for _, message in BAD_INPUTS])
+def test_bad_input_fails_with_one_clear_line(refusals, case):
+    tmp, res = refusals[case]
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     last = res.stderr.strip().splitlines()[-1]
-    assert message in last and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert BAD_INPUTS[case][1] in last and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not (tmp / "run" / "checkpoints").exists()
 
 
-def test_resume_refuses_a_checkpoint_of_another_model_shape(dataset, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_model_shape(jargon_data, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints"
     ckpt.mkdir(parents=True)
     from mosaicbert_ds import MosaicBertConfig
@@ -161,32 +145,30 @@ def test_resume_refuses_a_checkpoint_of_another_model_shape(dataset, tmp_path):
     (ckpt / "latest").write_text("step_0000004")
     (ckpt / "step_0000004").mkdir()
     (ckpt / "step_0000004" / "trainer_state.json").write_text("{}")
-    res = pretrain("tiny-cpu", f"data.path={dataset}", f"output_dir={tmp_path / 'run'}")
+    res = pretrain("tiny-cpu", f"data.path={jargon_data}", f"output_dir={tmp_path / 'run'}")
     assert res.returncode == 2
     assert "another model shape" in res.stderr and "hidden_size" in res.stderr
 
 
-def test_bf16_checkpoint_exports_its_fp32_master_weights(dataset, tmp_path):
+def test_bf16_checkpoint_exports_its_fp32_master_weights(jargon_data, tmp_path):
     """bf16 runs save through BF16_Optimizer, whose files DeepSpeed's zero_to_fp32 cannot read:
     export takes the fp32 masters, which round to exactly the bf16 weights the engine trained."""
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
     res = pretrain(
-        "tiny-cpu", f"data.path={dataset}", f"output_dir={run}", "duration.steps=2", "eval.interval=0", "precision=bf16"
+        "tiny-cpu",
+        f"data.path={jargon_data}",
+        f"output_dir={run}",
+        "duration.steps=2",
+        "eval.interval=0",
+        "precision=bf16",
     )
     assert res.returncode == 0, res.stderr[-3000:]
     tag = sorted((run / "checkpoints").glob("step_*"))[-1]
     assert list(tag.glob("bf16_zero_pp_rank_0_*optim_states.pt")), "expected a BF16_Optimizer checkpoint"
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mosaicbert_ds.cli", "export", str(run), str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
+    proc = cli("export", run, out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = load_file(out / "model.safetensors")
     module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

@@ -15,42 +15,19 @@ import pytest
 
 from mosaicbert_ds.train import checkpoint as ckpt
 from mosaicbert_ds.train.schedule import WarmupLinearDecay
+from tests.helpers.runs import (
+    ROOT,
+    cpu_env,
+    last_line,
+    losses,
+    metrics_rows,
+    pretrain,
+    pretrain_cmd,
+    snapshot,
+    tiny_run,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mosaicbert_ds.cli", "pretrain", *args]
-
-
-def env() -> dict:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-
-
-def pretrain(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env())
-
-
-def common(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "tiny-cpu",
-        f"data.path={data}",
-        f"output_dir={out}",
-        "log.interval=1",
-        "eval.interval=0",
-        "log.progress_bar=false",
-        "log.tensorboard=false",
-        *extra,
-    ]
-
-
-def last_line(res: subprocess.CompletedProcess) -> str:
-    return res.stderr.strip().splitlines()[-1]
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -64,19 +41,12 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"step {step} not reached")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from mosaicbert_ds.data import prepare_default_corpus
-
-    return prepare_default_corpus(tmp_path_factory.mktemp("data") / "jargon")
-
-
-def test_divergence_is_logged_and_stops_the_run_with_the_last_good_checkpoint(dataset, tmp_path):
+def test_divergence_is_logged_and_stops_the_run_with_the_last_good_checkpoint(jargon_data, tmp_path):
     run = tmp_path / "run"
     # lr 1e30: step 1 blows the weights up, every later loss is NaN and the optimizer skips the step
     res = pretrain(
-        *common(
-            dataset,
+        *tiny_run(
+            jargon_data,
             run,
             "duration.steps=20",
             "checkpoint.interval=1",
@@ -95,7 +65,7 @@ def test_divergence_is_logged_and_stops_the_run_with_the_last_good_checkpoint(da
     assert "Traceback" not in res.stderr
     for step in (2, 3):
         assert f"no checkpoint at step {step}: 1 non-finite step(s) since the previous save point" in res.stderr
-    log = {r["step"]: r for r in rows(run)}
+    log = {r["step"]: r for r in metrics_rows(run)}
     assert log[1]["loss/train"] is not None and "nonfinite" not in log[1]
     assert log[2]["loss/train"] is None and "loss/train" in log[2]["nonfinite"]  # logged as what it is
     assert [log[s]["optim/nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
@@ -103,19 +73,19 @@ def test_divergence_is_logged_and_stops_the_run_with_the_last_good_checkpoint(da
     assert ckpt.step_tags(root) == ["step_0000001"]  # nothing saved after the first non-finite step
 
 
-def test_second_run_on_the_folder_refuses_and_sigterm_saves_and_exits_4(dataset, tmp_path):
+def test_second_run_on_the_folder_refuses_and_sigterm_saves_and_exits_4(jargon_data, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(
-        cmd(*common(dataset, run, "duration.steps=200", "checkpoint.interval=0")),
+        pretrain_cmd(*tiny_run(jargon_data, run, "duration.steps=200", "checkpoint.interval=0")),
         cwd=ROOT,
-        env=env(),
+        env=cpu_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         wait_for_step(run, 1, first)
-        second = pretrain(*common(dataset, run, "duration.steps=200"))
+        second = pretrain(*tiny_run(jargon_data, run, "duration.steps=200"))
         assert second.returncode == 2, second.stderr[-3000:]
         assert "is in use by another run (pid" in last_line(second), last_line(second)
         first.send_signal(signal.SIGTERM)
@@ -129,21 +99,21 @@ def test_second_run_on_the_folder_refuses_and_sigterm_saves_and_exits_4(dataset,
     assert "Traceback" not in err
     step = int(line.split("stopped at step ")[1].split()[0])
     assert ckpt.complete_tags(run / "checkpoints") == [f"step_{step:07d}"]
-    assert max(r["step"] for r in rows(run)) == step
+    assert max(r["step"] for r in metrics_rows(run)) == step
 
 
-def test_wall_time_stops_like_a_signal(dataset, tmp_path):
+def test_wall_time_stops_like_a_signal(jargon_data, tmp_path):
     run = tmp_path / "run"
-    res = pretrain(*common(dataset, run, "duration.steps=200", "duration.wall_time=1s"))
+    res = pretrain(*tiny_run(jargon_data, run, "duration.steps=200", "duration.wall_time=1s"))
     assert res.returncode == 4, res.stderr[-3000:]
     assert "stopped at step 1 (duration.wall_time 1s reached)" in last_line(res), last_line(res)
     assert ckpt.complete_tags(run / "checkpoints") == ["step_0000001"]
 
 
 @pytest.fixture(scope="module")
-def three_tags(dataset, tmp_path_factory) -> Path:
+def three_tags(jargon_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tags") / "run"
-    res = pretrain(*common(dataset, run, "duration.steps=3", "checkpoint.interval=1"))
+    res = pretrain(*tiny_run(jargon_data, run, "duration.steps=3", "checkpoint.interval=1"))
     assert res.returncode == 0, res.stderr[-3000:]
     return run
 
@@ -192,7 +162,7 @@ def test_resume_skips_a_damaged_tag_and_recomputes_the_schedule_for_a_longer_run
     next(iter((root / "step_0000003").glob("*optim_states.pt"))).unlink()  # a missing shard
     before = (root / "step_0000002" / ckpt.COMPLETE).read_text()
     res = pretrain(
-        *common(
+        *tiny_run(
             Path(json.loads((run / "run_config.json").read_text())["data"]["path"]),
             run,
             "duration.steps=6",
@@ -204,13 +174,13 @@ def test_resume_skips_a_damaged_tag_and_recomputes_the_schedule_for_a_longer_run
     assert "the duration changes from 3 to 6 steps" in res.stderr
     assert (root / "step_0000002" / ckpt.COMPLETE).read_text() == before  # the resumed tag is untouched
     lr = json.loads((run / "run_config.json").read_text())["optimizer"]["lr"]
-    resumed = [r for r in rows(run) if r["step"] == 3][-1]  # the re-run step 3, after the fallback to 2
+    resumed = [r for r in metrics_rows(run) if r["step"] == 3][-1]  # the re-run step 3, after the fallback to 2
     schedule = WarmupLinearDecay(6, 0.06, 0.02)
     assert resumed["optim/lr"] == pytest.approx(lr * schedule(3), rel=1e-6)  # lr after the step-3 update
     assert ckpt.complete_tags(root)[-1] == "step_0000006"
 
 
-def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_path):
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(jargon_data, tmp_path):
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs unshare and root to mount a small tmpfs")
     mnt, kept = tmp_path / "mnt", tmp_path / "kept"
@@ -229,10 +199,10 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(dataset, tmp_pa
             script,
             "sh",
             str(mnt),
-            *cmd(*common(dataset, run, "duration.steps=4", "checkpoint.interval=1")),
+            *pretrain_cmd(*tiny_run(jargon_data, run, "duration.steps=4", "checkpoint.interval=1")),
         ],
         cwd=ROOT,
-        env={**env(), "MNT": str(mnt), "KEPT": str(kept)},
+        env={**cpu_env(), "MNT": str(mnt), "KEPT": str(kept)},
         capture_output=True,
         text=True,
         timeout=900,
@@ -274,7 +244,7 @@ def kill_rank_1(proc: subprocess.Popen, attempt: str) -> None:
     raise AssertionError(f"no rank 1 of attempt {attempt}")
 
 
-def test_a_killed_rank_is_restarted_in_place_then_by_a_rerun_and_reproduces_the_losses(dataset, tmp_path):
+def test_a_killed_rank_is_restarted_in_place_then_by_a_rerun_and_reproduces_the_losses(jargon_data, tmp_path):
     """2 CPU ranks under `torchrun --max-restarts 1` (gloo): rank 1 is killed (SIGKILL) after step 2
     and torchrun restarts both ranks in place; rank 1 of that attempt is killed after step 4, with
     no restart left, so the job ends; the same command is run again (what a job script, Slurm's
@@ -294,8 +264,8 @@ def test_a_killed_rank_is_restarted_in_place_then_by_a_rerun_and_reproduces_the_
             "-m",
             "mosaicbert_ds.cli",
             "pretrain",
-            *common(
-                dataset,
+            *tiny_run(
+                jargon_data,
                 out,
                 "duration.steps=6",
                 "checkpoint.interval=1",
@@ -304,11 +274,13 @@ def test_a_killed_rank_is_restarted_in_place_then_by_a_rerun_and_reproduces_the_
             ),
         ]
 
-    full = subprocess.run(torchrun(tmp_path / "full"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    full = subprocess.run(
+        torchrun(tmp_path / "full"), cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=900
+    )
     assert full.returncode == 0, full.stderr[-3000:]
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        torchrun(run, restarts=1), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        torchrun(run, restarts=1), cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         wait_for_step(run, 2, proc)
@@ -320,38 +292,37 @@ def test_a_killed_rank_is_restarted_in_place_then_by_a_rerun_and_reproduces_the_
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    killed_at = max(r["step"] for r in rows(run))
-    again = subprocess.run(torchrun(run), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    killed_at = max(r["step"] for r in metrics_rows(run))
+    again = subprocess.run(torchrun(run), cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, "\n".join(l for l in again.stderr.splitlines() if "Error" in l)[-3000:]
-    a = {r["step"]: r["loss/train"] for r in rows(tmp_path / "full")}
-    b = {}
-    for r in rows(run):  # each restart logs the steps after its checkpoint again: the last entry counts
-        b[r["step"]] = r["loss/train"]
+    a = losses(tmp_path / "full")
+    b = losses(run)  # each restart logs the steps after its checkpoint again: the last entry counts
     assert sorted(a) == sorted(b) == list(range(1, 7)) and killed_at < 6
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), (step, a, b)
     assert ckpt.complete_tags(run / "checkpoints")[-1] == "step_0000006"
 
 
-def test_pretrain_refuses_an_output_dir_that_is_a_dataset_with_one_line(dataset, tmp_path):
+def test_pretrain_refuses_an_output_dir_that_is_a_dataset_with_one_line(jargon_data, tmp_path):
     """A run written into a dataset (or an export) would be swallowed when that is replaced. The
     refusal comes after the process group is up, where DeepSpeed's CPU op used to pull in torch's
     cpp_extension and its "No CUDA runtime is found" warning (CUDA_HOME set makes it appear)."""
-    before = {p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()}
+    dataset = Path(shutil.copytree(jargon_data, tmp_path / "data"))  # the refusal is what is tested
+    before = snapshot(dataset)
     res = subprocess.run(
-        cmd(*common(dataset, dataset)),
+        pretrain_cmd(*tiny_run(dataset, dataset)),
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**env(), "CUDA_HOME": str(tmp_path)},
+        env={**cpu_env(), "CUDA_HOME": str(tmp_path)},
     )
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.strip().splitlines() == [
         f"mosaicbert-ds pretrain: error: refusing to write a run into {dataset.resolve()}: it is a dataset; "
         "choose another folder"
     ]
-    assert {p: p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()} == before
+    assert snapshot(dataset) == before
 
 
 UNWRITABLE = """
@@ -392,7 +363,7 @@ def test_read_only_and_full_outputs_are_one_line_and_leave_nothing(tmp_path):
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", sys.executable, "-c", UNWRITABLE]
         + [str(run), str(ro), str(full), str(tmp_path / "corpus.txt"), str(SHIPPED_TOKENIZER)],
         cwd=ROOT,
-        env={**env(), "RO": str(ro), "FULL": str(full), "LISTING": str(tmp_path / "listing")},
+        env={**cpu_env(), "RO": str(ro), "FULL": str(full), "LISTING": str(tmp_path / "listing")},
         capture_output=True,
         text=True,
         timeout=600,

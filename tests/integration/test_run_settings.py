@@ -16,6 +16,7 @@ from tests.helpers.runs import (
     metrics_rows,
     pretrain,
     pretrain_cmd,
+    side_by_side,
     snapshot,
     tiny_run,
 )
@@ -100,14 +101,18 @@ def test_resume_on_another_dataset_is_refused_unless_new_dataset(datasets, finis
 def test_deepspeed_config_values_decide_and_conflicts_are_refused(datasets, tmp_path):
     json_file = ROOT / "ds_configs" / "mosaicbert-base_1gpu.json"
     base = [f"deepspeed_config={json_file}", "precision=auto", "--dry-run"]
-    for extra, line in (
+    conflicts = [
         (["optimizer.lr=1e-2"], f"optimizer.lr is 0.01 in the run, but {json_file} sets it to 0.0005"),
         (["batch.global_batch=64"], f"batch.global_batch is 64 in the run, but {json_file} sets it to 4096"),
         (["batch.micro_batch=16"], f"batch.micro_batch is 16 in the run, but {json_file} sets it to 256"),
         (["optimizer.weight_decay=1e-3"], "optimizer.weight_decay is 0.001 in the run, but"),
         (["precision=fp32"], f"precision is 'fp32' in the run, but {json_file} sets it to 'bf16'"),
-    ):
-        res = pretrain(*tiny_run(datasets[0], tmp_path / "run", *base, *extra))
+    ]
+    refused = side_by_side(  # refusals before any work, two at a time
+        *(pretrain_cmd(*tiny_run(datasets[0], tmp_path / "run", *base, *extra)) for extra, _ in conflicts),
+        at_once=2,
+    )
+    for (_, line), res in zip(conflicts, refused):
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
         assert len(res.stderr.strip().splitlines()) == 1 and line in last_line(res), res.stderr
     # the same value as the JSON's (weight decay compared in the decoupled convention) is accepted

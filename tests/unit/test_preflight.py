@@ -16,22 +16,13 @@ from mosaicbert_ds.data import read_dataset_info
 from mosaicbert_ds.errors import UserError
 from mosaicbert_ds.train.preflight import check_output_dir, check_run
 from mosaicbert_ds.train.run_config import load_run_config
-from tests.helpers.data import loader_dataset
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    return loader_dataset(tmp_path_factory)
+from tests.helpers.runs import snapshot
 
 
 @pytest.fixture
-def dataset(source, tmp_path) -> Path:
-    """A private copy, so that a test may damage it."""
-    return Path(shutil.copytree(source, tmp_path / "data"))
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def dataset(loader_data, tmp_path) -> Path:
+    """A private copy of the session's loader dataset, so that a test may damage it."""
+    return Path(shutil.copytree(loader_data, tmp_path / "data"))
 
 
 def run_check(data: Path, out: Path, *overrides: str, global_batch: int = 32) -> None:
