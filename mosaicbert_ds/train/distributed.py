@@ -21,6 +21,7 @@ import os
 import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from mosaicbert_ds.errors import UserError
 
@@ -201,8 +202,26 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None) -
 
     _start_group_on_this_attempt(info, backend, device)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    unlink_cpu_allreduce_buffers(info)
     share_host_memory(info)
     return info
+
+
+def unlink_cpu_allreduce_buffers(info: DistInfo) -> None:
+    """Remove the names of DeepSpeed's CPU all-reduce buffers once every rank has mapped them.
+
+    With all ranks on one host and no GPU, DeepSpeed's shm communication op gives each rank a
+    69 MB buffer `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>` and never
+    removes it: every CPU run would leave its buffers in memory until the host reboots. After a
+    barrier (each rank has opened every peer's buffer), each rank unlinks its own name; the
+    mappings stay valid and the memory is freed when the last rank exits, also after a crash."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+    name += f"{os.environ.get('MASTER_PORT', '')}_{info.rank}"
+    if info.world_size > 1:  # on every rank, whether or not DeepSpeed made buffers (GPU runs)
+        import torch.distributed as dist
+
+        dist.barrier()
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def _start_group_on_this_attempt(info: DistInfo, backend: str, device: int | None) -> None:

@@ -94,6 +94,14 @@ def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
     return cmd + ["--master_port", str(free_port()), "--no_local_rank", "--module", "mosaicbert_ds.cli", *args]
 
 
+def cpu_allreduce_buffers(launched: subprocess.CompletedProcess) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers left in /dev/shm by the deepspeed_cmd run `launched`
+    (named after its master port; the trainer removes them once every rank has mapped them)."""
+    port = launched.args[launched.args.index("--master_port") + 1]
+    names = os.listdir("/dev/shm")
+    return [name for name in names if name.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in name]
+
+
 def deepspeed_launch(
     nproc: int, *args: str, env: dict[str, str] | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
