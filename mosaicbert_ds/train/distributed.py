@@ -225,35 +225,39 @@ def unlink_cpu_allreduce_buffers(info: DistInfo) -> None:
 
 
 def _start_group_on_this_attempt(info: DistInfo, backend: str, device: int | None) -> None:
-    """Under torchrun, start the process group on keys of this restart attempt only.
+    """Start the process group where torch's default rendezvous would go wrong (elsewhere DeepSpeed
+    starts it from the environment, and finds a group started here and uses it).
 
-    torchrun's workers share the agent's TCP store, which lives as long as the job, and torch
-    does not prefix the workers' keys per attempt: after a `--max-restarts` restart the ranks
-    would read the dead attempt's gloo addresses or NCCL ids and fail to connect. A prefix with
-    TORCHELASTIC_RESTART_COUNT gives every attempt its own keys (DeepSpeed then finds the group
-    started and uses it)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or info.world_size == 1:
-        return
+    One process: an in-process store. A TCP store would listen on MASTER_PORT, a port found free
+    when the job was discovered; by the time it listens, another process's connection can hold it
+    (EADDRINUSE), and a single process has no peer that needs the port.
+
+    Under torchrun: the keys of this restart attempt only. torchrun's workers share the agent's TCP
+    store, which lives as long as the job, and torch does not prefix the workers' keys per attempt:
+    after a `--max-restarts` restart the ranks would read the dead attempt's gloo addresses or NCCL
+    ids and fail to connect. A prefix with TORCHELASTIC_RESTART_COUNT gives every attempt its own
+    keys."""
     import torch
     import torch.distributed as dist
     from deepspeed.constants import default_pg_timeout
 
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    agent = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        info.world_size,
-        is_master=False,
-        timeout=default_pg_timeout,
-    )
     extra = {"device_id": torch.device("cuda", device)} if device is not None else {}
+    if info.world_size == 1:
+        store = dist.HashStore()
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            info.world_size,
+            is_master=False,
+            timeout=default_pg_timeout,
+        )
+        store = dist.PrefixStore(f"mosaicbert_ds/attempt_{attempt}", agent)
+    else:
+        return
     dist.init_process_group(
-        backend,
-        store=dist.PrefixStore(f"mosaicbert_ds/attempt_{attempt}", agent),
-        rank=info.rank,
-        world_size=info.world_size,
-        timeout=default_pg_timeout,
-        **extra,
+        backend, store=store, rank=info.rank, world_size=info.world_size, timeout=default_pg_timeout, **extra
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -81,6 +82,32 @@ def test_plain_process():
     assert discover(env) == DistInfo(0, 1, 0, 1, 0)
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_WORLD_SIZE"] == "1"
     assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+
+
+PLAIN_PROCESS_GROUP = """
+import torch.distributed as dist
+from mosaicbert_ds.train.distributed import init_distributed
+info = init_distributed(use_cuda=False)
+dist.barrier()
+print("world", info.world_size, dist.get_world_size())
+"""
+
+
+def test_a_plain_process_starts_its_group_without_listening_on_a_port():
+    """A plain process's MASTER_PORT was found free at start; another process can hold it by the
+    time a TCP store would listen there (EADDRINUSE). One process uses an in-process store."""
+    from tests.helpers.runs import ROOT, cpu_env
+
+    env = {k: v for k, v in cpu_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env["MASTER_PORT"] = str(taken.getsockname()[1])
+        proc = subprocess.run(
+            [sys.executable, "-c", PLAIN_PROCESS_GROUP], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 1 1" in proc.stdout.splitlines()  # (DeepSpeed logs to stdout too)
 
 
 @pytest.mark.parametrize(
