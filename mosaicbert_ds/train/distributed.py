@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -92,7 +93,23 @@ def take_local_rank_arg(argv: list[str]) -> list[str]:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now, below the kernel's ephemeral range where one is free.
+
+    The port is listened on later (by the rendezvous store); outgoing connections of any process
+    take their ports from the ephemeral range, so a port below it cannot be taken by one of them
+    in between."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in random.sample(range(max(low - 12000, 1024), low), 50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
@@ -134,7 +151,7 @@ def discover(env: MutableMapping[str, str] | None = None) -> DistInfo:
     else:  # a plain process
         rank, world, local_rank, local_world, node_rank = 0, 1, 0, 1, 0
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
 
     if not (0 <= rank < world and 0 <= local_rank < local_world and 0 <= node_rank):
         raise UserError(
@@ -166,7 +183,7 @@ def _from_mpi(env: MutableMapping[str, str]) -> tuple[int, int, int, int, int]:
     node.Free()
     # Rank 0 names itself (its hostname, which the other nodes must resolve; set MASTER_ADDR to an
     # address to override) and picks a free port on its own host, where the TCP store will listen.
-    master = (env.get("MASTER_ADDR") or socket.gethostname(), env.get("MASTER_PORT") or str(_free_port()))
+    master = (env.get("MASTER_ADDR") or socket.gethostname(), env.get("MASTER_PORT") or str(free_port()))
     env["MASTER_ADDR"], env["MASTER_PORT"] = comm.bcast(master if rank == 0 else None, root=0)
     return rank, world, local_rank, local_world, node_rank
 

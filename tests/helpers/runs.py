@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT and test servers)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that nothing listens on now, for MASTER_PORT and test servers (the trainer's
+    choice: below the ephemeral range, so no process's outgoing connection takes it meanwhile)."""
+    from mosaicbert_ds.train.distributed import free_port as below_ephemeral
+
+    return below_ephemeral()
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

@@ -82,6 +82,9 @@ def test_plain_process():
     assert discover(env) == DistInfo(0, 1, 0, 1, 0)
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_WORLD_SIZE"] == "1"
     assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+    # below the ephemeral range: no process's outgoing connection takes it before it is listened on
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert int(env["MASTER_PORT"]) < low
 
 
 PLAIN_PROCESS_GROUP = """
