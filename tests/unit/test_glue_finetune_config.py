@@ -64,6 +64,15 @@ def test_defaults_are_the_papers_recipe_and_a_tasks_own_value_wins():
         (["tasks.seeds=rte=0"], "--seeds: 'rte=0' must be at least 1"),
         (["run.device=tpu"], "run.device must be auto, cpu or cuda, got 'tpu'"),
         (["tasks.mnli_start"], "override 'tasks.mnli_start' is not of the form key=value"),
+        (
+            ["--cuda-graphs", "--device", "cpu"],
+            "run.cuda_graphs=true (--cuda-graphs) needs a CUDA device, not run.device=cpu",
+        ),
+        (
+            ["run.cuda_graphs=true", "run.device=cpu"],
+            "run.cuda_graphs=true (--cuda-graphs) needs a CUDA device, not run.device=cpu",
+        ),
+        (["run.cuda_graphs=maybe"], "run.cuda_graphs must be"),
     ],
 )
 def test_a_bad_setting_is_one_line_exit_2_and_writes_nothing(args, message, tmp_path: Path, capsys):

@@ -218,29 +218,6 @@ def test_auto_is_off_and_true_is_refused_where_it_cannot_run():
     )
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (
-            ["--cuda-graphs", "--device", "cpu"],
-            "run.cuda_graphs=true (--cuda-graphs) needs a CUDA device, not run.device=cpu",
-        ),
-        (
-            ["run.cuda_graphs=true", "run.device=cpu"],
-            "run.cuda_graphs=true (--cuda-graphs) needs a CUDA device, not run.device=cpu",
-        ),
-        (["run.cuda_graphs=maybe"], "run.cuda_graphs must be"),
-    ],
-)
-def test_a_bad_cuda_graphs_setting_is_one_line_exit_2(args, message, tmp_path: Path, capsys):
-    out = tmp_path / "out"
-    rc = cli.main(["finetune-glue", str(tmp_path / "no-model"), "--out", str(out), *args])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2
-    assert len(err) == 1 and err[0].startswith(f"mosaicbert-ds finetune-glue: error: {message}"), err
-    assert not out.exists()
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal where no CUDA device is visible")
 def test_cuda_graphs_without_a_gpu_is_refused_before_anything_is_read(tmp_path: Path, capsys):
     from tests.helpers.glue import make_mosaic_model
