@@ -217,7 +217,7 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None) -
 
     import deepspeed
 
-    _start_group_on_this_attempt(info, backend, device)
+    _start_group_on_own_store(info, backend, device)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     unlink_cpu_allreduce_buffers(info)
     share_host_memory(info)
@@ -241,7 +241,7 @@ def unlink_cpu_allreduce_buffers(info: DistInfo) -> None:
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def _start_group_on_this_attempt(info: DistInfo, backend: str, device: int | None) -> None:
+def _start_group_on_own_store(info: DistInfo, backend: str, device: int | None) -> None:
     """Start the process group where torch's default rendezvous would go wrong (elsewhere DeepSpeed
     starts it from the environment, and finds a group started here and uses it).
 

@@ -9,15 +9,9 @@ import sys
 import threading
 from pathlib import Path
 
+from mosaicbert_ds.train.distributed import free_port  # noqa: F401  (the trainer's choice of MASTER_PORT)
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on now, for MASTER_PORT and test servers (the trainer's
-    choice: below the ephemeral range, so no process's outgoing connection takes it meanwhile)."""
-    from mosaicbert_ds.train.distributed import free_port as below_ephemeral
-
-    return below_ephemeral()
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
